@@ -1,0 +1,136 @@
+//! Operational listeners: `/healthz` and `/readyz` on the admin listener, Prometheus `/metrics`
+//! on its own, and the background probe that decides readiness.
+
+use crate::config::Config;
+use crate::observe::metrics::Metrics;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::Response;
+use parking_lot::RwLock;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// What `/readyz` reports: the configuration is loaded and every upstream answered the last probe.
+#[derive(Default)]
+pub struct Health {
+    /// Upstream name → reachable at the last probe; absent until first probed.
+    upstreams: RwLock<BTreeMap<String, bool>>,
+}
+
+impl Health {
+    pub fn set(&self, upstream: &str, up: bool) {
+        self.upstreams.write().insert(upstream.to_string(), up);
+    }
+
+    /// Ready when every configured upstream was reachable at its last probe.
+    fn readiness(&self, config: &Config) -> (bool, serde_json::Value) {
+        let seen = self.upstreams.read();
+        let mut ready = true;
+        let mut upstreams = serde_json::Map::new();
+        for name in config.upstreams.keys() {
+            let state = match seen.get(name) {
+                Some(true) => "reachable",
+                Some(false) => "unreachable",
+                None => "not yet probed",
+            };
+            ready &= state == "reachable";
+            upstreams.insert(name.clone(), json!(state));
+        }
+        (ready, json!({ "config": "loaded", "upstreams": upstreams }))
+    }
+}
+
+fn json_response(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .expect("static response parts are valid")
+}
+
+pub struct AdminApp {
+    pub config: Arc<ArcSwap<Config>>,
+    pub health: Arc<Health>,
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        match path.as_str() {
+            "/healthz" => json_response(200, "application/json", br#"{"status":"ok"}"#.to_vec()),
+            "/readyz" => {
+                let (ready, mut body) = self.health.readiness(&self.config.load());
+                body["status"] = json!(if ready { "ready" } else { "not ready" });
+                if !ready {
+                    body["type"] = json!(format!("{}not-ready", crate::error::PROBLEM_BASE));
+                    body["title"] = json!("Not ready");
+                    body["status"] = json!(503);
+                    body["detail"] = json!("An upstream did not answer the last reachability probe; see `upstreams`. Traffic to it would fail with 502.");
+                    return json_response(503, "application/problem+json", body.to_string().into_bytes());
+                }
+                json_response(200, "application/json", body.to_string().into_bytes())
+            }
+            _ => not_found(&path),
+        }
+    }
+}
+
+fn not_found(path: &str) -> Response<Vec<u8>> {
+    let body = json!({
+        "type": format!("{}route-not-found", crate::error::PROBLEM_BASE),
+        "title": "Not found",
+        "status": 404,
+        "detail": "This listener serves /healthz and /readyz (metrics are on the metrics listener at /metrics).",
+        "instance": path,
+    });
+    json_response(404, "application/problem+json", body.to_string().into_bytes())
+}
+
+pub struct MetricsApp {
+    pub metrics: Arc<Metrics>,
+}
+
+#[async_trait]
+impl ServeHttp for MetricsApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        if path != "/metrics" {
+            return not_found(&path);
+        }
+        json_response(200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render())
+    }
+}
+
+/// Probes every upstream with a TCP connect on an interval; drives `/readyz` and `causeway_upstream_up`.
+pub struct UpstreamProbe {
+    pub config: Arc<ArcSwap<Config>>,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[async_trait]
+impl BackgroundService for UpstreamProbe {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let config = self.config.load_full();
+            for upstream in config.upstreams.values() {
+                let connect = tokio::net::TcpStream::connect(upstream.address);
+                let up = matches!(tokio::time::timeout(upstream.connect_timeout, connect).await, Ok(Ok(_)));
+                self.health.set(&upstream.name, up);
+                self.metrics.upstream_up.with_label_values(&[upstream.name.as_str()]).set(i64::from(up));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(config.health_probe_interval) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

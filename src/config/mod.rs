@@ -1,0 +1,481 @@
+//! Configuration: files → typed specs (`spec`) → validated, compiled runtime objects.
+//!
+//! `load` reads `causeway.yaml`, `policies/*.yaml` and `routes/*.yaml` from one directory,
+//! reports *every* problem with file and line, and otherwise returns an immutable [`Config`]
+//! that the proxy runs on. `causeway check` and `causeway serve` run the same function.
+
+mod env;
+pub mod spec;
+
+use crate::erp::sandbox::LimitsSpec;
+use crate::policy::{headers, Policy};
+use crate::proxy::router::{PathTemplate, RewriteTemplate, Router};
+use http::{HeaderName, HeaderValue, Uri};
+use serde::de::DeserializeOwned;
+use serde_saphyr::Spanned;
+use spec::*;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const MAIN_FILE: &str = "causeway.yaml";
+const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+/// One problem in one file, printed as `file:line:column: message`.
+#[derive(Debug, Clone)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+        } else {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration directory.
+#[derive(Debug, Default)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for d in &self.0 {
+            writeln!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
+
+impl Diagnostics {
+    fn at<T>(&mut self, file: &Path, span: &Spanned<T>, message: impl Into<String>) {
+        self.0.push(Diagnostic {
+            file: file.to_path_buf(),
+            line: span.referenced.line(),
+            column: span.referenced.column(),
+            message: message.into(),
+        });
+    }
+
+    fn file(&mut self, file: &Path, message: impl Into<String>) {
+        self.0.push(Diagnostic { file: file.to_path_buf(), line: 0, column: 0, message: message.into() });
+    }
+}
+
+/// A compiled, validated configuration. Immutable; replaced whole on reload.
+pub struct Config {
+    pub dir: PathBuf,
+    pub listen: Listen,
+    pub threads: usize,
+    pub shutdown_grace: Duration,
+    pub health_probe_interval: Duration,
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub router: Router,
+    pub sandbox: Option<SandboxSettings>,
+    pub store_path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub proxy: String,
+    pub admin: String,
+    pub metrics: String,
+    pub read_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct SandboxSettings {
+    pub listen: String,
+    pub token: Option<String>,
+    pub limits: LimitsSpec,
+}
+
+/// An upstream ERP instance, ready to build pingora peers from.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    /// Resolved once at load time: no DNS on the request path (a reload re-resolves).
+    pub address: std::net::SocketAddr,
+    pub tls: bool,
+    pub sni: String,
+    /// `Host` header sent upstream.
+    pub host_header: HeaderValue,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub credential: Option<(HeaderName, HeaderValue)>,
+}
+
+/// A route, compiled: matcher, rewrite, upstream, limits and its policies in order.
+#[derive(Debug)]
+pub struct CompiledRoute {
+    pub name: String,
+    pub host: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub path: PathTemplate,
+    pub rewrite: Option<RewriteTemplate>,
+    pub upstream: Arc<Upstream>,
+    pub total_timeout: Option<Duration>,
+    pub read_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_body_bytes: u64,
+    pub policies: Vec<Arc<Policy>>,
+}
+
+/// Read and compile the configuration in `dir`, with the process environment.
+pub fn load(dir: &Path) -> Result<Config, Diagnostics> {
+    load_with_env(dir, &|name| std::env::var(name).ok())
+}
+
+pub fn load_with_env(dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let main_path = dir.join(MAIN_FILE);
+    let main: Option<MainSpec> = parse_file(&main_path, &mut diags);
+
+    let upstreams =
+        main.as_ref().map(|m| compile_upstreams(&main_path, m, env, &mut diags)).unwrap_or_default();
+
+    let policies = load_policies(&dir.join("policies"), &mut diags);
+    let routes = load_routes(&dir.join("routes"), &upstreams, &policies, main.is_some(), &mut diags);
+
+    let sandbox = main.as_ref().and_then(|m| m.sandbox.as_ref()).and_then(|s| {
+        check_addr(&main_path, &s.listen, &mut diags);
+        let token = match &s.token {
+            Some(t) => match env::expand(&t.value, env) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    diags.at(&main_path, t, format!("sandbox.token: {e}"));
+                    return None;
+                }
+            },
+            None => None,
+        };
+        Some(SandboxSettings { listen: s.listen.value.clone(), token, limits: s.limits.clone() })
+    });
+
+    let Some(main) = main else { return Err(diags) };
+    for addr in [&main.listen.proxy, &main.listen.admin, &main.listen.metrics] {
+        check_addr(&main_path, addr, &mut diags);
+    }
+    if main.listen.read_buffer_bytes < 1024 {
+        diags.file(&main_path, "listen.read_buffer_bytes must be at least 1024");
+    }
+    if main.threads == Some(0) {
+        diags.file(&main_path, "threads must be at least 1");
+    }
+    if !diags.0.is_empty() {
+        return Err(diags);
+    }
+    let threads = main.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let store_path = dir.join(&main.store.path);
+    Ok(Config {
+        dir: dir.to_path_buf(),
+        listen: Listen {
+            proxy: main.listen.proxy.value,
+            admin: main.listen.admin.value,
+            metrics: main.listen.metrics.value,
+            read_buffer_bytes: main.listen.read_buffer_bytes,
+        },
+        threads,
+        shutdown_grace: Duration::from_secs(main.shutdown_grace_seconds),
+        health_probe_interval: Duration::from_secs(main.health_probe_seconds.max(1)),
+        upstreams,
+        router: Router::new(routes),
+        sandbox,
+        store_path,
+    })
+}
+
+fn parse_file<T: DeserializeOwned>(path: &Path, diags: &mut Diagnostics) -> Option<T> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            diags.file(path, format!("cannot read: {e}"));
+            return None;
+        }
+    };
+    let options = serde_saphyr::options! { with_snippet: false };
+    match serde_saphyr::from_str_with_options::<T>(&text, options) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            // The message may repeat the position; keep only its first line.
+            let message = e.to_string();
+            let message = message.lines().next().unwrap_or("invalid YAML").to_string();
+            diags.0.push(Diagnostic { file: path.to_path_buf(), line, column, message });
+            None
+        }
+    }
+}
+
+/// `*.yaml` / `*.yml` files of a directory in name order; a missing directory is empty.
+fn yaml_files(dir: &Path, diags: &mut Diagnostics) -> Vec<PathBuf> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            diags.file(dir, format!("cannot read directory: {e}"));
+            return Vec::new();
+        }
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            // Editors' temporary and hidden files are not configuration.
+            !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn check_addr(file: &Path, addr: &Spanned<String>, diags: &mut Diagnostics) {
+    if addr.value.parse::<std::net::SocketAddr>().is_err() {
+        diags.at(file, addr, format!("`{}` is not an address such as 127.0.0.1:8080", addr.value));
+    }
+}
+
+fn compile_upstreams(
+    file: &Path,
+    main: &MainSpec,
+    env: &dyn Fn(&str) -> Option<String>,
+    diags: &mut Diagnostics,
+) -> BTreeMap<String, Arc<Upstream>> {
+    let mut out = BTreeMap::new();
+    for (name, spanned) in &main.upstreams {
+        let spec = &spanned.value;
+        match compile_upstream(name, spec, env) {
+            Ok(u) => {
+                out.insert(name.clone(), Arc::new(u));
+            }
+            Err((span_line, msg)) => {
+                let span = span_line.unwrap_or(&spec.url);
+                diags.at(file, span, format!("upstream `{name}`: {msg}"));
+            }
+        }
+    }
+    out
+}
+
+type SpannedErr<'a> = (Option<&'a Spanned<String>>, String);
+
+fn compile_upstream<'a>(
+    name: &str,
+    spec: &'a UpstreamSpec,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Upstream, SpannedErr<'a>> {
+    let uri: Uri =
+        spec.url.value.parse().map_err(|_| (None, format!("`{}` is not a URL", spec.url.value)))?;
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err((None, "url must start with http:// or https://".into())),
+    };
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err((None, "url must not have a path or query; routes rewrite paths".into()));
+    }
+    let host = uri.host().ok_or((None, "url has no host".to_string()))?.to_string();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let address = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| (None, format!("cannot resolve host `{host}`")))?;
+    let authority = uri.authority().map(|a| a.as_str().to_string()).unwrap_or_else(|| host.clone());
+    let credential = match &spec.credentials {
+        None => None,
+        Some(c) => Some(compile_credential(c, env)?),
+    };
+    let ms = Duration::from_millis;
+    Ok(Upstream {
+        name: name.to_string(),
+        address,
+        tls,
+        sni: host,
+        host_header: HeaderValue::from_str(&authority).map_err(|_| (None, "invalid host".to_string()))?,
+        connect_timeout: ms(spec.connect_timeout_ms),
+        read_timeout: ms(spec.read_timeout_ms),
+        write_timeout: ms(spec.write_timeout_ms),
+        idle_timeout: Duration::from_secs(spec.pool_idle_seconds),
+        credential,
+    })
+}
+
+fn compile_credential<'a>(
+    spec: &'a CredentialSpec,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(HeaderName, HeaderValue), SpannedErr<'a>> {
+    let expand = |s: &'a Spanned<String>| {
+        env::expand(&s.value, env).map_err(|e| (Some(s), format!("credentials: {e}")))
+    };
+    let (name, value, span) = match spec {
+        CredentialSpec::Bearer { token } => {
+            (http::header::AUTHORIZATION, format!("Bearer {}", expand(token)?), token)
+        }
+        CredentialSpec::Basic { username, password } => {
+            use base64::Engine;
+            let pair = format!("{}:{}", expand(username)?, expand(password)?);
+            let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+            (http::header::AUTHORIZATION, format!("Basic {encoded}"), password)
+        }
+        CredentialSpec::Header { name, value } => {
+            let n = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| (Some(value), format!("credentials: `{name}` is not a header name")))?;
+            (n, expand(value)?, value)
+        }
+    };
+    let mut value = HeaderValue::from_str(&value)
+        .map_err(|_| (Some(span), "credentials: value is not a valid header value".to_string()))?;
+    value.set_sensitive(true);
+    Ok((name, value))
+}
+
+fn load_policies(dir: &Path, diags: &mut Diagnostics) -> HashMap<String, Arc<Policy>> {
+    let mut out: HashMap<String, Arc<Policy>> = HashMap::new();
+    for file in yaml_files(dir, diags) {
+        let Some(parsed) = parse_file::<PoliciesFile>(&file, diags) else { continue };
+        for spanned in parsed.policies {
+            let spec = &spanned.value;
+            let name = spec.name().to_string();
+            if name.is_empty() {
+                diags.at(&file, &spanned, "policy name must not be empty");
+                continue;
+            }
+            if out.contains_key(&name) {
+                diags.at(&file, &spanned, format!("policy `{name}` is defined twice"));
+                continue;
+            }
+            let compiled = match spec {
+                PolicySpec::Headers { request, response, .. } => {
+                    match (headers::CompiledOps::compile(request), headers::CompiledOps::compile(response)) {
+                        (Ok(request), Ok(response)) => Ok(Policy::Headers(headers::HeaderPolicy {
+                            name: name.clone(),
+                            request,
+                            response,
+                        })),
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                    }
+                }
+            };
+            match compiled {
+                Ok(p) => {
+                    out.insert(name, Arc::new(p));
+                }
+                Err(e) => diags.at(&file, &spanned, format!("policy `{name}`: {e}")),
+            }
+        }
+    }
+    out
+}
+
+fn load_routes(
+    dir: &Path,
+    upstreams: &BTreeMap<String, Arc<Upstream>>,
+    policies: &HashMap<String, Arc<Policy>>,
+    upstreams_known: bool,
+    diags: &mut Diagnostics,
+) -> Vec<Arc<CompiledRoute>> {
+    let mut out = Vec::new();
+    let mut names: HashMap<String, ()> = HashMap::new();
+    for file in yaml_files(dir, diags) {
+        let Some(parsed) = parse_file::<RoutesFile>(&file, diags) else { continue };
+        for spanned in parsed.routes {
+            let spec = &spanned.value;
+            let before = diags.0.len();
+            let name = spec.name.value.clone();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                diags.at(&file, &spec.name, "route name must be letters, digits, `-`, `_` or `.`");
+            }
+            if names.insert(name.clone(), ()).is_some() {
+                diags.at(&file, &spec.name, format!("route `{name}` is defined twice"));
+            }
+            let path = match PathTemplate::parse(&spec.matcher.path.value) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    diags.at(&file, &spec.matcher.path, e);
+                    None
+                }
+            };
+            let rewrite = match (&spec.rewrite, &path) {
+                (Some(rw), Some(p)) => match RewriteTemplate::parse(&rw.value, p.param_names()) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        diags.at(&file, rw, e);
+                        None
+                    }
+                },
+                _ => None,
+            };
+            let methods = spec.matcher.methods.as_ref().map(|ms| {
+                ms.iter()
+                    .filter_map(|m| {
+                        let upper = m.value.to_ascii_uppercase();
+                        if METHODS.contains(&upper.as_str()) {
+                            Some(upper)
+                        } else {
+                            diags.at(&file, m, format!("unknown method `{}`", m.value));
+                            None
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let upstream = upstreams.get(&spec.upstream.value).cloned();
+            if upstream.is_none() && upstreams_known {
+                let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+                diags.at(
+                    &file,
+                    &spec.upstream,
+                    format!("route `{name}` names upstream `{}`, which causeway.yaml does not define (defined: {})",
+                        spec.upstream.value, known.join(", ")),
+                );
+            }
+            let mut route_policies = Vec::new();
+            for p in &spec.policies {
+                match policies.get(&p.value) {
+                    Some(policy) => route_policies.push(policy.clone()),
+                    None => diags.at(
+                        &file,
+                        p,
+                        format!(
+                            "route `{name}` names policy `{}`, which no file in policies/ defines",
+                            p.value
+                        ),
+                    ),
+                }
+            }
+            if spec.max_body_bytes == 0 {
+                diags.at(&file, &spec.name, "max_body_bytes must be greater than 0");
+            }
+            if diags.0.len() != before {
+                continue;
+            }
+            let (Some(path), Some(upstream)) = (path, upstream) else { continue };
+            let ms = Duration::from_millis;
+            out.push(Arc::new(CompiledRoute {
+                name,
+                host: spec.matcher.host.clone(),
+                methods,
+                path,
+                rewrite,
+                total_timeout: spec.timeouts.total_ms.map(ms),
+                read_timeout: spec.timeouts.read_ms.map(ms).unwrap_or(upstream.read_timeout),
+                connect_timeout: spec.timeouts.connect_ms.map(ms).unwrap_or(upstream.connect_timeout),
+                upstream,
+                max_body_bytes: spec.max_body_bytes,
+                policies: route_policies,
+            }));
+        }
+    }
+    out
+}

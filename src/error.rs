@@ -1,0 +1,131 @@
+//! The one error type of the request path and its RFC 9457 rendering.
+//!
+//! Layers return a [`GatewayError`]; only [`GatewayError::to_problem`] decides what the caller
+//! sees. Rendering never logs: the access log records the outcome.
+
+use bytes::Bytes;
+use serde_json::json;
+
+/// Base of every problem `type` URI; the slug after it is stable and documented in the README.
+pub const PROBLEM_BASE: &str = "https://causeway.dev/problems/";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route matches {method} {path}")]
+    RouteNotFound { method: String, path: String },
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("upstream {upstream} unreachable")]
+    UpstreamUnreachable { upstream: String },
+    #[error("upstream {upstream} timed out")]
+    UpstreamTimeout { upstream: String },
+    #[error("upstream {upstream} sent an invalid response")]
+    UpstreamProtocol { upstream: String },
+    #[error("bad request: {detail}")]
+    BadRequest { detail: String },
+    #[error("internal error")]
+    Internal,
+}
+
+/// A rendered problem: status, body and the `type` slug (for logs and metrics).
+pub struct Problem {
+    pub status: u16,
+    pub slug: &'static str,
+    pub body: Bytes,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> u16 {
+        match self {
+            GatewayError::RouteNotFound { .. } => 404,
+            GatewayError::BodyTooLarge { .. } => 413,
+            GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamProtocol { .. } => 502,
+            GatewayError::UpstreamTimeout { .. } => 504,
+            GatewayError::BadRequest { .. } => 400,
+            GatewayError::Internal => 500,
+        }
+    }
+
+    fn slug_title(&self) -> (&'static str, &'static str) {
+        match self {
+            GatewayError::RouteNotFound { .. } => ("route-not-found", "No route matches this request"),
+            GatewayError::BodyTooLarge { .. } => ("body-too-large", "Request body too large"),
+            GatewayError::UpstreamUnreachable { .. } => {
+                ("upstream-unreachable", "The ERP could not be reached")
+            }
+            GatewayError::UpstreamTimeout { .. } => ("upstream-timeout", "The ERP did not answer in time"),
+            GatewayError::UpstreamProtocol { .. } => {
+                ("upstream-invalid-response", "The ERP sent an invalid response")
+            }
+            GatewayError::BadRequest { .. } => ("bad-request", "The request is malformed"),
+            GatewayError::Internal => ("internal", "Internal gateway error"),
+        }
+    }
+
+    /// What happened and what the caller can do about it.
+    fn detail(&self) -> String {
+        match self {
+            GatewayError::RouteNotFound { method, path } => format!(
+                "No route accepts {method} {path}. Check the path and method against the gateway's published routes."
+            ),
+            GatewayError::BodyTooLarge { limit } => format!(
+                "This route accepts request bodies of at most {limit} bytes. Send a smaller body or split the request."
+            ),
+            GatewayError::UpstreamUnreachable { upstream } => format!(
+                "The gateway could not connect to the ERP `{upstream}`. Nothing was sent to it; retry later."
+            ),
+            GatewayError::UpstreamTimeout { upstream } => format!(
+                "The ERP `{upstream}` did not answer within the route's timeout. A write may or may not have been applied: check before retrying, or use an idempotent process API."
+            ),
+            GatewayError::UpstreamProtocol { upstream } => format!(
+                "The ERP `{upstream}` closed the connection or answered with an invalid response. Retry later."
+            ),
+            GatewayError::BadRequest { detail } => format!("{detail}. Correct the request and send it again."),
+            GatewayError::Internal => "The gateway failed unexpectedly. Retry; if it persists, report the correlation id.".into(),
+        }
+    }
+
+    /// The RFC 9457 body, with the correlation id so the caller can quote it.
+    pub fn to_problem(&self, instance: &str, correlation_id: &str) -> Problem {
+        let (slug, title) = self.slug_title();
+        let status = self.status();
+        let mut body = json!({
+            "type": format!("{PROBLEM_BASE}{slug}"),
+            "title": title,
+            "status": status,
+            "detail": self.detail(),
+            "instance": instance,
+            "correlation_id": correlation_id,
+        });
+        if let GatewayError::BodyTooLarge { limit } = self {
+            body["max_body_bytes"] = json!(limit);
+        }
+        Problem { status, slug, body: Bytes::from(body.to_string()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_has_rfc9457_members_and_correlation_id() {
+        let p = GatewayError::BodyTooLarge { limit: 10 }.to_problem("/x", "abc");
+        assert_eq!(p.status, 413);
+        let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(v["type"], "https://causeway.dev/problems/body-too-large");
+        assert_eq!(v["status"], 413);
+        assert_eq!(v["instance"], "/x");
+        assert_eq!(v["correlation_id"], "abc");
+        assert_eq!(v["max_body_bytes"], 10);
+        assert!(v["detail"].as_str().unwrap().contains("at most 10 bytes"));
+    }
+
+    #[test]
+    fn statuses() {
+        let up = || "bc".to_string();
+        assert_eq!(GatewayError::UpstreamUnreachable { upstream: up() }.status(), 502);
+        assert_eq!(GatewayError::UpstreamTimeout { upstream: up() }.status(), 504);
+        assert_eq!(GatewayError::RouteNotFound { method: "GET".into(), path: "/".into() }.status(), 404);
+    }
+}

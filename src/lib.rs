@@ -1,0 +1,13 @@
+//! Causeway: an API gateway and policy proxy for cloud ERPs, built on pingora.
+//!
+//! Start at [`server::run`] (what `causeway serve` does), [`config`] (files → compiled runtime
+//! objects) and [`proxy`] (the pingora `ProxyHttp` pipeline).
+
+pub mod admin;
+pub mod config;
+pub mod erp;
+pub mod error;
+pub mod observe;
+pub mod policy;
+pub mod proxy;
+pub mod server;

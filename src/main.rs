@@ -1,0 +1,115 @@
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Causeway: API gateway and policy proxy for cloud ERPs.
+#[derive(Parser)]
+#[command(name = "causeway", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway from a configuration directory (causeway.yaml, routes/, policies/).
+    Serve {
+        /// Configuration directory.
+        #[arg(long, short = 'c', default_value = ".")]
+        config: PathBuf,
+        /// Graceful upgrade: take over the listeners of the running instance, which is then
+        /// sent SIGQUIT (see README).
+        #[arg(long, short = 'u')]
+        upgrade: bool,
+    },
+    /// Validate every file of a configuration directory; prints `file:line:column: message`
+    /// for each problem and exits non-zero if there is any.
+    Check {
+        #[arg(long, short = 'c', default_value = ".")]
+        config: PathBuf,
+    },
+    /// Run only the built-in ERP sandbox (Business Central API v2.0 subset).
+    Sandbox {
+        #[arg(long, default_value = "127.0.0.1:8085")]
+        listen: String,
+        /// Require `Authorization: Bearer <token>`.
+        #[arg(long, env = "CAUSEWAY_SANDBOX_TOKEN")]
+        token: Option<String>,
+        /// Requests admitted per sliding window.
+        #[arg(long, default_value_t = 6000)]
+        window_requests: u32,
+        #[arg(long, default_value_t = 300)]
+        window_seconds: u64,
+        /// Requests processed at once.
+        #[arg(long, default_value_t = 5)]
+        max_concurrent: u32,
+        /// Requests that may wait for a processing slot.
+        #[arg(long, default_value_t = 95)]
+        queue: u32,
+        /// Latency added to every API request.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve { config, upgrade } => {
+            match causeway::server::serve(causeway::server::ServeArgs { config_dir: config, upgrade }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("causeway: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Check { config } => match causeway::config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: configuration OK ({} routes, {} upstreams)",
+                    config.display(),
+                    c.router.routes().len(),
+                    c.upstreams.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(diags) => {
+                eprint!("{diags}");
+                eprintln!("{}: {} problem(s) found", config.display(), diags.0.len());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Sandbox {
+            listen,
+            token,
+            window_requests,
+            window_seconds,
+            max_concurrent,
+            queue,
+            latency_ms,
+        } => {
+            use causeway::erp::sandbox::{LimitsSpec, Sandbox, SandboxConfig};
+            let limits = LimitsSpec {
+                window_requests,
+                window_seconds,
+                max_concurrent,
+                queue,
+                latency_ms,
+                ..LimitsSpec::default()
+            };
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let result = rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&listen).await?;
+                eprintln!("causeway sandbox: Business Central API v2.0 on http://{listen}/api/v2.0/companies, stats at /sandbox/stats");
+                Sandbox::new(SandboxConfig { token, limits }).serve(listener).await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("causeway sandbox: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

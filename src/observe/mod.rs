@@ -1,0 +1,5 @@
+//! Observability: correlation ids and trace context, Prometheus metrics, logging set-up.
+
+pub mod correlation;
+pub mod logging;
+pub mod metrics;

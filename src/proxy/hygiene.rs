@@ -1,0 +1,79 @@
+//! Header hygiene: hop-by-hop headers (RFC 9110 §7.6.1) are not forwarded in either direction.
+
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::Result;
+
+/// Always hop-by-hop, whether or not `Connection` lists them. `Transfer-Encoding` is left to
+/// pingora, which re-frames bodies itself.
+const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
+
+/// Names listed in `Connection` plus the fixed set.
+fn hop_by_hop_names(connection: Option<&http::HeaderValue>) -> Vec<String> {
+    let mut names: Vec<String> = HOP_BY_HOP.iter().map(|s| s.to_string()).collect();
+    if let Some(listed) = connection.and_then(|v| v.to_str().ok()) {
+        for token in listed.split(',') {
+            let token = token.trim().to_ascii_lowercase();
+            // Never let a caller strip framing or the gateway's own headers this way.
+            if !token.is_empty()
+                && token != "transfer-encoding"
+                && token != "content-length"
+                && token != "host"
+            {
+                names.push(token);
+            }
+        }
+    }
+    names
+}
+
+pub fn strip_hop_by_hop_request(req: &mut RequestHeader) {
+    for name in hop_by_hop_names(req.headers.get(http::header::CONNECTION)) {
+        req.remove_header(&name);
+    }
+}
+
+pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
+    for name in hop_by_hop_names(resp.headers.get(http::header::CONNECTION)) {
+        resp.remove_header(&name);
+    }
+}
+
+/// Append the caller's address to `X-Forwarded-For`.
+pub fn append_forwarded_for(req: &mut RequestHeader, ip: std::net::IpAddr) -> Result<()> {
+    let value = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.to_string(),
+    };
+    req.insert_header("x-forwarded-for", value)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_fixed_and_listed_headers_but_not_framing() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("connection", "keep-alive, x-secret, transfer-encoding").unwrap();
+        req.insert_header("keep-alive", "timeout=5").unwrap();
+        req.insert_header("x-secret", "1").unwrap();
+        req.insert_header("te", "trailers").unwrap();
+        req.insert_header("transfer-encoding", "chunked").unwrap();
+        req.insert_header("x-kept", "1").unwrap();
+        strip_hop_by_hop_request(&mut req);
+        for gone in ["connection", "keep-alive", "x-secret", "te"] {
+            assert!(req.headers.get(gone).is_none(), "{gone} should be stripped");
+        }
+        assert!(req.headers.get("transfer-encoding").is_some());
+        assert!(req.headers.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("x-forwarded-for", "10.0.0.1").unwrap();
+        append_forwarded_for(&mut req, "127.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(req.headers.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+    }
+}

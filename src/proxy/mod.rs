@@ -1,0 +1,340 @@
+//! The pingora `ProxyHttp` pipeline. Each hook is short and delegates: routing to [`router`],
+//! header rules to [`hygiene`], policies to [`crate::policy`], errors to [`crate::error`].
+
+pub mod hygiene;
+pub mod router;
+
+use crate::config::{CompiledRoute, Config};
+use crate::error::GatewayError;
+use crate::observe::correlation::{Correlation, CORRELATION_HEADER, TRACEPARENT_HEADER};
+use crate::observe::metrics::{Metrics, UNMATCHED_ROUTE};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Requests currently being handled; SIGTERM waits for it to reach zero.
+#[derive(Default)]
+pub struct InFlight(AtomicUsize);
+
+impl InFlight {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Held by a request's context; releases its slot however the request ends.
+pub struct InFlightGuard(Arc<InFlight>, Arc<Metrics>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+        self.1.in_flight.dec();
+    }
+}
+
+pub struct Gateway {
+    config: Arc<ArcSwap<Config>>,
+    metrics: Arc<Metrics>,
+    in_flight: Arc<InFlight>,
+}
+
+impl Gateway {
+    pub fn new(config: Arc<ArcSwap<Config>>, metrics: Arc<Metrics>, in_flight: Arc<InFlight>) -> Self {
+        Gateway { config, metrics, in_flight }
+    }
+}
+
+/// Per-request state. The config snapshot pins the request to the config it started with.
+pub struct Ctx {
+    config: Arc<Config>,
+    start: Instant,
+    correlation: Correlation,
+    route: Option<Arc<CompiledRoute>>,
+    upstream_path: String,
+    deadline: Option<Instant>,
+    body_bytes: u64,
+    /// Set when the gateway itself decides the outcome (413 while streaming, for instance).
+    failure: Option<GatewayError>,
+    /// `type` slug of a problem we answered with, for the access log.
+    problem: Option<&'static str>,
+    upstream_sent: Option<Instant>,
+    upstream_seconds: Option<f64>,
+    _in_flight: InFlightGuard,
+}
+
+impl Ctx {
+    fn route_name(&self) -> &str {
+        self.route.as_ref().map_or(UNMATCHED_ROUTE, |r| r.name.as_str())
+    }
+
+    fn upstream_name(&self) -> String {
+        self.route.as_ref().map(|r| r.upstream.name.clone()).unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        self.in_flight.0.fetch_add(1, Ordering::AcqRel);
+        self.metrics.in_flight.inc();
+        Ctx {
+            config: self.config.load_full(),
+            start: Instant::now(),
+            correlation: Correlation::default(),
+            route: None,
+            upstream_path: String::new(),
+            deadline: None,
+            body_bytes: 0,
+            failure: None,
+            problem: None,
+            upstream_sent: None,
+            upstream_seconds: None,
+            _in_flight: InFlightGuard(self.in_flight.clone(), self.metrics.clone()),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.correlation = Correlation::from_headers(
+            req.headers.get(CORRELATION_HEADER).map(|v| v.as_bytes()),
+            req.headers.get(TRACEPARENT_HEADER).map(|v| v.as_bytes()),
+        );
+        let host =
+            req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.host());
+        let found = ctx.config.router.find(host, req.method.as_str(), req.uri.path(), req.uri.query());
+        let Some(found) = found else {
+            let err = GatewayError::RouteNotFound {
+                method: req.method.to_string(),
+                path: req.uri.path().to_string(),
+            };
+            respond_problem(session, ctx, &err).await?;
+            return Ok(true);
+        };
+        let route = found.route;
+        ctx.upstream_path = found.upstream_path;
+        let declared = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let limit = route.max_body_bytes;
+        ctx.deadline = route.total_timeout.map(|t| ctx.start + t);
+        ctx.route = Some(route);
+        if declared.is_some_and(|len| len > limit) {
+            // The body is left unread, so this connection cannot carry another request.
+            session.set_keepalive(None);
+            respond_problem(session, ctx, &GatewayError::BodyTooLarge { limit }).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let Some(route) = ctx.route.as_ref() else {
+            return Err(Error::explain(ErrorType::InternalError, "upstream_peer without a route"));
+        };
+        let upstream = &route.upstream;
+        let mut peer = HttpPeer::new(upstream.address, upstream.tls, upstream.sni.clone());
+        let remaining = ctx.deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if remaining == Some(Duration::ZERO) {
+            ctx.failure = Some(GatewayError::UpstreamTimeout { upstream: upstream.name.clone() });
+            return Err(Error::explain(
+                ErrorType::ConnectTimedout,
+                "route deadline passed before connecting",
+            ));
+        }
+        let cap = |d: Duration| remaining.map_or(d, |r| d.min(r));
+        peer.options.connection_timeout = Some(cap(route.connect_timeout));
+        peer.options.read_timeout = Some(cap(route.read_timeout));
+        peer.options.write_timeout = Some(cap(upstream.write_timeout));
+        peer.options.idle_timeout = Some(upstream.idle_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route.as_ref() else { return Ok(()) };
+        let uri: http::Uri = ctx
+            .upstream_path
+            .parse()
+            .map_err(|_| Error::explain(ErrorType::InternalError, "rewritten path is not a valid URI"))?;
+        upstream_request.set_uri(uri);
+        hygiene::strip_hop_by_hop_request(upstream_request);
+        // The caller's credential is for the gateway, never for the ERP.
+        upstream_request.remove_header(&http::header::AUTHORIZATION);
+        upstream_request.remove_header("proxy-authorization");
+        upstream_request.insert_header(http::header::HOST, route.upstream.host_header.clone())?;
+        if let Some((name, value)) = &route.upstream.credential {
+            upstream_request.insert_header(name.clone(), value.clone())?;
+        }
+        upstream_request.insert_header(CORRELATION_HEADER, ctx.correlation.correlation_id.as_str())?;
+        upstream_request.insert_header(TRACEPARENT_HEADER, ctx.correlation.traceparent())?;
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            hygiene::append_forwarded_for(upstream_request, addr.ip())?;
+        }
+        for policy in &route.policies {
+            policy.on_upstream_request(upstream_request);
+        }
+        ctx.upstream_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let (Some(chunk), Some(route)) = (body.as_ref(), ctx.route.as_ref()) else { return Ok(()) };
+        ctx.body_bytes += chunk.len() as u64;
+        if ctx.body_bytes > route.max_body_bytes {
+            ctx.failure = Some(GatewayError::BodyTooLarge { limit: route.max_body_bytes });
+            return Err(Error::explain(ErrorType::HTTPStatus(413), "request body over the route's limit"));
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream_seconds = ctx.upstream_sent.map(|t| t.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        hygiene::strip_hop_by_hop_response(upstream_response);
+        add_correlation_headers(upstream_response, &ctx.correlation)?;
+        if let Some(route) = ctx.route.as_ref() {
+            for policy in &route.policies {
+                policy.on_response(upstream_response);
+            }
+        }
+        Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        // Per-read timeouts cannot bound a slow trickle; the route's total deadline does.
+        if ctx.deadline.is_some_and(|d| Instant::now() > d) {
+            ctx.failure = Some(GatewayError::UpstreamTimeout { upstream: ctx.upstream_name() });
+            return Err(Error::explain(ErrorType::ReadTimedout, "route total deadline exceeded"));
+        }
+        Ok(None)
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, _error: &Error) -> bool {
+        // The access log line carries the error together with the correlation id.
+        true
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let err = ctx.failure.take().or_else(|| classify(e, ctx.upstream_name()));
+        let Some(err) = err else {
+            // The caller went away or broke the protocol: nobody to answer.
+            return FailToProxy { error_code: 0, can_reuse_downstream: false };
+        };
+        if session.response_written().is_some() {
+            // Headers are out; the only signal left is closing the connection.
+            return FailToProxy { error_code: err.status(), can_reuse_downstream: false };
+        }
+        let code = respond_problem(session, ctx, &err).await.unwrap_or(0);
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let total = ctx.start.elapsed().as_secs_f64();
+        let method = session.req_header().method.as_str();
+        self.metrics.observe(ctx.route_name(), method, status, total, ctx.upstream_seconds);
+        tracing::info!(
+            target: "access",
+            route = ctx.route_name(),
+            consumer = "anonymous",
+            method,
+            path = session.req_header().uri.path(),
+            status,
+            duration_ms = total * 1e3,
+            upstream_ms = ctx.upstream_seconds.map(|s| s * 1e3),
+            upstream = ctx.route.as_ref().map(|r| r.upstream.name.as_str()),
+            problem = ctx.problem,
+            error = e.map(|e| e.to_string()),
+            correlation_id = ctx.correlation.correlation_id.as_str(),
+            trace_id = ctx.correlation.trace_id.as_str(),
+        );
+    }
+}
+
+/// Map a pingora error to what the caller is told; `None` when the caller is gone.
+fn classify(e: &Error, upstream: String) -> Option<GatewayError> {
+    use ErrorType::*;
+    match (e.etype(), e.esource()) {
+        (HTTPStatus(413), _) => None,
+        (ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout, ErrorSource::Upstream) => {
+            Some(GatewayError::UpstreamTimeout { upstream })
+        }
+        (ConnectTimedout, _) => Some(GatewayError::UpstreamTimeout { upstream }),
+        (
+            ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure | InvalidCert
+            | HandshakeError | SocketError | BindError | ConnectProxyFailure,
+            _,
+        ) => Some(GatewayError::UpstreamUnreachable { upstream }),
+        (_, ErrorSource::Upstream) => Some(GatewayError::UpstreamProtocol { upstream }),
+        (
+            ReadError | WriteError | ConnectionClosed | ReadTimedout | WriteTimedout,
+            ErrorSource::Downstream,
+        ) => None,
+        (_, ErrorSource::Downstream) => {
+            Some(GatewayError::BadRequest { detail: "The request could not be read".into() })
+        }
+        _ => Some(GatewayError::Internal),
+    }
+}
+
+fn add_correlation_headers(resp: &mut ResponseHeader, c: &Correlation) -> Result<()> {
+    resp.insert_header(CORRELATION_HEADER, c.correlation_id.as_str())?;
+    resp.insert_header(TRACEPARENT_HEADER, c.traceparent())?;
+    Ok(())
+}
+
+/// Answer locally with an RFC 9457 body. Local answers skip `response_filter`, so the
+/// correlation headers are added here too. Returns the status sent.
+async fn respond_problem(session: &mut Session, ctx: &mut Ctx, err: &GatewayError) -> Result<u16> {
+    let problem = err.to_problem(session.req_header().uri.path(), &ctx.correlation.correlation_id);
+    let mut resp = ResponseHeader::build(problem.status, Some(6))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/problem+json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, problem.body.len())?;
+    resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+    add_correlation_headers(&mut resp, &ctx.correlation)?;
+    ctx.problem = Some(problem.slug);
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(problem.body), true).await?;
+    Ok(problem.status)
+}

@@ -1,0 +1,170 @@
+//! `causeway serve`: assemble the pingora server (proxy, admin, metrics, probe), start the
+//! embedded sandbox when configured, and handle signals.
+
+use crate::admin::{AdminApp, Health, MetricsApp, UpstreamProbe};
+use crate::config::{self, Config};
+use crate::erp::sandbox::{self, SandboxConfig};
+use crate::observe::{logging, metrics::Metrics};
+use crate::proxy::{Gateway, InFlight};
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct ServeArgs {
+    pub config_dir: PathBuf,
+    /// Take over the listening sockets of a running instance (graceful upgrade).
+    pub upgrade: bool,
+}
+
+/// Run until a signal ends the process. Configuration errors are returned before anything listens.
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config =
+        config::load(&args.config_dir).map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
+    logging::init();
+    let sandbox_addr = start_sandbox(&config, args.upgrade)?;
+    print_banner(&config, sandbox_addr.as_deref());
+
+    let listen = config.listen.clone();
+    let threads = config.threads;
+    let grace = config.shutdown_grace;
+    let config = Arc::new(ArcSwap::from_pointee(config));
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let in_flight = Arc::new(InFlight::default());
+
+    let conf = ServerConf {
+        threads,
+        // pingora sleeps this long after SIGTERM; our drain watcher exits as soon as requests finish.
+        grace_period_seconds: Some(grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: format!(
+            "/tmp/causeway-upgrade-{}.sock",
+            listen.proxy.replace([':', '.', '[', ']'], "_")
+        ),
+        ..ServerConf::default()
+    };
+    let opt = Opt { upgrade: args.upgrade, ..Opt::default() };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let gateway = Gateway::new(config.clone(), metrics.clone(), in_flight.clone());
+    let mut proxy =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "causeway proxy");
+    let buffers = L4BufferSettings { read: Some(listen.read_buffer_bytes), write: None };
+    proxy.add_listener(ListenerConfig::tcp(listen.proxy.clone()).l4_buffer(buffers));
+
+    let mut admin =
+        Service::new("causeway admin".into(), AdminApp { config: config.clone(), health: health.clone() });
+    admin.add_tcp(&listen.admin);
+    admin.threads = Some(1);
+    let mut metrics_service =
+        Service::new("causeway metrics".into(), MetricsApp { metrics: metrics.clone() });
+    metrics_service.add_tcp(&listen.metrics);
+    metrics_service.threads = Some(1);
+    let mut probe = background_service("upstream probe", UpstreamProbe { config, health, metrics });
+    probe.threads = Some(1);
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(metrics_service);
+    server.add_service(probe);
+    server.run(RunArgs { shutdown_signal: Box::new(DrainOnTerm { in_flight, grace }) });
+    logging::flush();
+    Ok(())
+}
+
+fn start_sandbox(config: &Config, upgrade: bool) -> anyhow::Result<Option<String>> {
+    let Some(s) = &config.sandbox else { return Ok(None) };
+    let settings = SandboxConfig { token: s.token.clone(), limits: s.limits.clone() };
+    match sandbox::spawn(&s.listen, settings) {
+        Ok(_) => Ok(Some(s.listen.clone())),
+        // During an upgrade the old process still holds the sandbox port; the sandbox is a
+        // development aid, so the new process carries on without its own.
+        Err(e) if upgrade => {
+            tracing::warn!(error = %e, listen = %s.listen, "ERP sandbox not started during upgrade");
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("starting the ERP sandbox on {}", s.listen)),
+    }
+}
+
+fn print_banner(config: &Config, sandbox: Option<&str>) {
+    let routes: Vec<&str> = config.router.routes().iter().map(|r| r.name.as_str()).collect();
+    eprintln!(
+        "causeway: proxy on http://{} ({} routes: {})",
+        config.listen.proxy,
+        routes.len(),
+        routes.join(", ")
+    );
+    eprintln!(
+        "causeway: health on http://{}/readyz, metrics on http://{}/metrics",
+        config.listen.admin, config.listen.metrics
+    );
+    if let Some(addr) = sandbox {
+        eprintln!(
+            "causeway: ERP sandbox (Business Central API v2.0) on http://{addr}, stats at /sandbox/stats"
+        );
+    }
+    eprintln!("causeway: try  curl -s http://{}/erp/v2/customers?\\$top=2", config.listen.proxy);
+}
+
+/// SIGTERM: stop accepting, let in-flight requests finish, exit as soon as none are left or the
+/// grace period ends (pingora alone would always sleep the whole grace period). SIGINT: exit
+/// now. SIGQUIT: hand the listeners to a new process started with `-u`, then drain.
+struct DrainOnTerm {
+    in_flight: Arc<InFlight>,
+    grace: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainOnTerm {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::quit()))
+        else {
+            tracing::error!("cannot install signal handlers; exiting");
+            return ShutdownSignal::FastShutdown;
+        };
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!(grace_seconds = self.grace.as_secs(), "SIGTERM: draining in-flight requests");
+                spawn_drain_watcher(self.in_flight.clone(), self.grace);
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = quit.recv() => {
+                tracing::info!("SIGQUIT: handing listeners to the new process");
+                ShutdownSignal::GracefulUpgrade
+            }
+        }
+    }
+}
+
+fn spawn_drain_watcher(in_flight: Arc<InFlight>, grace: Duration) {
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        // Give pingora a moment to close the listeners and wake idle keep-alive connections.
+        std::thread::sleep(Duration::from_millis(100));
+        while in_flight.count() > 0 && started.elapsed() < grace {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = in_flight.count();
+        if left > 0 {
+            tracing::warn!(requests = left, "grace period over; exiting with requests in flight");
+        } else {
+            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained; exiting");
+        }
+        logging::flush();
+        std::process::exit(0);
+    });
+}
