@@ -147,7 +147,9 @@ pub fn load_with_env(dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result
         main.as_ref().map(|m| compile_upstreams(&main_path, m, env, &mut diags)).unwrap_or_default();
 
     let policies = load_policies(&dir.join("policies"), &mut diags);
-    let routes = load_routes(&dir.join("routes"), &upstreams, &policies, main.is_some(), &mut diags);
+    // Routes are checked against every *declared* upstream, so one bad upstream is one error.
+    let declared: Option<Vec<String>> = main.as_ref().map(|m| m.upstreams.keys().cloned().collect());
+    let routes = load_routes(&dir.join("routes"), &upstreams, &policies, declared.as_deref(), &mut diags);
 
     let sandbox = main.as_ref().and_then(|m| m.sandbox.as_ref()).and_then(|s| {
         check_addr(&main_path, &s.listen, &mut diags);
@@ -212,7 +214,10 @@ fn parse_file<T: DeserializeOwned>(path: &Path, diags: &mut Diagnostics) -> Opti
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
             // The message may repeat the position; keep only its first line.
             let message = e.to_string();
-            let message = message.lines().next().unwrap_or("invalid YAML").to_string();
+            let mut message = message.lines().next().unwrap_or("invalid YAML").to_string();
+            if let Some(at) = message.rfind(" at line ") {
+                message.truncate(at);
+            }
             diags.0.push(Diagnostic { file: path.to_path_buf(), line, column, message });
             None
         }
@@ -383,7 +388,7 @@ fn load_routes(
     dir: &Path,
     upstreams: &BTreeMap<String, Arc<Upstream>>,
     policies: &HashMap<String, Arc<Policy>>,
-    upstreams_known: bool,
+    declared_upstreams: Option<&[String]>,
     diags: &mut Diagnostics,
 ) -> Vec<Arc<CompiledRoute>> {
     let mut out = Vec::new();
@@ -431,13 +436,14 @@ fn load_routes(
                     .collect::<Vec<_>>()
             });
             let upstream = upstreams.get(&spec.upstream.value).cloned();
-            if upstream.is_none() && upstreams_known {
-                let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+            let declared = declared_upstreams.map(|d| d.contains(&spec.upstream.value));
+            if declared == Some(false) {
+                let known = declared_upstreams.unwrap_or_default().join(", ");
                 diags.at(
                     &file,
                     &spec.upstream,
                     format!("route `{name}` names upstream `{}`, which causeway.yaml does not define (defined: {})",
-                        spec.upstream.value, known.join(", ")),
+                        spec.upstream.value, known),
                 );
             }
             let mut route_policies = Vec::new();

@@ -1,0 +1,105 @@
+//! `causeway check`: exit 0 on the shipped configuration, `file:line` diagnostics otherwise.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+fn check(dir: &Path, env: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = Command::new(common::binary());
+    cmd.args(["check", "-c"]).arg(dir).env_remove("CAUSEWAY_TEST_UPSTREAM_TOKEN");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A valid configuration directory, to break one file of.
+fn valid_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = common::GatewayOptions::new("http://127.0.0.1:9".into());
+    common::write_config(dir.path(), &opts, (18000, 18001, 18002));
+    let (ok, err) = check(dir.path(), &[("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")]);
+    assert!(ok, "the base configuration must be valid: {err}");
+    dir
+}
+
+#[test]
+fn shipped_configuration_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(common::binary()).args(["check", "-c"]).arg(root).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
+}
+
+#[test]
+fn yaml_syntax_error_names_file_and_line() {
+    let dir = valid_dir();
+    let file = dir.path().join("routes/routes.yaml");
+    std::fs::write(&file, "routes:\n  - name: broken\n    match: { path: /x\n    upstream: bc\n").unwrap();
+    let (ok, err) = check(dir.path(), &[("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")]);
+    assert!(!ok);
+    let expected = format!("{}:", file.display());
+    let line = err.lines().find(|l| l.starts_with(&expected)).unwrap_or_else(|| panic!("{err}"));
+    let line_no: u64 = line[expected.len()..].split(':').next().unwrap().parse().expect("a line number");
+    assert!((3..=5).contains(&line_no), "{line}");
+}
+
+#[test]
+fn unknown_key_names_file_line_and_key() {
+    let dir = valid_dir();
+    let file = dir.path().join("causeway.yaml");
+    let text = std::fs::read_to_string(&file).unwrap().replace("threads: 1\n", "threads: 1\nthreadz: 2\n");
+    std::fs::write(&file, &text).unwrap();
+    let line_no = text.lines().position(|l| l.starts_with("threadz")).unwrap() + 1;
+    let (ok, err) = check(dir.path(), &[("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")]);
+    assert!(!ok);
+    assert!(err.contains(&format!("{}:{line_no}:", file.display())), "{err}");
+    assert!(err.contains("threadz"), "{err}");
+}
+
+#[test]
+fn route_naming_a_missing_policy_is_reported_at_its_line() {
+    let dir = valid_dir();
+    let file = dir.path().join("routes/routes.yaml");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("policies: [strip-cookie]", "policies: [strip-cookie, no-such-policy]");
+    std::fs::write(&file, &text).unwrap();
+    let line_no = text.lines().position(|l| l.contains("no-such-policy")).unwrap() + 1;
+    let (ok, err) = check(dir.path(), &[("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")]);
+    assert!(!ok);
+    assert!(err.contains(&format!("{}:{line_no}:", file.display())), "{err}");
+    assert!(err.contains("no-such-policy"), "{err}");
+}
+
+#[test]
+fn upstream_naming_an_unset_environment_variable_is_reported() {
+    let dir = valid_dir();
+    let file = dir.path().join("causeway.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let line_no = text.lines().position(|l| l.contains("CAUSEWAY_TEST_UPSTREAM_TOKEN")).unwrap() + 1;
+    let (ok, err) = check(dir.path(), &[]);
+    assert!(!ok);
+    assert!(err.contains(&format!("{}:{line_no}:", file.display())), "{err}");
+    assert!(err.contains("CAUSEWAY_TEST_UPSTREAM_TOKEN is not set"), "{err}");
+}
+
+#[test]
+fn reports_every_problem_not_only_the_first() {
+    let dir = valid_dir();
+    let routes = dir.path().join("routes/routes.yaml");
+    let text = std::fs::read_to_string(&routes)
+        .unwrap()
+        .replace("policies: [strip-cookie]", "policies: [missing-one]")
+        .replace(
+            "upstream: bc\n    rewrite: /api/v2.0/companies",
+            "upstream: nope\n    rewrite: /api/v2.0/companies",
+        );
+    std::fs::write(&routes, text).unwrap();
+    let (ok, err) = check(dir.path(), &[]);
+    assert!(!ok);
+    assert!(err.contains("missing-one") && err.contains("`nope`") && err.contains("is not set"), "{err}");
+    assert!(err.contains("3 problem(s) found"), "{err}");
+}

@@ -1,0 +1,248 @@
+//! Test harness: the real `causeway` binary on loopback, in front of the real sandbox.
+#![allow(dead_code)]
+
+use causeway::erp::sandbox::{LimitsSpec, Sandbox, SandboxConfig};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const UPSTREAM_TOKEN: &str = "upstream-secret-token";
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The sandbox, served in this test's runtime; `stop` drops its listener.
+pub struct TestSandbox {
+    pub sandbox: Sandbox,
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestSandbox {
+    pub async fn start(limits: LimitsSpec) -> Self {
+        Self::start_on(free_port(), limits).await
+    }
+
+    pub async fn start_on(port: u16, limits: LimitsSpec) -> Self {
+        let sandbox = Sandbox::new(SandboxConfig { token: Some(UPSTREAM_TOKEN.into()), limits });
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let served = sandbox.clone();
+        let task = tokio::spawn(async move {
+            let _ = served.serve(listener).await;
+        });
+        TestSandbox { sandbox, port, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(self) {
+        self.task.abort();
+    }
+
+    pub async fn stats(&self) -> serde_json::Value {
+        reqwest::get(format!("{}/sandbox/stats", self.url())).await.unwrap().json().await.unwrap()
+    }
+
+    pub async fn received(&self) -> Vec<serde_json::Value> {
+        reqwest::get(format!("{}/sandbox/requests", self.url())).await.unwrap().json().await.unwrap()
+    }
+
+    pub async fn set_limits(&self, limits: &LimitsSpec) {
+        let resp = reqwest::Client::new()
+            .put(format!("{}/sandbox/settings", self.url()))
+            .json(limits)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success());
+    }
+}
+
+/// The gateway as a child process with a generated configuration directory.
+pub struct TestGateway {
+    pub child: Child,
+    pub proxy_port: u16,
+    pub admin_port: u16,
+    pub metrics_port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+pub struct GatewayOptions {
+    pub upstream_url: String,
+    pub routes_yaml: String,
+    pub policies_yaml: String,
+    pub grace_seconds: u64,
+}
+
+/// Routes used by most tests: a rewrite onto the sandbox company, a small body limit, a short deadline.
+pub fn default_routes() -> String {
+    let company = causeway::erp::sandbox::data::COMPANY_ID;
+    format!(
+        r#"routes:
+  - name: erp-read
+    match: {{ methods: [GET], path: "/erp/v2/{{*rest}}" }}
+    upstream: bc
+    rewrite: "/api/v2.0/companies({company})/{{rest}}"
+    timeouts: {{ total_ms: 800 }}
+    policies: [strip-cookie]
+  - name: erp-write
+    match: {{ methods: [POST, PATCH], path: "/erp/v2/{{*rest}}" }}
+    upstream: bc
+    rewrite: "/api/v2.0/companies({company})/{{rest}}"
+    max_body_bytes: 1024
+  - name: item-by-id
+    match: {{ methods: [GET], path: "/erp/v2/items/{{id}}" }}
+    upstream: bc
+    rewrite: "/api/v2.0/companies({company})/items({{id}})"
+  - name: partner-host
+    match: {{ host: partner.example, path: "/partner/companies" }}
+    upstream: bc
+    rewrite: /api/v2.0/companies
+"#
+    )
+}
+
+pub fn default_policies() -> String {
+    "policies:\n  - name: strip-cookie\n    kind: headers\n    request: { remove: [cookie] }\n    response: { set: { x-served-by: causeway } }\n".into()
+}
+
+impl GatewayOptions {
+    pub fn new(upstream_url: String) -> Self {
+        GatewayOptions {
+            upstream_url,
+            routes_yaml: default_routes(),
+            policies_yaml: default_policies(),
+            grace_seconds: 5,
+        }
+    }
+}
+
+pub fn write_config(dir: &Path, opts: &GatewayOptions, ports: (u16, u16, u16)) {
+    let main = format!(
+        r#"listen:
+  proxy: 127.0.0.1:{}
+  admin: 127.0.0.1:{}
+  metrics: 127.0.0.1:{}
+threads: 1
+shutdown_grace_seconds: {}
+health_probe_seconds: 1
+upstreams:
+  bc:
+    url: {}
+    connect_timeout_ms: 500
+    read_timeout_ms: 5000
+    credentials:
+      bearer:
+        token: ${{CAUSEWAY_TEST_UPSTREAM_TOKEN}}
+"#,
+        ports.0, ports.1, ports.2, opts.grace_seconds, opts.upstream_url
+    );
+    std::fs::write(dir.join("causeway.yaml"), main).unwrap();
+    std::fs::create_dir_all(dir.join("routes")).unwrap();
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    std::fs::write(dir.join("routes/routes.yaml"), &opts.routes_yaml).unwrap();
+    std::fs::write(dir.join("policies/policies.yaml"), &opts.policies_yaml).unwrap();
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_causeway"))
+}
+
+impl TestGateway {
+    pub async fn start(opts: GatewayOptions) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = (free_port(), free_port(), free_port());
+        write_config(dir.path(), &opts, ports);
+        let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+        let child = Command::new(binary())
+            .args(["serve", "-c"])
+            .arg(dir.path())
+            .env("CAUSEWAY_TEST_UPSTREAM_TOKEN", UPSTREAM_TOKEN)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn causeway");
+        let gw = TestGateway { child, proxy_port: ports.0, admin_port: ports.1, metrics_port: ports.2, dir };
+        gw.wait_listening().await;
+        gw
+    }
+
+    async fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for port in [self.proxy_port, self.admin_port, self.metrics_port] {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                assert!(Instant::now() < deadline, "gateway did not listen on {port}:\n{}", self.log());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.proxy_port, path)
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.admin_port, path)
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Poll `/readyz` until it answers `want` (or fail after `within`).
+    pub async fn wait_ready(&self, want: u16, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = reqwest::get(self.admin("/readyz")).await.map(|r| r.status().as_u16()).unwrap_or(0);
+            if status == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "readyz stayed {status}, wanted {want}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Assert an RFC 9457 body with the given status and type slug; returns the body.
+pub async fn assert_problem(resp: reqwest::Response, status: u16, slug: &str) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status);
+    let headers = resp.headers().clone();
+    assert_eq!(headers.get("content-type").unwrap(), "application/problem+json");
+    let correlation = headers
+        .get("x-correlation-id")
+        .expect("problem carries x-correlation-id")
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(headers.get("traceparent").is_some(), "problem carries traceparent");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["type"], format!("https://causeway.dev/problems/{slug}"));
+    assert_eq!(body["status"], status);
+    assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(body["detail"].as_str().is_some_and(|t| !t.is_empty()));
+    assert_eq!(body["correlation_id"], correlation.as_str());
+    body
+}

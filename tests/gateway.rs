@@ -1,0 +1,297 @@
+//! The real gateway process in front of the real sandbox, on loopback.
+
+mod common;
+
+use causeway::erp::sandbox::{data::COMPANY_ID, LimitsSpec};
+use common::*;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn setup() -> (TestSandbox, TestGateway) {
+    let sandbox = TestSandbox::start(LimitsSpec::default()).await;
+    let gateway = TestGateway::start(GatewayOptions::new(sandbox.url())).await;
+    (sandbox, gateway)
+}
+
+fn last_request(received: &[serde_json::Value]) -> &serde_json::Value {
+    received.last().expect("the sandbox received a request")
+}
+
+#[tokio::test]
+async fn routes_and_rewrites_paths_and_queries() {
+    let (sandbox, gw) = setup().await;
+    let resp = reqwest::get(gw.url("/erp/v2/customers?$top=2")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["value"].as_array().unwrap().len(), 2);
+    let received = sandbox.received().await;
+    assert_eq!(last_request(&received)["uri"], format!("/api/v2.0/companies({COMPANY_ID})/customers?$top=2"));
+
+    // A parameter captured from the path lands inside the upstream segment.
+    let item_id = "0000017e-0000-4000-8000-000000000001";
+    let resp = reqwest::get(gw.url(&format!("/erp/v2/items/{item_id}"))).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("x-served-by"), None, "item-by-id route has no policies");
+    let item: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(item["id"], item_id);
+    let received = sandbox.received().await;
+    assert_eq!(last_request(&received)["uri"], format!("/api/v2.0/companies({COMPANY_ID})/items({item_id})"));
+
+    // Host matching: only the partner host reaches the partner route.
+    let client = reqwest::Client::new();
+    let resp =
+        client.get(gw.url("/partner/companies")).header("host", "partner.example").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = client.get(gw.url("/partner/companies")).send().await.unwrap();
+    assert_problem(resp, 404, "route-not-found").await;
+
+    // Method matching: DELETE is on no route.
+    let resp = client.delete(gw.url("/erp/v2/salesOrders")).send().await.unwrap();
+    assert_problem(resp, 404, "route-not-found").await;
+}
+
+#[tokio::test]
+async fn strips_hop_by_hop_and_consumer_credentials_and_injects_the_upstream_credential() {
+    let (sandbox, gw) = setup().await;
+    let resp = reqwest::Client::new()
+        .get(gw.url("/erp/v2/items?$top=1"))
+        .header("authorization", "Bearer consumer-token-must-not-leak")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .header("connection", "keep-alive, x-hop-secret")
+        .header("x-hop-secret", "1")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("cookie", "session=abc")
+        .header("x-end-to-end", "kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the sandbox accepted the injected credential");
+    assert_eq!(resp.headers().get("x-served-by").unwrap(), "causeway", "response policy applied");
+    let received = sandbox.received().await;
+    let headers = &last_request(&received)["headers"];
+    assert_eq!(headers["authorization"], format!("Bearer {UPSTREAM_TOKEN}"));
+    for gone in ["proxy-authorization", "x-hop-secret", "keep-alive", "te", "cookie"] {
+        assert!(headers.get(gone).is_none(), "{gone} reached the ERP: {headers}");
+    }
+    assert_eq!(headers["x-end-to-end"], "kept");
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers["host"], format!("127.0.0.1:{}", sandbox.port));
+    assert_eq!(sandbox.stats().await["unauthorized"], 0);
+}
+
+#[tokio::test]
+async fn correlation_id_and_traceparent_propagate_both_ways() {
+    let (sandbox, gw) = setup().await;
+    let client = reqwest::Client::new();
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let resp = client
+        .get(gw.url("/erp/v2/items?$top=1"))
+        .header("x-correlation-id", "crm-deal-0042")
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers().get("x-correlation-id").unwrap(), "crm-deal-0042");
+    let returned_tp = resp.headers().get("traceparent").unwrap().to_str().unwrap().to_string();
+    assert!(returned_tp.starts_with(&format!("00-{trace}-")), "{returned_tp}");
+    let received = sandbox.received().await;
+    let headers = &last_request(&received)["headers"];
+    assert_eq!(headers["x-correlation-id"], "crm-deal-0042");
+    let upstream_tp = headers["traceparent"].as_str().unwrap();
+    assert!(upstream_tp.starts_with(&format!("00-{trace}-")));
+    assert!(!upstream_tp.contains("00f067aa0ba902b7"), "the gateway is a new span");
+
+    // Nothing supplied: both are minted, and caller and ERP see the same values.
+    let resp = client.get(gw.url("/erp/v2/items?$top=1")).send().await.unwrap();
+    let minted = resp.headers().get("x-correlation-id").unwrap().to_str().unwrap().to_string();
+    assert_eq!(uuid::Uuid::parse_str(&minted).unwrap().get_version_num(), 7);
+    let tp = resp.headers().get("traceparent").unwrap().to_str().unwrap().to_string();
+    let received = sandbox.received().await;
+    let headers = &last_request(&received)["headers"];
+    assert_eq!(headers["x-correlation-id"], minted.as_str());
+    assert_eq!(headers["traceparent"], tp.as_str());
+
+    // Local answers carry them too, and the access log line names the id.
+    let resp =
+        client.get(gw.url("/nowhere")).header("x-correlation-id", "lost-request-7").send().await.unwrap();
+    assert_eq!(resp.headers().get("x-correlation-id").unwrap(), "lost-request-7");
+    assert!(resp.headers().get("traceparent").is_some());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = gw.log();
+    let line =
+        log.lines().find(|l| l.contains("lost-request-7")).expect("access log line with the correlation id");
+    let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(entry["status"], 404);
+    assert_eq!(entry["route"], "unmatched");
+    assert!(entry["duration_ms"].is_number());
+}
+
+#[tokio::test]
+async fn answers_404_413_502_504_as_problem_json() {
+    let (sandbox, gw) = setup().await;
+    let client = reqwest::Client::new();
+
+    let resp = client.get(gw.url("/not/a/route")).send().await.unwrap();
+    let body = assert_problem(resp, 404, "route-not-found").await;
+    assert_eq!(body["instance"], "/not/a/route");
+
+    // Declared length over the route's 1024-byte limit: refused before anything is sent.
+    let before = sandbox.stats().await["requests_total"].as_u64().unwrap();
+    let resp = client.post(gw.url("/erp/v2/salesOrders")).body(vec![b'x'; 2048]).send().await.unwrap();
+    let body = assert_problem(resp, 413, "body-too-large").await;
+    assert_eq!(body["max_body_bytes"], 1024);
+    assert_eq!(sandbox.stats().await["requests_total"].as_u64().unwrap(), before, "nothing reached the ERP");
+
+    // Chunked body that grows past the limit while streaming.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).await.unwrap();
+    let head = "POST /erp/v2/salesOrders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..3 {
+        let chunk = vec![b' '; 600];
+        stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.unwrap();
+        stream.write_all(&chunk).await.unwrap();
+        stream.write_all(b"\r\n").await.unwrap();
+    }
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("application/problem+json") && text.contains("body-too-large"), "{text}");
+
+    // Upstream slower than the route's 800 ms deadline.
+    sandbox.set_limits(&LimitsSpec { latency_ms: 2000, ..LimitsSpec::default() }).await;
+    let started = Instant::now();
+    let resp = client.get(gw.url("/erp/v2/items")).send().await.unwrap();
+    assert_problem(resp, 504, "upstream-timeout").await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "answered at the deadline, not after the upstream"
+    );
+    sandbox.set_limits(&LimitsSpec::default()).await;
+
+    // Upstream gone: connection refused.
+    sandbox.stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let resp = client.get(gw.url("/erp/v2/items")).send().await.unwrap();
+    let body = assert_problem(resp, 502, "upstream-unreachable").await;
+    assert!(body["detail"].as_str().unwrap().contains("`bc`"));
+}
+
+/// Parse the text exposition into (name, labels, value) samples.
+fn parse_exposition(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let (series, value) = line.rsplit_once(' ').expect("sample line has a value");
+        let value: f64 = value.parse().expect("numeric sample");
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => {
+                let inner = rest.strip_suffix('}').expect("closing brace");
+                let labels = inner
+                    .split("\",")
+                    .filter(|p| !p.is_empty())
+                    .map(|p| {
+                        let (k, v) = p.split_once("=\"").expect("label pair");
+                        (k.to_string(), v.trim_end_matches('"').to_string())
+                    })
+                    .collect();
+                (name.to_string(), labels)
+            }
+            None => (series.to_string(), Vec::new()),
+        };
+        samples.push((name, labels, value));
+    }
+    samples
+}
+
+fn sample(
+    samples: &[(String, Vec<(String, String)>, f64)],
+    name: &str,
+    want: &[(&str, &str)],
+) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, labels, _)| {
+            n == name && want.iter().all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|s| s.2)
+}
+
+#[tokio::test]
+async fn exposes_bounded_prometheus_metrics() {
+    let (_sandbox, gw) = setup().await;
+    for _ in 0..3 {
+        assert_eq!(reqwest::get(gw.url("/erp/v2/items?$top=1")).await.unwrap().status(), 200);
+    }
+    for i in 0..5 {
+        // Distinct unmatched paths must not create distinct series.
+        reqwest::get(gw.url(&format!("/random/{i}"))).await.unwrap();
+    }
+    let text = reqwest::get(gw.metrics_url()).await.unwrap().text().await.unwrap();
+    let samples = parse_exposition(&text);
+    let ok = [("route", "erp-read"), ("method", "GET"), ("status_class", "2xx")];
+    assert_eq!(sample(&samples, "causeway_requests_total", &ok), Some(3.0));
+    assert_eq!(sample(&samples, "causeway_request_duration_seconds_count", &ok), Some(3.0));
+    assert_eq!(sample(&samples, "causeway_upstream_duration_seconds_count", &ok), Some(3.0));
+    let inf = [("route", "erp-read"), ("method", "GET"), ("status_class", "2xx"), ("le", "+Inf")];
+    assert_eq!(sample(&samples, "causeway_request_duration_seconds_bucket", &inf), Some(3.0));
+    let unmatched = [("route", "unmatched"), ("status_class", "4xx")];
+    assert_eq!(sample(&samples, "causeway_requests_total", &unmatched), Some(5.0));
+    assert_eq!(sample(&samples, "causeway_upstream_up", &[("upstream", "bc")]), Some(1.0));
+    for (name, labels, _) in &samples {
+        for (k, v) in labels {
+            assert!(!v.contains('/'), "raw path in label {k}={v} of {name}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn readiness_follows_upstream_reachability() {
+    let (sandbox, gw) = setup().await;
+    assert_eq!(reqwest::get(gw.admin("/healthz")).await.unwrap().status(), 200);
+    gw.wait_ready(200, Duration::from_secs(5)).await;
+    let port = sandbox.port;
+    sandbox.stop();
+    gw.wait_ready(503, Duration::from_secs(5)).await;
+    let resp = reqwest::get(gw.admin("/readyz")).await.unwrap();
+    assert_eq!(resp.headers().get("content-type").unwrap(), "application/problem+json");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["upstreams"]["bc"], "unreachable");
+    assert_eq!(reqwest::get(gw.admin("/healthz")).await.unwrap().status(), 200, "liveness is unaffected");
+    let _back = TestSandbox::start_on(port, LimitsSpec::default()).await;
+    gw.wait_ready(200, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_and_refuses_new_connections() {
+    let sandbox = TestSandbox::start(LimitsSpec { latency_ms: 1500, ..LimitsSpec::default() }).await;
+    let mut opts = GatewayOptions::new(sandbox.url());
+    opts.routes_yaml = opts.routes_yaml.replace("total_ms: 800", "total_ms: 10000");
+    opts.grace_seconds = 5;
+    let mut gw = TestGateway::start(opts).await;
+    let slow_url = gw.url("/erp/v2/items?$top=1");
+    let slow = tokio::spawn(async move { reqwest::get(slow_url).await.map(|r| r.status().as_u16()) });
+    // Wait until the request is at the sandbox.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sandbox.stats().await["in_flight"] != 1 {
+        assert!(Instant::now() < deadline, "slow request never reached the sandbox");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let signalled = Instant::now();
+    gw.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = tokio::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).await;
+    assert!(refused.is_err(), "new connections must be refused while draining");
+    assert_eq!(slow.await.unwrap().expect("in-flight request completes"), 200);
+    // Exits once drained, well before the 5 s grace period.
+    let exit = loop {
+        if let Some(status) = gw.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(signalled.elapsed() < Duration::from_secs(5), "did not exit within the grace period");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert!(gw.log().contains("drained; exiting"));
+}
