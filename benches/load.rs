@@ -1,1 +1,377 @@
-fn main() {}
+//! Load benchmark against named baselines, one worker thread each, alternating targets in one
+//! run: (a) the origin direct, (b) bare pingora passthrough (same pingora version, built here),
+//! (c) the Causeway gateway with correlation + metrics + access log, (d) nginx proxy_pass.
+//!
+//!   scripts/bench                 # throughput: req/s, p50, p99 per target, ratios c/b and c/d
+//!   scripts/bench memory          # RSS idle and per idle keep-alive connection (5,000 of them)
+//!
+//! Needs `wrk` and `nginx` (scripts/bench installs them). Environment: BENCH_ROUNDS (3),
+//! BENCH_SECONDS (5), BENCH_CONNECTIONS (50), BENCH_IDLE_CONNECTIONS (5000).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ORIGIN: u16 = 18080;
+const NGINX: u16 = 18081;
+const BARE: u16 = 18083;
+const GATEWAY: u16 = 18088;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--bare-pingora") {
+        bare::run(BARE, ORIGIN);
+        return;
+    }
+    raise_fd_limit();
+    let work = tempfile::tempdir().expect("temp dir");
+    let mode = if args.iter().any(|a| a == "memory") { "memory" } else { "throughput" };
+    let mut procs = Procs::default();
+    let peers = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers");
+    let big = mode == "memory";
+    procs.add("origin", nginx(&peers.join("upstream.nginx.conf"), work.path(), big), ORIGIN);
+    procs.add("nginx", nginx(&peers.join("proxy.nginx.conf"), work.path(), big), NGINX);
+    let me = std::env::current_exe().expect("bench binary path");
+    procs.add("bare-pingora", spawn(Command::new(me).arg("--bare-pingora")), BARE);
+    procs.add("causeway", gateway(work.path()), GATEWAY);
+    match mode {
+        "memory" => memory(&procs),
+        _ => throughput(&procs),
+    }
+}
+
+#[derive(Default)]
+struct Procs {
+    list: Vec<(&'static str, Child, u16)>,
+}
+
+impl Procs {
+    fn add(&mut self, name: &'static str, child: Child, port: u16) {
+        wait_port(port, name);
+        // Warm up: one request establishes pools and lazily built state.
+        get_once(port).unwrap_or_else(|e| panic!("{name} on {port} does not answer: {e}"));
+        self.list.push((name, child, port));
+    }
+
+    fn pid(&self, name: &str) -> u32 {
+        self.list.iter().find(|p| p.0 == name).map(|p| p.1.id()).expect("known target")
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, child, _) in &mut self.list {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn(cmd: &mut Command) -> Child {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).stdin(Stdio::null()).spawn().expect("spawn")
+}
+
+/// nginx from a peer config; `big` raises worker_connections for the idle-connection test.
+fn nginx(conf: &Path, work: &Path, big: bool) -> Child {
+    let mut text = std::fs::read_to_string(conf).expect("peer config");
+    if big {
+        text = text.replace("worker_connections 4096", "worker_connections 20000");
+    }
+    let name = conf.file_name().unwrap().to_string_lossy().to_string();
+    let path = work.join(name);
+    std::fs::write(&path, text).unwrap();
+    let nginx = which("nginx").unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"));
+    spawn(Command::new(nginx).arg("-c").arg(&path).arg("-p").arg(work).arg("-e").arg(work.join("error.log")))
+}
+
+fn gateway(work: &Path) -> Child {
+    let dir = work.join("gateway");
+    std::fs::create_dir_all(dir.join("routes")).unwrap();
+    std::fs::write(
+        dir.join("causeway.yaml"),
+        format!(
+            "listen: {{ proxy: 127.0.0.1:{GATEWAY}, admin: 127.0.0.1:18089, metrics: 127.0.0.1:18090 }}\n\
+             threads: 1\nupstreams:\n  origin:\n    url: http://127.0.0.1:{ORIGIN}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("routes/all.yaml"),
+        "routes:\n  - name: all\n    match: { path: \"/{*rest}\" }\n    upstream: origin\n",
+    )
+    .unwrap();
+    // Access log on: written (JSON) by the logging thread to /dev/null.
+    spawn(Command::new(env!("CARGO_BIN_EXE_causeway")).args(["serve", "-c"]).arg(&dir))
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.exists())
+}
+
+fn wait_port(port: u16, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{name} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn get_once(port: u16) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /api/v2.0/salesOrders HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    if !buf.starts_with(b"HTTP/1.1 200") {
+        return Err(std::io::Error::other(String::from_utf8_lossy(&buf).into_owned()));
+    }
+    Ok(())
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WrkResult {
+    rps: f64,
+    /// CPU time (user + system) the target spent per request: robust against a noisy machine.
+    cpu_us: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn wrk(port: u16, pid: u32, seconds: u64, connections: u64) -> WrkResult {
+    let cpu_before = cpu_ticks(pid);
+    let out = Command::new("wrk")
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
+        .arg(format!("http://127.0.0.1:{port}/api/v2.0/salesOrders"))
+        .output()
+        .expect("wrk (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected wrk output:\n{text}"));
+    let pct = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(|v| parse_latency(v.trim())))
+            .unwrap_or(f64::NAN)
+    };
+    let errors = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+        + text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+            .map(|v| v.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok()).sum())
+            .unwrap_or(0);
+    let requests = rps * seconds as f64;
+    let ticks = cpu_ticks(pid).saturating_sub(cpu_before) as f64;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu_us = ticks / hz * 1e6 / requests;
+    WrkResult { rps, cpu_us, p50_ms: pct("50%"), p99_ms: pct("99%"), errors }
+}
+
+/// wrk prints `812.00us`, `1.23ms`, `1.02s`.
+fn parse_latency(v: &str) -> f64 {
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+    let n: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn throughput(procs: &Procs) {
+    let rounds = env_num("BENCH_ROUNDS", 3);
+    let seconds = env_num("BENCH_SECONDS", 5);
+    let conns = env_num("BENCH_CONNECTIONS", 50);
+    println!(
+        "load: wrk -t1 -c{conns} -d{seconds}s, {rounds} alternating rounds, one worker per target; medians"
+    );
+    let mut results: Vec<(&str, Vec<WrkResult>)> = procs.list.iter().map(|p| (p.0, Vec::new())).collect();
+    for round in 0..rounds {
+        for (i, (name, child, port)) in procs.list.iter().enumerate() {
+            let r = wrk(*port, worker_pid(name, child.id()), seconds, conns);
+            eprintln!(
+                "  round {} {name:<13} {:>9.0} req/s  cpu {:>5.1} us/req  p50 {:.3} ms  p99 {:.3} ms",
+                round + 1,
+                r.rps,
+                r.cpu_us,
+                r.p50_ms,
+                r.p99_ms
+            );
+            results[i].1.push(r);
+        }
+    }
+    let mut med = std::collections::BTreeMap::new();
+    let mut cpus = std::collections::BTreeMap::new();
+    let label = |n: &str| match n {
+        "origin" => "(a) origin direct",
+        "bare-pingora" => "(b) bare pingora",
+        "causeway" => "(c) causeway",
+        "nginx" => "(d) nginx proxy",
+        _ => "?",
+    };
+    for (name, rs) in &results {
+        let rps = median(rs.iter().map(|r| r.rps).collect());
+        let cpu = median(rs.iter().map(|r| r.cpu_us).collect());
+        let p50 = median(rs.iter().map(|r| r.p50_ms).collect());
+        let p99 = median(rs.iter().map(|r| r.p99_ms).collect());
+        let errors: u64 = rs.iter().map(|r| r.errors).sum();
+        println!(
+            "{:<20} {rps:>9.0} req/s  cpu {cpu:>5.1} us/req  p50 {p50:>6.3} ms  p99 {p99:>6.3} ms  errors {errors}",
+            label(name)
+        );
+        med.insert(*name, rps);
+        cpus.insert(*name, cpu);
+    }
+    println!("ratio c/b (causeway / bare pingora): {:.2}", med["causeway"] / med["bare-pingora"]);
+    println!("ratio c/d (causeway / nginx):        {:.2}", med["causeway"] / med["nginx"]);
+    println!("ratio b/d (bare pingora / nginx):    {:.2}", med["bare-pingora"] / med["nginx"]);
+    println!(
+        "cpu per request, c/b: {:.2}  c/d: {:.2}  b/d: {:.2}",
+        cpus["causeway"] / cpus["bare-pingora"],
+        cpus["causeway"] / cpus["nginx"],
+        cpus["bare-pingora"] / cpus["nginx"]
+    );
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// nginx runs a master and a worker: the worker holds the connections.
+fn worker_pid(name: &str, pid: u32) -> u32 {
+    if name != "nginx" && name != "origin" {
+        return pid;
+    }
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(pid)
+}
+
+fn memory(procs: &Procs) {
+    let n = env_num("BENCH_IDLE_CONNECTIONS", 5000) as usize;
+    println!("memory: RSS idle, then with {n} idle keep-alive connections (one request each)");
+    for name in ["causeway", "bare-pingora", "nginx"] {
+        let (_, _, port) = procs.list.iter().find(|p| p.0 == name).unwrap();
+        let pid = worker_pid(name, procs.pid(name));
+        std::thread::sleep(Duration::from_millis(300));
+        let idle = rss_kb(pid);
+        let conns = open_idle(*port, n);
+        std::thread::sleep(Duration::from_millis(1000));
+        let loaded = rss_kb(pid);
+        let per = (loaded.saturating_sub(idle)) as f64 * 1024.0 / conns.len() as f64;
+        println!(
+            "{name:<13} idle {:>7.1} MiB   with {} conns {:>7.1} MiB   added per idle connection {:>6.1} KB",
+            idle as f64 / 1024.0,
+            conns.len(),
+            loaded as f64 / 1024.0,
+            per / 1000.0
+        );
+        drop(conns);
+        std::thread::sleep(Duration::from_millis(1000));
+        println!("{name:<13} after closing them {:>7.1} MiB", rss_kb(pid) as f64 / 1024.0);
+    }
+}
+
+/// Open `n` connections, send one keep-alive request on each, read the response, keep them open.
+fn open_idle(port: u16, n: usize) -> Vec<TcpStream> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /api/v2.0/salesOrders HTTP/1.1\r\nHost: bench\r\n\r\n").unwrap();
+        read_response(&mut s);
+        conns.push(s);
+    }
+    conns
+}
+
+fn read_response(s: &mut TcpStream) {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = s.read(&mut chunk).expect("read response");
+        assert!(n > 0, "connection closed before the response");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return;
+            }
+        }
+    }
+}
+
+fn raise_fd_limit() {
+    let lim = libc::rlimit { rlim_cur: 65536, rlim_max: 65536 };
+    // SAFETY: setrlimit with a valid struct; failure only means a lower limit.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+/// The baseline: pingora's minimal passthrough, a new `HttpPeer` per request, nothing else.
+mod bare {
+    use async_trait::async_trait;
+    use pingora::prelude::*;
+    use pingora::server::configuration::{Opt, ServerConf};
+
+    struct Passthrough(u16);
+
+    #[async_trait]
+    impl ProxyHttp for Passthrough {
+        type CTX = ();
+        fn new_ctx(&self) {}
+        async fn upstream_peer(&self, _s: &mut Session, _c: &mut ()) -> Result<Box<HttpPeer>> {
+            Ok(Box::new(HttpPeer::new(("127.0.0.1", self.0), false, String::new())))
+        }
+    }
+
+    pub fn run(port: u16, origin: u16) {
+        let conf = ServerConf { threads: 1, grace_period_seconds: Some(0), ..ServerConf::default() };
+        let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+        server.bootstrap();
+        let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, Passthrough(origin));
+        proxy.add_tcp(&format!("127.0.0.1:{port}"));
+        server.add_service(proxy);
+        server.run_forever();
+    }
+}
