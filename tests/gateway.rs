@@ -179,8 +179,11 @@ async fn answers_404_413_502_504_as_problem_json() {
     assert!(body["detail"].as_str().unwrap().contains("`bc`"));
 }
 
-/// Parse the text exposition into (name, labels, value) samples.
-fn parse_exposition(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+/// One exposition sample: metric name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// Parse the text exposition into samples.
+fn parse_exposition(text: &str) -> Vec<Sample> {
     let mut samples = Vec::new();
     for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
         let (series, value) = line.rsplit_once(' ').expect("sample line has a value");
@@ -205,11 +208,7 @@ fn parse_exposition(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
     samples
 }
 
-fn sample(
-    samples: &[(String, Vec<(String, String)>, f64)],
-    name: &str,
-    want: &[(&str, &str)],
-) -> Option<f64> {
+fn sample(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Option<f64> {
     samples
         .iter()
         .find(|(n, labels, _)| {
