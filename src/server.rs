@@ -35,6 +35,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let listen = config.listen.clone();
     let threads = config.threads;
+    let (work_stealing, pool_size) = (config.work_stealing, config.upstream_pool_size);
     let grace = config.shutdown_grace;
     let config = Arc::new(ArcSwap::from_pointee(config));
     let metrics = Arc::new(Metrics::new());
@@ -43,6 +44,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let conf = ServerConf {
         threads,
+        work_stealing,
+        upstream_keepalive_pool_size: pool_size,
         // pingora sleeps this long after SIGTERM; our drain watcher exits as soon as requests finish.
         grace_period_seconds: Some(grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),

@@ -15,6 +15,12 @@ pub struct MainSpec {
     /// Worker threads of the proxy service; defaults to the number of CPUs.
     #[serde(default)]
     pub threads: Option<usize>,
+    /// Let idle worker threads steal tasks from busy ones (pingora's default).
+    #[serde(default = "default_true")]
+    pub work_stealing: bool,
+    /// Idle keep-alive connections kept for reuse, per upstream (pingora's default: 128).
+    #[serde(default = "default_pool_size")]
+    pub upstream_pool_size: usize,
     /// Seconds SIGTERM waits for in-flight requests before exiting.
     #[serde(default = "default_grace_seconds")]
     pub shutdown_grace_seconds: u64,
@@ -194,6 +200,12 @@ pub struct HeaderOps {
     pub remove: Vec<String>,
 }
 
+fn default_true() -> bool {
+    true
+}
+fn default_pool_size() -> usize {
+    128
+}
 fn default_grace_seconds() -> u64 {
     5
 }
