@@ -6,7 +6,8 @@
 //!   scripts/bench memory          # RSS idle and per idle keep-alive connection (5,000 of them)
 //!
 //! Needs `wrk` and `nginx` (scripts/bench installs them). Environment: BENCH_ROUNDS (3),
-//! BENCH_SECONDS (5), BENCH_CONNECTIONS (50), BENCH_IDLE_CONNECTIONS (5000), BENCH_GATEWAY_CONFIG
+//! BENCH_SECONDS (5), BENCH_CONNECTIONS (50), BENCH_IDLE_CONNECTIONS (5000), BENCH_READ_BUFFER
+//! (the gateway's downstream read buffer, 4096), BENCH_GATEWAY_CONFIG
 //! (extra top-level lines for the gateway's causeway.yaml, to compare settings).
 
 use std::io::{Read, Write};
@@ -93,8 +94,9 @@ fn gateway(work: &Path) -> Child {
     std::fs::write(
         dir.join("causeway.yaml"),
         format!(
-            "listen: {{ proxy: 127.0.0.1:{GATEWAY}, admin: 127.0.0.1:18089, metrics: 127.0.0.1:18090 }}\n\
+            "listen: {{ proxy: 127.0.0.1:{GATEWAY}, admin: 127.0.0.1:18089, metrics: 127.0.0.1:18090, read_buffer_bytes: {} }}\n\
              threads: 1\n{}\nupstreams:\n  origin:\n    url: http://127.0.0.1:{ORIGIN}\n",
+            env_num("BENCH_READ_BUFFER", 4096),
             // Settings under study, e.g. BENCH_GATEWAY_CONFIG='work_stealing: false'.
             std::env::var("BENCH_GATEWAY_CONFIG").unwrap_or_default()
         ),
