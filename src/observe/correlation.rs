@@ -16,6 +16,8 @@ pub struct Correlation {
     /// This hop's span id (16 hex digits): the parent-id sent upstream.
     pub span_id: String,
     pub flags: String,
+    /// `00-<trace>-<span>-<flags>`, built once: it goes both upstream and back to the caller.
+    traceparent: String,
 }
 
 impl Correlation {
@@ -32,11 +34,12 @@ impl Correlation {
             None => (random_hex(&mut rng, 16), "01".to_string()),
         };
         let span_id = random_hex(&mut rng, 8);
-        Correlation { correlation_id, trace_id, span_id, flags }
+        let traceparent = format!("00-{trace_id}-{span_id}-{flags}");
+        Correlation { correlation_id, trace_id, span_id, flags, traceparent }
     }
 
-    pub fn traceparent(&self) -> String {
-        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    pub fn traceparent(&self) -> &str {
+        &self.traceparent
     }
 }
 
