@@ -375,7 +375,13 @@ mod bare {
         let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
         server.bootstrap();
         let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, Passthrough(origin));
-        proxy.add_tcp(&format!("127.0.0.1:{port}"));
+        let mut listener = pingora::listeners::ListenerConfig::tcp(format!("127.0.0.1:{port}"));
+        // BARE_READ_BUFFER: study pingora's per-connection memory without its 64 KiB default.
+        if let Some(read) = std::env::var("BARE_READ_BUFFER").ok().and_then(|v| v.parse().ok()) {
+            let settings = pingora::protocols::l4::stream::L4BufferSettings { read: Some(read), write: None };
+            listener = listener.l4_buffer(settings);
+        }
+        proxy.add_listener(listener);
         server.add_service(proxy);
         server.run_forever();
     }

@@ -1,5 +1,6 @@
 // mimalloc: +75% throughput over glibc malloc for the gateway in benches/load.rs at about the same
 // idle memory per connection (see BENCHMARKS.md).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

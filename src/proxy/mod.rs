@@ -84,6 +84,12 @@ impl Ctx {
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
+        // pingora adds a (disabled) response-compression module by default; its per-request
+        // context costs a large allocation and memory on every idle keep-alive connection.
+        // The ERP answers JSON over a local network: compression is not the gateway's job here.
+    }
+
     fn new_ctx(&self) -> Ctx {
         self.in_flight.0.fetch_add(1, Ordering::AcqRel);
         self.metrics.in_flight.inc();
