@@ -58,6 +58,19 @@ fn json_response(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec
 pub struct AdminApp {
     pub config: Arc<ArcSwap<Config>>,
     pub health: Arc<Health>,
+    pub reloader: Arc<crate::reload::Reloader>,
+    /// Bearer token for `POST /admin/reload` (`CAUSEWAY_ADMIN_TOKEN`); unset disables it.
+    pub admin_token: Option<String>,
+}
+
+fn problem(status: u16, slug: &str, title: &str, detail: &str) -> Response<Vec<u8>> {
+    let body = json!({
+        "type": format!("{}{slug}", crate::error::PROBLEM_BASE),
+        "title": title,
+        "status": status,
+        "detail": detail,
+    });
+    json_response(status, "application/problem+json", body.to_string().into_bytes())
 }
 
 #[async_trait]
@@ -78,9 +91,60 @@ impl ServeHttp for AdminApp {
                 }
                 json_response(200, "application/json", body.to_string().into_bytes())
             }
+            "/admin/reload" if session.req_header().method == http::Method::POST => {
+                let Some(token) = &self.admin_token else {
+                    return problem(
+                        403,
+                        "admin-disabled",
+                        "Admin API disabled",
+                        "Set CAUSEWAY_ADMIN_TOKEN to enable POST /admin/reload.",
+                    );
+                };
+                let presented = session
+                    .req_header()
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                let matches = presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()));
+                if !matches {
+                    let mut resp = problem(
+                        401,
+                        "unauthenticated",
+                        "Authentication required",
+                        "Send Authorization: Bearer <CAUSEWAY_ADMIN_TOKEN>.",
+                    );
+                    resp.headers_mut().insert(
+                        http::header::WWW_AUTHENTICATE,
+                        http::HeaderValue::from_static("Bearer realm=\"causeway-admin\""),
+                    );
+                    return resp;
+                }
+                match self.reloader.reload("admin API").await {
+                    Ok(summary) => json_response(
+                        200,
+                        "application/json",
+                        json!({"status": "reloaded", "config": summary}).to_string().into_bytes(),
+                    ),
+                    Err(diagnostics) => {
+                        let body = json!({
+                            "type": format!("{}invalid-configuration", crate::error::PROBLEM_BASE),
+                            "title": "Configuration rejected",
+                            "status": 422,
+                            "detail": "The new configuration is invalid; the previous one keeps serving. Fix the files listed in `diagnostics`.",
+                            "diagnostics": diagnostics.lines().collect::<Vec<_>>(),
+                        });
+                        json_response(422, "application/problem+json", body.to_string().into_bytes())
+                    }
+                }
+            }
             _ => not_found(&path),
         }
     }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn not_found(path: &str) -> Response<Vec<u8>> {

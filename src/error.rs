@@ -23,6 +23,18 @@ pub enum GatewayError {
     UpstreamProtocol { upstream: String },
     #[error("bad request: {detail}")]
     BadRequest { detail: String },
+    #[error("unauthenticated: {}", reason.as_str())]
+    Unauthenticated { reason: crate::policy::auth::AuthFailure, challenge: String },
+    #[error("missing scopes {missing:?}")]
+    Forbidden { missing: Vec<String> },
+    #[error("rate limited")]
+    RateLimited { retry_after: u64 },
+    #[error("ERP budget of {upstream} exhausted")]
+    ErpBusy { upstream: String, retry_after: u64 },
+    #[error("circuit open for {upstream}")]
+    ErpCircuitOpen { upstream: String, retry_after: u64 },
+    #[error("ERP {upstream} signalled overload")]
+    ErpOverloaded { upstream: String, retry_after: u64 },
     #[error("internal error")]
     Internal,
 }
@@ -43,6 +55,26 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => 504,
             GatewayError::BadRequest { .. } => 400,
             GatewayError::Internal => 500,
+            GatewayError::Unauthenticated { .. } => 401,
+            GatewayError::Forbidden { .. } => 403,
+            GatewayError::RateLimited { .. } => 429,
+            GatewayError::ErpBusy { .. }
+            | GatewayError::ErpCircuitOpen { .. }
+            | GatewayError::ErpOverloaded { .. } => 503,
+        }
+    }
+
+    /// Headers the status requires besides the body: `WWW-Authenticate`, `Retry-After`.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            GatewayError::Unauthenticated { challenge, .. } => vec![("www-authenticate", challenge.clone())],
+            GatewayError::RateLimited { retry_after }
+            | GatewayError::ErpBusy { retry_after, .. }
+            | GatewayError::ErpCircuitOpen { retry_after, .. }
+            | GatewayError::ErpOverloaded { retry_after, .. } => {
+                vec![("retry-after", retry_after.to_string())]
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -59,6 +91,14 @@ impl GatewayError {
             }
             GatewayError::BadRequest { .. } => ("bad-request", "The request is malformed"),
             GatewayError::Internal => ("internal", "Internal gateway error"),
+            GatewayError::Unauthenticated { .. } => ("unauthenticated", "Authentication required"),
+            GatewayError::Forbidden { .. } => ("insufficient-scope", "Missing scope"),
+            GatewayError::RateLimited { .. } => ("quota-exceeded", "Request quota exceeded"),
+            GatewayError::ErpBusy { .. } => {
+                ("temporarily-reduced-capacity", "ERP capacity temporarily exhausted")
+            }
+            GatewayError::ErpCircuitOpen { .. } => ("erp-unavailable", "ERP temporarily unavailable"),
+            GatewayError::ErpOverloaded { .. } => ("erp-overloaded", "The ERP asked to slow down"),
         }
     }
 
@@ -82,6 +122,26 @@ impl GatewayError {
             ),
             GatewayError::BadRequest { detail } => format!("{detail}. Correct the request and send it again."),
             GatewayError::Internal => "The gateway failed unexpectedly. Retry; if it persists, report the correlation id.".into(),
+            GatewayError::Unauthenticated { reason, .. } => format!(
+                "Authentication failed: {}. Send a valid bearer token or API key as this route requires.",
+                reason.describe()
+            ),
+            GatewayError::Forbidden { missing } => format!(
+                "The credential is valid but lacks the scope(s) {}. Ask for a token or key that grants them.",
+                missing.join(", ")
+            ),
+            GatewayError::RateLimited { retry_after } => format!(
+                "Your quota for this route is used up. Retry after {retry_after} s; the RateLimit headers show the quota."
+            ),
+            GatewayError::ErpBusy { upstream, retry_after } => format!(
+                "The ERP `{upstream}` is at its request budget and your request could not be admitted in time. Nothing was sent; retry after {retry_after} s."
+            ),
+            GatewayError::ErpCircuitOpen { upstream, retry_after } => format!(
+                "Recent requests to the ERP `{upstream}` failed, so the gateway is not sending more for now. Nothing was sent; retry after {retry_after} s."
+            ),
+            GatewayError::ErpOverloaded { upstream, retry_after } => format!(
+                "The ERP `{upstream}` answered that it is overloaded; the gateway paused all traffic to it. Retry after {retry_after} s."
+            ),
         }
     }
 
@@ -97,8 +157,11 @@ impl GatewayError {
             "instance": instance,
             "correlation_id": correlation_id,
         });
-        if let GatewayError::BodyTooLarge { limit } = self {
-            body["max_body_bytes"] = json!(limit);
+        match self {
+            GatewayError::BodyTooLarge { limit } => body["max_body_bytes"] = json!(limit),
+            GatewayError::Forbidden { missing } => body["missing_scopes"] = json!(missing),
+            GatewayError::Unauthenticated { reason, .. } => body["reason"] = json!(reason.as_str()),
+            _ => {}
         }
         Problem { status, slug, body: Bytes::from(body.to_string()) }
     }

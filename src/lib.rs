@@ -10,4 +10,5 @@ pub mod error;
 pub mod observe;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod server;

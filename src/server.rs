@@ -2,10 +2,11 @@
 //! embedded sandbox when configured, and handle signals.
 
 use crate::admin::{AdminApp, Health, MetricsApp, UpstreamProbe};
-use crate::config::{self, Config};
+use crate::config::{self, Config, SharedState};
 use crate::erp::sandbox::{self, SandboxConfig};
 use crate::observe::{logging, metrics::Metrics};
 use crate::proxy::{Gateway, InFlight};
+use crate::reload::{ReloadTriggers, Reloader};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -27,8 +28,11 @@ pub struct ServeArgs {
 
 /// Run until a signal ends the process. Configuration errors are returned before anything listens.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config =
-        config::load(&args.config_dir).map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
+    crate::policy::auth::init_crypto();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let state = Arc::new(SharedState::default());
+    let config = config::load_with_state(&args.config_dir, &|name| std::env::var(name).ok(), &state)
+        .map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
     logging::init();
     let sandbox_addr = start_sandbox(&config, args.upgrade)?;
     print_banner(&config, sandbox_addr.as_deref());
@@ -38,7 +42,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (work_stealing, pool_size) = (config.work_stealing, config.upstream_pool_size);
     let grace = config.shutdown_grace;
     let config = Arc::new(ArcSwap::from_pointee(config));
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Metrics::global().clone();
+    let reloader = Arc::new(Reloader::new(args.config_dir.clone(), config.clone(), state));
+    let admin_token = std::env::var("CAUSEWAY_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
     let health = Arc::new(Health::default());
     let in_flight = Arc::new(InFlight::default());
 
@@ -65,8 +71,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let buffers = L4BufferSettings { read: Some(listen.read_buffer_bytes), write: None };
     proxy.add_listener(ListenerConfig::tcp(listen.proxy.clone()).l4_buffer(buffers));
 
-    let mut admin =
-        Service::new("causeway admin".into(), AdminApp { config: config.clone(), health: health.clone() });
+    let mut admin = Service::new(
+        "causeway admin".into(),
+        AdminApp { config: config.clone(), health: health.clone(), reloader: reloader.clone(), admin_token },
+    );
     admin.add_tcp(&listen.admin);
     admin.threads = Some(1);
     let mut metrics_service =
@@ -80,6 +88,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server.add_service(admin);
     server.add_service(metrics_service);
     server.add_service(probe);
+    server.add_service(background_service("config reload", ReloadTriggers(reloader)));
     server.run(RunArgs { shutdown_signal: Box::new(DrainOnTerm { in_flight, grace }) });
     logging::flush();
     Ok(())

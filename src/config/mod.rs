@@ -5,10 +5,14 @@
 //! that the proxy runs on. `causeway check` and `causeway serve` run the same function.
 
 mod env;
+pub mod policies;
 pub mod spec;
 
 use crate::erp::sandbox::LimitsSpec;
-use crate::policy::{headers, Policy};
+use crate::policy::jwks::RemoteJwks;
+use crate::policy::ratelimit::TierLimiter;
+use crate::policy::throttle::{Budget, BudgetParams, Class};
+use crate::policy::Policy;
 use crate::proxy::router::{PathTemplate, RewriteTemplate, Router};
 use http::{HeaderName, HeaderValue, Uri};
 use serde::de::DeserializeOwned;
@@ -72,6 +76,57 @@ impl Diagnostics {
     }
 }
 
+/// Runtime state that outlives one configuration: ERP budgets (the ERP must never see more than
+/// its budget, reload or not), rate-limit counters and fetched JWKS. Compiling a configuration
+/// reuses an entry when its spec is unchanged.
+#[derive(Default)]
+pub struct SharedState {
+    budgets: parking_lot::Mutex<HashMap<String, Arc<Budget>>>,
+    limiters: parking_lot::Mutex<HashMap<(String, String), Arc<TierLimiter>>>,
+    jwks: parking_lot::Mutex<HashMap<String, Arc<RemoteJwks>>>,
+}
+
+impl SharedState {
+    /// The budget of `upstream`, with `params` applied (a reload changes limits in place).
+    pub fn budget(&self, upstream: &str, params: BudgetParams) -> Arc<Budget> {
+        let mut budgets = self.budgets.lock();
+        if let Some(b) = budgets.get(upstream) {
+            if b.params() != params {
+                b.set_params(params);
+            }
+            return b.clone();
+        }
+        let b = Budget::new(upstream, params);
+        budgets.insert(upstream.to_string(), b.clone());
+        b
+    }
+
+    pub fn limiter(
+        &self,
+        policy: &str,
+        tier: &str,
+        requests: u32,
+        window: Duration,
+        burst: u32,
+    ) -> Result<Arc<TierLimiter>, String> {
+        let key = (policy.to_string(), tier.to_string());
+        let mut limiters = self.limiters.lock();
+        if let Some(l) = limiters.get(&key).filter(|l| l.same_quota(requests, window, burst)) {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(TierLimiter::new(tier, requests, window, burst)?);
+        limiters.insert(key, l.clone());
+        Ok(l)
+    }
+
+    pub fn remote_jwks(&self, url: &str, refresh: Duration, min_refetch: Duration) -> Arc<RemoteJwks> {
+        let mut all = self.jwks.lock();
+        all.entry(format!("{url}|{refresh:?}|{min_refetch:?}"))
+            .or_insert_with(|| Arc::new(RemoteJwks::new(url.to_string(), refresh, min_refetch)))
+            .clone()
+    }
+}
+
 /// A compiled, validated configuration. Immutable; replaced whole on reload.
 pub struct Config {
     pub dir: PathBuf,
@@ -117,6 +172,17 @@ pub struct Upstream {
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
     pub credential: Option<(HeaderName, HeaderValue)>,
+    pub budget: Option<UpstreamBudget>,
+}
+
+/// An upstream's throttle: the shared budget, its classes and the overload signals to watch for.
+#[derive(Debug)]
+pub struct UpstreamBudget {
+    pub budget: Arc<Budget>,
+    pub classes: HashMap<String, Class>,
+    pub default_class: Class,
+    /// (status, body substring): `None` means the status alone signals overload.
+    pub overload_signals: Vec<(u16, Option<String>)>,
 }
 
 /// A route, compiled: matcher, rewrite, upstream, limits and its policies in order.
@@ -133,6 +199,9 @@ pub struct CompiledRoute {
     pub connect_timeout: Duration,
     pub max_body_bytes: u64,
     pub policies: Vec<Arc<Policy>>,
+    pub scopes: Vec<String>,
+    /// Priority class in the upstream's budget, when it has one.
+    pub erp_class: Option<Class>,
 }
 
 /// Read and compile the configuration in `dir`, with the process environment.
@@ -141,14 +210,23 @@ pub fn load(dir: &Path) -> Result<Config, Diagnostics> {
 }
 
 pub fn load_with_env(dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Diagnostics> {
+    load_with_state(dir, env, &SharedState::default())
+}
+
+/// Compile against existing runtime state (a reload keeps budgets and counters).
+pub fn load_with_state(
+    dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    state: &SharedState,
+) -> Result<Config, Diagnostics> {
     let mut diags = Diagnostics::default();
     let main_path = dir.join(MAIN_FILE);
     let main: Option<MainSpec> = parse_file(&main_path, &mut diags);
 
     let upstreams =
-        main.as_ref().map(|m| compile_upstreams(&main_path, m, env, &mut diags)).unwrap_or_default();
+        main.as_ref().map(|m| compile_upstreams(&main_path, m, env, state, &mut diags)).unwrap_or_default();
 
-    let policies = load_policies(&dir.join("policies"), &mut diags);
+    let policies = load_policies(dir, env, state, &mut diags);
     // Routes are checked against every *declared* upstream, so one bad upstream is one error.
     let declared: Option<Vec<String>> = main.as_ref().map(|m| m.upstreams.keys().cloned().collect());
     let routes = load_routes(&dir.join("routes"), &upstreams, &policies, declared.as_deref(), &mut diags);
@@ -260,12 +338,13 @@ fn compile_upstreams(
     file: &Path,
     main: &MainSpec,
     env: &dyn Fn(&str) -> Option<String>,
+    state: &SharedState,
     diags: &mut Diagnostics,
 ) -> BTreeMap<String, Arc<Upstream>> {
     let mut out = BTreeMap::new();
     for (name, spanned) in &main.upstreams {
         let spec = &spanned.value;
-        match compile_upstream(name, spec, env) {
+        match compile_upstream(name, spec, env, state) {
             Ok(u) => {
                 out.insert(name.clone(), Arc::new(u));
             }
@@ -280,10 +359,52 @@ fn compile_upstreams(
 
 type SpannedErr<'a> = (Option<&'a Spanned<String>>, String);
 
+fn compile_budget(upstream: &str, spec: &BudgetSpec, state: &SharedState) -> Result<UpstreamBudget, String> {
+    if spec.window_requests == 0 || spec.window_seconds == 0 || spec.max_concurrent == 0 {
+        return Err("budget: window_requests, window_seconds and max_concurrent must be at least 1".into());
+    }
+    let classes: HashMap<String, Class> = spec
+        .classes
+        .iter()
+        .map(|(n, c)| {
+            (
+                n.clone(),
+                Class {
+                    name: Arc::from(n.as_str()),
+                    priority: c.priority,
+                    max_wait: Duration::from_millis(c.max_wait_ms),
+                },
+            )
+        })
+        .collect();
+    let default_class = classes
+        .get(&spec.default_class)
+        .cloned()
+        .ok_or_else(|| format!("budget: default_class `{}` is not one of the classes", spec.default_class))?;
+    let params = BudgetParams {
+        window_requests: spec.window_requests,
+        window: Duration::from_secs(spec.window_seconds),
+        window_margin: Duration::from_millis(spec.window_margin_ms),
+        max_concurrent: spec.max_concurrent,
+        queue: spec.queue,
+        backoff_initial: Duration::from_millis(spec.backoff_initial_ms.max(1)),
+        backoff_max: Duration::from_millis(spec.backoff_max_ms.max(spec.backoff_initial_ms.max(1))),
+        circuit_failures: spec.circuit_failures.max(1),
+        circuit_open: Duration::from_secs(spec.circuit_open_seconds),
+    };
+    Ok(UpstreamBudget {
+        budget: state.budget(upstream, params),
+        classes,
+        default_class,
+        overload_signals: spec.overload_signals.iter().map(|s| (s.status, s.body_contains.clone())).collect(),
+    })
+}
+
 fn compile_upstream<'a>(
     name: &str,
     spec: &'a UpstreamSpec,
     env: &dyn Fn(&str) -> Option<String>,
+    state: &SharedState,
 ) -> Result<Upstream, SpannedErr<'a>> {
     let uri: Uri =
         spec.url.value.parse().map_err(|_| (None, format!("`{}` is not a URL", spec.url.value)))?;
@@ -306,8 +427,13 @@ fn compile_upstream<'a>(
         None => None,
         Some(c) => Some(compile_credential(c, env)?),
     };
+    let budget = match &spec.budget {
+        Some(b) => Some(compile_budget(name, b, state).map_err(|e| (None, e))?),
+        None => None,
+    };
     let ms = Duration::from_millis;
     Ok(Upstream {
+        budget,
         name: name.to_string(),
         address,
         tls,
@@ -350,9 +476,14 @@ fn compile_credential<'a>(
     Ok((name, value))
 }
 
-fn load_policies(dir: &Path, diags: &mut Diagnostics) -> HashMap<String, Arc<Policy>> {
+fn load_policies(
+    dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    state: &SharedState,
+    diags: &mut Diagnostics,
+) -> HashMap<String, Arc<Policy>> {
     let mut out: HashMap<String, Arc<Policy>> = HashMap::new();
-    for file in yaml_files(dir, diags) {
+    for file in yaml_files(&dir.join("policies"), diags) {
         let Some(parsed) = parse_file::<PoliciesFile>(&file, diags) else { continue };
         for spanned in parsed.policies {
             let spec = &spanned.value;
@@ -365,19 +496,7 @@ fn load_policies(dir: &Path, diags: &mut Diagnostics) -> HashMap<String, Arc<Pol
                 diags.at(&file, &spanned, format!("policy `{name}` is defined twice"));
                 continue;
             }
-            let compiled = match spec {
-                PolicySpec::Headers { request, response, .. } => {
-                    match (headers::CompiledOps::compile(request), headers::CompiledOps::compile(response)) {
-                        (Ok(request), Ok(response)) => Ok(Policy::Headers(headers::HeaderPolicy {
-                            name: name.clone(),
-                            request,
-                            response,
-                        })),
-                        (Err(e), _) | (_, Err(e)) => Err(e),
-                    }
-                }
-            };
-            match compiled {
+            match policies::compile(spec, dir, env, state) {
                 Ok(p) => {
                     out.insert(name, Arc::new(p));
                 }
@@ -464,6 +583,44 @@ fn load_routes(
                     ),
                 }
             }
+            if !spec.scopes.is_empty() && !route_policies.iter().any(|p| p.authenticates()) {
+                diags.at(
+                    &file,
+                    &spec.name,
+                    format!("route `{name}` requires scopes but names no jwt or api_key policy"),
+                );
+            }
+            let erp_class = match (&spec.erp_class, upstream.as_ref().and_then(|u| u.budget.as_ref())) {
+                (Some(c), Some(b)) => match b.classes.get(&c.value) {
+                    Some(class) => Some(class.clone()),
+                    None => {
+                        let known: Vec<&str> = b.classes.keys().map(String::as_str).collect();
+                        diags.at(
+                            &file,
+                            c,
+                            format!(
+                                "erp_class `{}` is not a class of the upstream's budget ({})",
+                                c.value,
+                                known.join(", ")
+                            ),
+                        );
+                        None
+                    }
+                },
+                (Some(c), None) if upstream.is_some() => {
+                    diags.at(
+                        &file,
+                        c,
+                        format!(
+                            "erp_class `{}` set, but upstream `{}` has no budget",
+                            c.value, spec.upstream.value
+                        ),
+                    );
+                    None
+                }
+                (None, Some(b)) => Some(b.default_class.clone()),
+                _ => None,
+            };
             if spec.max_body_bytes == 0 {
                 diags.at(&file, &spec.name, "max_body_bytes must be greater than 0");
             }
@@ -484,6 +641,8 @@ fn load_routes(
                 upstream,
                 max_body_bytes: spec.max_body_bytes,
                 policies: route_policies,
+                scopes: spec.scopes.clone(),
+                erp_class,
             }));
         }
     }

@@ -70,6 +70,60 @@ pub struct UpstreamSpec {
     /// Credential injected into every upstream request; consumers never send it.
     #[serde(default)]
     pub credentials: Option<CredentialSpec>,
+    /// The ERP's shared budget: every route and in-process caller reaching this upstream takes a
+    /// permit from it. Absent: no throttle.
+    #[serde(default)]
+    pub budget: Option<BudgetSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSpec {
+    /// Requests per sliding window (Business Central: 6,000 per 300 s).
+    pub window_requests: u32,
+    pub window_seconds: u64,
+    /// A slot frees this much after the window, absorbing clock and network jitter.
+    #[serde(default = "default_margin_ms")]
+    pub window_margin_ms: u64,
+    /// Requests in flight at once (Business Central: 5).
+    pub max_concurrent: u32,
+    /// Requests that may wait for a permit.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// Priority classes: lower `priority` runs first; each waits at most `max_wait_ms`.
+    #[serde(default = "default_classes")]
+    pub classes: BTreeMap<String, ClassSpec>,
+    /// Class of routes that name none.
+    #[serde(default = "default_class")]
+    pub default_class: String,
+    /// Vendor-specific overload answers besides 429/503, e.g. NetSuite's
+    /// `{status: 400, body_contains: SSS_REQUEST_LIMIT_EXCEEDED}`.
+    #[serde(default)]
+    pub overload_signals: Vec<OverloadSignalSpec>,
+    #[serde(default = "default_backoff_initial")]
+    pub backoff_initial_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+    /// Consecutive failures (connect errors, timeouts, 5xx) that open the circuit.
+    #[serde(default = "default_circuit_failures")]
+    pub circuit_failures: u32,
+    #[serde(default = "default_circuit_open")]
+    pub circuit_open_seconds: u64,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ClassSpec {
+    pub priority: u8,
+    pub max_wait_ms: u64,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct OverloadSignalSpec {
+    pub status: u16,
+    #[serde(default)]
+    pub body_contains: Option<String>,
 }
 
 /// Values may reference environment variables as `${NAME}` or `${NAME:-fallback}`.
@@ -134,6 +188,12 @@ pub struct RouteSpec {
     /// Named policies from `policies/`, applied in order.
     #[serde(default)]
     pub policies: Vec<Spanned<String>>,
+    /// Scopes the consumer must hold (403 otherwise); needs an authentication policy.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Priority class in the upstream's budget (default: the budget's `default_class`).
+    #[serde(default)]
+    pub erp_class: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,14 +241,95 @@ pub enum PolicySpec {
         #[serde(default)]
         response: HeaderOps,
     },
+    Jwt(JwtSpec),
+    /// API keys sent in a header, stored as SHA-256 hashes.
+    ApiKey {
+        name: String,
+        #[serde(default = "default_api_key_header")]
+        header: String,
+        keys: Vec<ApiKeySpec>,
+    },
+    /// Consumer quotas by tier (GCRA with burst).
+    RateLimit {
+        name: String,
+        /// `consumer` (one budget per consumer) or `consumer_route`.
+        #[serde(default = "default_per")]
+        per: String,
+        tiers: BTreeMap<String, TierSpec>,
+        /// Tier for consumers whose tier is not listed, and for anonymous callers.
+        #[serde(default)]
+        default_tier: Option<String>,
+    },
 }
 
 impl PolicySpec {
     pub fn name(&self) -> &str {
         match self {
-            PolicySpec::Headers { name, .. } => name,
+            PolicySpec::Headers { name, .. }
+            | PolicySpec::Jwt(JwtSpec { name, .. })
+            | PolicySpec::ApiKey { name, .. }
+            | PolicySpec::RateLimit { name, .. } => name,
         }
     }
+}
+
+/// `kind: jwt`: bearer tokens signed by an identity provider.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSpec {
+    pub name: String,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Accepted `aud` values (one must match).
+    pub audiences: Vec<String>,
+    /// JWKS endpoint of the IdP (fetched, cached, refreshed); or `jwks_file`.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default)]
+    pub jwks_file: Option<String>,
+    #[serde(default = "default_jwks_refresh")]
+    pub refresh_seconds: u64,
+    /// At most one re-fetch per this interval when tokens name an unknown `kid`.
+    #[serde(default = "default_min_refetch")]
+    pub min_refetch_seconds: u64,
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+    /// Asymmetric algorithms accepted; each key is further pinned to its own type.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Enables HS256 with this secret (may reference the environment).
+    #[serde(default)]
+    pub hs256_secret: Option<String>,
+    #[serde(default = "default_tier_claim")]
+    pub tier_claim: String,
+    #[serde(default = "default_tier")]
+    pub default_tier: String,
+    #[serde(default = "default_max_token")]
+    pub max_token_bytes: usize,
+    /// Verified tokens kept (until their expiry) to skip signature checks.
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySpec {
+    pub consumer: String,
+    #[serde(default = "default_tier")]
+    pub tier: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Hex SHA-256 of the key (`printf %s KEY | sha256sum`); the key itself is never stored.
+    pub sha256: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSpec {
+    pub requests: u32,
+    pub window_seconds: u64,
+    #[serde(default)]
+    pub burst: u32,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -200,6 +341,64 @@ pub struct HeaderOps {
     pub remove: Vec<String>,
 }
 
+fn default_margin_ms() -> u64 {
+    1000
+}
+fn default_queue() -> usize {
+    1000
+}
+fn default_classes() -> BTreeMap<String, ClassSpec> {
+    BTreeMap::from([
+        ("write".to_string(), ClassSpec { priority: 0, max_wait_ms: 30_000 }),
+        ("interactive".to_string(), ClassSpec { priority: 1, max_wait_ms: 5_000 }),
+        ("bulk".to_string(), ClassSpec { priority: 2, max_wait_ms: 2_000 }),
+    ])
+}
+fn default_class() -> String {
+    "interactive".into()
+}
+fn default_backoff_initial() -> u64 {
+    1000
+}
+fn default_backoff_max() -> u64 {
+    60_000
+}
+fn default_circuit_failures() -> u32 {
+    5
+}
+fn default_circuit_open() -> u64 {
+    10
+}
+fn default_jwks_refresh() -> u64 {
+    300
+}
+fn default_min_refetch() -> u64 {
+    10
+}
+fn default_leeway() -> u64 {
+    30
+}
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into(), "EdDSA".into()]
+}
+fn default_tier_claim() -> String {
+    "tier".into()
+}
+fn default_tier() -> String {
+    "standard".into()
+}
+fn default_max_token() -> usize {
+    8192
+}
+fn default_cache_entries() -> u64 {
+    10_000
+}
+fn default_api_key_header() -> String {
+    "x-api-key".into()
+}
+fn default_per() -> String {
+    "consumer".into()
+}
 fn default_true() -> bool {
     true
 }

@@ -2,6 +2,7 @@
 //! methods are folded into a fixed set, statuses into classes. Raw paths never become labels.
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use std::sync::Arc;
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -11,6 +12,15 @@ pub const UNMATCHED_ROUTE: &str = "unmatched";
 
 pub struct Metrics {
     pub registry: Registry,
+    pub auth_failures: IntCounterVec,
+    pub ratelimit_rejections: IntCounterVec,
+    pub erp_admitted: IntCounterVec,
+    pub erp_rejected: IntCounterVec,
+    pub erp_in_flight: prometheus::IntGaugeVec,
+    pub erp_queue_depth: prometheus::IntGaugeVec,
+    pub erp_wait: HistogramVec,
+    pub erp_pauses: IntCounterVec,
+    pub erp_circuit_state: prometheus::IntGaugeVec,
     requests: IntCounterVec,
     duration: HistogramVec,
     upstream_duration: HistogramVec,
@@ -49,8 +59,60 @@ impl Metrics {
             &["upstream"],
         )
         .expect("valid metric");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let gauge = |name: &str, help: &str| {
+            prometheus::IntGaugeVec::new(Opts::new(name, help), &["upstream"]).expect("valid metric")
+        };
+        let auth_failures = counter(
+            "causeway_auth_failures_total",
+            "Requests refused by authentication or authorization, by policy and reason",
+            &["policy", "reason"],
+        );
+        let ratelimit_rejections = counter(
+            "causeway_ratelimit_rejections_total",
+            "Requests refused by a consumer rate limit, by tier and route",
+            &["tier", "route"],
+        );
+        let erp_admitted = counter(
+            "causeway_erp_admitted_total",
+            "Requests admitted by an ERP budget, by upstream and priority class",
+            &["upstream", "class"],
+        );
+        let erp_rejected = counter(
+            "causeway_erp_rejected_total",
+            "Requests an ERP budget refused (deadline, queue_full, circuit_open)",
+            &["upstream", "class", "reason"],
+        );
+        let erp_in_flight = gauge("causeway_erp_in_flight", "Requests holding an ERP budget permit");
+        let erp_queue_depth = gauge("causeway_erp_queue_depth", "Requests waiting for an ERP budget permit");
+        let erp_wait = HistogramVec::new(
+            HistogramOpts::new("causeway_erp_wait_seconds", "Time waited for an ERP budget permit")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["upstream", "class"],
+        )
+        .expect("valid metric");
+        let erp_pauses = counter(
+            "causeway_erp_pauses_total",
+            "Budget pauses after ERP overload signals (retry_after or backoff)",
+            &["upstream", "reason"],
+        );
+        let erp_circuit_state = gauge(
+            "causeway_erp_circuit_state",
+            "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
+        );
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(auth_failures.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ratelimit_rejections.clone()),
+            Box::new(erp_admitted.clone()),
+            Box::new(erp_rejected.clone()),
+            Box::new(erp_in_flight.clone()),
+            Box::new(erp_queue_depth.clone()),
+            Box::new(erp_wait.clone()),
+            Box::new(erp_pauses.clone()),
+            Box::new(erp_circuit_state.clone()),
+            Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(in_flight.clone()),
@@ -58,7 +120,30 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric registered once");
         }
-        Metrics { registry, requests, duration, upstream_duration, in_flight, upstream_up }
+        Metrics {
+            registry,
+            auth_failures,
+            ratelimit_rejections,
+            erp_admitted,
+            erp_rejected,
+            erp_in_flight,
+            erp_queue_depth,
+            erp_wait,
+            erp_pauses,
+            erp_circuit_state,
+            requests,
+            duration,
+            upstream_duration,
+            in_flight,
+            upstream_up,
+        }
+    }
+
+    /// The process's metrics. One registry per process: policies built at config load record
+    /// into it without being handed a reference.
+    pub fn global() -> &'static Arc<Metrics> {
+        static GLOBAL: std::sync::OnceLock<Arc<Metrics>> = std::sync::OnceLock::new();
+        GLOBAL.get_or_init(|| Arc::new(Metrics::new()))
     }
 
     /// Record one finished request. `upstream_seconds` is `None` when nothing reached upstream.

@@ -1,7 +1,12 @@
 //! Policies: each is a spec (in `config::spec`), a compiled runtime object built once at load
-//! time, and the pipeline hook it runs in. The proxy runs a route's policies in file order.
+//! time (`config::policies`), and the pipeline hook it runs in. The proxy runs a route's policies
+//! in file order: authentication, then rate limits; header rules around the upstream exchange.
 
+pub mod auth;
 pub mod headers;
+pub mod jwks;
+pub mod ratelimit;
+pub mod throttle;
 
 use pingora::http::{RequestHeader, ResponseHeader};
 
@@ -9,26 +14,36 @@ use pingora::http::{RequestHeader, ResponseHeader};
 #[derive(Debug)]
 pub enum Policy {
     Headers(headers::HeaderPolicy),
+    Jwt(auth::JwtPolicy),
+    ApiKey(auth::ApiKeyPolicy),
+    RateLimit(ratelimit::RateLimitPolicy),
 }
 
 impl Policy {
     pub fn name(&self) -> &str {
         match self {
             Policy::Headers(p) => &p.name,
+            Policy::Jwt(p) => &p.name,
+            Policy::ApiKey(p) => &p.name,
+            Policy::RateLimit(p) => &p.name,
         }
+    }
+
+    pub fn authenticates(&self) -> bool {
+        matches!(self, Policy::Jwt(_) | Policy::ApiKey(_))
     }
 
     /// Hook: the request about to be sent upstream.
     pub fn on_upstream_request(&self, req: &mut RequestHeader) {
-        match self {
-            Policy::Headers(p) => p.request.apply_request(req),
+        if let Policy::Headers(p) = self {
+            p.request.apply_request(req);
         }
     }
 
     /// Hook: the upstream response about to be sent to the caller.
     pub fn on_response(&self, resp: &mut ResponseHeader) {
-        match self {
-            Policy::Headers(p) => p.response.apply_response(resp),
+        if let Policy::Headers(p) = self {
+            p.response.apply_response(resp);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The pingora `ProxyHttp` pipeline. Each hook is short and delegates: routing to [`router`],
 //! header rules to [`hygiene`], policies to [`crate::policy`], errors to [`crate::error`].
 
+mod admission;
 pub mod hygiene;
 pub mod router;
 
@@ -8,6 +9,7 @@ use crate::config::{CompiledRoute, Config};
 use crate::error::GatewayError;
 use crate::observe::correlation::{Correlation, CORRELATION_HEADER, TRACEPARENT_HEADER};
 use crate::observe::metrics::{Metrics, UNMATCHED_ROUTE};
+use crate::policy::throttle;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -67,6 +69,14 @@ pub struct Ctx {
     problem: Option<&'static str>,
     upstream_sent: Option<Instant>,
     upstream_seconds: Option<f64>,
+    consumer: Option<crate::policy::auth::Consumer>,
+    /// `RateLimit-Policy` and `RateLimit` values for the response.
+    ratelimit_headers: Option<(String, String)>,
+    /// The ERP budget permit; dropped with the context, whatever path the request took.
+    permit: Option<crate::policy::throttle::Permit>,
+    /// Body substrings that mean "overload" for this response's status (vendor signals).
+    overload_markers: Vec<String>,
+    scanned: Vec<u8>,
     _in_flight: InFlightGuard,
 }
 
@@ -105,6 +115,11 @@ impl ProxyHttp for Gateway {
             problem: None,
             upstream_sent: None,
             upstream_seconds: None,
+            consumer: None,
+            ratelimit_headers: None,
+            permit: None,
+            overload_markers: Vec::new(),
+            scanned: Vec::new(),
             _in_flight: InFlightGuard(self.in_flight.clone(), self.metrics.clone()),
         }
     }
@@ -140,6 +155,10 @@ impl ProxyHttp for Gateway {
             // The body is left unread, so this connection cannot carry another request.
             session.set_keepalive(None);
             respond_problem(session, ctx, &GatewayError::BodyTooLarge { limit }).await?;
+            return Ok(true);
+        }
+        if let Err(err) = admission::admit(session, ctx).await {
+            respond_problem(session, ctx, &err).await?;
             return Ok(true);
         }
         Ok(false)
@@ -218,10 +237,36 @@ impl ProxyHttp for Gateway {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
+        upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.upstream_seconds = ctx.upstream_sent.map(|t| t.elapsed().as_secs_f64());
+        let (Some(permit), Some(route)) = (ctx.permit.as_ref(), ctx.route.as_ref()) else { return Ok(()) };
+        let Some(budget) = route.upstream.budget.as_ref() else { return Ok(()) };
+        let status = upstream_response.status.as_u16();
+        let retry_after = upstream_response
+            .headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(throttle::parse_retry_after);
+        let status_signal = budget.overload_signals.iter().any(|(s, body)| *s == status && body.is_none());
+        if status == 429 || status == 503 || status_signal {
+            permit.budget().report(throttle::Outcome::Overload(retry_after));
+            let pause = retry_after.unwrap_or(Duration::from_secs(1));
+            ctx.failure = Some(GatewayError::ErpOverloaded {
+                upstream: route.upstream.name.clone(),
+                retry_after: admission::ceil_secs(pause),
+            });
+            return Err(Error::explain(ErrorType::HTTPStatus(503), "ERP overload signal"));
+        }
+        ctx.overload_markers = budget
+            .overload_signals
+            .iter()
+            .filter(|(s, _)| *s == status)
+            .filter_map(|(_, body)| body.clone())
+            .collect();
+        let outcome = if status >= 500 { throttle::Outcome::Failure } else { throttle::Outcome::Success };
+        permit.budget().report(outcome);
         Ok(())
     }
 
@@ -233,6 +278,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         hygiene::strip_hop_by_hop_response(upstream_response);
         add_correlation_headers(upstream_response, &ctx.correlation)?;
+        add_ratelimit_headers(upstream_response, ctx)?;
         if let Some(route) = ctx.route.as_ref() {
             for policy in &route.policies {
                 policy.on_response(upstream_response);
@@ -244,10 +290,13 @@ impl ProxyHttp for Gateway {
     fn upstream_response_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
+        if !ctx.overload_markers.is_empty() {
+            scan_for_overload(ctx, body.as_deref(), end_of_stream);
+        }
         // Per-read timeouts cannot bound a slow trickle; the route's total deadline does.
         if ctx.deadline.is_some_and(|d| Instant::now() > d) {
             ctx.failure = Some(GatewayError::UpstreamTimeout { upstream: ctx.upstream_name() });
@@ -263,6 +312,13 @@ impl ProxyHttp for Gateway {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let err = ctx.failure.take().or_else(|| classify(e, ctx.upstream_name()));
+        if let (
+            Some(permit),
+            Some(GatewayError::UpstreamTimeout { .. } | GatewayError::UpstreamUnreachable { .. }),
+        ) = (ctx.permit.as_ref(), err.as_ref())
+        {
+            permit.budget().report(throttle::Outcome::Failure);
+        }
         let Some(err) = err else {
             // The caller went away or broke the protocol: nobody to answer.
             return FailToProxy { error_code: 0, can_reuse_downstream: false };
@@ -283,7 +339,7 @@ impl ProxyHttp for Gateway {
         tracing::info!(
             target: "access",
             route = ctx.route_name(),
-            consumer = "anonymous",
+            consumer = ctx.consumer.as_ref().map_or("anonymous", |c| &*c.name),
             method,
             path = session.req_header().uri.path(),
             status,
@@ -324,6 +380,34 @@ fn classify(e: &Error, upstream: String) -> Option<GatewayError> {
     }
 }
 
+/// Look for a vendor's overload marker in the first 64 KiB of a response body.
+fn scan_for_overload(ctx: &mut Ctx, chunk: Option<&[u8]>, end_of_stream: bool) {
+    const SCAN_LIMIT: usize = 64 * 1024;
+    if let Some(chunk) = chunk {
+        let room = SCAN_LIMIT.saturating_sub(ctx.scanned.len());
+        ctx.scanned.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+    let text = String::from_utf8_lossy(&ctx.scanned);
+    let hit = ctx.overload_markers.iter().any(|m| text.contains(m.as_str()));
+    if hit || end_of_stream || ctx.scanned.len() >= SCAN_LIMIT {
+        if hit {
+            if let Some(permit) = ctx.permit.as_ref() {
+                permit.budget().report(throttle::Outcome::Overload(None));
+            }
+        }
+        ctx.overload_markers.clear();
+        ctx.scanned = Vec::new();
+    }
+}
+
+fn add_ratelimit_headers(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
+    if let Some((policy, limit)) = &ctx.ratelimit_headers {
+        resp.insert_header("ratelimit-policy", policy.as_str())?;
+        resp.insert_header("ratelimit", limit.as_str())?;
+    }
+    Ok(())
+}
+
 fn add_correlation_headers(resp: &mut ResponseHeader, c: &Correlation) -> Result<()> {
     resp.insert_header(CORRELATION_HEADER, c.correlation_id.as_str())?;
     resp.insert_header(TRACEPARENT_HEADER, c.traceparent())?;
@@ -339,6 +423,10 @@ async fn respond_problem(session: &mut Session, ctx: &mut Ctx, err: &GatewayErro
     resp.insert_header(http::header::CONTENT_LENGTH, problem.body.len())?;
     resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
     add_correlation_headers(&mut resp, &ctx.correlation)?;
+    add_ratelimit_headers(&mut resp, ctx)?;
+    for (name, value) in err.headers() {
+        resp.insert_header(name, value)?;
+    }
     ctx.problem = Some(problem.slug);
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(problem.body), true).await?;

@@ -8,6 +8,12 @@ use std::time::{Duration, Instant};
 
 pub const UPSTREAM_TOKEN: &str = "upstream-secret-token";
 
+/// reqwest is built without a default TLS provider (the gateway installs ring at start-up);
+/// test clients need the same before their first request.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -26,6 +32,7 @@ impl TestSandbox {
     }
 
     pub async fn start_on(port: u16, limits: LimitsSpec) -> Self {
+        install_tls_provider();
         let sandbox = Sandbox::new(SandboxConfig { token: Some(UPSTREAM_TOKEN.into()), limits });
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let served = sandbox.clone();

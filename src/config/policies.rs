@@ -1,0 +1,152 @@
+//! Compiling policy specs into runtime policies. Stateful parts (rate-limit counters, fetched
+//! JWKS) come from [`SharedState`] so they survive a reload when their spec is unchanged.
+
+use super::env;
+use super::spec::{JwtSpec, PolicySpec};
+use super::SharedState;
+use crate::policy::auth::{ApiKeyPolicy, Consumer, JwtPolicy};
+use crate::policy::jwks::{parse_jwks, KeySource};
+use crate::policy::ratelimit::RateLimitPolicy;
+use crate::policy::{headers, Policy};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub fn compile(
+    spec: &PolicySpec,
+    dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    state: &SharedState,
+) -> Result<Policy, String> {
+    match spec {
+        PolicySpec::Headers { name, request, response } => Ok(Policy::Headers(headers::HeaderPolicy {
+            name: name.clone(),
+            request: headers::CompiledOps::compile(request)?,
+            response: headers::CompiledOps::compile(response)?,
+        })),
+        PolicySpec::Jwt(jwt) => compile_jwt(jwt, dir, env, state).map(Policy::Jwt),
+        PolicySpec::ApiKey { name, header, keys } => {
+            let header = http::HeaderName::from_bytes(header.as_bytes())
+                .map_err(|_| format!("`{header}` is not a header name"))?;
+            let mut by_hash = HashMap::new();
+            for k in keys {
+                let bytes = hex::decode(k.sha256.trim())
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or_else(|| format!("key of `{}`: sha256 must be 64 hex digits", k.consumer))?;
+                let consumer = Consumer {
+                    name: Arc::from(k.consumer.as_str()),
+                    tier: Arc::from(k.tier.as_str()),
+                    scopes: k.scopes.clone().into(),
+                };
+                if by_hash.insert(bytes, consumer).is_some() {
+                    return Err(format!("the key of `{}` is listed twice", k.consumer));
+                }
+            }
+            Ok(Policy::ApiKey(ApiKeyPolicy { name: name.clone(), header, by_hash }))
+        }
+        PolicySpec::RateLimit { name, per, tiers, default_tier } => {
+            let per_route = match per.as_str() {
+                "consumer" => false,
+                "consumer_route" => true,
+                other => return Err(format!("per must be `consumer` or `consumer_route`, not `{other}`")),
+            };
+            if let Some(d) = default_tier {
+                if !tiers.contains_key(d) {
+                    return Err(format!("default_tier `{d}` is not one of the tiers"));
+                }
+            }
+            let mut compiled = HashMap::new();
+            for (tier, t) in tiers {
+                if t.window_seconds == 0 {
+                    return Err(format!("tier `{tier}`: window_seconds must be at least 1"));
+                }
+                let window = Duration::from_secs(t.window_seconds);
+                let limiter = state
+                    .limiter(name, tier, t.requests, window, t.burst)
+                    .map_err(|e| format!("tier `{tier}`: {e}"))?;
+                compiled.insert(tier.clone(), limiter);
+            }
+            Ok(Policy::RateLimit(RateLimitPolicy {
+                name: name.clone(),
+                per_route,
+                tiers: compiled,
+                default_tier: default_tier.clone(),
+            }))
+        }
+    }
+}
+
+fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
+    match name {
+        "RS256" => Ok(Algorithm::RS256),
+        "RS384" => Ok(Algorithm::RS384),
+        "RS512" => Ok(Algorithm::RS512),
+        "PS256" => Ok(Algorithm::PS256),
+        "ES256" => Ok(Algorithm::ES256),
+        "ES384" => Ok(Algorithm::ES384),
+        "EdDSA" => Ok(Algorithm::EdDSA),
+        "HS256" => Err("HS256 is enabled by `hs256_secret`, not in `algorithms`".into()),
+        other => {
+            Err(format!("unsupported algorithm `{other}` (RS256, RS384, RS512, PS256, ES256, ES384, EdDSA)"))
+        }
+    }
+}
+
+fn compile_jwt(
+    spec: &JwtSpec,
+    dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    state: &SharedState,
+) -> Result<JwtPolicy, String> {
+    let algorithms = spec.algorithms.iter().map(|a| parse_algorithm(a)).collect::<Result<Vec<_>, _>>()?;
+    let keys = match (&spec.jwks_url, &spec.jwks_file) {
+        (Some(url), None) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("jwks_url `{url}` must be an http(s) URL"));
+            }
+            KeySource::Remote(state.remote_jwks(
+                url,
+                Duration::from_secs(spec.refresh_seconds.max(1)),
+                Duration::from_secs(spec.min_refetch_seconds),
+            ))
+        }
+        (None, Some(file)) => {
+            let path = dir.join(file);
+            let bytes = std::fs::read(&path).map_err(|e| format!("jwks_file {}: {e}", path.display()))?;
+            KeySource::Static(parse_jwks(&bytes).map_err(|e| format!("jwks_file {}: {e}", path.display()))?)
+        }
+        _ => return Err("set exactly one of jwks_url and jwks_file".into()),
+    };
+    let hs256 = match &spec.hs256_secret {
+        Some(secret) => {
+            let secret = env::expand(secret, env)?;
+            if secret.len() < 32 {
+                return Err("hs256_secret must be at least 32 bytes".into());
+            }
+            Some(DecodingKey::from_secret(secret.as_bytes()))
+        }
+        None => None,
+    };
+    if spec.audiences.is_empty() {
+        return Err("audiences must name at least one audience".into());
+    }
+    Ok(JwtPolicy {
+        name: spec.name.clone(),
+        issuer: spec.issuer.clone(),
+        audiences: spec.audiences.clone(),
+        leeway: Duration::from_secs(spec.leeway_seconds),
+        algorithms,
+        hs256,
+        keys,
+        tier_claim: spec.tier_claim.clone(),
+        default_tier: Arc::from(spec.default_tier.as_str()),
+        max_token_bytes: spec.max_token_bytes,
+        cache: moka::sync::Cache::builder()
+            .max_capacity(spec.cache_entries)
+            .time_to_live(Duration::from_secs(3600))
+            .build(),
+    })
+}

@@ -1,0 +1,258 @@
+//! Authentication (JWT, API key) → a consumer identity; authorization by required scopes.
+
+use super::jwks::KeySource;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Who is calling: used by authorization, rate limits, metrics and logs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Consumer {
+    pub name: Arc<str>,
+    pub tier: Arc<str>,
+    pub scopes: Arc<[String]>,
+}
+
+/// Why authentication failed: a bounded set, used as a metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Malformed,
+    TooLarge,
+    AlgorithmNotAllowed,
+    UnknownKey,
+    BadSignature,
+    Expired,
+    NotYetValid,
+    WrongIssuer,
+    WrongAudience,
+    UnknownApiKey,
+}
+
+impl AuthFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Malformed => "malformed",
+            AuthFailure::TooLarge => "too_large",
+            AuthFailure::AlgorithmNotAllowed => "algorithm_not_allowed",
+            AuthFailure::UnknownKey => "unknown_key",
+            AuthFailure::BadSignature => "bad_signature",
+            AuthFailure::Expired => "expired",
+            AuthFailure::NotYetValid => "not_yet_valid",
+            AuthFailure::WrongIssuer => "wrong_issuer",
+            AuthFailure::WrongAudience => "wrong_audience",
+            AuthFailure::UnknownApiKey => "unknown_api_key",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "no credentials were sent",
+            AuthFailure::Malformed => "the token is not a well-formed JWT",
+            AuthFailure::TooLarge => "the token is larger than this gateway accepts",
+            AuthFailure::AlgorithmNotAllowed => "the token's signing algorithm is not accepted",
+            AuthFailure::UnknownKey => {
+                "the token was signed with a key the identity provider does not publish"
+            }
+            AuthFailure::BadSignature => "the token's signature does not verify",
+            AuthFailure::Expired => "the token has expired",
+            AuthFailure::NotYetValid => "the token is not valid yet (nbf)",
+            AuthFailure::WrongIssuer => "the token was issued by an issuer this route does not trust",
+            AuthFailure::WrongAudience => "the token is not meant for this gateway (aud)",
+            AuthFailure::UnknownApiKey => "the API key is not known",
+        }
+    }
+}
+
+/// Scopes as IdPs send them: `scope: "a b"` or `scp: ["a", "b"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ScopeClaim {
+    Text(String),
+    List(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    exp: Option<u64>,
+    #[serde(default)]
+    scope: Option<ScopeClaim>,
+    #[serde(default)]
+    scp: Option<ScopeClaim>,
+    #[serde(flatten)]
+    extra: HashMap<String, serde_json::Value>,
+}
+
+pub struct JwtPolicy {
+    pub name: String,
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub leeway: Duration,
+    pub algorithms: Vec<Algorithm>,
+    pub hs256: Option<DecodingKey>,
+    pub keys: KeySource,
+    pub tier_claim: String,
+    pub default_tier: Arc<str>,
+    pub max_token_bytes: usize,
+    /// Verified tokens → consumer, kid, expiry; bounded, so steady traffic skips signature checks.
+    pub cache: moka::sync::Cache<Arc<str>, Arc<CachedToken>>,
+}
+
+pub struct CachedToken {
+    consumer: Consumer,
+    kid: Option<String>,
+    exp: u64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl std::fmt::Debug for JwtPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtPolicy").field("name", &self.name).field("issuer", &self.issuer).finish()
+    }
+}
+
+impl JwtPolicy {
+    /// The bearer token of a request, if it has one.
+    pub fn token(authorization: Option<&str>) -> Option<&str> {
+        let value = authorization?;
+        let (scheme, token) = value.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Consumer, AuthFailure> {
+        if token.len() > self.max_token_bytes {
+            return Err(AuthFailure::TooLarge);
+        }
+        if let Some(hit) = self.cache.get(token) {
+            let alive = hit.exp + self.leeway.as_secs() > now_secs();
+            let key_still_published = hit.kid.as_deref().is_none_or(|k| self.keys.has(k));
+            if alive && key_still_published {
+                return Ok(hit.consumer.clone());
+            }
+            self.cache.invalidate(token);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::Malformed)?;
+        let alg = header.alg;
+        let (key, kid) = if alg == Algorithm::HS256 {
+            (self.hs256.clone().ok_or(AuthFailure::AlgorithmNotAllowed)?, None)
+        } else {
+            if !self.algorithms.contains(&alg) {
+                return Err(AuthFailure::AlgorithmNotAllowed);
+            }
+            let kid = header.kid.ok_or(AuthFailure::UnknownKey)?;
+            let found = self.keys.key(&kid).await.ok_or(AuthFailure::UnknownKey)?;
+            if !found.algorithms.contains(&alg) {
+                return Err(AuthFailure::AlgorithmNotAllowed);
+            }
+            (found.key, Some(kid))
+        };
+        let mut validation = Validation::new(alg);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&self.audiences);
+        validation.leeway = self.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind::*;
+            match e.kind() {
+                ExpiredSignature => AuthFailure::Expired,
+                ImmatureSignature => AuthFailure::NotYetValid,
+                InvalidIssuer => AuthFailure::WrongIssuer,
+                InvalidAudience => AuthFailure::WrongAudience,
+                InvalidSignature => AuthFailure::BadSignature,
+                InvalidAlgorithm => AuthFailure::AlgorithmNotAllowed,
+                _ => AuthFailure::Malformed,
+            }
+        })?;
+        let claims = data.claims;
+        let mut scopes: Vec<String> = Vec::new();
+        for claim in [claims.scope, claims.scp].into_iter().flatten() {
+            match claim {
+                ScopeClaim::Text(s) => scopes.extend(s.split_whitespace().map(str::to_string)),
+                ScopeClaim::List(l) => scopes.extend(l),
+            }
+        }
+        let tier = claims
+            .extra
+            .get(&self.tier_claim)
+            .and_then(|v| v.as_str())
+            .map(Arc::from)
+            .unwrap_or_else(|| self.default_tier.clone());
+        let consumer = Consumer {
+            name: Arc::from(claims.sub.unwrap_or_else(|| "unknown-subject".into())),
+            tier,
+            scopes: scopes.into(),
+        };
+        let exp = claims.exp.unwrap_or(0);
+        self.cache.insert(Arc::from(token), Arc::new(CachedToken { consumer: consumer.clone(), kid, exp }));
+        Ok(consumer)
+    }
+}
+
+/// API keys, stored as SHA-256 hashes; the plaintext key never sits in a file.
+#[derive(Debug)]
+pub struct ApiKeyPolicy {
+    pub name: String,
+    pub header: http::HeaderName,
+    pub by_hash: HashMap<[u8; 32], Consumer>,
+}
+
+impl ApiKeyPolicy {
+    pub fn verify(&self, presented: &[u8]) -> Result<Consumer, AuthFailure> {
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        self.by_hash.get(&digest).cloned().ok_or(AuthFailure::UnknownApiKey)
+    }
+}
+
+/// Scopes the route requires that the consumer lacks.
+pub fn missing_scopes(required: &[String], consumer: &Consumer) -> Vec<String> {
+    let have: HashSet<&str> = consumer.scopes.iter().map(String::as_str).collect();
+    required.iter().filter(|s| !have.contains(s.as_str())).cloned().collect()
+}
+
+/// Install jsonwebtoken's RustCrypto backend once, so a build without it fails at start-up
+/// instead of panicking on the first token.
+pub fn init_crypto() {
+    let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_extraction() {
+        assert_eq!(JwtPolicy::token(Some("Bearer abc")), Some("abc"));
+        assert_eq!(JwtPolicy::token(Some("bearer  abc ")), Some("abc"));
+        assert_eq!(JwtPolicy::token(Some("Basic abc")), None);
+        assert_eq!(JwtPolicy::token(None), None);
+    }
+
+    #[test]
+    fn api_key_by_hash_and_scopes() {
+        let consumer =
+            Consumer { name: "bi".into(), tier: "bulk".into(), scopes: vec!["erp.read".to_string()].into() };
+        let hash: [u8; 32] = Sha256::digest(b"secret-key").into();
+        let p = ApiKeyPolicy {
+            name: "k".into(),
+            header: http::HeaderName::from_static("x-api-key"),
+            by_hash: HashMap::from([(hash, consumer.clone())]),
+        };
+        assert_eq!(p.verify(b"secret-key").unwrap(), consumer);
+        assert_eq!(p.verify(b"other").unwrap_err(), AuthFailure::UnknownApiKey);
+        assert_eq!(
+            missing_scopes(&["erp.read".into(), "erp.write".into()], &consumer),
+            vec!["erp.write".to_string()]
+        );
+    }
+}

@@ -1,0 +1,130 @@
+//! Consumer rate limits: GCRA (governor) per consumer, or per consumer and route, with quotas by
+//! tier. Answers carry `RateLimit-Policy` / `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Keys kept before idle ones are dropped (checked every `CLEANUP_EVERY` decisions as well).
+const MAX_KEYS: usize = 100_000;
+const CLEANUP_EVERY: u64 = 4096;
+
+/// One tier's quota: `requests` per `window`, plus `burst` above it.
+pub struct TierLimiter {
+    pub tier: Arc<str>,
+    pub requests: u32,
+    pub window: Duration,
+    pub burst: u32,
+    limiter: RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>,
+    decisions: AtomicU64,
+}
+
+impl std::fmt::Debug for TierLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TierLimiter({} {}/{:?}+{})", self.tier, self.requests, self.window, self.burst)
+    }
+}
+
+impl TierLimiter {
+    pub fn new(tier: &str, requests: u32, window: Duration, burst: u32) -> Result<Self, String> {
+        let requests_nz = NonZeroU32::new(requests).ok_or("requests must be at least 1")?;
+        let period = window / requests_nz.get();
+        let capacity = NonZeroU32::new(requests.saturating_add(burst)).ok_or("capacity overflow")?;
+        let quota = Quota::with_period(period)
+            .ok_or("window / requests must be longer than zero")?
+            .allow_burst(capacity);
+        Ok(TierLimiter {
+            tier: Arc::from(tier),
+            requests,
+            window,
+            burst,
+            limiter: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+            decisions: AtomicU64::new(0),
+        })
+    }
+
+    /// True when two specs would make the same limiter (then state survives a reload).
+    pub fn same_quota(&self, requests: u32, window: Duration, burst: u32) -> bool {
+        (self.requests, self.window, self.burst) == (requests, window, burst)
+    }
+
+    pub fn check(&self, key: &str) -> Decision {
+        let n = self.decisions.fetch_add(1, Ordering::Relaxed);
+        if n.is_multiple_of(CLEANUP_EVERY) || (n.is_multiple_of(256) && self.limiter.len() > MAX_KEYS) {
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
+        }
+        let policy = format!("\"{}\";q={};w={}", self.tier, self.requests, self.window.as_secs().max(1));
+        // Allocation only to look up: governor's keyed store needs an owned key.
+        match self.limiter.check_key(&key.to_string()) {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                let per = self.window.as_secs_f64() / f64::from(self.requests);
+                let reset = ((f64::from(self.requests + self.burst - remaining)) * per).ceil() as u64;
+                Decision::Allowed { policy, limit: format!("\"{}\";r={};t={}", self.tier, remaining, reset) }
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                Decision::Limited {
+                    policy,
+                    limit: format!("\"{}\";r=0;t={}", self.tier, retry_after.max(1)),
+                    retry_after: retry_after.max(1),
+                }
+            }
+        }
+    }
+}
+
+/// The outcome of a rate-limit check; both carry the header values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Allowed { policy: String, limit: String },
+    Limited { policy: String, limit: String, retry_after: u64 },
+}
+
+#[derive(Debug)]
+pub struct RateLimitPolicy {
+    pub name: String,
+    pub per_route: bool,
+    pub tiers: HashMap<String, Arc<TierLimiter>>,
+    /// Tier applied to consumers whose tier has no quota here (and to unauthenticated callers).
+    pub default_tier: Option<String>,
+}
+
+impl RateLimitPolicy {
+    /// `None` when the consumer's tier has no quota and there is no default: not limited here.
+    pub fn check(&self, consumer: &str, tier: &str, route: &str) -> Option<(Arc<str>, Decision)> {
+        let limiter =
+            self.tiers.get(tier).or_else(|| self.default_tier.as_ref().and_then(|d| self.tiers.get(d)))?;
+        let key = if self.per_route { format!("{consumer}\u{1f}{route}") } else { consumer.to_string() };
+        Some((limiter.tier.clone(), limiter.check(&key)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admits_quota_plus_burst_then_limits_per_key() {
+        let t = TierLimiter::new("gold", 10, Duration::from_secs(60), 5).unwrap();
+        let allowed = (0..30).filter(|_| matches!(t.check("a"), Decision::Allowed { .. })).count();
+        assert_eq!(allowed, 15);
+        match t.check("a") {
+            Decision::Limited { retry_after, policy, limit } => {
+                assert!((1..=6).contains(&retry_after), "{retry_after}");
+                assert_eq!(policy, "\"gold\";q=10;w=60");
+                assert!(limit.starts_with("\"gold\";r=0;t="));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(t.check("b"), Decision::Allowed { .. }), "another key is unaffected");
+    }
+}

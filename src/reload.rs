@@ -1,0 +1,97 @@
+//! Hot reload: the configuration directory is compiled again and swapped in atomically; an
+//! invalid configuration is refused with its diagnostics logged and the old one keeps serving.
+//! Requests in flight keep the configuration they started with (they hold an `Arc` to it).
+//! Triggers: changes in the directory (watched as a directory: editors replace files by
+//! rename), SIGHUP, and `POST /admin/reload` on the admin listener.
+
+use crate::config::{self, Config, SharedState};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Reloader {
+    pub dir: PathBuf,
+    pub config: Arc<ArcSwap<Config>>,
+    pub state: Arc<SharedState>,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    pub fn new(dir: PathBuf, config: Arc<ArcSwap<Config>>, state: Arc<SharedState>) -> Self {
+        Reloader { dir, config, state, lock: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Compile and swap. Returns the diagnostics when the new configuration is invalid.
+    pub async fn reload(&self, trigger: &str) -> Result<String, String> {
+        let _one_at_a_time = self.lock.lock().await;
+        let dir = self.dir.clone();
+        let state = self.state.clone();
+        // Reading files and resolving hosts blocks: keep it off the async workers.
+        let loaded = tokio::task::spawn_blocking(move || {
+            config::load_with_state(&dir, &|name| std::env::var(name).ok(), &state)
+        })
+        .await
+        .map_err(|e| format!("reload task failed: {e}"))?;
+        match loaded {
+            Ok(new) => {
+                let old = self.config.load();
+                if new.listen.proxy != old.listen.proxy || new.threads != old.threads {
+                    tracing::warn!("listen addresses and threads change only on restart or graceful upgrade");
+                }
+                let summary =
+                    format!("{} routes, {} upstreams", new.router.routes().len(), new.upstreams.len());
+                self.config.store(Arc::new(new));
+                tracing::info!(trigger, %summary, "configuration reloaded");
+                Ok(summary)
+            }
+            Err(diags) => {
+                let text = diags.to_string();
+                tracing::error!(trigger, problems = diags.0.len(), diagnostics = %text.trim_end(), "configuration rejected; the previous one keeps serving");
+                Err(text)
+            }
+        }
+    }
+}
+
+/// Watches the configuration directory and SIGHUP.
+pub struct ReloadTriggers(pub Arc<Reloader>);
+
+#[async_trait]
+impl BackgroundService for ReloadTriggers {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use notify::{RecursiveMode, Watcher};
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.try_send(());
+            }
+        })
+        .and_then(|mut w| w.watch(&self.0.dir, RecursiveMode::Recursive).map(|_| w));
+        let _watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the configuration directory; reload with SIGHUP or POST /admin/reload");
+                None
+            }
+        };
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            tokio::select! {
+                Some(()) = rx.recv() => {
+                    // Debounce: an editor's save is several events.
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    while rx.try_recv().is_ok() {}
+                    let _ = self.0.reload("file change").await;
+                }
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    let _ = self.0.reload("SIGHUP").await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
