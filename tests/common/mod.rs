@@ -83,6 +83,9 @@ pub struct GatewayOptions {
     pub routes_yaml: String,
     pub policies_yaml: String,
     pub grace_seconds: u64,
+    /// Extra YAML under `upstreams.bc` (indented four spaces), e.g. a `budget:` block.
+    pub upstream_extra: String,
+    pub env: Vec<(String, String)>,
 }
 
 /// Routes used by most tests: a rewrite onto the sandbox company, a small body limit, a short deadline.
@@ -124,6 +127,8 @@ impl GatewayOptions {
             routes_yaml: default_routes(),
             policies_yaml: default_policies(),
             grace_seconds: 5,
+            upstream_extra: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -145,8 +150,9 @@ upstreams:
     credentials:
       bearer:
         token: ${{CAUSEWAY_TEST_UPSTREAM_TOKEN}}
+{}
 "#,
-        ports.0, ports.1, ports.2, opts.grace_seconds, opts.upstream_url
+        ports.0, ports.1, ports.2, opts.grace_seconds, opts.upstream_url, opts.upstream_extra
     );
     std::fs::write(dir.join("causeway.yaml"), main).unwrap();
     std::fs::create_dir_all(dir.join("routes")).unwrap();
@@ -169,6 +175,7 @@ impl TestGateway {
             .args(["serve", "-c"])
             .arg(dir.path())
             .env("CAUSEWAY_TEST_UPSTREAM_TOKEN", UPSTREAM_TOKEN)
+            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
