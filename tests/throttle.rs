@@ -1,0 +1,162 @@
+//! The ERP budget against the sandbox, whose counters are the judge.
+
+mod common;
+
+use causeway::erp::sandbox::{data::COMPANY_ID, LimitsSpec};
+use common::*;
+use std::time::{Duration, Instant};
+
+fn routes() -> String {
+    format!(
+        r#"routes:
+  - name: interactive
+    match: {{ methods: [GET], path: "/erp/v2/{{*rest}}" }}
+    upstream: bc
+    rewrite: "/api/v2.0/companies({COMPANY_ID})/{{rest}}"
+  - name: writes
+    match: {{ methods: [GET], path: "/w/{{*rest}}" }}
+    upstream: bc
+    rewrite: "/api/v2.0/companies({COMPANY_ID})/{{rest}}"
+    erp_class: write
+  - name: bulk
+    match: {{ methods: [GET], path: "/b/{{*rest}}" }}
+    upstream: bc
+    rewrite: "/api/v2.0/companies({COMPANY_ID})/{{rest}}"
+    erp_class: bulk
+"#
+    )
+}
+
+fn budget(window_requests: u32, window_seconds: u64, max_concurrent: u32) -> String {
+    format!(
+        r#"    budget:
+      window_requests: {window_requests}
+      window_seconds: {window_seconds}
+      window_margin_ms: 500
+      max_concurrent: {max_concurrent}
+      queue: 1000
+      classes:
+        write: {{ priority: 0, max_wait_ms: 30000 }}
+        interactive: {{ priority: 1, max_wait_ms: 30000 }}
+        bulk: {{ priority: 2, max_wait_ms: 30000 }}
+"#
+    )
+}
+
+async fn gateway(sandbox: &TestSandbox, budget_yaml: String) -> TestGateway {
+    let mut opts = GatewayOptions::new(sandbox.url());
+    opts.routes_yaml = routes();
+    opts.policies_yaml = "policies: []\n".into();
+    opts.upstream_extra = budget_yaml;
+    TestGateway::start(opts).await
+}
+
+#[tokio::test]
+async fn two_hundred_clients_never_exceed_the_erp_budget() {
+    // The sandbox enforces exactly the budget: 5 at once, no queue, 150 per 3 s window.
+    let limits = LimitsSpec {
+        window_requests: 150,
+        window_seconds: 3,
+        max_concurrent: 5,
+        queue: 0,
+        latency_ms: 20,
+        ..LimitsSpec::default()
+    };
+    let sandbox = TestSandbox::start(limits).await;
+    let gw = gateway(&sandbox, budget(150, 3, 5)).await;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let req = client.get(gw.url("/erp/v2/items?$top=1"));
+            tokio::spawn(async move { req.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let s = sandbox.stats().await;
+    assert_eq!(s["rejected_429"]["total"], 0, "the ERP never had to refuse: {s}");
+    assert!(s["peak_open_requests"].as_u64().unwrap() <= 5, "never more than 5 in flight at the ERP: {s}");
+    assert!(s["peak_requests_in_window"].as_u64().unwrap() <= 150, "never more than the window budget: {s}");
+    assert_eq!(ok, 200, "every client was served, the last 50 after the window rolled: {statuses:?}");
+    assert!(started.elapsed() >= Duration::from_secs(3), "the 151st request waited for the window");
+}
+
+#[tokio::test]
+async fn an_erp_429_with_retry_after_pauses_all_traffic() {
+    let sandbox = TestSandbox::start(LimitsSpec::default()).await;
+    let gw = gateway(&sandbox, budget(1000, 60, 5)).await;
+    sandbox
+        .set_limits(&LimitsSpec {
+            force_status: Some(429),
+            force_retry_after_seconds: Some(2),
+            ..LimitsSpec::default()
+        })
+        .await;
+    let resp = reqwest::get(gw.url("/erp/v2/items?$top=1")).await.unwrap();
+    assert_eq!(resp.headers().get("retry-after").unwrap(), "2");
+    assert_problem(resp, 503, "erp-overloaded").await;
+    let paused_at = Instant::now();
+    // The ERP recovers at once, but the gateway must hold everything back for 2 s.
+    sandbox.set_limits(&LimitsSpec::default()).await;
+    reqwest::Client::new().post(format!("{}/sandbox/reset", sandbox.url())).send().await.unwrap();
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let req = client.get(gw.url("/erp/v2/items?$top=1"));
+            tokio::spawn(async move { (req.send().await.unwrap().status().as_u16(), Instant::now()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(sandbox.stats().await["requests_total"], 0, "nothing sent during the pause");
+    for t in tasks {
+        let (status, done) = t.await.unwrap();
+        assert_eq!(status, 200, "queued requests go through after the pause");
+        assert!(done.duration_since(paused_at) >= Duration::from_millis(1900));
+    }
+    let metrics = reqwest::get(gw.metrics_url()).await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(r#"causeway_erp_pauses_total{reason="retry_after",upstream="bc"} 1"#),
+        "{metrics}"
+    );
+}
+
+fn p95(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[(v.len() * 95 / 100).min(v.len() - 1)]
+}
+
+#[tokio::test]
+async fn writes_wait_less_than_bulk_under_saturation() {
+    let sandbox = TestSandbox::start(LimitsSpec { latency_ms: 25, ..LimitsSpec::default() }).await;
+    let gw = gateway(&sandbox, budget(100_000, 60, 1)).await;
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    // Bulk arrives first and saturates the single slot; writes arrive right behind.
+    for path in ["/b/items?$top=1"; 20].into_iter().chain(["/w/items?$top=1"; 20]) {
+        let req = client.get(gw.url(path));
+        let class = if path.starts_with("/w") { "write" } else { "bulk" };
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let status = req.send().await.unwrap().status().as_u16();
+            (class, status, t.elapsed())
+        }));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (mut write, mut bulk) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (class, status, took) = t.await.unwrap();
+        assert_eq!(status, 200);
+        if class == "write" {
+            write.push(took)
+        } else {
+            bulk.push(took)
+        }
+    }
+    let (w, b) = (p95(write), p95(bulk));
+    assert!(w < b, "write p95 {w:?} must be below bulk p95 {b:?}");
+    assert!(sandbox.stats().await["peak_open_requests"].as_u64().unwrap() <= 1);
+}
