@@ -57,6 +57,19 @@ impl Reloader {
     }
 }
 
+/// Only `causeway.yaml` and YAML files in `routes/` and `policies/` are configuration: logs, the
+/// store or editor swap files in the same directory must not trigger reloads.
+fn is_config_path(dir: &std::path::Path, path: &std::path::Path) -> bool {
+    let Ok(rel) = path.strip_prefix(dir) else { return false };
+    let mut parts = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned());
+    let (Some(first), second, None) = (parts.next(), parts.next(), parts.next()) else { return false };
+    let yaml = |name: &str| !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"));
+    match second {
+        None => first == crate::config::MAIN_FILE,
+        Some(name) => (first == "routes" || first == "policies") && yaml(&name),
+    }
+}
+
 /// Watches the configuration directory and SIGHUP.
 pub struct ReloadTriggers(pub Arc<Reloader>);
 
@@ -65,8 +78,11 @@ impl BackgroundService for ReloadTriggers {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         use notify::{RecursiveMode, Watcher};
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+        let dir = self.0.dir.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !e.kind.is_access()) {
+            let relevant =
+                event.is_ok_and(|e| !e.kind.is_access() && e.paths.iter().any(|p| is_config_path(&dir, p)));
+            if relevant {
                 let _ = tx.try_send(());
             }
         })
@@ -93,5 +109,23 @@ impl BackgroundService for ReloadTriggers {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_config_path;
+    use std::path::Path;
+
+    #[test]
+    fn only_configuration_files_trigger_reloads() {
+        let dir = Path::new("/etc/causeway");
+        assert!(is_config_path(dir, Path::new("/etc/causeway/causeway.yaml")));
+        assert!(is_config_path(dir, Path::new("/etc/causeway/routes/erp.yaml")));
+        assert!(is_config_path(dir, Path::new("/etc/causeway/policies/auth.yml")));
+        assert!(!is_config_path(dir, Path::new("/etc/causeway/gateway.log")));
+        assert!(!is_config_path(dir, Path::new("/etc/causeway/data/causeway.db")));
+        assert!(!is_config_path(dir, Path::new("/etc/causeway/routes/.erp.yaml.swp")));
+        assert!(!is_config_path(dir, Path::new("/etc/causeway/routes/sub/x.yaml")));
     }
 }
