@@ -133,6 +133,7 @@ impl JwtPolicy {
         if token.len() > self.max_token_bytes {
             return Err(AuthFailure::TooLarge);
         }
+        self.keys.refresh_if_due();
         if let Some(hit) = self.cache.get(token) {
             let alive = hit.exp + self.leeway.as_secs() > now_secs();
             let key_still_published = hit.kid.as_deref().is_none_or(|k| self.keys.has(k));

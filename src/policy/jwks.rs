@@ -73,6 +73,14 @@ impl KeySource {
         }
     }
 
+    /// Keep a remote set fresh: start a background refresh when the schedule says so. Called on
+    /// every verification, cache hit or not, so withdrawn keys disappear on time.
+    pub fn refresh_if_due(&self) {
+        if let KeySource::Remote(remote) = self {
+            remote.refresh_in_background_if_stale();
+        }
+    }
+
     /// Whether `kid` is still in the current set (cached tokens of removed keys stop working).
     pub fn has(&self, kid: &str) -> bool {
         match self {
@@ -93,6 +101,8 @@ pub struct RemoteJwks {
     /// Held while fetching: concurrent callers wait for that fetch instead of starting another.
     in_progress: tokio::sync::Mutex<()>,
     fetches: AtomicU64,
+    /// A background refresh is spawned at most once at a time.
+    refresh_spawned: std::sync::atomic::AtomicBool,
 }
 
 impl RemoteJwks {
@@ -110,6 +120,7 @@ impl RemoteJwks {
             last_fetch: parking_lot::Mutex::new(None),
             in_progress: tokio::sync::Mutex::new(()),
             fetches: AtomicU64::new(0),
+            refresh_spawned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -122,16 +133,29 @@ impl RemoteJwks {
         self.fetches.load(Ordering::Relaxed)
     }
 
+    fn is_stale(&self) -> bool {
+        self.last_fetch.lock().is_none_or(|t| t.elapsed() >= self.refresh)
+    }
+
+    fn refresh_in_background_if_stale(self: &Arc<Self>) {
+        if self.is_stale()
+            && !self.keys.load().is_empty()
+            && !self.refresh_spawned.swap(true, Ordering::AcqRel)
+        {
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.fetch_if_due(me.refresh).await;
+                me.refresh_spawned.store(false, Ordering::Release);
+            });
+        }
+    }
+
     async fn key(self: &Arc<Self>, kid: &str) -> Option<VerifyingKey> {
-        let stale = self.last_fetch.lock().is_none_or(|t| t.elapsed() >= self.refresh);
-        if stale {
-            if self.keys.load().is_empty() {
-                self.fetch_if_due(Duration::ZERO).await;
-            } else {
-                // Serve from the current set; refresh in the background.
-                let me = self.clone();
-                tokio::spawn(async move { me.fetch_if_due(me.refresh).await });
-            }
+        if self.keys.load().is_empty() && self.is_stale() {
+            self.fetch_if_due(Duration::ZERO).await;
+        } else {
+            // Serve from the current set; refresh in the background when due.
+            self.refresh_in_background_if_stale();
         }
         if let Some(k) = self.keys.load().get(kid) {
             return Some(k.clone());

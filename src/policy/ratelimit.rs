@@ -21,6 +21,8 @@ pub struct TierLimiter {
     pub requests: u32,
     pub window: Duration,
     pub burst: u32,
+    /// `RateLimit-Policy` value, built once.
+    policy_header: String,
     limiter: RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>,
     decisions: AtomicU64,
 }
@@ -40,6 +42,7 @@ impl TierLimiter {
             .ok_or("window / requests must be longer than zero")?
             .allow_burst(capacity);
         Ok(TierLimiter {
+            policy_header: format!("\"{tier}\";q={requests};w={}", window.as_secs().max(1)),
             tier: Arc::from(tier),
             requests,
             window,
@@ -60,7 +63,7 @@ impl TierLimiter {
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();
         }
-        let policy = format!("\"{}\";q={};w={}", self.tier, self.requests, self.window.as_secs().max(1));
+        let policy = self.policy_header.clone();
         // Allocation only to look up: governor's keyed store needs an owned key.
         match self.limiter.check_key(&key.to_string()) {
             Ok(snapshot) => {

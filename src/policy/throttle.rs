@@ -14,12 +14,18 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// A priority class as compiled from the budget spec.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Class {
     pub name: Arc<str>,
     /// Lower runs first.
     pub priority: u8,
     pub max_wait: Duration,
+}
+
+impl PartialEq for Class {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.name, self.priority, self.max_wait) == (&other.name, other.priority, other.max_wait)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -78,6 +84,10 @@ pub struct Budget {
     pub upstream: String,
     params: Mutex<BudgetParams>,
     state: Mutex<State>,
+    /// Metric handles resolved once: label lookups are not free on the request path.
+    in_flight_gauge: prometheus::IntGauge,
+    queue_gauge: prometheus::IntGauge,
+    circuit_gauge: prometheus::IntGauge,
 }
 
 impl std::fmt::Debug for Budget {
@@ -123,7 +133,11 @@ impl Drop for WaitGuard<'_> {
 
 impl Budget {
     pub fn new(upstream: &str, params: BudgetParams) -> Arc<Self> {
+        let m = Metrics::global();
         Arc::new(Budget {
+            in_flight_gauge: m.erp_in_flight.with_label_values(&[upstream]),
+            queue_gauge: m.erp_queue_depth.with_label_values(&[upstream]),
+            circuit_gauge: m.erp_circuit_state.with_label_values(&[upstream]),
             upstream: upstream.to_string(),
             params: Mutex::new(params),
             state: Mutex::new(State {
@@ -194,6 +208,7 @@ impl Budget {
             if probe || (!ahead && Self::can_admit(&mut s, &params, now)) {
                 Self::account(&mut s, now);
                 self.publish(&s);
+                drop(s);
                 metrics.erp_admitted.with_label_values(&labels).inc();
                 metrics.erp_wait.with_label_values(&labels).observe(0.0);
                 return Ok(Permit { budget: self.clone(), probe });
@@ -206,7 +221,7 @@ impl Budget {
             s.seq += 1;
             let key = (class.priority, s.seq);
             s.waiters.insert(key, tx);
-            metrics.erp_queue_depth.with_label_values(&[labels[0]]).set(s.waiters.len() as i64);
+            self.queue_gauge.set(s.waiters.len() as i64);
             self.arm_timer(&mut s, &params, now);
             (rx, key)
         };
@@ -363,10 +378,7 @@ impl Budget {
     }
 
     fn publish(&self, s: &State) {
-        Metrics::global()
-            .erp_in_flight
-            .with_label_values(&[self.upstream.as_str()])
-            .set(i64::from(s.in_flight));
+        self.in_flight_gauge.set(i64::from(s.in_flight));
     }
 
     fn publish_circuit(&self, s: &State) {
@@ -375,7 +387,7 @@ impl Budget {
             Circuit::HalfOpen { .. } => 1,
             Circuit::Open { .. } => 2,
         };
-        Metrics::global().erp_circuit_state.with_label_values(&[self.upstream.as_str()]).set(v);
+        self.circuit_gauge.set(v);
     }
 }
 
