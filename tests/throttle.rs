@@ -160,3 +160,27 @@ async fn writes_wait_less_than_bulk_under_saturation() {
     assert!(w < b, "write p95 {w:?} must be below bulk p95 {b:?}");
     assert!(sandbox.stats().await["peak_open_requests"].as_u64().unwrap() <= 1);
 }
+
+#[tokio::test]
+async fn a_vendor_overload_signal_in_the_body_pauses_the_budget_with_backoff() {
+    let sandbox = TestSandbox::start(LimitsSpec::default()).await;
+    // The sandbox's forced answers carry `"code":"Forced"`; treat that 400 as NetSuite's
+    // SSS_REQUEST_LIMIT_EXCEEDED would be treated.
+    let signal = "      overload_signals: [{ status: 400, body_contains: \"\\\"code\\\":\\\"Forced\\\"\" }]\n      backoff_initial_ms: 1000\n";
+    let gw = gateway(&sandbox, budget(1000, 60, 5) + signal).await;
+    sandbox.set_limits(&LimitsSpec { force_status: Some(400), ..LimitsSpec::default() }).await;
+    let resp = reqwest::get(gw.url("/erp/v2/items?$top=1")).await.unwrap();
+    assert_eq!(resp.status(), 400, "the vendor's answer itself passes through");
+    let _ = resp.text().await;
+    sandbox.set_limits(&LimitsSpec::default()).await;
+    // No Retry-After: the pause is the first backoff step (0.5-1 s with jitter).
+    let t = Instant::now();
+    assert_eq!(reqwest::get(gw.url("/erp/v2/items?$top=1")).await.unwrap().status(), 200);
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "the next request waited out the backoff: {:?}",
+        t.elapsed()
+    );
+    let metrics = reqwest::get(gw.metrics_url()).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"causeway_erp_pauses_total{reason="backoff",upstream="bc"} 1"#), "{metrics}");
+}
