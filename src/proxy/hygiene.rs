@@ -7,34 +7,34 @@ use pingora::Result;
 /// pingora, which re-frames bodies itself.
 const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
 
-/// Names listed in `Connection` plus the fixed set.
-fn hop_by_hop_names(connection: Option<&http::HeaderValue>) -> Vec<String> {
-    let mut names: Vec<String> = HOP_BY_HOP.iter().map(|s| s.to_string()).collect();
-    if let Some(listed) = connection.and_then(|v| v.to_str().ok()) {
-        for token in listed.split(',') {
-            let token = token.trim().to_ascii_lowercase();
-            // Never let a caller strip framing or the gateway's own headers this way.
-            if !token.is_empty()
-                && token != "transfer-encoding"
-                && token != "content-length"
-                && token != "host"
-            {
-                names.push(token);
-            }
-        }
-    }
-    names
+/// Header names listed in `Connection` (besides the fixed set), lowercased. Allocates only when
+/// `Connection` lists something, which almost no request does.
+fn listed_in_connection(connection: Option<&http::HeaderValue>) -> Vec<String> {
+    let Some(listed) = connection.and_then(|v| v.to_str().ok()) else { return Vec::new() };
+    listed
+        .split(',')
+        .map(|t| t.trim().to_ascii_lowercase())
+        // Never let a caller strip framing or the gateway's own headers this way.
+        .filter(|t| !t.is_empty() && !HOP_BY_HOP.contains(&t.as_str()))
+        .filter(|t| t != "transfer-encoding" && t != "content-length" && t != "host")
+        .collect()
 }
 
 pub fn strip_hop_by_hop_request(req: &mut RequestHeader) {
-    for name in hop_by_hop_names(req.headers.get(http::header::CONNECTION)) {
+    for name in listed_in_connection(req.headers.get(http::header::CONNECTION)) {
         req.remove_header(&name);
+    }
+    for name in HOP_BY_HOP {
+        req.remove_header(*name);
     }
 }
 
 pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
-    for name in hop_by_hop_names(resp.headers.get(http::header::CONNECTION)) {
+    for name in listed_in_connection(resp.headers.get(http::header::CONNECTION)) {
         resp.remove_header(&name);
+    }
+    for name in HOP_BY_HOP {
+        resp.remove_header(*name);
     }
 }
 

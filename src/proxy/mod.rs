@@ -336,21 +336,21 @@ impl ProxyHttp for Gateway {
         let total = ctx.start.elapsed().as_secs_f64();
         let method = session.req_header().method.as_str();
         self.metrics.observe(ctx.route_name(), method, status, total, ctx.upstream_seconds);
-        tracing::info!(
-            target: "access",
-            route = ctx.route_name(),
-            consumer = ctx.consumer.as_ref().map_or("anonymous", |c| &*c.name),
-            method,
-            path = session.req_header().uri.path(),
-            status,
-            duration_ms = total * 1e3,
-            upstream_ms = ctx.upstream_seconds.map(|s| s * 1e3),
-            upstream = ctx.route.as_ref().map(|r| r.upstream.name.as_str()),
-            problem = ctx.problem,
-            error = e.map(|e| e.to_string()),
-            correlation_id = ctx.correlation.correlation_id.as_str(),
-            trace_id = ctx.correlation.trace_id.as_str(),
-        );
+        let error = e.map(|e| e.to_string());
+        crate::observe::logging::AccessLine::new()
+            .str("route", ctx.route_name())
+            .str("consumer", ctx.consumer.as_ref().map_or("anonymous", |c| &*c.name))
+            .str("method", method)
+            .str("path", session.req_header().uri.path())
+            .uint("status", u64::from(status))
+            .millis("duration_ms", Some(total))
+            .millis("upstream_ms", ctx.upstream_seconds)
+            .opt_str("upstream", ctx.route.as_ref().map(|r| r.upstream.name.as_str()))
+            .opt_str("problem", ctx.problem)
+            .opt_str("error", error.as_deref())
+            .str("correlation_id", &ctx.correlation.correlation_id)
+            .str("trace_id", &ctx.correlation.trace_id)
+            .write();
     }
 }
 
