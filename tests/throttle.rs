@@ -184,3 +184,26 @@ async fn a_vendor_overload_signal_in_the_body_pauses_the_budget_with_backoff() {
     let metrics = reqwest::get(gw.metrics_url()).await.unwrap().text().await.unwrap();
     assert!(metrics.contains(r#"causeway_erp_pauses_total{reason="backoff",upstream="bc"} 1"#), "{metrics}");
 }
+
+#[tokio::test]
+async fn permits_are_released_when_clients_give_up_or_requests_fail() {
+    let sandbox = TestSandbox::start(LimitsSpec { latency_ms: 400, ..LimitsSpec::default() }).await;
+    let gw = gateway(&sandbox, budget(1000, 60, 1)).await;
+    // Clients that hang up while their request holds or waits for the single permit.
+    for _ in 0..3 {
+        let client = reqwest::Client::builder().timeout(Duration::from_millis(100)).build().unwrap();
+        assert!(client.get(gw.url("/erp/v2/items?$top=1")).send().await.is_err());
+    }
+    // Requests that fail upstream (ERP answers 500) also give their permit back.
+    sandbox.set_limits(&LimitsSpec { force_status: Some(500), ..LimitsSpec::default() }).await;
+    for _ in 0..2 {
+        assert_eq!(reqwest::get(gw.url("/erp/v2/items?$top=1")).await.unwrap().status(), 500);
+    }
+    sandbox.set_limits(&LimitsSpec::default()).await;
+    // With one permit, any leak would make this wait out its class deadline and fail.
+    let t = Instant::now();
+    assert_eq!(reqwest::get(gw.url("/erp/v2/items?$top=1")).await.unwrap().status(), 200);
+    assert!(t.elapsed() < Duration::from_secs(3), "the permit was free: {:?}", t.elapsed());
+    let metrics = reqwest::get(gw.metrics_url()).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("causeway_erp_in_flight{upstream=\"bc\"} 0"), "{metrics}");
+}
