@@ -202,6 +202,7 @@ pub struct CompiledRoute {
     pub scopes: Vec<String>,
     /// Priority class in the upstream's budget, when it has one.
     pub erp_class: Option<Class>,
+    pub metrics: crate::observe::metrics::RouteMetrics,
 }
 
 /// Read and compile the configuration in `dir`, with the process environment.
@@ -630,7 +631,6 @@ fn load_routes(
             let (Some(path), Some(upstream)) = (path, upstream) else { continue };
             let ms = Duration::from_millis;
             out.push(Arc::new(CompiledRoute {
-                name,
                 host: spec.matcher.host.clone(),
                 methods,
                 path,
@@ -643,6 +643,8 @@ fn load_routes(
                 policies: route_policies,
                 scopes: spec.scopes.clone(),
                 erp_class,
+                metrics: crate::observe::metrics::RouteMetrics::new(&name),
+                name,
             }));
         }
     }

@@ -146,23 +146,6 @@ impl Metrics {
         GLOBAL.get_or_init(|| Arc::new(Metrics::new()))
     }
 
-    /// Record one finished request. `upstream_seconds` is `None` when nothing reached upstream.
-    pub fn observe(
-        &self,
-        route: &str,
-        method: &str,
-        status: u16,
-        total_seconds: f64,
-        upstream_seconds: Option<f64>,
-    ) {
-        let labels = [route, method_label(method), status_class(status)];
-        self.requests.with_label_values(&labels).inc();
-        self.duration.with_label_values(&labels).observe(total_seconds);
-        if let Some(s) = upstream_seconds {
-            self.upstream_duration.with_label_values(&labels).observe(s);
-        }
-    }
-
     /// Text exposition format.
     pub fn render(&self) -> Vec<u8> {
         use prometheus::Encoder;
@@ -176,6 +159,52 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+const METHODS: [&str; 8] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "OTHER"];
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+/// One route's request metrics, with the labelled children resolved on first use and kept:
+/// a request then costs no label hashing. The children are the registry's own, so a reload
+/// that recompiles the route keeps counting into the same series.
+pub struct RouteMetrics {
+    route: String,
+    cells: Vec<std::sync::OnceLock<(prometheus::IntCounter, prometheus::Histogram, prometheus::Histogram)>>,
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RouteMetrics({})", self.route)
+    }
+}
+
+impl RouteMetrics {
+    pub fn new(route: &str) -> Self {
+        RouteMetrics {
+            route: route.to_string(),
+            cells: (0..METHODS.len() * CLASSES.len()).map(|_| std::sync::OnceLock::new()).collect(),
+        }
+    }
+
+    /// Record one finished request. `upstream_seconds` is `None` when nothing reached upstream.
+    pub fn observe(&self, method: &str, status: u16, total_seconds: f64, upstream_seconds: Option<f64>) {
+        let m = METHODS.iter().position(|x| *x == method_label(method)).unwrap_or(METHODS.len() - 1);
+        let c = CLASSES.iter().position(|x| *x == status_class(status)).unwrap_or(CLASSES.len() - 1);
+        let (requests, duration, upstream) = self.cells[m * CLASSES.len() + c].get_or_init(|| {
+            let g = Metrics::global();
+            let labels = [self.route.as_str(), METHODS[m], CLASSES[c]];
+            (
+                g.requests.with_label_values(&labels),
+                g.duration.with_label_values(&labels),
+                g.upstream_duration.with_label_values(&labels),
+            )
+        });
+        requests.inc();
+        duration.observe(total_seconds);
+        if let Some(s) = upstream_seconds {
+            upstream.observe(s);
+        }
     }
 }
 
@@ -212,12 +241,13 @@ mod tests {
         assert_eq!(method_label("BREW"), "OTHER");
         assert_eq!(status_class(0), "none");
         assert_eq!(status_class(503), "5xx");
-        let m = Metrics::new();
-        m.observe("r", "BREW", 200, 0.01, Some(0.005));
-        let text = String::from_utf8(m.render()).unwrap();
-        assert!(
-            text.contains(r#"causeway_requests_total{method="OTHER",route="r",status_class="2xx"} 1"#),
-            "{text}"
-        );
+        let r = RouteMetrics::new("labels-test");
+        r.observe("BREW", 200, 0.01, Some(0.005));
+        r.observe("BREW", 204, 0.01, None);
+        let text = String::from_utf8(Metrics::global().render()).unwrap();
+        let requests = r#"causeway_requests_total{method="OTHER",route="labels-test",status_class="2xx"} 2"#;
+        assert!(text.contains(requests), "{text}");
+        let upstream = r#"causeway_upstream_duration_seconds_count{method="OTHER",route="labels-test",status_class="2xx"} 1"#;
+        assert!(text.contains(upstream), "{text}");
     }
 }

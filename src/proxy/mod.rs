@@ -45,12 +45,19 @@ impl Drop for InFlightGuard {
 pub struct Gateway {
     config: Arc<ArcSwap<Config>>,
     metrics: Arc<Metrics>,
+    /// Request metrics of requests no route matched.
+    unmatched: crate::observe::metrics::RouteMetrics,
     in_flight: Arc<InFlight>,
 }
 
 impl Gateway {
     pub fn new(config: Arc<ArcSwap<Config>>, metrics: Arc<Metrics>, in_flight: Arc<InFlight>) -> Self {
-        Gateway { config, metrics, in_flight }
+        Gateway {
+            config,
+            metrics,
+            unmatched: crate::observe::metrics::RouteMetrics::new(UNMATCHED_ROUTE),
+            in_flight,
+        }
     }
 }
 
@@ -335,7 +342,10 @@ impl ProxyHttp for Gateway {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let total = ctx.start.elapsed().as_secs_f64();
         let method = session.req_header().method.as_str();
-        self.metrics.observe(ctx.route_name(), method, status, total, ctx.upstream_seconds);
+        match ctx.route.as_ref() {
+            Some(route) => route.metrics.observe(method, status, total, ctx.upstream_seconds),
+            None => self.unmatched.observe(method, status, total, None),
+        }
         let error = e.map(|e| e.to_string());
         crate::observe::logging::AccessLine::new()
             .str("route", ctx.route_name())
