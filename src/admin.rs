@@ -63,13 +63,16 @@ pub struct AdminApp {
     pub admin_token: Option<String>,
 }
 
-fn problem(status: u16, slug: &str, title: &str, detail: &str) -> Response<Vec<u8>> {
-    let body = json!({
+fn problem(status: u16, slug: &str, title: &str, detail: &str, instance: Option<&str>) -> Response<Vec<u8>> {
+    let mut body = json!({
         "type": format!("{}{slug}", crate::error::PROBLEM_BASE),
         "title": title,
         "status": status,
         "detail": detail,
     });
+    if let Some(i) = instance {
+        body["instance"] = json!(i);
+    }
     json_response(status, "application/problem+json", body.to_string().into_bytes())
 }
 
@@ -98,6 +101,7 @@ impl ServeHttp for AdminApp {
                         "admin-disabled",
                         "Admin API disabled",
                         "Set CAUSEWAY_ADMIN_TOKEN to enable POST /admin/reload.",
+                        None,
                     );
                 };
                 let presented = session
@@ -113,6 +117,7 @@ impl ServeHttp for AdminApp {
                         "unauthenticated",
                         "Authentication required",
                         "Send Authorization: Bearer <CAUSEWAY_ADMIN_TOKEN>.",
+                        None,
                     );
                     resp.headers_mut().insert(
                         http::header::WWW_AUTHENTICATE,
@@ -148,14 +153,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn not_found(path: &str) -> Response<Vec<u8>> {
-    let body = json!({
-        "type": format!("{}route-not-found", crate::error::PROBLEM_BASE),
-        "title": "Not found",
-        "status": 404,
-        "detail": "This listener serves /healthz and /readyz (metrics are on the metrics listener at /metrics).",
-        "instance": path,
-    });
-    json_response(404, "application/problem+json", body.to_string().into_bytes())
+    let detail =
+        "This listener serves /healthz and /readyz (metrics are on the metrics listener at /metrics).";
+    problem(404, "route-not-found", "Not found", detail, Some(path))
 }
 
 pub struct MetricsApp {

@@ -57,15 +57,14 @@ impl TierLimiter {
         (self.requests, self.window, self.burst) == (requests, window, burst)
     }
 
-    pub fn check(&self, key: &str) -> Decision {
+    pub fn check(&self, key: String) -> Decision {
         let n = self.decisions.fetch_add(1, Ordering::Relaxed);
         if n.is_multiple_of(CLEANUP_EVERY) || (n.is_multiple_of(256) && self.limiter.len() > MAX_KEYS) {
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();
         }
         let policy = self.policy_header.clone();
-        // Allocation only to look up: governor's keyed store needs an owned key.
-        match self.limiter.check_key(&key.to_string()) {
+        match self.limiter.check_key(&key) {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 let per = self.window.as_secs_f64() / f64::from(self.requests);
@@ -107,7 +106,7 @@ impl RateLimitPolicy {
         let limiter =
             self.tiers.get(tier).or_else(|| self.default_tier.as_ref().and_then(|d| self.tiers.get(d)))?;
         let key = if self.per_route { format!("{consumer}\u{1f}{route}") } else { consumer.to_string() };
-        Some((limiter.tier.clone(), limiter.check(&key)))
+        Some((limiter.tier.clone(), limiter.check(key)))
     }
 }
 
@@ -118,9 +117,9 @@ mod tests {
     #[test]
     fn admits_quota_plus_burst_then_limits_per_key() {
         let t = TierLimiter::new("gold", 10, Duration::from_secs(60), 5).unwrap();
-        let allowed = (0..30).filter(|_| matches!(t.check("a"), Decision::Allowed { .. })).count();
+        let allowed = (0..30).filter(|_| matches!(t.check("a".into()), Decision::Allowed { .. })).count();
         assert_eq!(allowed, 15);
-        match t.check("a") {
+        match t.check("a".into()) {
             Decision::Limited { retry_after, policy, limit } => {
                 assert!((1..=6).contains(&retry_after), "{retry_after}");
                 assert_eq!(policy, "\"gold\";q=10;w=60");
@@ -128,6 +127,6 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(t.check("b"), Decision::Allowed { .. }), "another key is unaffected");
+        assert!(matches!(t.check("b".into()), Decision::Allowed { .. }), "another key is unaffected");
     }
 }

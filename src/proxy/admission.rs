@@ -17,11 +17,11 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
     let metrics = Metrics::global();
 
     // Authentication: the first policy whose credential is present decides.
-    let auth: Vec<&Arc<Policy>> = route.policies.iter().filter(|p| p.authenticates()).collect();
-    if !auth.is_empty() {
+    // No allocation per request: the route's policies are walked in place.
+    if let Some(first) = route.policies.iter().find(|p| p.authenticates()) {
         let headers = &session.req_header().headers;
         let mut outcome: Option<(&str, Result<Consumer, AuthFailure>)> = None;
-        for policy in &auth {
+        for policy in route.policies.iter() {
             match policy.as_ref() {
                 Policy::Jwt(jwt) => {
                     let header = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
@@ -39,7 +39,7 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
                 _ => {}
             }
         }
-        let (policy_name, result) = outcome.unwrap_or((auth[0].name(), Err(AuthFailure::Missing)));
+        let (policy_name, result) = outcome.unwrap_or((first.name(), Err(AuthFailure::Missing)));
         match result {
             Ok(consumer) => {
                 let missing = missing_scopes(&route.scopes, &consumer);
@@ -51,7 +51,10 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
             }
             Err(reason) => {
                 metrics.auth_failures.with_label_values(&[policy_name, reason.as_str()]).inc();
-                return Err(GatewayError::Unauthenticated { reason, challenge: challenge(&auth, reason) });
+                return Err(GatewayError::Unauthenticated {
+                    reason,
+                    challenge: challenge(&route.policies, reason),
+                });
             }
         }
     }
@@ -102,9 +105,9 @@ pub fn ceil_secs(d: std::time::Duration) -> u64 {
 }
 
 /// `WWW-Authenticate` for the route's authentication policies (RFC 6750 for bearer tokens).
-fn challenge(auth: &[&Arc<Policy>], reason: AuthFailure) -> String {
+fn challenge(policies: &[Arc<Policy>], reason: AuthFailure) -> String {
     let mut parts = Vec::new();
-    for p in auth {
+    for p in policies {
         match p.as_ref() {
             Policy::Jwt(_) if reason == AuthFailure::Missing => {
                 parts.push("Bearer realm=\"causeway\"".to_string())
