@@ -35,8 +35,35 @@ pub enum GatewayError {
     ErpCircuitOpen { upstream: String, retry_after: u64 },
     #[error("ERP {upstream} signalled overload")]
     ErpOverloaded { upstream: String, retry_after: u64 },
+    #[error("invalid JSON body: {detail}")]
+    InvalidJson { detail: String },
+    #[error("{} schema violation(s)", violations.len())]
+    ValidationFailed { violations: Vec<Violation> },
+    #[error("request cannot be mapped at {pointer}: {detail}")]
+    RequestUnmappable { pointer: String, detail: String },
+    #[error("ERP response cannot be mapped at {pointer}: {detail}")]
+    ResponseUnmappable { upstream: String, pointer: String, detail: String },
+    #[error("{direction} transformation failed: {detail}")]
+    TransformFailed { direction: &'static str, detail: String },
+    #[error("{direction} transformation exceeded {limit_ms} ms")]
+    TransformTimeout { direction: &'static str, limit_ms: u64 },
+    #[error("{direction} transformation output exceeded {limit} bytes")]
+    TransformTooLarge { direction: &'static str, limit: usize },
+    #[error("transformation workers busy")]
+    TransformBusy,
     #[error("internal error")]
     Internal,
+}
+
+/// One schema violation: where in the document, which keyword failed, and the validator's words.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Violation {
+    /// `body`, `query` or `headers`.
+    pub location: &'static str,
+    /// JSON pointer into that document.
+    pub pointer: String,
+    pub keyword: String,
+    pub message: String,
 }
 
 /// A rendered problem: status, body and the `type` slug (for logs and metrics).
@@ -53,7 +80,13 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => 413,
             GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamProtocol { .. } => 502,
             GatewayError::UpstreamTimeout { .. } => 504,
-            GatewayError::BadRequest { .. } => 400,
+            GatewayError::BadRequest { .. } | GatewayError::InvalidJson { .. } => 400,
+            GatewayError::ValidationFailed { .. } | GatewayError::RequestUnmappable { .. } => 422,
+            GatewayError::ResponseUnmappable { .. } => 502,
+            GatewayError::TransformFailed { .. }
+            | GatewayError::TransformTimeout { .. }
+            | GatewayError::TransformTooLarge { .. } => 500,
+            GatewayError::TransformBusy => 503,
             GatewayError::Internal => 500,
             GatewayError::Unauthenticated { .. } => 401,
             GatewayError::Forbidden { .. } => 403,
@@ -74,6 +107,7 @@ impl GatewayError {
             | GatewayError::ErpOverloaded { retry_after, .. } => {
                 vec![("retry-after", retry_after.to_string())]
             }
+            GatewayError::TransformBusy => vec![("retry-after", "1".into())],
             _ => Vec::new(),
         }
     }
@@ -91,6 +125,24 @@ impl GatewayError {
             }
             GatewayError::BadRequest { .. } => ("bad-request", "The request is malformed"),
             GatewayError::Internal => ("internal", "Internal gateway error"),
+            GatewayError::InvalidJson { .. } => ("invalid-json", "The request body is not valid JSON"),
+            GatewayError::ValidationFailed { .. } => {
+                ("validation-failed", "The request does not match the route's schema")
+            }
+            GatewayError::RequestUnmappable { .. } => {
+                ("request-unmappable", "The request cannot be translated for the ERP")
+            }
+            GatewayError::ResponseUnmappable { .. } => {
+                ("response-unmappable", "The ERP's response cannot be translated")
+            }
+            GatewayError::TransformFailed { .. } => ("transformation-failed", "A transformation failed"),
+            GatewayError::TransformTimeout { .. } => {
+                ("transformation-timeout", "A transformation exceeded its time bound")
+            }
+            GatewayError::TransformTooLarge { .. } => {
+                ("transformation-too-large", "A transformation exceeded its size bound")
+            }
+            GatewayError::TransformBusy => ("transformation-busy", "Transformation capacity exhausted"),
             GatewayError::Unauthenticated { .. } => ("unauthenticated", "Authentication required"),
             GatewayError::Forbidden { .. } => ("insufficient-scope", "Missing scope"),
             GatewayError::RateLimited { .. } => ("quota-exceeded", "Request quota exceeded"),
@@ -122,6 +174,29 @@ impl GatewayError {
             ),
             GatewayError::BadRequest { detail } => format!("{detail}. Correct the request and send it again."),
             GatewayError::Internal => "The gateway failed unexpectedly. Retry; if it persists, report the correlation id.".into(),
+            GatewayError::InvalidJson { detail } => format!(
+                "The body could not be parsed as JSON ({detail}). Send a JSON document with Content-Type application/json."
+            ),
+            GatewayError::ValidationFailed { violations } => format!(
+                "{} violation(s) of the route's schema; `errors` lists each with its JSON pointer and the keyword that failed. Nothing was sent to the ERP: fix them all and send again.",
+                violations.len()
+            ),
+            GatewayError::RequestUnmappable { pointer, detail } => format!(
+                "The value at `{pointer}` cannot be translated for the ERP: {detail}. Nothing was sent to the ERP: correct the value and send again."
+            ),
+            GatewayError::ResponseUnmappable { upstream, pointer, detail } => format!(
+                "The ERP `{upstream}` answered, but its response cannot be translated at `{pointer}`: {detail}. The request may have been applied: check before retrying, and report the correlation id."
+            ),
+            GatewayError::TransformFailed { direction, detail } => format!(
+                "The {direction} transformation of this route failed: {detail}. Report the correlation id to the gateway's operators."
+            ),
+            GatewayError::TransformTimeout { direction, limit_ms } => format!(
+                "The {direction} transformation of this route did not finish within {limit_ms} ms and was abandoned. Report the correlation id to the gateway's operators."
+            ),
+            GatewayError::TransformTooLarge { direction, limit } => format!(
+                "The {direction} transformation of this route produced more than {limit} bytes and was abandoned. Send a smaller document or report the correlation id."
+            ),
+            GatewayError::TransformBusy => "Every transformation worker is busy. Nothing was sent to the ERP; retry in a second.".into(),
             GatewayError::Unauthenticated { reason, .. } => format!(
                 "Authentication failed: {}. Send a valid bearer token or API key as this route requires.",
                 reason.describe()
@@ -161,6 +236,8 @@ impl GatewayError {
             GatewayError::BodyTooLarge { limit } => body["max_body_bytes"] = json!(limit),
             GatewayError::Forbidden { missing } => body["missing_scopes"] = json!(missing),
             GatewayError::Unauthenticated { reason, .. } => body["reason"] = json!(reason.as_str()),
+            GatewayError::ValidationFailed { violations } => body["errors"] = json!(violations),
+            GatewayError::RequestUnmappable { pointer, .. } => body["pointer"] = json!(pointer),
             _ => {}
         }
         Problem { status, slug, body: Bytes::from(body.to_string()) }

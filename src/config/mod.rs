@@ -173,6 +173,30 @@ pub struct Upstream {
     pub idle_timeout: Duration,
     pub credential: Option<(HeaderName, HeaderValue)>,
     pub budget: Option<UpstreamBudget>,
+    /// `scheme://authority` for in-process calls (mediated routes).
+    pub base_url: String,
+    /// Pooled client for in-process calls, built on first use (pinned to `address`).
+    pub client: std::sync::OnceLock<Option<reqwest::Client>>,
+}
+
+impl Upstream {
+    /// The in-process HTTP client: pooled connections, the upstream's connect and read timeouts,
+    /// DNS resolved at load time like the proxy's peers.
+    /// `None` only when no TLS provider is installed (a startup bug, reported as a 500).
+    pub fn client(&self) -> Option<&reqwest::Client> {
+        let client = self.client.get_or_init(|| {
+            let host = self.sni.clone();
+            reqwest::Client::builder()
+                .resolve(&host, self.address)
+                .connect_timeout(self.connect_timeout)
+                .read_timeout(self.read_timeout)
+                .pool_idle_timeout(self.idle_timeout)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .ok()
+        });
+        client.as_ref()
+    }
 }
 
 /// An upstream's throttle: the shared budget, its classes and the overload signals to watch for.
@@ -203,6 +227,16 @@ pub struct CompiledRoute {
     /// Priority class in the upstream's budget, when it has one.
     pub erp_class: Option<Class>,
     pub metrics: crate::observe::metrics::RouteMetrics,
+}
+
+impl CompiledRoute {
+    /// The route's mediation policy: its requests are handled in-process (`proxy::mediated`).
+    pub fn mediation(&self) -> Option<&crate::policy::mediation::MediationPolicy> {
+        self.policies.iter().find_map(|p| match p.as_ref() {
+            Policy::Mediation(m) => Some(m),
+            _ => None,
+        })
+    }
 }
 
 /// Read and compile the configuration in `dir`, with the process environment.
@@ -445,6 +479,8 @@ fn compile_upstream<'a>(
         write_timeout: ms(spec.write_timeout_ms),
         idle_timeout: Duration::from_secs(spec.pool_idle_seconds),
         credential,
+        base_url: format!("{}://{authority}", if tls { "https" } else { "http" }),
+        client: std::sync::OnceLock::new(),
     })
 }
 
@@ -583,6 +619,15 @@ fn load_routes(
                         ),
                     ),
                 }
+            }
+            let mediations =
+                route_policies.iter().filter(|p| matches!(p.as_ref(), Policy::Mediation(_))).count();
+            if mediations > 1 {
+                diags.at(
+                    &file,
+                    &spec.name,
+                    format!("route `{name}` names {mediations} mediation policies; a route has at most one"),
+                );
             }
             if !spec.scopes.is_empty() && !route_policies.iter().any(|p| p.authenticates()) {
                 diags.at(

@@ -2,10 +2,11 @@
 //! JWKS) come from [`SharedState`] so they survive a reload when their spec is unchanged.
 
 use super::env;
-use super::spec::{JwtSpec, PolicySpec};
+use super::spec::{JwtSpec, MediationSpec, PolicySpec};
 use super::SharedState;
 use crate::policy::auth::{ApiKeyPolicy, Consumer, JwtPolicy};
 use crate::policy::jwks::{parse_jwks, KeySource};
+use crate::policy::mediation::{self, jq::JqProgram, schema::Schema, table};
 use crate::policy::ratelimit::RateLimitPolicy;
 use crate::policy::{headers, Policy};
 use jsonwebtoken::{Algorithm, DecodingKey};
@@ -27,6 +28,7 @@ pub fn compile(
             response: headers::CompiledOps::compile(response)?,
         })),
         PolicySpec::Jwt(jwt) => compile_jwt(jwt, dir, env, state).map(Policy::Jwt),
+        PolicySpec::Mediation(m) => compile_mediation(m, &dir.join("policies")).map(Policy::Mediation),
         PolicySpec::ApiKey { name, header, keys } => {
             let header = http::HeaderName::from_bytes(header.as_bytes())
                 .map_err(|_| format!("`{header}` is not a header name"))?;
@@ -149,4 +151,81 @@ fn compile_jwt(
             .time_to_live(Duration::from_secs(3600))
             .build(),
     })
+}
+
+/// Schemas, mapping tables and jq programs are read and compiled here, once; paths are relative
+/// to `policies/`.
+fn compile_mediation(spec: &MediationSpec, dir: &Path) -> Result<mediation::MediationPolicy, String> {
+    let schema = |file: &Option<String>| -> Result<Option<Schema>, String> {
+        file.as_ref().map(|f| Schema::load(&dir.join(f))).transpose()
+    };
+    let transform = |map: &Option<String>, jq: &Option<String>, jq_file: &Option<String>| {
+        let table = match map {
+            Some(file) => {
+                let path = dir.join(file);
+                let spec = read_table(&path)?;
+                let base = path.parent().unwrap_or(dir).to_path_buf();
+                let include = |f: &str| read_table(&base.join(f));
+                Some(
+                    table::Table::compile_with(&spec, &include)
+                        .map_err(|e| format!("map {}: {e}", path.display()))?,
+                )
+            }
+            None => None,
+        };
+        let program = match (jq, jq_file) {
+            (Some(code), None) => Some(JqProgram::compile(code)?),
+            (None, Some(file)) => {
+                let path = dir.join(file);
+                let code =
+                    std::fs::read_to_string(&path).map_err(|e| format!("jq_file {}: {e}", path.display()))?;
+                Some(JqProgram::compile(&code).map_err(|e| format!("jq_file {}: {e}", path.display()))?)
+            }
+            (Some(_), Some(_)) => return Err("set at most one of jq and jq_file".to_string()),
+            (None, None) => None,
+        };
+        Ok::<_, String>(mediation::Transform { table, jq: program })
+    };
+    let request = match &spec.request {
+        Some(r) => Some(mediation::RequestMediation {
+            body_schema: schema(&r.schema)?,
+            query_schema: schema(&r.query_schema)?,
+            headers_schema: schema(&r.headers_schema)?,
+            transform: transform(&r.map, &r.jq, &r.jq_file)?,
+        }),
+        None => None,
+    };
+    let response = match &spec.response {
+        Some(r) => {
+            if let Some(bad) = r.statuses.iter().flatten().find(|s| !(100..=599).contains(*s)) {
+                return Err(format!("response statuses: {bad} is not an HTTP status"));
+            }
+            Some(mediation::ResponseMediation {
+                schema: schema(&r.schema)?,
+                transform: transform(&r.map, &r.jq, &r.jq_file)?,
+                statuses: r.statuses.clone(),
+            })
+        }
+        None => None,
+    };
+    if request.is_none() && response.is_none() {
+        return Err("a mediation policy needs `request`, `response` or both".into());
+    }
+    if spec.timeout_ms == 0 || spec.max_output_bytes == 0 {
+        return Err("timeout_ms and max_output_bytes must be at least 1".into());
+    }
+    Ok(mediation::MediationPolicy {
+        name: spec.name.clone(),
+        request,
+        response,
+        limits: mediation::Limits {
+            timeout: Duration::from_millis(spec.timeout_ms),
+            max_output_bytes: spec.max_output_bytes,
+        },
+    })
+}
+
+fn read_table(path: &Path) -> Result<table::TableSpec, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("map {}: {e}", path.display()))?;
+    serde_saphyr::from_str(&text).map_err(|e| format!("map {}: {e}", path.display()))
 }

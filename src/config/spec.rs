@@ -260,6 +260,8 @@ pub enum PolicySpec {
         #[serde(default)]
         default_tier: Option<String>,
     },
+    /// JSON Schema validation and body transformation (see `policy::mediation`).
+    Mediation(MediationSpec),
 }
 
 impl PolicySpec {
@@ -268,9 +270,70 @@ impl PolicySpec {
             PolicySpec::Headers { name, .. }
             | PolicySpec::Jwt(JwtSpec { name, .. })
             | PolicySpec::ApiKey { name, .. }
-            | PolicySpec::RateLimit { name, .. } => name,
+            | PolicySpec::RateLimit { name, .. }
+            | PolicySpec::Mediation(MediationSpec { name, .. }) => name,
         }
     }
+}
+
+/// `kind: mediation`. File paths are relative to `policies/`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediationSpec {
+    pub name: String,
+    /// Checked and transformed before anything reaches the ERP.
+    #[serde(default)]
+    pub request: Option<RequestMediationSpec>,
+    /// Buffered, monitored and transformed before anything reaches the caller.
+    #[serde(default)]
+    pub response: Option<ResponseMediationSpec>,
+    /// Time bound of one transformation (a jq program can loop).
+    #[serde(default = "default_transform_ms")]
+    pub timeout_ms: u64,
+    /// Size bound of a transformation's output and of an ERP response read for mediation.
+    #[serde(default = "default_transform_bytes")]
+    pub max_output_bytes: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestMediationSpec {
+    /// JSON Schema of the body; a violation is a 422 listing every error.
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// JSON Schema of the query parameters, as an object of strings.
+    #[serde(default)]
+    pub query_schema: Option<String>,
+    /// JSON Schema of the headers, as an object keyed by lower-case name.
+    #[serde(default)]
+    pub headers_schema: Option<String>,
+    /// A mapping table file (`mode` + `ops`).
+    #[serde(default)]
+    pub map: Option<String>,
+    /// A jq program, run after the table (inline, or `jq_file`).
+    #[serde(default)]
+    pub jq: Option<String>,
+    #[serde(default)]
+    pub jq_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseMediationSpec {
+    /// JSON Schema checked in monitor mode: violations are counted and logged only.
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// Statuses whose bodies are mediated (default: every 2xx).
+    #[serde(default)]
+    pub statuses: Option<Vec<u16>>,
+    /// A mapping table file (`mode` + `ops`).
+    #[serde(default)]
+    pub map: Option<String>,
+    /// A jq program, run after the table (inline, or `jq_file`).
+    #[serde(default)]
+    pub jq: Option<String>,
+    #[serde(default)]
+    pub jq_file: Option<String>,
 }
 
 /// `kind: jwt`: bearer tokens signed by an identity provider.
@@ -341,6 +404,12 @@ pub struct HeaderOps {
     pub remove: Vec<String>,
 }
 
+fn default_transform_ms() -> u64 {
+    100
+}
+fn default_transform_bytes() -> usize {
+    4 * 1024 * 1024
+}
 fn default_margin_ms() -> u64 {
     1000
 }

@@ -26,6 +26,9 @@ pub struct Metrics {
     upstream_duration: HistogramVec,
     pub in_flight: IntGauge,
     pub upstream_up: prometheus::IntGaugeVec,
+    pub mediation_rejections: IntCounterVec,
+    pub mediation_failures: IntCounterVec,
+    pub response_schema_violations: IntCounterVec,
 }
 
 impl Metrics {
@@ -102,8 +105,26 @@ impl Metrics {
             "causeway_erp_circuit_state",
             "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
         );
+        let mediation_rejections = counter(
+            "causeway_mediation_rejections_total",
+            "Requests refused by schema validation before reaching the ERP, by route and location",
+            &["route", "location"],
+        );
+        let mediation_failures = counter(
+            "causeway_mediation_failures_total",
+            "Transformations that failed, by route, direction and kind (mapping, program, timeout, too_large, busy)",
+            &["route", "direction", "kind"],
+        );
+        let response_schema_violations = counter(
+            "causeway_response_schema_violations_total",
+            "ERP responses that violated the route's response schema (monitor mode: passed on unchanged)",
+            &["route"],
+        );
         for c in [
-            Box::new(auth_failures.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(mediation_rejections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(mediation_failures.clone()),
+            Box::new(response_schema_violations.clone()),
+            Box::new(auth_failures.clone()),
             Box::new(ratelimit_rejections.clone()),
             Box::new(erp_admitted.clone()),
             Box::new(erp_rejected.clone()),
@@ -136,6 +157,9 @@ impl Metrics {
             upstream_duration,
             in_flight,
             upstream_up,
+            mediation_rejections,
+            mediation_failures,
+            response_schema_violations,
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod headers;
 pub mod jwks;
+pub mod mediation;
 pub mod ratelimit;
 pub mod throttle;
 
@@ -17,6 +18,7 @@ pub enum Policy {
     Jwt(auth::JwtPolicy),
     ApiKey(auth::ApiKeyPolicy),
     RateLimit(ratelimit::RateLimitPolicy),
+    Mediation(mediation::MediationPolicy),
 }
 
 impl Policy {
@@ -26,6 +28,7 @@ impl Policy {
             Policy::Jwt(p) => &p.name,
             Policy::ApiKey(p) => &p.name,
             Policy::RateLimit(p) => &p.name,
+            Policy::Mediation(p) => &p.name,
         }
     }
 

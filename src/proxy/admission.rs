@@ -1,6 +1,8 @@
-//! Request admission, in pipeline order: authentication → scopes → consumer rate limits → ERP
-//! budget. Each step either lets the request through (recording what it learned in the context)
-//! or returns the `GatewayError` the caller will see; nothing has reached the upstream yet.
+//! Request admission, in pipeline order: authentication → scopes → consumer rate limits
+//! ([`admit`]), then — after mediation, when the route has it — the ERP budget
+//! ([`acquire_erp_permit`]). Each step either lets the request through (recording what it learned
+//! in the context) or returns the `GatewayError` the caller will see; nothing has reached the
+//! upstream yet.
 
 use super::Ctx;
 use crate::error::GatewayError;
@@ -80,7 +82,12 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
         }
     }
 
-    // The ERP's shared budget.
+    Ok(())
+}
+
+/// The ERP's shared budget: a permit held until the context is dropped.
+pub async fn acquire_erp_permit(ctx: &mut Ctx) -> Result<(), GatewayError> {
+    let Some(route) = ctx.route.clone() else { return Ok(()) };
     if let (Some(budget), Some(class)) = (route.upstream.budget.as_ref(), route.erp_class.as_ref()) {
         match budget.budget.acquire(class).await {
             Ok(permit) => ctx.permit = Some(permit),

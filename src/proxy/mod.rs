@@ -3,6 +3,7 @@
 
 mod admission;
 pub mod hygiene;
+mod mediated;
 pub mod router;
 
 use crate::config::{CompiledRoute, Config};
@@ -168,6 +169,20 @@ impl ProxyHttp for Gateway {
             respond_problem(session, ctx, &err).await?;
             return Ok(true);
         }
+        if ctx.route.as_ref().is_some_and(|r| r.mediation().is_some()) {
+            // Mediated routes are answered in-process: the body is checked and transformed
+            // before any byte reaches the ERP, the response before any byte reaches the caller.
+            if let Err(err) = mediated::exchange(session, ctx).await {
+                if session.response_written().is_none() {
+                    respond_problem(session, ctx, &err).await?;
+                }
+            }
+            return Ok(true);
+        }
+        if let Err(err) = admission::acquire_erp_permit(ctx).await {
+            respond_problem(session, ctx, &err).await?;
+            return Ok(true);
+        }
         Ok(false)
     }
 
@@ -199,28 +214,8 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let Some(route) = ctx.route.as_ref() else { return Ok(()) };
-        let uri: http::Uri = ctx
-            .upstream_path
-            .parse()
-            .map_err(|_| Error::explain(ErrorType::InternalError, "rewritten path is not a valid URI"))?;
-        upstream_request.set_uri(uri);
-        hygiene::strip_hop_by_hop_request(upstream_request);
-        // The caller's credential is for the gateway, never for the ERP.
-        upstream_request.remove_header(&http::header::AUTHORIZATION);
-        upstream_request.remove_header("proxy-authorization");
-        upstream_request.insert_header(http::header::HOST, route.upstream.host_header.clone())?;
-        if let Some((name, value)) = &route.upstream.credential {
-            upstream_request.insert_header(name.clone(), value.clone())?;
-        }
-        upstream_request.insert_header(CORRELATION_HEADER, ctx.correlation.correlation_id.as_str())?;
-        upstream_request.insert_header(TRACEPARENT_HEADER, ctx.correlation.traceparent())?;
-        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            hygiene::append_forwarded_for(upstream_request, addr.ip())?;
-        }
-        for policy in &route.policies {
-            policy.on_upstream_request(upstream_request);
-        }
+        let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        prepare_upstream_request(upstream_request, ctx, client_ip)?;
         ctx.upstream_sent = Some(Instant::now());
         Ok(())
     }
@@ -248,32 +243,11 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.upstream_seconds = ctx.upstream_sent.map(|t| t.elapsed().as_secs_f64());
-        let (Some(permit), Some(route)) = (ctx.permit.as_ref(), ctx.route.as_ref()) else { return Ok(()) };
-        let Some(budget) = route.upstream.budget.as_ref() else { return Ok(()) };
-        let status = upstream_response.status.as_u16();
-        let retry_after = upstream_response
-            .headers
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(throttle::parse_retry_after);
-        let status_signal = budget.overload_signals.iter().any(|(s, body)| *s == status && body.is_none());
-        if status == 429 || status == 503 || status_signal {
-            permit.budget().report(throttle::Outcome::Overload(retry_after));
-            let pause = retry_after.unwrap_or(Duration::from_secs(1));
-            ctx.failure = Some(GatewayError::ErpOverloaded {
-                upstream: route.upstream.name.clone(),
-                retry_after: admission::ceil_secs(pause),
-            });
+        let retry_after = upstream_response.headers.get(http::header::RETRY_AFTER);
+        if let Some(err) = report_upstream_status(ctx, upstream_response.status.as_u16(), retry_after) {
+            ctx.failure = Some(err);
             return Err(Error::explain(ErrorType::HTTPStatus(503), "ERP overload signal"));
         }
-        ctx.overload_markers = budget
-            .overload_signals
-            .iter()
-            .filter(|(s, _)| *s == status)
-            .filter_map(|(_, body)| body.clone())
-            .collect();
-        let outcome = if status >= 500 { throttle::Outcome::Failure } else { throttle::Outcome::Success };
-        permit.budget().report(outcome);
         Ok(())
     }
 
@@ -364,6 +338,39 @@ impl ProxyHttp for Gateway {
     }
 }
 
+/// The request as the ERP sees it: rewritten path, no hop-by-hop headers, no caller credential,
+/// the upstream's own credential, correlation and forwarding headers, then the route's header
+/// policies. Shared by the proxied and the in-process (mediated) paths.
+fn prepare_upstream_request(
+    req: &mut RequestHeader,
+    ctx: &Ctx,
+    client_ip: Option<std::net::IpAddr>,
+) -> Result<()> {
+    let Some(route) = ctx.route.as_ref() else { return Ok(()) };
+    let uri: http::Uri = ctx
+        .upstream_path
+        .parse()
+        .map_err(|_| Error::explain(ErrorType::InternalError, "rewritten path is not a valid URI"))?;
+    req.set_uri(uri);
+    hygiene::strip_hop_by_hop_request(req);
+    // The caller's credential is for the gateway, never for the ERP.
+    req.remove_header(&http::header::AUTHORIZATION);
+    req.remove_header("proxy-authorization");
+    req.insert_header(http::header::HOST, route.upstream.host_header.clone())?;
+    if let Some((name, value)) = &route.upstream.credential {
+        req.insert_header(name.clone(), value.clone())?;
+    }
+    req.insert_header(CORRELATION_HEADER, ctx.correlation.correlation_id.as_str())?;
+    req.insert_header(TRACEPARENT_HEADER, ctx.correlation.traceparent())?;
+    if let Some(ip) = client_ip {
+        hygiene::append_forwarded_for(req, ip)?;
+    }
+    for policy in &route.policies {
+        policy.on_upstream_request(req);
+    }
+    Ok(())
+}
+
 /// Map a pingora error to what the caller is told; `None` when the caller is gone.
 fn classify(e: &Error, upstream: String) -> Option<GatewayError> {
     use ErrorType::*;
@@ -388,6 +395,36 @@ fn classify(e: &Error, upstream: String) -> Option<GatewayError> {
         }
         _ => Some(GatewayError::Internal),
     }
+}
+
+/// Report the ERP's answer to its budget. An overload answer (429, 503 or a vendor status signal)
+/// pauses the budget and becomes the caller's 503; body signals are armed for the body scan.
+fn report_upstream_status(
+    ctx: &mut Ctx,
+    status: u16,
+    retry_after: Option<&http::HeaderValue>,
+) -> Option<GatewayError> {
+    let (Some(permit), Some(route)) = (ctx.permit.as_ref(), ctx.route.as_ref()) else { return None };
+    let budget = route.upstream.budget.as_ref()?;
+    let retry_after = retry_after.and_then(|v| v.to_str().ok()).and_then(throttle::parse_retry_after);
+    let status_signal = budget.overload_signals.iter().any(|(s, body)| *s == status && body.is_none());
+    if status == 429 || status == 503 || status_signal {
+        permit.budget().report(throttle::Outcome::Overload(retry_after));
+        let pause = retry_after.unwrap_or(Duration::from_secs(1));
+        return Some(GatewayError::ErpOverloaded {
+            upstream: route.upstream.name.clone(),
+            retry_after: admission::ceil_secs(pause),
+        });
+    }
+    ctx.overload_markers = budget
+        .overload_signals
+        .iter()
+        .filter(|(s, _)| *s == status)
+        .filter_map(|(_, body)| body.clone())
+        .collect();
+    let outcome = if status >= 500 { throttle::Outcome::Failure } else { throttle::Outcome::Success };
+    permit.budget().report(outcome);
+    None
 }
 
 /// Look for a vendor's overload marker in the first 64 KiB of a response body.
