@@ -138,6 +138,9 @@ pub struct Config {
     pub health_probe_interval: Duration,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub router: Router,
+    /// Every compiled policy by name, whether or not a route names it (dialect policies that
+    /// wait for their route file, for instance).
+    pub policies: HashMap<String, Arc<Policy>>,
     pub sandbox: Option<SandboxSettings>,
     pub store_path: PathBuf,
 }
@@ -311,6 +314,7 @@ pub fn load_with_state(
         health_probe_interval: Duration::from_secs(main.health_probe_seconds.max(1)),
         upstreams,
         router: Router::new(routes),
+        policies,
         sandbox,
         store_path,
     })
