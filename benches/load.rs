@@ -6,6 +6,8 @@
 //!   scripts/bench memory          # RSS idle and per idle keep-alive connection (5,000 of them)
 //!   scripts/bench policies        # JWT (RS256) + rate limit + ERP budget vs bare pingora and
 //!                                 # Envoy with jwt_authn + local_ratelimit (needs `envoy`)
+//!   scripts/bench mediation       # POST of a canonical order: a mediated route (schema +
+//!                                 # request/response mapping) vs the same route unmediated
 //!
 //! Needs `wrk` and `nginx` (scripts/bench installs them). Environment: BENCH_ROUNDS (3),
 //! BENCH_SECONDS (5), BENCH_CONNECTIONS (50), BENCH_IDLE_CONNECTIONS (5000), BENCH_READ_BUFFER
@@ -24,6 +26,7 @@ const BARE: u16 = 18083;
 const GATEWAY: u16 = 18088;
 const GATEWAY_POLICIES: u16 = 18098;
 const ENVOY_POLICIES: u16 = 18085;
+const GATEWAY_MEDIATION: u16 = 18108;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -33,12 +36,18 @@ fn main() {
     }
     raise_fd_limit();
     let work = tempfile::tempdir().expect("temp dir");
-    let mode =
-        ["memory", "policies"].into_iter().find(|m| args.iter().any(|a| a == m)).unwrap_or("throughput");
+    let mode = ["memory", "policies", "mediation"]
+        .into_iter()
+        .find(|m| args.iter().any(|a| a == m))
+        .unwrap_or("throughput");
     let mut procs = Procs::default();
     let peers = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers");
     let big = mode == "memory";
     procs.add("origin", nginx(&peers.join("upstream.nginx.conf"), work.path(), big), ORIGIN);
+    if mode == "mediation" {
+        mediation::run(&mut procs, work.path());
+        return;
+    }
     if mode != "policies" {
         procs.add("nginx", nginx(&peers.join("proxy.nginx.conf"), work.path(), big), NGINX);
     }
@@ -171,16 +180,29 @@ struct WrkResult {
 }
 
 fn wrk(port: u16, pid: u32, seconds: u64, connections: u64, token: Option<&str>) -> WrkResult {
+    wrk_with(port, pid, seconds, connections, token, "/api/v2.0/salesOrders", None)
+}
+
+/// wrk against `path`, with an optional Lua script (e.g. one that POSTs a body).
+fn wrk_with(
+    port: u16,
+    pid: u32,
+    seconds: u64,
+    connections: u64,
+    token: Option<&str>,
+    path: &str,
+    script: Option<&Path>,
+) -> WrkResult {
     let cpu_before = cpu_ticks(pid);
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"]);
     if let Some(t) = token {
         cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
     }
-    let out = cmd
-        .arg(format!("http://127.0.0.1:{port}/api/v2.0/salesOrders"))
-        .output()
-        .expect("wrk (apt-get install wrk)");
+    if let Some(s) = script {
+        cmd.arg("-s").arg(s);
+    }
+    let out = cmd.arg(format!("http://127.0.0.1:{port}{path}")).output().expect("wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout);
     let rps = text
         .lines()
@@ -499,5 +521,111 @@ mod bare {
         proxy.add_listener(listener);
         server.add_service(proxy);
         server.run_forever();
+    }
+}
+
+/// A mediated route against the same route without mediation, in one gateway process: a POST of a
+/// canonical sales order (about 500 bytes) answered by the origin with a Business Central order
+/// (about 2 KB). The mediated route validates the body against the canonical schema, maps it to
+/// Business Central, and maps the answer back (plus the response schema in monitor mode).
+mod mediation {
+    use super::*;
+
+    pub fn run(procs: &mut Procs, work: &Path) {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = work.join("gateway-mediation");
+        std::fs::create_dir_all(dir.join("routes")).unwrap();
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        std::fs::copy(repo.join("policies/mediation.yaml"), dir.join("policies/mediation.yaml")).unwrap();
+        for sub in ["schemas", "mappings"] {
+            copy_tree(&repo.join("policies").join(sub), &dir.join("policies").join(sub));
+        }
+        std::fs::write(
+            dir.join("causeway.yaml"),
+            format!(
+                "listen: {{ proxy: 127.0.0.1:{GATEWAY_MEDIATION}, admin: 127.0.0.1:18109, metrics: 127.0.0.1:18110 }}\n\
+                 threads: 1\nupstreams:\n  origin:\n    url: http://127.0.0.1:{ORIGIN}\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("routes/bench.yaml"),
+            "routes:\n  - name: plain\n    match: { methods: [POST], path: /plain/sales-orders }\n    upstream: origin\n    rewrite: /bench/sales-order\n\
+             \x20 - name: mediated\n    match: { methods: [POST], path: /mediated/sales-orders }\n    upstream: origin\n    rewrite: /bench/sales-order\n    policies: [canonical-sales-order-create-bc]\n",
+        )
+        .unwrap();
+        let child = spawn(Command::new(env!("CARGO_BIN_EXE_causeway")).args(["serve", "-c"]).arg(&dir));
+        procs.list.push(("causeway-mediation", child, GATEWAY_MEDIATION));
+        wait_port(GATEWAY_MEDIATION, "causeway-mediation");
+
+        let order = serde_json::json!({
+            "customerNumber": "C10000", "externalReference": "006Dn000004ZqXcIAK", "currency": "EUR",
+            "orderDate": "2026-11-27",
+            "lines": [{"item": "1900-S", "quantity": 2, "unitPrice": 19.99, "discountPercent": 5},
+                      {"item": "1904-W", "quantity": 0.5, "unitPrice": 99.18}]
+        });
+        let body = serde_json::to_string(&order).unwrap().replace('\\', "\\\\").replace('"', "\\\"");
+        let script = work.join("post.lua");
+        std::fs::write(
+            &script,
+            format!("wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = \"{body}\"\n"),
+        )
+        .unwrap();
+
+        let rounds = env_num("BENCH_ROUNDS", 3);
+        let seconds = env_num("BENCH_SECONDS", 5);
+        let conns = env_num("BENCH_CONNECTIONS", 50);
+        let gw_pid = worker_pid("causeway-mediation", procs.pid("causeway-mediation"));
+        let origin_pid = worker_pid("origin", procs.pid("origin"));
+        let targets: [(&str, u16, u32, &str); 3] = [
+            ("(a) origin direct", ORIGIN, origin_pid, "/bench/sales-order"),
+            ("(u) unmediated", GATEWAY_MEDIATION, gw_pid, "/plain/sales-orders"),
+            ("(m) mediated", GATEWAY_MEDIATION, gw_pid, "/mediated/sales-orders"),
+        ];
+        println!("load: POST canonical order, wrk -t1 -c{conns} -d{seconds}s, {rounds} alternating rounds; medians");
+        let mut results: Vec<Vec<WrkResult>> = targets.iter().map(|_| Vec::new()).collect();
+        for round in 0..rounds {
+            for (i, (name, port, pid, path)) in targets.iter().enumerate() {
+                let r = wrk_with(*port, *pid, seconds, conns, None, path, Some(&script));
+                eprintln!(
+                    "  round {} {name:<18} {:>9.0} req/s  cpu {:>5.1} us/req  p50 {:.3} ms  p99 {:.3} ms  errors {}",
+                    round + 1, r.rps, r.cpu_us, r.p50_ms, r.p99_ms, r.errors
+                );
+                results[i].push(r);
+            }
+        }
+        let mut rps = Vec::new();
+        let mut cpu = Vec::new();
+        for ((name, ..), rs) in targets.iter().zip(&results) {
+            let m = median(rs.iter().map(|r| r.rps).collect());
+            let c = median(rs.iter().map(|r| r.cpu_us).collect());
+            let errors: u64 = rs.iter().map(|r| r.errors).sum();
+            println!(
+                "{name:<20} {m:>9.0} req/s  cpu {c:>5.1} us/req  p50 {:>6.3} ms  p99 {:>6.3} ms  errors {errors}",
+                median(rs.iter().map(|r| r.p50_ms).collect()),
+                median(rs.iter().map(|r| r.p99_ms).collect())
+            );
+            rps.push(m);
+            cpu.push(c);
+        }
+        println!("ratio m/u (mediated / unmediated req/s): {:.2}", rps[2] / rps[1]);
+        println!(
+            "cpu per request m/u: {:.2}  (mediation adds {:.1} us/request)",
+            cpu[2] / cpu[1],
+            cpu[2] - cpu[1]
+        );
+    }
+
+    fn copy_tree(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            let target = to.join(path.file_name().unwrap());
+            if path.is_dir() {
+                copy_tree(&path, &target);
+            } else {
+                std::fs::copy(&path, &target).unwrap();
+            }
+        }
     }
 }

@@ -57,16 +57,20 @@ impl Reloader {
     }
 }
 
-/// Only `causeway.yaml` and YAML files in `routes/` and `policies/` are configuration: logs, the
-/// store or editor swap files in the same directory must not trigger reloads.
+/// Only `causeway.yaml`, YAML files in `routes/` and `policies/`, and the schemas, mappings and
+/// jq programs anywhere under `policies/` are configuration: logs, the store or editor swap files
+/// in the same directory must not trigger reloads.
 fn is_config_path(dir: &std::path::Path, path: &std::path::Path) -> bool {
     let Ok(rel) = path.strip_prefix(dir) else { return false };
-    let mut parts = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned());
-    let (Some(first), second, None) = (parts.next(), parts.next(), parts.next()) else { return false };
-    let yaml = |name: &str| !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"));
-    match second {
-        None => first == crate::config::MAIN_FILE,
-        Some(name) => (first == "routes" || first == "policies") && yaml(&name),
+    let parts: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    let Some(name) = parts.last() else { return false };
+    let yaml = !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"));
+    let policy_file = yaml || (!name.starts_with('.') && (name.ends_with(".json") || name.ends_with(".jq")));
+    match parts.as_slice() {
+        [only] => only == crate::config::MAIN_FILE,
+        [first, _] if first == "routes" => yaml,
+        [first, ..] if first == "policies" => policy_file,
+        _ => false,
     }
 }
 
@@ -127,5 +131,8 @@ mod tests {
         assert!(!is_config_path(dir, Path::new("/etc/causeway/data/causeway.db")));
         assert!(!is_config_path(dir, Path::new("/etc/causeway/routes/.erp.yaml.swp")));
         assert!(!is_config_path(dir, Path::new("/etc/causeway/routes/sub/x.yaml")));
+        assert!(is_config_path(dir, Path::new("/etc/causeway/policies/schemas/canonical/order.json")));
+        assert!(is_config_path(dir, Path::new("/etc/causeway/policies/mappings/sap/order.jq")));
+        assert!(!is_config_path(dir, Path::new("/etc/causeway/policies/mappings/.order.yaml.swp")));
     }
 }

@@ -117,7 +117,7 @@ fn compile_jwt(
         }
         (None, Some(file)) => {
             let path = dir.join(file);
-            let bytes = std::fs::read(&path).map_err(|e| format!("jwks_file {}: {e}", path.display()))?;
+            let bytes = read_bounded(&path).map_err(|e| format!("jwks_file {e}"))?.into_bytes();
             KeySource::Static(parse_jwks(&bytes).map_err(|e| format!("jwks_file {}: {e}", path.display()))?)
         }
         _ => return Err("set exactly one of jwks_url and jwks_file".into()),
@@ -157,15 +157,15 @@ fn compile_jwt(
 /// to `policies/`.
 fn compile_mediation(spec: &MediationSpec, dir: &Path) -> Result<mediation::MediationPolicy, String> {
     let schema = |file: &Option<String>| -> Result<Option<Schema>, String> {
-        file.as_ref().map(|f| Schema::load(&dir.join(f))).transpose()
+        file.as_ref().map(|f| Schema::load(&inside(dir, f)?)).transpose()
     };
     let transform = |map: &Option<String>, jq: &Option<String>, jq_file: &Option<String>| {
         let table = match map {
             Some(file) => {
-                let path = dir.join(file);
+                let path = inside(dir, file)?;
                 let spec = read_table(&path)?;
                 let base = path.parent().unwrap_or(dir).to_path_buf();
-                let include = |f: &str| read_table(&base.join(f));
+                let include = |f: &str| read_table(&inside(&base, f)?);
                 Some(
                     table::Table::compile_with(&spec, &include)
                         .map_err(|e| format!("map {}: {e}", path.display()))?,
@@ -176,9 +176,8 @@ fn compile_mediation(spec: &MediationSpec, dir: &Path) -> Result<mediation::Medi
         let program = match (jq, jq_file) {
             (Some(code), None) => Some(JqProgram::compile(code)?),
             (None, Some(file)) => {
-                let path = dir.join(file);
-                let code =
-                    std::fs::read_to_string(&path).map_err(|e| format!("jq_file {}: {e}", path.display()))?;
+                let path = inside(dir, file)?;
+                let code = read_bounded(&path).map_err(|e| format!("jq_file {e}"))?;
                 Some(JqProgram::compile(&code).map_err(|e| format!("jq_file {}: {e}", path.display()))?)
             }
             (Some(_), Some(_)) => return Err("set at most one of jq and jq_file".to_string()),
@@ -226,6 +225,39 @@ fn compile_mediation(spec: &MediationSpec, dir: &Path) -> Result<mediation::Medi
 }
 
 fn read_table(path: &Path) -> Result<table::TableSpec, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("map {}: {e}", path.display()))?;
+    let text = read_bounded(path).map_err(|e| format!("map {e}"))?;
     serde_saphyr::from_str(&text).map_err(|e| format!("map {}: {e}", path.display()))
+}
+
+/// Files a policy refers to stay inside the configuration (relative, no `..`), so `causeway
+/// check` sees everything the gateway will load.
+fn inside(dir: &Path, file: &str) -> Result<std::path::PathBuf, String> {
+    let relative = Path::new(file);
+    let escapes = relative
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+    if file.is_empty() || escapes {
+        return Err(format!("`{file}` must be a path relative to policies/, without `..`"));
+    }
+    Ok(dir.join(relative))
+}
+
+/// Schemas, mappings and programs are small; a bound keeps a wrong path (a device, a dump)
+/// from stalling the load.
+pub const MAX_POLICY_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+pub fn read_bounded(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
+    let mut text = String::new();
+    file.take(MAX_POLICY_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_POLICY_FILE_BYTES {
+        return Err(format!("{}: larger than {MAX_POLICY_FILE_BYTES} bytes", path.display()));
+    }
+    Ok(text)
 }

@@ -28,7 +28,7 @@ pub async fn exchange(session: &mut Session, ctx: &mut Ctx) -> Result<(), Gatewa
     let upstream = route.upstream.name.as_str();
 
     let body = read_request_body(session, route.max_body_bytes).await?;
-    let upstream_body = mediate_request(session, ctx, mediation, body)?;
+    let upstream_body = mediate_request(session, ctx, mediation, body).await?;
 
     admission::acquire_erp_permit(ctx).await?;
     let response = call_upstream(session, ctx, upstream_body).await?;
@@ -42,7 +42,7 @@ pub async fn exchange(session: &mut Session, ctx: &mut Ctx) -> Result<(), Gatewa
     if !ctx.overload_markers.is_empty() {
         scan_for_overload(ctx, Some(&body), true);
     }
-    let (body, transformed) = mediate_response(ctx, mediation, status, body)?;
+    let (body, transformed) = mediate_response(ctx, mediation, status, body).await?;
     respond(session, ctx, status, &headers, body, transformed).await;
     Ok(())
 }
@@ -67,7 +67,7 @@ async fn read_request_body(session: &mut Session, limit: u64) -> Result<Bytes, G
 
 /// Schema checks (every violation at once), then the request transformation. Returns the body
 /// to send to the ERP.
-fn mediate_request(
+async fn mediate_request(
     session: &Session,
     ctx: &Ctx,
     mediation: &MediationPolicy,
@@ -95,7 +95,8 @@ fn mediate_request(
             let transform = mediation.request.as_ref().map(|r| &r.transform);
             if let Some(transform) = transform.filter(|t| !t.is_identity() && violations.is_empty()) {
                 upstream_body = transform
-                    .apply(document, mediation.limits)
+                    .apply_async(document, mediation.limits)
+                    .await
                     .map_err(|f| failure(ctx, mediation, Direction::Request, f))?;
             }
         }
@@ -228,7 +229,7 @@ async fn read_response_body(
 
 /// Monitor the response against its schema, then transform it. Returns the body for the caller
 /// and whether it was rewritten.
-fn mediate_response(
+async fn mediate_response(
     ctx: &Ctx,
     mediation: &MediationPolicy,
     status: u16,
@@ -237,7 +238,8 @@ fn mediate_response(
     let Some(response) = mediation.response.as_ref().filter(|_| mediation.response_applies(status)) else {
         return Ok((body, false));
     };
-    if response.schema.is_none() && response.transform.is_identity() {
+    // Nothing to map (204, or an empty 200): passed on as it is.
+    if body.is_empty() || (response.schema.is_none() && response.transform.is_identity()) {
         return Ok((body, false));
     }
     let document = match serde_json::from_slice::<Value>(&body) {
@@ -274,7 +276,8 @@ fn mediate_response(
     }
     let out = response
         .transform
-        .apply(document, mediation.limits)
+        .apply_async(document, mediation.limits)
+        .await
         .map_err(|f| failure(ctx, mediation, Direction::Response, f))?;
     Ok((out, true))
 }

@@ -86,6 +86,10 @@ pub struct GatewayOptions {
     /// Extra YAML under `upstreams.bc` (indented four spaces), e.g. a `budget:` block.
     pub upstream_extra: String,
     pub env: Vec<(String, String)>,
+    /// Copy the shipped `policies/mediation.yaml`, `policies/schemas` and `policies/mappings`.
+    pub shipped_mediation: bool,
+    /// Extra files, relative to `policies/` (schemas, mappings, jq programs).
+    pub policy_files: Vec<(String, String)>,
 }
 
 /// Routes used by most tests: a rewrite onto the sandbox company, a small body limit, a short deadline.
@@ -129,6 +133,8 @@ impl GatewayOptions {
             grace_seconds: 5,
             upstream_extra: String::new(),
             env: Vec::new(),
+            shipped_mediation: false,
+            policy_files: Vec::new(),
         }
     }
 }
@@ -159,6 +165,31 @@ upstreams:
     std::fs::create_dir_all(dir.join("policies")).unwrap();
     std::fs::write(dir.join("routes/routes.yaml"), &opts.routes_yaml).unwrap();
     std::fs::write(dir.join("policies/policies.yaml"), &opts.policies_yaml).unwrap();
+    if opts.shipped_mediation {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        std::fs::copy(shipped.join("mediation.yaml"), dir.join("policies/mediation.yaml")).unwrap();
+        for sub in ["schemas", "mappings"] {
+            copy_tree(&shipped.join(sub), &dir.join("policies").join(sub));
+        }
+    }
+    for (path, text) in &opts.policy_files {
+        let target = dir.join("policies").join(path);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::write(target, text).unwrap();
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_tree(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
 }
 
 pub fn binary() -> PathBuf {

@@ -47,6 +47,8 @@ pub struct ReceivedRequest {
     pub method: String,
     pub uri: String,
     pub headers: BTreeMap<String, String>,
+    /// The body as text, cut at 64 KiB (what mediation sent, for tests to inspect).
+    pub body: String,
 }
 
 #[derive(Default)]
@@ -205,7 +207,7 @@ async fn put_settings(State(sb): State<Sandbox>, Json(spec): Json<LimitsSpec>) -
     Json(spec)
 }
 
-fn record(sb: &Sandbox, method: &Method, uri: &Uri, headers: &HeaderMap) {
+fn record(sb: &Sandbox, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) {
     let headers = headers
         .iter()
         .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
@@ -214,7 +216,8 @@ fn record(sb: &Sandbox, method: &Method, uri: &Uri, headers: &HeaderMap) {
     if recent.len() == RECENT_REQUESTS {
         recent.pop_front();
     }
-    recent.push_back(ReceivedRequest { method: method.to_string(), uri: uri.to_string(), headers });
+    let body = String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]).into_owned();
+    recent.push_back(ReceivedRequest { method: method.to_string(), uri: uri.to_string(), headers, body });
 }
 
 async fn api(
@@ -224,7 +227,7 @@ async fn api(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    record(&sb, &method, &uri, &headers);
+    record(&sb, &method, &uri, &headers, &body);
     sb.inner.counters.lock().requests_total += 1;
     if let Some(token) = &sb.inner.token {
         let expected = format!("Bearer {token}");

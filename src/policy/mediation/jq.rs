@@ -82,7 +82,22 @@ impl JqProgram {
         }
     }
 
-    /// Run on the worker pool, waiting at most `limit`.
+    /// Run on the worker pool; the calling task waits at most `limit` without blocking its thread.
+    pub async fn run_bounded_async(&self, input: Value, limit: Duration) -> Result<Value, JqFailure> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let program = self.clone();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(program.run_inline(&input));
+        });
+        pool().try_send(job).map_err(|_| JqFailure::Busy)?;
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(result)) => result.map_err(JqFailure::Program),
+            Ok(Err(_)) => Err(JqFailure::Program("the jq worker stopped".into())),
+            Err(_) => Err(JqFailure::Timeout),
+        }
+    }
+
+    /// Run on the worker pool, blocking the calling thread at most `limit` (benchmarks, tools).
     pub fn run_bounded(&self, input: Value, limit: Duration) -> Result<Value, JqFailure> {
         let (tx, rx) = mpsc::sync_channel(1);
         let program = self.clone();

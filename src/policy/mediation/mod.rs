@@ -134,26 +134,48 @@ impl Transform {
         self.table.is_none() && self.jq.is_none()
     }
 
-    /// Map, then run the program, then serialize within the size bound.
+    /// Map, then run the program, then serialize within the size bound. Blocks the calling
+    /// thread while a jq program runs: for tools, tests and benchmarks.
     pub fn apply(&self, input: Value, limits: Limits) -> Result<Bytes, TransformFailure> {
-        let mut value = input;
-        if let Some(table) = &self.table {
-            value = table
-                .apply(&value)
-                .map_err(|e| TransformFailure::Mapping { pointer: e.pointer, detail: e.message })?;
-        }
+        let mut value = self.map(input)?;
         if let Some(program) = &self.jq {
-            value = program.run_bounded(value, limits.timeout).map_err(|e| match e {
-                JqFailure::Program(m) => TransformFailure::Program(m),
-                JqFailure::Timeout => TransformFailure::Timeout,
-                JqFailure::Busy => TransformFailure::Busy,
-            })?;
+            value = program.run_bounded(value, limits.timeout).map_err(jq_failure)?;
         }
-        let mut out = Vec::with_capacity(1024);
-        serde_json::to_writer(BoundedWriter { out: &mut out, limit: limits.max_output_bytes }, &value)
-            .map_err(|_| TransformFailure::TooLarge)?;
-        Ok(Bytes::from(out))
+        serialize(&value, limits)
     }
+
+    /// [`Transform::apply`] for the request path: a jq program runs off the runtime's threads.
+    pub async fn apply_async(&self, input: Value, limits: Limits) -> Result<Bytes, TransformFailure> {
+        let mut value = self.map(input)?;
+        if let Some(program) = &self.jq {
+            value = program.run_bounded_async(value, limits.timeout).await.map_err(jq_failure)?;
+        }
+        serialize(&value, limits)
+    }
+
+    fn map(&self, input: Value) -> Result<Value, TransformFailure> {
+        match &self.table {
+            Some(table) => table
+                .apply(&input)
+                .map_err(|e| TransformFailure::Mapping { pointer: e.pointer, detail: e.message }),
+            None => Ok(input),
+        }
+    }
+}
+
+fn jq_failure(e: JqFailure) -> TransformFailure {
+    match e {
+        JqFailure::Program(m) => TransformFailure::Program(m),
+        JqFailure::Timeout => TransformFailure::Timeout,
+        JqFailure::Busy => TransformFailure::Busy,
+    }
+}
+
+fn serialize(value: &Value, limits: Limits) -> Result<Bytes, TransformFailure> {
+    let mut out = Vec::with_capacity(1024);
+    serde_json::to_writer(BoundedWriter { out: &mut out, limit: limits.max_output_bytes }, value)
+        .map_err(|_| TransformFailure::TooLarge)?;
+    Ok(Bytes::from(out))
 }
 
 /// Stops serialization as soon as the bound is crossed instead of after a huge allocation.

@@ -21,7 +21,7 @@ impl std::fmt::Debug for Schema {
 
 impl Schema {
     pub fn load(path: &Path) -> Result<Schema, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("schema {}: {e}", path.display()))?;
+        let text = crate::config::policies::read_bounded(path).map_err(|e| format!("schema {e}"))?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| format!("schema {}:{}:{}: not JSON: {e}", path.display(), e.line(), e.column()))?;
         Schema::compile(&value, &path.display().to_string())
