@@ -171,11 +171,11 @@ fn sap_create_speaks_odata_v2_decimal_strings_dates_and_numbered_items() {
                 {"SalesOrderItem": "10", "Material": "1900-S", "SalesOrderItemText": "ATHENS Desk – höhenverstellbar ✓",
                  "RequestedQuantity": "2",
                  "to_PricingElement": [
-                     {"ConditionType": "PR00", "ConditionRateValue": "19.99", "ConditionCurrency": "EUR"},
+                     {"ConditionType": "PR00", "ConditionRateValue": "19.99"},
                      {"ConditionType": "K007", "ConditionRateValue": "5"}
                  ]},
                 {"SalesOrderItem": "20", "Material": "1924-W", "RequestedQuantity": "0.5",
-                 "to_PricingElement": [{"ConditionType": "PR00", "ConditionRateValue": "2299.34", "ConditionCurrency": "EUR"}]}
+                 "to_PricingElement": [{"ConditionType": "PR00", "ConditionRateValue": "2299.34"}]}
             ]
         })
     );

@@ -50,6 +50,9 @@ pub enum OpSpec {
     Apply(EachSpec),
     /// Find the first element of an array whose members equal `match`, take a value from it.
     Lookup(LookupSpec),
+    /// Append to an array an element made from a template and one value from the source, when
+    /// the source is present and not null (SAP pricing elements from a price and a discount).
+    Append(AppendSpec),
     /// Replace a code by its counterpart (`A` → `Open`); unknown codes stay, or become `otherwise`.
     Translate {
         at: String,
@@ -57,6 +60,38 @@ pub enum OpSpec {
         #[serde(default)]
         otherwise: Option<Value>,
     },
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AppendSpec {
+    pub from: String,
+    /// The array appended to (created when absent).
+    pub to: String,
+    /// The element's template.
+    pub value: Value,
+    /// Where in the element the source value goes.
+    pub at: String,
+    #[serde(default)]
+    pub convert: Option<String>,
+}
+
+/// Numbers the mapped elements of an `each`: `start`, `start + step`, ... at `to` in each element.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct IndexSpec {
+    pub to: String,
+    #[serde(default = "one")]
+    pub start: i64,
+    #[serde(default = "one")]
+    pub step: i64,
+    /// Write the number as a string (OData v2 item numbers: `"10"`).
+    #[serde(default)]
+    pub as_string: bool,
+}
+
+fn one() -> i64 {
+    1
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -102,6 +137,9 @@ pub struct EachSpec {
     /// ... or in another mapping file (relative to this one), shared e.g. by a list and its item.
     #[serde(default)]
     pub map: Option<String>,
+    /// Number the mapped elements (`each` only).
+    #[serde(default)]
+    pub index: Option<IndexSpec>,
 }
 
 /// A compiled table.
@@ -139,11 +177,20 @@ enum Op {
         from: Pointer,
         to: Pointer,
         table: Table,
+        /// Element pointer, start, step, as a string.
+        index: Option<(Pointer, i64, i64, bool)>,
     },
     Apply {
         from: Pointer,
         to: Pointer,
         table: Table,
+    },
+    Append {
+        from: Pointer,
+        to: Pointer,
+        value: Value,
+        at: Pointer,
+        convert: Option<Conversion>,
     },
     Lookup {
         from: Pointer,
@@ -242,7 +289,7 @@ impl Table {
                         *slot = with.apply(slot).map_err(|m| err(at, m))?;
                     }
                 }
-                Op::Each { from, to, table } => {
+                Op::Each { from, to, table, index } => {
                     let source = match self.mode {
                         Mode::Build => from.get(input),
                         Mode::Passthrough => from.get(&out),
@@ -256,7 +303,13 @@ impl Table {
                     };
                     let mut mapped = Vec::with_capacity(items.len());
                     for (i, item) in items.iter().enumerate() {
-                        mapped.push(table.apply_at(item, &format!("{base}{from}/{i}"))?);
+                        let mut element = table.apply_at(item, &format!("{base}{from}/{i}"))?;
+                        if let Some((at, start, step, as_string)) = index {
+                            let n = start.saturating_add(step.saturating_mul(i as i64));
+                            let n = if *as_string { Value::String(n.to_string()) } else { Value::from(n) };
+                            at.set(&mut element, n).map_err(|m| err(at, m))?;
+                        }
+                        mapped.push(element);
                     }
                     to.set(&mut out, Value::Array(mapped)).map_err(|m| err(to, m))?;
                 }
@@ -268,6 +321,31 @@ impl Table {
                     let Some(source) = source.filter(|v| !v.is_null()) else { continue };
                     let mapped = table.apply_at(source, &format!("{base}{from}"))?;
                     to.set(&mut out, mapped).map_err(|m| err(to, m))?;
+                }
+                Op::Append { from, to, value, at, convert } => {
+                    let source = match self.mode {
+                        Mode::Build => from.get(input).cloned(),
+                        Mode::Passthrough => from.get(&out).cloned(),
+                    };
+                    let Some(source) = source.filter(|v| !v.is_null()) else { continue };
+                    let source = match convert {
+                        Some(c) => c.apply(&source).map_err(|m| err(from, m))?,
+                        None => source,
+                    };
+                    let mut element = value.clone();
+                    at.set(&mut element, source).map_err(|m| err(at, m))?;
+                    match to.get_mut(&mut out) {
+                        Some(Value::Array(list)) => list.push(element),
+                        Some(Value::Null) | None => {
+                            to.set(&mut out, Value::Array(vec![element])).map_err(|m| err(to, m))?
+                        }
+                        Some(other) => {
+                            return Err(err(
+                                to,
+                                format!("expected an array to append to, found {}", kind(other)),
+                            ))
+                        }
+                    }
                 }
                 Op::Lookup { from, matcher, take, to, convert } => {
                     let source = match self.mode {
@@ -386,12 +464,24 @@ fn compile_ops(
                     (None, _) => compile_ops(e.mode, &e.ops, &format!("{here}.each.ops"), include, depth)?,
                     (Some(_), false) => return Err(format!("{here}: each takes `ops` or `map`, not both")),
                 };
+                let index = match (&e.index, spec) {
+                    (Some(ix), OpSpec::Each(_)) => Some((ptr(&ix.to)?, ix.start, ix.step, ix.as_string)),
+                    (Some(_), _) => return Err(format!("{here}: `index` belongs to each, not apply")),
+                    (None, _) => None,
+                };
                 if matches!(spec, OpSpec::Apply(_)) {
                     Op::Apply { from, to, table }
                 } else {
-                    Op::Each { from, to, table }
+                    Op::Each { from, to, table, index }
                 }
             }
+            OpSpec::Append(a) => Op::Append {
+                from: ptr(&a.from)?,
+                to: ptr(&a.to)?,
+                value: a.value.clone(),
+                at: ptr(&a.at)?,
+                convert: a.convert.as_deref().map(conversion).transpose()?,
+            },
             OpSpec::Lookup(l) => Op::Lookup {
                 from: ptr(&l.from)?,
                 matcher: l.matcher.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -496,6 +586,30 @@ mod tests {
         assert_eq!(wrap.apply(&json!({"a": 1})).unwrap(), json!({"d": {"a": 1}}));
         let unwrap = table("mode: build\nops:\n  - copy: {from: /d/results, to: ''}\n");
         assert_eq!(unwrap.apply(&json!({"d": {"results": [1]}})).unwrap(), json!([1]));
+    }
+
+    #[test]
+    fn each_numbers_elements_and_append_builds_arrays_from_templates() {
+        let t = table(concat!(
+            "mode: build\nops:\n  - each:\n      from: /lines\n      to: /items\n      mode: build\n",
+            "      index: {to: /No, start: 10, step: 10, as_string: true}\n      ops:\n",
+            "        - append: {from: /price, to: /pricing, value: {Type: PR00}, at: /Rate, convert: number_to_string}\n",
+            "        - append: {from: /discount, to: /pricing, value: {Type: K007}, at: /Rate, convert: number_to_string}\n",
+        ));
+        let out = t
+            .apply(&json!({"lines": [{"price": 9.5, "discount": 5}, {"discount": null}, {"price": 0.1}]}))
+            .unwrap();
+        assert_eq!(
+            out,
+            json!({"items": [
+                {"No": "10", "pricing": [{"Type": "PR00", "Rate": "9.5"}, {"Type": "K007", "Rate": "5"}]},
+                {"No": "20"},
+                {"No": "30", "pricing": [{"Type": "PR00", "Rate": "0.1"}]}
+            ]})
+        );
+        let numbers =
+            table("mode: build\nops:\n  - each: {from: /l, to: /l, mode: build, index: {to: /n}, ops: []}\n");
+        assert_eq!(numbers.apply(&json!({"l": [{}, {}]})).unwrap(), json!({"l": [{"n": 1}, {"n": 2}]}));
     }
 
     #[test]
