@@ -9,6 +9,7 @@ pub mod erp;
 pub mod error;
 pub mod observe;
 pub mod policy;
+pub mod process;
 pub mod proxy;
 pub mod reload;
 pub mod server;

@@ -103,3 +103,39 @@ fn reports_every_problem_not_only_the_first() {
     assert!(err.contains("missing-one") && err.contains("`nope`") && err.contains("is not set"), "{err}");
     assert!(err.contains("3 problem(s) found"), "{err}");
 }
+
+#[test]
+fn process_rules_and_mediation_files_are_checked_with_file_and_line() {
+    let dir = valid_dir();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/process");
+    let process = dir.path().join("policies/process");
+    std::fs::create_dir_all(&process).unwrap();
+    for f in std::fs::read_dir(&shipped).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, process.join(f.file_name().unwrap())).unwrap();
+    }
+    let env = [("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")];
+    assert!(check(dir.path(), &env).0, "the shipped process rules are valid");
+
+    let pricing = process.join("pricing.yaml");
+    let text = std::fs::read_to_string(&pricing).unwrap() + "tolerance_pct: 2\n";
+    std::fs::write(&pricing, &text).unwrap();
+    let line_no = text.lines().count();
+    // And a mediation policy whose mapping names an unknown conversion.
+    std::fs::create_dir_all(dir.path().join("policies/maps")).unwrap();
+    std::fs::write(dir.path().join("policies/maps/m.yaml"), "ops:\n  - convert: {at: /a, with: to_roman}\n")
+        .unwrap();
+    std::fs::write(
+        dir.path().join("policies/mediation.yaml"),
+        "policies:\n  - name: m\n    kind: mediation\n    request: { map: maps/m.yaml }\n",
+    )
+    .unwrap();
+    let (ok, err) = check(dir.path(), &env);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("{}:{line_no}:", pricing.display())) && err.contains("tolerance_pct"),
+        "{err}"
+    );
+    let mediation = dir.path().join("policies/mediation.yaml");
+    assert!(err.contains(&format!("{}:2:", mediation.display())) && err.contains("to_roman"), "{err}");
+}

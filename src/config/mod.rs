@@ -141,6 +141,8 @@ pub struct Config {
     /// Every compiled policy by name, whether or not a route names it (dialect policies that
     /// wait for their route file, for instance).
     pub policies: HashMap<String, Arc<Policy>>,
+    /// Quote validation rules (`policies/process/`), when that directory exists.
+    pub process_rules: Option<Arc<crate::process::rules::Rules>>,
     pub sandbox: Option<SandboxSettings>,
     pub store_path: PathBuf,
 }
@@ -265,6 +267,7 @@ pub fn load_with_state(
         main.as_ref().map(|m| compile_upstreams(&main_path, m, env, state, &mut diags)).unwrap_or_default();
 
     let policies = load_policies(dir, env, state, &mut diags);
+    let process_rules = load_process_rules(&dir.join("policies").join("process"), &mut diags);
     // Routes are checked against every *declared* upstream, so one bad upstream is one error.
     let declared: Option<Vec<String>> = main.as_ref().map(|m| m.upstreams.keys().cloned().collect());
     let routes = load_routes(&dir.join("routes"), &upstreams, &policies, declared.as_deref(), &mut diags);
@@ -315,6 +318,7 @@ pub fn load_with_state(
         upstreams,
         router: Router::new(routes),
         policies,
+        process_rules: process_rules.map(Arc::new),
         sandbox,
         store_path,
     })
@@ -515,6 +519,39 @@ fn compile_credential<'a>(
         .map_err(|_| (Some(span), "credentials: value is not a valid header value".to_string()))?;
     value.set_sensitive(true);
     Ok((name, value))
+}
+
+/// `policies/process/`: one file a concern, all of them required once the directory exists.
+fn load_process_rules(dir: &Path, diags: &mut Diagnostics) -> Option<crate::process::rules::Rules> {
+    use crate::process::rules::{Rules, FILES};
+    if !dir.is_dir() {
+        return None;
+    }
+    for file in yaml_files(dir, diags) {
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !FILES.contains(&name) {
+            diags.file(&file, format!("not a process rules file; expected one of {}", FILES.join(", ")));
+        }
+    }
+    let customer = parse_file(&dir.join("customer.yaml"), diags);
+    let products = parse_file(&dir.join("products.yaml"), diags);
+    let tax = parse_file::<crate::process::rules::TaxRules>(&dir.join("tax.yaml"), diags);
+    let contract = parse_file::<crate::process::rules::ContractRules>(&dir.join("contract.yaml"), diags);
+    let pricing = parse_file(&dir.join("pricing.yaml"), diags);
+    let (Some(customer), Some(products), Some(tax), Some(contract), Some(pricing)) =
+        (customer, products, tax, contract, pricing)
+    else {
+        return None;
+    };
+    for region in contract.currencies.keys().chain(contract.payment_terms.keys()) {
+        if !tax.regions.contains_key(region) {
+            diags.file(
+                &dir.join("contract.yaml"),
+                format!("region `{region}` has no tax treatment in tax.yaml"),
+            );
+        }
+    }
+    Some(Rules { customer, products, tax, contract, pricing })
 }
 
 fn load_policies(
