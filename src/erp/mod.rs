@@ -1,3 +1,4 @@
-//! ERP side: the built-in Business Central sandbox (and, later, adapters per ERP dialect).
+//! ERP side: the built-in Business Central sandbox and the process APIs' adapter.
 
+pub mod adapter;
 pub mod sandbox;

@@ -22,6 +22,13 @@ pub struct Class {
     pub max_wait: Duration,
 }
 
+impl Class {
+    /// For upstreams without a budget: a class that is never queued.
+    pub fn unlimited() -> Class {
+        Class { name: Arc::from("unlimited"), priority: 0, max_wait: Duration::from_secs(0) }
+    }
+}
+
 impl PartialEq for Class {
     fn eq(&self, other: &Self) -> bool {
         (&self.name, self.priority, self.max_wait) == (&other.name, other.priority, other.max_wait)

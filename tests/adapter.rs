@@ -1,0 +1,124 @@
+//! The Business Central adapter against the real sandbox: master data in canonical shapes through
+//! the shipped mappings, one ERP call per key under concurrency (cache, single flight), the quote
+//! rules on live master data, and find-before-create so a retried create makes one order.
+
+mod common;
+
+use causeway::erp::adapter::{AdapterError, BusinessCentral};
+use causeway::erp::sandbox::data::COMPANY_ID;
+use causeway::process::model::{Contract, CustomerRef, Quote, QuoteLine};
+use common::*;
+use serde_json::json;
+use std::sync::Arc;
+
+async fn adapter(sandbox: &TestSandbox) -> (Arc<BusinessCentral>, causeway::config::Config) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = GatewayOptions::new(sandbox.url());
+    opts.shipped_mediation = true;
+    opts.upstream_extra =
+        "    budget: { window_requests: 1000, window_seconds: 60, max_concurrent: 5 }\n".into();
+    write_config(dir.path(), &opts, (free_port(), free_port(), free_port()));
+    let config = causeway::config::load_with_env(dir.path(), &|name| {
+        (name == "CAUSEWAY_TEST_UPSTREAM_TOKEN").then(|| UPSTREAM_TOKEN.to_string())
+    })
+    .expect("config loads");
+    (Arc::new(BusinessCentral::new(&config, "bc", COMPANY_ID).unwrap()), config)
+}
+
+fn quote() -> Quote {
+    Quote {
+        opportunity_id: "006Dn000004ZqXcIAK".into(),
+        customer: CustomerRef { number: Some("C10000".into()), crm_account_id: None },
+        currency: "EUR".into(),
+        region: "EU".into(),
+        payment_terms: "NET30".into(),
+        contract: Contract { start_date: "2026-12-01".into(), end_date: "2028-11-30".into(), terms: None },
+        lines: vec![QuoteLine {
+            product: "1900-S".into(),
+            quantity: 2.0,
+            unit_price: 18.39,
+            discount_percent: 5.0,
+        }],
+        approvals: vec![],
+    }
+}
+
+#[tokio::test]
+async fn master_data_comes_canonical_and_passes_the_shipped_rules() {
+    let sandbox = TestSandbox::start(Default::default()).await;
+    let (bc, _config) = adapter(&sandbox).await;
+    let q = quote();
+    let master = bc.master_data(&q).await.unwrap();
+    let customer = master.customer.clone().expect("C10000 exists");
+    assert_eq!(customer.name, "Adatum Handels GmbH");
+    assert_eq!(customer.region, "EU");
+    assert_eq!(customer.blocked, "none");
+    assert_eq!(master.products["1900-S"].name, "ATHENS Desk");
+    assert_eq!(master.regional_prices["1900-S"], 18.39);
+
+    let rules_config =
+        causeway::config::load_with_env(std::path::Path::new(env!("CARGO_MANIFEST_DIR")), &|_| None).unwrap();
+    let rules = rules_config.process_rules.as_deref().unwrap();
+    assert_eq!(rules.validate(&q, &master), vec![]);
+    assert!(bc.customer("C99999").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn concurrent_lookups_of_one_customer_make_one_erp_call() {
+    let sandbox = TestSandbox::start(Default::default()).await;
+    let (bc, _config) = adapter(&sandbox).await;
+    let before = sandbox.stats().await["requests_total"].as_u64().unwrap();
+    let lookups: Vec<_> = (0..20)
+        .map(|_| {
+            let bc = bc.clone();
+            tokio::spawn(async move { bc.customer("C10010").await })
+        })
+        .collect();
+    for l in lookups {
+        assert_eq!(l.await.unwrap().unwrap().unwrap().number, "C10010");
+    }
+    // And again later, from the cache.
+    bc.customer("C10010").await.unwrap();
+    let after = sandbox.stats().await["requests_total"].as_u64().unwrap();
+    assert_eq!(after - before, 1, "one ERP request for 21 lookups");
+}
+
+#[tokio::test]
+async fn create_order_once_finds_the_existing_order_instead_of_creating_a_second() {
+    let sandbox = TestSandbox::start(Default::default()).await;
+    let (bc, _config) = adapter(&sandbox).await;
+    let order = json!({
+        "customerNumber": "C10000", "externalReference": "OPP-ONCE-1", "currency": "EUR",
+        "lines": [{"item": "1900-S", "quantity": 2, "unitPrice": 18.39}]
+    });
+    assert!(bc.find_order("OPP-ONCE-1").await.unwrap().is_none());
+    let first = bc.create_order_once(&order).await.unwrap();
+    assert!(first.number.starts_with("S-ORD"));
+    assert_eq!(first.canonical["externalReference"], "OPP-ONCE-1");
+    let again = bc.create_order_once(&order).await.unwrap();
+    assert_eq!(again.id, first.id, "the retry found the order");
+    let stats = sandbox.stats().await;
+    assert_eq!(stats["orders_created"], 1);
+    assert_eq!(stats["duplicate_external_document_numbers"], 0);
+
+    // A business refusal is permanent, with the ERP's reason.
+    let blocked = json!({"customerNumber": "C99999", "externalReference": "OPP-ONCE-2", "lines": [{"item": "1900-S", "quantity": 1}]});
+    match bc.create_order_once(&blocked).await {
+        Err(AdapterError::Rejected { status: 400, message }) => {
+            assert!(message.contains("Customer"), "{message}")
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_erp_is_a_transient_failure() {
+    let sandbox = TestSandbox::start(Default::default()).await;
+    let (bc, _config) = adapter(&sandbox).await;
+    sandbox.stop();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    match bc.customer("C10020").await {
+        Err(AdapterError::Unavailable(_)) => {}
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
