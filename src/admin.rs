@@ -61,6 +61,7 @@ pub struct AdminApp {
     pub reloader: Arc<crate::reload::Reloader>,
     /// Bearer token for `POST /admin/reload` (`CAUSEWAY_ADMIN_TOKEN`); unset disables it.
     pub admin_token: Option<String>,
+    pub process: Option<Arc<crate::process::service::QuoteToOrder>>,
 }
 
 fn problem(status: u16, slug: &str, title: &str, detail: &str, instance: Option<&str>) -> Response<Vec<u8>> {
@@ -95,35 +96,8 @@ impl ServeHttp for AdminApp {
                 json_response(200, "application/json", body.to_string().into_bytes())
             }
             "/admin/reload" if session.req_header().method == http::Method::POST => {
-                let Some(token) = &self.admin_token else {
-                    return problem(
-                        403,
-                        "admin-disabled",
-                        "Admin API disabled",
-                        "Set CAUSEWAY_ADMIN_TOKEN to enable POST /admin/reload.",
-                        None,
-                    );
-                };
-                let presented = session
-                    .req_header()
-                    .headers
-                    .get(http::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "));
-                let matches = presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()));
-                if !matches {
-                    let mut resp = problem(
-                        401,
-                        "unauthenticated",
-                        "Authentication required",
-                        "Send Authorization: Bearer <CAUSEWAY_ADMIN_TOKEN>.",
-                        None,
-                    );
-                    resp.headers_mut().insert(
-                        http::header::WWW_AUTHENTICATE,
-                        http::HeaderValue::from_static("Bearer realm=\"causeway-admin\""),
-                    );
-                    return resp;
+                if let Err(refusal) = self.authorize(session, "POST /admin/reload") {
+                    return refusal;
                 }
                 match self.reloader.reload("admin API").await {
                     Ok(summary) => json_response(
@@ -143,7 +117,98 @@ impl ServeHttp for AdminApp {
                     }
                 }
             }
+            p if p.starts_with("/admin/dead-letters") => {
+                if let Err(refusal) = self.authorize(session, "the dead-letter API") {
+                    return refusal;
+                }
+                self.dead_letters(session, p).await
+            }
             _ => not_found(&path),
+        }
+    }
+}
+
+impl AdminApp {
+    /// The admin token as a bearer credential, or the problem to answer with.
+    fn authorize(&self, session: &ServerSession, what: &str) -> Result<(), Response<Vec<u8>>> {
+        let Some(token) = &self.admin_token else {
+            let detail = format!("Set CAUSEWAY_ADMIN_TOKEN to enable {what}.");
+            return Err(problem(403, "admin-disabled", "Admin API disabled", &detail, None));
+        };
+        let presented = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
+            return Ok(());
+        }
+        let mut resp = problem(
+            401,
+            "unauthenticated",
+            "Authentication required",
+            "Send Authorization: Bearer <CAUSEWAY_ADMIN_TOKEN>.",
+            None,
+        );
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer realm=\"causeway-admin\""),
+        );
+        Err(resp)
+    }
+
+    /// `GET /admin/dead-letters`, `POST /admin/dead-letters/replay` (all) and
+    /// `POST /admin/dead-letters/{id}/replay`.
+    async fn dead_letters(&self, session: &ServerSession, path: &str) -> Response<Vec<u8>> {
+        let Some(service) = &self.process else {
+            let detail = "causeway.yaml has no `process:` block, so there are no orders.";
+            return problem(404, "process-disabled", "Process APIs not configured", detail, Some(path));
+        };
+        let post = session.req_header().method == http::Method::POST;
+        let unavailable = |e: crate::process::store::StoreError| {
+            problem(
+                503,
+                "store-unavailable",
+                "Order store unavailable",
+                &format!("{e}. Retry later."),
+                Some(path),
+            )
+        };
+        let segments: Vec<&str> = path.trim_start_matches("/admin/dead-letters").split('/').skip(1).collect();
+        match (post, segments.as_slice()) {
+            (false, []) => match service.dead_letters(1000).await {
+                Ok(list) => json_response(200, "application/json", list.to_string().into_bytes()),
+                Err(e) => unavailable(e),
+            },
+            (true, ["replay"]) => match service.replay_all().await {
+                Ok(n) => json_response(200, "application/json", json!({ "replayed": n }).to_string().into_bytes()),
+                Err(e) => unavailable(e),
+            },
+            (true, [id, "replay"]) => match service.replay(id).await {
+                Ok(true) => json_response(
+                    202,
+                    "application/json",
+                    json!({ "replayed": 1, "order": format!("{}{id}", crate::process::service::ORDERS_PATH) })
+                        .to_string()
+                        .into_bytes(),
+                ),
+                Ok(false) => problem(
+                    409,
+                    "not-dead-lettered",
+                    "Order is not dead-lettered",
+                    "Only dead-lettered orders can be replayed; GET /admin/dead-letters lists them.",
+                    Some(path),
+                ),
+                Err(e) => unavailable(e),
+            },
+            _ => problem(
+                404,
+                "route-not-found",
+                "Not found",
+                "Dead letters: GET /admin/dead-letters, POST /admin/dead-letters/replay, POST /admin/dead-letters/{id}/replay.",
+                Some(path),
+            ),
         }
     }
 }

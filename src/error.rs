@@ -51,6 +51,24 @@ pub enum GatewayError {
     TransformTooLarge { direction: &'static str, limit: usize },
     #[error("transformation workers busy")]
     TransformBusy,
+    #[error("Idempotency-Key missing")]
+    IdempotencyKeyMissing,
+    #[error("Idempotency-Key invalid: {detail}")]
+    IdempotencyKeyInvalid { detail: String },
+    #[error("Idempotency-Key in use by a request still in flight")]
+    IdempotencyKeyInFlight,
+    #[error("Idempotency-Key reused with a different payload")]
+    IdempotencyKeyReused,
+    #[error("opportunity {opportunity_id} is `{stage}`, not Closed Won")]
+    OpportunityNotWon { opportunity_id: String, stage: String },
+    #[error("{} quote rule violation(s)", violations.len())]
+    QuoteRejected { violations: Vec<crate::process::rules::RuleViolation> },
+    #[error("the ERP rejected the order: {message}")]
+    ErpRejected { upstream: String, message: String },
+    #[error("order {id} not found")]
+    OrderNotFound { id: String },
+    #[error("order store unavailable: {detail}")]
+    StoreUnavailable { detail: String },
     #[error("internal error")]
     Internal,
 }
@@ -88,6 +106,14 @@ impl GatewayError {
             | GatewayError::TransformTooLarge { .. } => 500,
             GatewayError::TransformBusy => 503,
             GatewayError::Internal => 500,
+            GatewayError::IdempotencyKeyMissing | GatewayError::IdempotencyKeyInvalid { .. } => 400,
+            GatewayError::IdempotencyKeyInFlight => 409,
+            GatewayError::IdempotencyKeyReused
+            | GatewayError::OpportunityNotWon { .. }
+            | GatewayError::QuoteRejected { .. }
+            | GatewayError::ErpRejected { .. } => 422,
+            GatewayError::OrderNotFound { .. } => 404,
+            GatewayError::StoreUnavailable { .. } => 503,
             GatewayError::Unauthenticated { .. } => 401,
             GatewayError::Forbidden { .. } => 403,
             GatewayError::RateLimited { .. } => 429,
@@ -107,7 +133,10 @@ impl GatewayError {
             | GatewayError::ErpOverloaded { retry_after, .. } => {
                 vec![("retry-after", retry_after.to_string())]
             }
-            GatewayError::TransformBusy => vec![("retry-after", "1".into())],
+            GatewayError::TransformBusy | GatewayError::IdempotencyKeyInFlight => {
+                vec![("retry-after", "1".into())]
+            }
+            GatewayError::StoreUnavailable { .. } => vec![("retry-after", "5".into())],
             _ => Vec::new(),
         }
     }
@@ -143,6 +172,27 @@ impl GatewayError {
                 ("transformation-too-large", "A transformation exceeded its size bound")
             }
             GatewayError::TransformBusy => ("transformation-busy", "Transformation capacity exhausted"),
+            GatewayError::IdempotencyKeyMissing => {
+                ("idempotency-key-missing", "This operation requires an Idempotency-Key")
+            }
+            GatewayError::IdempotencyKeyInvalid { .. } => {
+                ("idempotency-key-invalid", "The Idempotency-Key is not a valid key")
+            }
+            GatewayError::IdempotencyKeyInFlight => {
+                ("idempotency-key-in-flight", "A request with this Idempotency-Key is still being processed")
+            }
+            GatewayError::IdempotencyKeyReused => {
+                ("idempotency-key-reused", "The Idempotency-Key was used for a different payload")
+            }
+            GatewayError::OpportunityNotWon { .. } => {
+                ("opportunity-not-closed-won", "Only Closed Won opportunities become orders")
+            }
+            GatewayError::QuoteRejected { .. } => ("quote-rejected", "The quote breaks the order rules"),
+            GatewayError::ErpRejected { .. } => ("erp-rejected", "The ERP refused the order"),
+            GatewayError::OrderNotFound { .. } => ("order-not-found", "No such order"),
+            GatewayError::StoreUnavailable { .. } => {
+                ("store-unavailable", "The order store is temporarily unavailable")
+            }
             GatewayError::Unauthenticated { .. } => ("unauthenticated", "Authentication required"),
             GatewayError::Forbidden { .. } => ("insufficient-scope", "Missing scope"),
             GatewayError::RateLimited { .. } => ("quota-exceeded", "Request quota exceeded"),
@@ -197,6 +247,28 @@ impl GatewayError {
                 "The {direction} transformation of this route produced more than {limit} bytes and was abandoned. Send a smaller document or report the correlation id."
             ),
             GatewayError::TransformBusy => "Every transformation worker is busy. Nothing was sent to the ERP; retry in a second.".into(),
+            GatewayError::IdempotencyKeyMissing => "Send an `Idempotency-Key` header (a quoted string, e.g. a UUID) with every POST; retries of the same order must reuse it.".into(),
+            GatewayError::IdempotencyKeyInvalid { detail } => format!(
+                "The Idempotency-Key header {detail}. Send a structured-field string of 1 to 255 printable characters, e.g. \"8e03978e-40d5-43e8-bc93-6894a57f9324\"."
+            ),
+            GatewayError::IdempotencyKeyInFlight => "The first request with this Idempotency-Key has not finished. Retry in a second: you will get its stored response.".into(),
+            GatewayError::IdempotencyKeyReused => "This Idempotency-Key was first used with a different body. Use a new key for a new order, or resend the original body.".into(),
+            GatewayError::OpportunityNotWon { opportunity_id, stage } => format!(
+                "Opportunity {opportunity_id} has StageName `{stage}`. Only `Closed Won` opportunities are turned into orders: send it again once the deal is won."
+            ),
+            GatewayError::QuoteRejected { violations } => format!(
+                "{} rule violation(s); `violations` lists each with its JSON pointer, code and remedy. Nothing was written to the ERP: fix them all and submit again (a new Idempotency-Key is not needed).",
+                violations.len()
+            ),
+            GatewayError::ErpRejected { upstream, message } => format!(
+                "The ERP `{upstream}` refused the order: {message}. Nothing was created; correct the data in the CRM or the ERP and submit again."
+            ),
+            GatewayError::OrderNotFound { id } => format!(
+                "No order `{id}` is known to this gateway. Use the id from the Location header of the submission, or look the order up by opportunity id."
+            ),
+            GatewayError::StoreUnavailable { detail } => format!(
+                "The gateway could not record the order ({detail}). Nothing was sent to the ERP; retry with the same Idempotency-Key."
+            ),
             GatewayError::Unauthenticated { reason, .. } => format!(
                 "Authentication failed: {}. Send a valid bearer token or API key as this route requires.",
                 reason.describe()
@@ -238,6 +310,8 @@ impl GatewayError {
             GatewayError::Unauthenticated { reason, .. } => body["reason"] = json!(reason.as_str()),
             GatewayError::ValidationFailed { violations } => body["errors"] = json!(violations),
             GatewayError::RequestUnmappable { pointer, .. } => body["pointer"] = json!(pointer),
+            GatewayError::QuoteRejected { violations } => body["violations"] = json!(violations),
+            GatewayError::ErpRejected { message, .. } => body["erp_message"] = json!(message),
             _ => {}
         }
         Problem { status, slug, body: Bytes::from(body.to_string()) }

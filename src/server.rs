@@ -5,6 +5,7 @@ use crate::admin::{AdminApp, Health, MetricsApp, UpstreamProbe};
 use crate::config::{self, Config, SharedState};
 use crate::erp::sandbox::{self, SandboxConfig};
 use crate::observe::{logging, metrics::Metrics};
+use crate::process::service::QuoteToOrder;
 use crate::proxy::{Gateway, InFlight};
 use crate::reload::{ReloadTriggers, Reloader};
 use anyhow::Context;
@@ -47,6 +48,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_token = std::env::var("CAUSEWAY_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
     let health = Arc::new(Health::default());
     let in_flight = Arc::new(InFlight::default());
+    let process = start_process(&config)?;
 
     let conf = ServerConf {
         threads,
@@ -65,7 +67,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let gateway = Gateway::new(config.clone(), metrics.clone(), in_flight.clone());
+    let gateway = Gateway::new(config.clone(), metrics.clone(), in_flight.clone(), process.clone());
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "causeway proxy");
     let buffers = L4BufferSettings { read: Some(listen.read_buffer_bytes), write: None };
@@ -73,7 +75,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let mut admin = Service::new(
         "causeway admin".into(),
-        AdminApp { config: config.clone(), health: health.clone(), reloader: reloader.clone(), admin_token },
+        AdminApp {
+            config: config.clone(),
+            health: health.clone(),
+            reloader: reloader.clone(),
+            admin_token,
+            process: process.clone(),
+        },
     );
     admin.add_tcp(&listen.admin);
     admin.threads = Some(1);
@@ -89,9 +97,39 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server.add_service(metrics_service);
     server.add_service(probe);
     server.add_service(background_service("config reload", ReloadTriggers(reloader)));
+    if let Some(service) = process {
+        let mut worker = background_service("order delivery", DeliveryWorker(service));
+        worker.threads = Some(1);
+        server.add_service(worker);
+    }
     server.run(RunArgs { shutdown_signal: Box::new(DrainOnTerm { in_flight, grace }) });
     logging::flush();
     Ok(())
+}
+
+/// The quote-to-order service, when configured. The store is opened once here so a bad path
+/// fails at start, not on the first order.
+fn start_process(config: &Arc<ArcSwap<Config>>) -> anyhow::Result<Option<Arc<QuoteToOrder>>> {
+    let Some(settings) = config.load().process.clone() else { return Ok(None) };
+    let path = settings.store_path.clone();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(crate::process::store::Store::open(&path))
+        .with_context(|| format!("opening the order store {}", path.display()))?;
+    let service =
+        QuoteToOrder::new(config.clone(), settings).map_err(|e| anyhow::anyhow!("process APIs: {e}"))?;
+    Ok(Some(service))
+}
+
+/// Delivers pending orders to the ERP in the background.
+struct DeliveryWorker(Arc<QuoteToOrder>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for DeliveryWorker {
+    async fn start(&self, shutdown: pingora::server::ShutdownWatch) {
+        self.0.clone().run_worker(shutdown).await;
+    }
 }
 
 fn start_sandbox(config: &Config, upgrade: bool) -> anyhow::Result<Option<String>> {

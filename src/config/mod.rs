@@ -145,7 +145,33 @@ pub struct Config {
     pub process_rules: Option<Arc<crate::process::rules::Rules>>,
     pub sandbox: Option<SandboxSettings>,
     pub store_path: PathBuf,
+    /// The process APIs' settings, when `causeway.yaml` has a `process:` block.
+    pub process: Option<ProcessSettings>,
 }
+
+/// `process:` of `causeway.yaml`, compiled.
+#[derive(Debug, Clone)]
+pub struct ProcessSettings {
+    pub erp: String,
+    pub company: String,
+    pub store_path: PathBuf,
+    pub key_ttl: Duration,
+    pub max_attempts: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub inline_wait: Duration,
+    pub lease: Duration,
+}
+
+/// Mediation policies the quote-to-order process needs (`policies/mediation.yaml`).
+pub const PROCESS_POLICIES: &[&str] = &[
+    "canonical-quote",
+    "salesforce-opportunity-to-quote",
+    "canonical-customer-bc",
+    "canonical-item-bc",
+    "canonical-sales-order-create-bc",
+    "canonical-sales-order-bc",
+];
 
 #[derive(Debug, Clone)]
 pub struct Listen {
@@ -231,6 +257,8 @@ pub struct CompiledRoute {
     pub scopes: Vec<String>,
     /// Priority class in the upstream's budget, when it has one.
     pub erp_class: Option<Class>,
+    /// Served in-process by this process API endpoint.
+    pub process: Option<spec::ProcessEndpoint>,
     pub metrics: crate::observe::metrics::RouteMetrics,
 }
 
@@ -300,8 +328,21 @@ pub fn load_with_state(
     if !diags.0.is_empty() {
         return Err(diags);
     }
-    let threads = main.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let store_path = dir.join(&main.store.path);
+    let process = compile_process(
+        &main_path,
+        &main,
+        &store_path,
+        &upstreams,
+        &policies,
+        &process_rules,
+        &routes,
+        &mut diags,
+    );
+    if !diags.0.is_empty() {
+        return Err(diags);
+    }
+    let threads = main.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     Ok(Config {
         dir: dir.to_path_buf(),
         listen: Listen {
@@ -321,6 +362,73 @@ pub fn load_with_state(
         process_rules: process_rules.map(Arc::new),
         sandbox,
         store_path,
+        process,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_process(
+    file: &Path,
+    main: &MainSpec,
+    store_path: &Path,
+    upstreams: &BTreeMap<String, Arc<Upstream>>,
+    policies: &HashMap<String, Arc<Policy>>,
+    rules: &Option<crate::process::rules::Rules>,
+    routes: &[Arc<CompiledRoute>],
+    diags: &mut Diagnostics,
+) -> Option<ProcessSettings> {
+    let Some(spec) = &main.process else {
+        if let Some(route) = routes.iter().find(|r| r.process.is_some()) {
+            diags.file(
+                file,
+                format!(
+                    "route `{}` is a process endpoint, but causeway.yaml has no `process:` block",
+                    route.name
+                ),
+            );
+        }
+        return None;
+    };
+    if !upstreams.contains_key(&spec.erp.value) {
+        diags.at(file, &spec.erp, format!("process.erp: no upstream `{}`", spec.erp.value));
+    }
+    let missing: Vec<&str> = PROCESS_POLICIES
+        .iter()
+        .copied()
+        .filter(|name| !policies.get(*name).is_some_and(|p| matches!(p.as_ref(), Policy::Mediation(_))))
+        .collect();
+    if !missing.is_empty() {
+        diags.at(
+            file,
+            &spec.erp,
+            format!("process: the mediation policies {} are missing from policies/", missing.join(", ")),
+        );
+    }
+    if rules.is_none() {
+        diags.at(file, &spec.erp, "process: policies/process/ (the quote rules) is missing");
+    }
+    let d = &spec.delivery;
+    if d.max_attempts == 0 || d.backoff_initial_ms == 0 || d.backoff_max_ms < d.backoff_initial_ms {
+        diags.at(
+            file,
+            &spec.erp,
+            "process.delivery: max_attempts and backoff_initial_ms must be at least 1, backoff_max_ms at least backoff_initial_ms",
+        );
+    }
+    if spec.idempotency_key_ttl_hours == 0 {
+        diags.at(file, &spec.erp, "process.idempotency_key_ttl_hours must be at least 1");
+    }
+    let ms = Duration::from_millis;
+    Some(ProcessSettings {
+        erp: spec.erp.value.clone(),
+        company: spec.company.clone(),
+        store_path: store_path.to_path_buf(),
+        key_ttl: Duration::from_secs(spec.idempotency_key_ttl_hours * 3600),
+        max_attempts: d.max_attempts,
+        backoff_initial: ms(d.backoff_initial_ms),
+        backoff_max: ms(d.backoff_max_ms),
+        inline_wait: ms(d.inline_wait_ms),
+        lease: ms(d.lease_ms.max(1000)),
     })
 }
 
@@ -670,6 +778,22 @@ fn load_routes(
                     format!("route `{name}` names {mediations} mediation policies; a route has at most one"),
                 );
             }
+            if spec.process.is_some() && mediations > 0 {
+                diags.at(
+                    &file,
+                    &spec.name,
+                    format!("route `{name}` is a process endpoint; it cannot also name a mediation policy"),
+                );
+            }
+            if spec.process == Some(spec::ProcessEndpoint::Order)
+                && path.as_ref().is_some_and(|p| !p.param_names().iter().any(|n| n == "id"))
+            {
+                diags.at(
+                    &file,
+                    &spec.matcher.path,
+                    "an `order` process endpoint needs an `{id}` path parameter",
+                );
+            }
             if !spec.scopes.is_empty() && !route_policies.iter().any(|p| p.authenticates()) {
                 diags.at(
                     &file,
@@ -729,6 +853,7 @@ fn load_routes(
                 policies: route_policies,
                 scopes: spec.scopes.clone(),
                 erp_class,
+                process: spec.process,
                 metrics: crate::observe::metrics::RouteMetrics::new(&name),
                 name,
             }));

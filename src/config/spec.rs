@@ -31,6 +31,9 @@ pub struct MainSpec {
     pub sandbox: Option<SandboxSpec>,
     #[serde(default)]
     pub store: StoreSpec,
+    /// The process APIs (quote-to-order): which ERP they write to and how delivery retries.
+    #[serde(default)]
+    pub process: Option<ProcessSpec>,
     /// Seconds between upstream reachability probes (they drive `/readyz`).
     #[serde(default = "default_probe_seconds")]
     pub health_probe_seconds: u64,
@@ -160,6 +163,65 @@ impl Default for StoreSpec {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// The upstream orders are written to (its budget's `write` class carries the writes).
+    pub erp: Spanned<String>,
+    /// Business Central company id the orders belong to.
+    pub company: String,
+    /// How long a completed request's response is replayed for its Idempotency-Key.
+    #[serde(default = "default_key_ttl_hours")]
+    pub idempotency_key_ttl_hours: u64,
+    #[serde(default)]
+    pub delivery: DeliverySpec,
+}
+
+fn default_key_ttl_hours() -> u64 {
+    24
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySpec {
+    /// Attempts before an order is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt (with jitter) up to `backoff_max_ms`.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// How long a submission waits for the ERP before answering 202 (the attempt goes on).
+    pub inline_wait_ms: u64,
+    /// How long a delivery may hold an order before another attempt may take it over.
+    pub lease_ms: u64,
+}
+
+impl Default for DeliverySpec {
+    fn default() -> Self {
+        // 20 attempts at up to 5 minutes apart: about an hour and a half of ERP outage.
+        DeliverySpec {
+            max_attempts: 20,
+            backoff_initial_ms: 1000,
+            backoff_max_ms: 300_000,
+            inline_wait_ms: 5000,
+            lease_ms: 120_000,
+        }
+    }
+}
+
+/// An in-process endpoint of the process APIs, served instead of proxying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProcessEndpoint {
+    /// `POST`: a quote (canonical or a Salesforce Opportunity) becomes an ERP order.
+    QuoteToOrder,
+    /// `GET …/{id}`: one order with its history.
+    Order,
+    /// `GET ?opportunityId=…`: the orders of an opportunity.
+    Orders,
+    /// `GET`: the OpenAPI document of the process APIs.
+    Openapi,
+}
+
 /// One file in `routes/`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -194,6 +256,9 @@ pub struct RouteSpec {
     /// Priority class in the upstream's budget (default: the budget's `default_class`).
     #[serde(default)]
     pub erp_class: Option<Spanned<String>>,
+    /// Served in-process by a process API instead of proxied (the upstream is the ERP it uses).
+    #[serde(default)]
+    pub process: Option<ProcessEndpoint>,
 }
 
 #[derive(Debug, Deserialize)]

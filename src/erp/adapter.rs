@@ -250,6 +250,18 @@ impl BusinessCentral {
         Ok(MasterData { customer, products, regional_prices })
     }
 
+    /// Drop the cached master data of `quote`, so the next lookup sees the ERP's current
+    /// records (an operator's replay after fixing them).
+    pub async fn forget(&self, quote: &Quote) {
+        if let Some(n) = &quote.customer.number {
+            self.customers.invalidate(n).await;
+        }
+        for line in &quote.lines {
+            self.products.invalidate(&line.product).await;
+        }
+        self.prices.invalidate(&quote.region).await;
+    }
+
     /// The order the ERP holds for this external reference, if any. Looked up before every
     /// create and every retry: no create call of an ERP is idempotent.
     pub async fn find_order(&self, external_reference: &str) -> Result<Option<ErpOrder>, AdapterError> {

@@ -1,6 +1,13 @@
 //! Process APIs: in-process orchestration on canonical business objects. Quote-to-order first:
-//! the canonical model ([`model`]) and the validation that runs before any ERP write
-//! ([`rules`], configured in `policies/process/`).
+//! the canonical model ([`model`]), the validation that runs before any ERP write ([`rules`],
+//! configured in `policies/process/`), the order state machine ([`state`]) in the durable
+//! store ([`store`]), idempotency ([`idempotency`]) and the service with its delivery worker
+//! ([`service`]).
 
+pub mod idempotency;
+pub mod metrics;
 pub mod model;
 pub mod rules;
+pub mod service;
+pub mod state;
+pub mod store;

@@ -146,3 +146,28 @@ impl Quote {
         self.lines.iter().map(|l| l.quantity * l.unit_price * (1.0 - l.discount_percent / 100.0)).sum()
     }
 }
+
+impl Quote {
+    /// The canonical sales order that carries this quote into the ERP: the opportunity id is
+    /// the external reference the adapter finds the order by before every create.
+    pub fn to_sales_order(&self, customer_number: &str) -> serde_json::Value {
+        let lines: Vec<serde_json::Value> = self
+            .lines
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "item": l.product,
+                    "quantity": l.quantity,
+                    "unitPrice": l.unit_price,
+                    "discountPercent": l.discount_percent,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "customerNumber": customer_number,
+            "externalReference": self.opportunity_id,
+            "currency": self.currency,
+            "lines": lines,
+        })
+    }
+}

@@ -47,7 +47,7 @@ pub async fn exchange(session: &mut Session, ctx: &mut Ctx) -> Result<(), Gatewa
     Ok(())
 }
 
-async fn read_request_body(session: &mut Session, limit: u64) -> Result<Bytes, GatewayError> {
+pub(super) async fn read_request_body(session: &mut Session, limit: u64) -> Result<Bytes, GatewayError> {
     let mut body = BytesMut::new();
     loop {
         let chunk = session

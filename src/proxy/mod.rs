@@ -4,7 +4,10 @@
 mod admission;
 pub mod hygiene;
 mod mediated;
+mod process;
 pub mod router;
+
+pub use process::OPENAPI;
 
 use crate::config::{CompiledRoute, Config};
 use crate::error::GatewayError;
@@ -49,15 +52,23 @@ pub struct Gateway {
     /// Request metrics of requests no route matched.
     unmatched: crate::observe::metrics::RouteMetrics,
     in_flight: Arc<InFlight>,
+    /// The quote-to-order service, when `causeway.yaml` configures the process APIs.
+    process: Option<Arc<crate::process::service::QuoteToOrder>>,
 }
 
 impl Gateway {
-    pub fn new(config: Arc<ArcSwap<Config>>, metrics: Arc<Metrics>, in_flight: Arc<InFlight>) -> Self {
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        metrics: Arc<Metrics>,
+        in_flight: Arc<InFlight>,
+        process: Option<Arc<crate::process::service::QuoteToOrder>>,
+    ) -> Self {
         Gateway {
             config,
             metrics,
             unmatched: crate::observe::metrics::RouteMetrics::new(UNMATCHED_ROUTE),
             in_flight,
+            process,
         }
     }
 }
@@ -167,6 +178,20 @@ impl ProxyHttp for Gateway {
         }
         if let Err(err) = admission::admit(session, ctx).await {
             respond_problem(session, ctx, &err).await?;
+            return Ok(true);
+        }
+        if let Some(endpoint) = ctx.route.as_ref().and_then(|r| r.process) {
+            let result = match &self.process {
+                Some(service) => process::serve(session, ctx, endpoint, service).await,
+                // Config checks refuse process routes without a `process:` block; a reload
+                // that adds one needs a restart to start the service.
+                None => Err(GatewayError::Internal),
+            };
+            if let Err(err) = result {
+                if session.response_written().is_none() {
+                    respond_problem(session, ctx, &err).await?;
+                }
+            }
             return Ok(true);
         }
         if ctx.route.as_ref().is_some_and(|r| r.mediation().is_some()) {

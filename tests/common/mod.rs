@@ -76,6 +76,7 @@ pub struct TestGateway {
     pub admin_port: u16,
     pub metrics_port: u16,
     pub dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
 }
 
 pub struct GatewayOptions {
@@ -90,6 +91,8 @@ pub struct GatewayOptions {
     pub shipped_mediation: bool,
     /// Extra files, relative to `policies/` (schemas, mappings, jq programs).
     pub policy_files: Vec<(String, String)>,
+    /// Appended to `causeway.yaml` (top-level blocks such as `process:`).
+    pub main_extra: String,
 }
 
 /// Routes used by most tests: a rewrite onto the sandbox company, a small body limit, a short deadline.
@@ -135,6 +138,7 @@ impl GatewayOptions {
             env: Vec::new(),
             shipped_mediation: false,
             policy_files: Vec::new(),
+            main_extra: String::new(),
         }
     }
 }
@@ -157,8 +161,15 @@ upstreams:
       bearer:
         token: ${{CAUSEWAY_TEST_UPSTREAM_TOKEN}}
 {}
+{}
 "#,
-        ports.0, ports.1, ports.2, opts.grace_seconds, opts.upstream_url, opts.upstream_extra
+        ports.0,
+        ports.1,
+        ports.2,
+        opts.grace_seconds,
+        opts.upstream_url,
+        opts.upstream_extra,
+        opts.main_extra
     );
     std::fs::write(dir.join("causeway.yaml"), main).unwrap();
     std::fs::create_dir_all(dir.join("routes")).unwrap();
@@ -192,6 +203,20 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+fn spawn_gateway(dir: &Path, env: &[(String, String)]) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gateway.log")).unwrap();
+    Command::new(binary())
+        .args(["serve", "-c"])
+        .arg(dir)
+        .env("CAUSEWAY_TEST_UPSTREAM_TOKEN", UPSTREAM_TOKEN)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn causeway")
+}
+
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_causeway"))
 }
@@ -201,20 +226,26 @@ impl TestGateway {
         let dir = tempfile::tempdir().unwrap();
         let ports = (free_port(), free_port(), free_port());
         write_config(dir.path(), &opts, ports);
-        let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
-        let child = Command::new(binary())
-            .args(["serve", "-c"])
-            .arg(dir.path())
-            .env("CAUSEWAY_TEST_UPSTREAM_TOKEN", UPSTREAM_TOKEN)
-            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn causeway");
-        let gw = TestGateway { child, proxy_port: ports.0, admin_port: ports.1, metrics_port: ports.2, dir };
+        let child = spawn_gateway(dir.path(), &opts.env);
+        let gw = TestGateway {
+            child,
+            proxy_port: ports.0,
+            admin_port: ports.1,
+            metrics_port: ports.2,
+            dir,
+            env: opts.env,
+        };
         gw.wait_listening().await;
         gw
+    }
+
+    /// SIGKILL the gateway (no drain, no cleanup), then start it again on the same
+    /// configuration, store and ports.
+    pub async fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_gateway(self.dir.path(), &self.env);
+        self.wait_listening().await;
     }
 
     async fn wait_listening(&self) {

@@ -231,6 +231,19 @@ pub(super) fn dispatch(
             }
             patch_order(order, &patch)
         }
+        ("PATCH", Target::Entity("customers", id), false) => {
+            let patch: Value = match serde_json::from_slice(body) {
+                Ok(v) => v,
+                Err(e) => return bad_request(&format!("Invalid JSON: {e}")),
+            };
+            let Some(customer) = store.customers.iter_mut().find(|c| c["id"] == id) else {
+                return not_found("customer");
+            };
+            if let Err(resp) = check_if_match(headers, customer) {
+                return resp;
+            }
+            patch_entity(customer, &patch, CUSTOMER_WRITABLE, "customer")
+        }
         ("DELETE", Target::Entity("salesOrders", id), false) => {
             let Some(pos) = store.orders.iter().position(|o| o["id"] == id) else {
                 return not_found("salesOrder");
@@ -436,14 +449,32 @@ fn create_order(store: &mut super::Store, order: Value) -> Result<(Value, bool),
     Ok((created, duplicate))
 }
 
+const ORDER_WRITABLE: &[&str] =
+    &["externalDocumentNumber", "orderDate", "postingDate", "requestedDeliveryDate", "status"];
+/// What finance fixes on a customer card (Business Central allows more).
+const CUSTOMER_WRITABLE: &[&str] = &[
+    "displayName",
+    "addressLine1",
+    "addressLine2",
+    "city",
+    "state",
+    "postalCode",
+    "country",
+    "blocked",
+    "creditLimit",
+    "taxRegistrationNumber",
+];
+
 fn patch_order(order: &mut Value, patch: &Value) -> Response {
-    const WRITABLE: &[&str] =
-        &["externalDocumentNumber", "orderDate", "postingDate", "requestedDeliveryDate", "status"];
+    patch_entity(order, patch, ORDER_WRITABLE, "sales order")
+}
+
+fn patch_entity(order: &mut Value, patch: &Value, writable: &[&str], what: &str) -> Response {
     let Some(fields) = patch.as_object() else {
         return bad_request("The request body must be a JSON object.");
     };
-    if let Some(bad) = fields.keys().find(|k| !WRITABLE.contains(&k.as_str())) {
-        return bad_request(&format!("The property '{bad}' cannot be changed on a sales order."));
+    if let Some(bad) = fields.keys().find(|k| !writable.contains(&k.as_str())) {
+        return bad_request(&format!("The property '{bad}' cannot be changed on a {what}."));
     }
     let version = order["@odata.etag"]
         .as_str()
@@ -451,7 +482,7 @@ fn patch_order(order: &mut Value, patch: &Value) -> Response {
         .and_then(|t| t.strip_suffix("Oyc=\""))
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(1);
-    let obj: &mut Map<String, Value> = order.as_object_mut().expect("orders are objects");
+    let obj: &mut Map<String, Value> = order.as_object_mut().expect("entities are objects");
     for (k, v) in fields {
         obj.insert(k.clone(), v.clone());
     }

@@ -273,7 +273,8 @@ fn format_date(days: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-fn format_datetime(ms: i64) -> String {
+/// Unix milliseconds as an RFC 3339 UTC timestamp.
+pub fn format_datetime(ms: i64) -> String {
     let days = ms.div_euclid(86_400_000);
     let rem = ms.rem_euclid(86_400_000);
     let (h, mi, s, milli) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);

@@ -1,0 +1,584 @@
+//! Quote-to-order: parse (canonical or Salesforce), idempotency, dedupe by opportunity, the
+//! rules on the ERP's master data, a durable record, then delivery to the ERP: inline while the
+//! caller waits a bounded time, else by the background worker with backoff and jitter.
+//!
+//! The order record is committed before the ERP sees anything, and the adapter looks the order
+//! up by its external reference before every create, so a crash at any point neither loses an
+//! acknowledged order nor creates a second one.
+
+use super::idempotency;
+use super::metrics::ProcessMetrics;
+use super::model::Quote;
+use super::state::State;
+use super::store::{now_ms, Change, KeyState, OrderRecord, Store, StoreError, Transition};
+use crate::config::{Config, ProcessSettings};
+use crate::erp::adapter::{AdapterError, BusinessCentral};
+use crate::error::GatewayError;
+use crate::policy::mediation::convert::format_datetime;
+use crate::policy::Policy;
+use arc_swap::ArcSwap;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Mediation policy that checks a canonical quote (`policies/mediation.yaml`).
+pub const CANONICAL_POLICY: &str = "canonical-quote";
+/// Mediation policy that maps a Salesforce Opportunity to a canonical quote.
+pub const SALESFORCE_POLICY: &str = "salesforce-opportunity-to-quote";
+/// Where an order is found; the shipped routes serve it.
+pub const ORDERS_PATH: &str = "/process/v1/orders/";
+
+/// An answer for the caller: status, `Location`, JSON body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub location: Option<String>,
+    pub body: Vec<u8>,
+    /// Replayed from an earlier request with the same Idempotency-Key.
+    pub replayed: bool,
+}
+
+/// Orders delivered at once by the worker; the ERP budget bounds what reaches the ERP.
+const WORKER_BATCH: i64 = 16;
+const WORKER_POLL: Duration = Duration::from_millis(200);
+
+pub struct QuoteToOrder {
+    config: Arc<ArcSwap<Config>>,
+    settings: ProcessSettings,
+    adapter: BusinessCentral,
+    store: tokio::sync::OnceCell<Store>,
+    wake: tokio::sync::Notify,
+}
+
+impl From<StoreError> for GatewayError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "order store failure");
+        GatewayError::StoreUnavailable { detail: e.to_string() }
+    }
+}
+
+/// The outcome of one delivery attempt, as the caller would be told.
+enum Delivered {
+    State(State),
+    ErpRejected(String),
+}
+
+impl QuoteToOrder {
+    pub fn new(config: Arc<ArcSwap<Config>>, settings: ProcessSettings) -> Result<Arc<QuoteToOrder>, String> {
+        let adapter = BusinessCentral::new(&config.load(), &settings.erp, &settings.company)?;
+        Ok(Arc::new(QuoteToOrder {
+            config,
+            settings,
+            adapter,
+            store: tokio::sync::OnceCell::new(),
+            wake: tokio::sync::Notify::new(),
+        }))
+    }
+
+    /// The store, opened on first use; opening also releases what a killed process left leased.
+    pub async fn store(&self) -> Result<&Store, StoreError> {
+        self.store
+            .get_or_try_init(|| async {
+                let store = Store::open(&self.settings.store_path).await?;
+                let released = store.recover().await?;
+                if released > 0 {
+                    tracing::info!(orders = released, "resuming delivery of unfinished orders");
+                }
+                Ok(store)
+            })
+            .await
+    }
+
+    /// Handle `POST /process/v1/quote-to-order`. `key_scope` keeps consumers' keys apart.
+    pub async fn submit(
+        self: &Arc<Self>,
+        key_header: Option<&[u8]>,
+        key_scope: &str,
+        body: &[u8],
+        correlation_id: &str,
+    ) -> Result<Reply, GatewayError> {
+        let key = match key_header {
+            None => return Err(GatewayError::IdempotencyKeyMissing),
+            Some(h) => {
+                idempotency::parse_key(h).map_err(|detail| GatewayError::IdempotencyKeyInvalid { detail })?
+            }
+        };
+        let document: Value = serde_json::from_slice(body).map_err(|e| GatewayError::InvalidJson {
+            detail: format!("line {}, column {}: {e}", e.line(), e.column()),
+        })?;
+        let fingerprint = idempotency::fingerprint(&document);
+        let quote = self.to_quote(document).await?;
+        let store = self.store().await?;
+        let scoped_key = format!("{key_scope}\n{key}");
+        match store.claim_key(&scoped_key, &fingerprint, self.settings.key_ttl).await? {
+            KeyState::Claimed => {}
+            KeyState::InFlight => return Err(GatewayError::IdempotencyKeyInFlight),
+            KeyState::Mismatch => return Err(GatewayError::IdempotencyKeyReused),
+            KeyState::Done { status, location, body } => {
+                ProcessMetrics::global().duplicates_prevented.with_label_values(&["idempotency_key"]).inc();
+                return Ok(Reply { status, location, body, replayed: true });
+            }
+        }
+        let outcome = self.submit_claimed(store, quote, correlation_id).await;
+        // Only answers that stand are kept for replay; a refusal or a failure releases the key
+        // so the caller can fix the quote or retry with the same key.
+        match &outcome {
+            Ok(reply) => {
+                store.complete_key(&scoped_key, reply.status, reply.location.as_deref(), &reply.body).await?
+            }
+            Err(_) => store.release_key(&scoped_key).await?,
+        }
+        outcome
+    }
+
+    /// The body as a canonical quote: a Salesforce Opportunity goes through its mapping first.
+    async fn to_quote(&self, document: Value) -> Result<Quote, GatewayError> {
+        let salesforce =
+            document.get("StageName").is_some() || document.get("OpportunityLineItems").is_some();
+        if salesforce {
+            let stage = document["StageName"].as_str().unwrap_or_default();
+            if stage != "Closed Won" {
+                return Err(GatewayError::OpportunityNotWon {
+                    opportunity_id: document["Id"].as_str().unwrap_or("(no Id)").to_string(),
+                    stage: stage.to_string(),
+                });
+            }
+        }
+        let config = self.config.load();
+        let name = if salesforce { SALESFORCE_POLICY } else { CANONICAL_POLICY };
+        let Some(Policy::Mediation(mediation)) = config.policies.get(name).map(|p| p.as_ref()) else {
+            tracing::error!(policy = name, "process API policy missing");
+            return Err(GatewayError::Internal);
+        };
+        let violations = mediation.check_request_body(&document);
+        if !violations.is_empty() {
+            return Err(GatewayError::ValidationFailed { violations });
+        }
+        let canonical = match mediation.request.as_ref().map(|r| &r.transform).filter(|t| !t.is_identity()) {
+            Some(t) => {
+                let bytes = t.apply_async(document, mediation.limits).await.map_err(|f| {
+                    f.to_error(
+                        crate::policy::mediation::Direction::Request,
+                        mediation.limits,
+                        &self.settings.erp,
+                    )
+                })?;
+                serde_json::from_slice(&bytes).map_err(|_| GatewayError::Internal)?
+            }
+            None => document,
+        };
+        serde_json::from_value(canonical).map_err(|e| GatewayError::RequestUnmappable {
+            pointer: String::new(),
+            detail: format!("not a canonical quote: {e}"),
+        })
+    }
+
+    async fn submit_claimed(
+        self: &Arc<Self>,
+        store: &Store,
+        quote: Quote,
+        correlation_id: &str,
+    ) -> Result<Reply, GatewayError> {
+        let metrics = ProcessMetrics::global();
+        if let Some(existing) = store.live_order_for(&quote.opportunity_id).await? {
+            metrics.duplicates_prevented.with_label_values(&["opportunity"]).inc();
+            return self.reply(store, &existing, 200).await;
+        }
+        let quote_text = serde_json::to_string(&quote).map_err(|_| GatewayError::Internal)?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let (state, validated, violations) = match self.adapter.master_data(&quote).await {
+            Ok(master) => {
+                let rules = self.config.load().process_rules.clone().ok_or(GatewayError::Internal)?;
+                let violations = rules.validate(&quote, &master);
+                if violations.is_empty() {
+                    (State::Validated, true, Vec::new())
+                } else {
+                    (State::Rejected, false, violations)
+                }
+            }
+            Err(e) => {
+                tracing::info!(error = %e, opportunity = %quote.opportunity_id, "master data unavailable; order accepted as pending");
+                (State::Received, false, Vec::new())
+            }
+        };
+        if state == State::Rejected {
+            let text = serde_json::to_string(&violations).map_err(|_| GatewayError::Internal)?;
+            let codes: Vec<&str> = violations.iter().map(|v| v.code).collect();
+            let reason = format!("refused by the rules: {}", codes.join(", "));
+            store
+                .insert_order(
+                    &id,
+                    &quote.opportunity_id,
+                    State::Rejected,
+                    &quote_text,
+                    false,
+                    Some(&text),
+                    correlation_id,
+                    &reason,
+                    None,
+                )
+                .await?;
+            metrics.orders.with_label_values(&["rejected"]).inc();
+            for code in codes {
+                metrics.rejections.with_label_values(&[code]).inc();
+            }
+            return Err(GatewayError::QuoteRejected { violations });
+        }
+        let (reason, lease) = if validated {
+            ("quote validated", Some(self.settings.lease))
+        } else {
+            ("received; the ERP's master data is unreachable, validation deferred", None)
+        };
+        let inserted = store
+            .insert_order(
+                &id,
+                &quote.opportunity_id,
+                state,
+                &quote_text,
+                validated,
+                None,
+                correlation_id,
+                reason,
+                lease,
+            )
+            .await?;
+        if inserted.is_none() {
+            // Another key for the same opportunity won the race.
+            let existing =
+                store.live_order_for(&quote.opportunity_id).await?.ok_or(GatewayError::Internal)?;
+            metrics.duplicates_prevented.with_label_values(&["opportunity"]).inc();
+            return self.reply(store, &existing, 200).await;
+        }
+        if !validated {
+            metrics.orders.with_label_values(&["pending"]).inc();
+            self.wake.notify_one();
+            let record = store.order(&id).await?.ok_or(GatewayError::Internal)?;
+            return self.reply(store, &record, 202).await;
+        }
+        // Deliver now, but answer within the bound: the attempt goes on after a 202.
+        let record = store.order(&id).await?.ok_or(GatewayError::Internal)?;
+        let waiting = Arc::new(AtomicBool::new(true));
+        let this = self.clone();
+        let flag = waiting.clone();
+        let attempt = tokio::spawn(async move { this.deliver(record, Some(&flag)).await });
+        let delivered = tokio::time::timeout(self.settings.inline_wait, attempt).await;
+        waiting.store(false, Ordering::Release);
+        let record = store.order(&id).await?.ok_or(GatewayError::Internal)?;
+        match delivered {
+            Ok(Ok(Ok(Delivered::ErpRejected(message)))) => {
+                Err(GatewayError::ErpRejected { upstream: self.settings.erp.clone(), message })
+            }
+            Ok(Ok(Ok(Delivered::State(State::Accepted)))) => self.reply(store, &record, 201).await,
+            _ => self.reply(store, &record, 202).await,
+        }
+    }
+
+    /// The order as JSON with `status`; `Location` names it.
+    async fn reply(&self, store: &Store, order: &OrderRecord, status: u16) -> Result<Reply, GatewayError> {
+        let history = store.history(&order.id).await?;
+        let body = serde_json::to_vec(&order_view(order, &history)).map_err(|_| GatewayError::Internal)?;
+        Ok(Reply { status, location: Some(format!("{ORDERS_PATH}{}", order.id)), body, replayed: false })
+    }
+
+    /// `GET /process/v1/orders/{id}`.
+    pub async fn order(&self, id: &str) -> Result<Reply, GatewayError> {
+        let store = self.store().await?;
+        let order =
+            store.order(id).await?.ok_or_else(|| GatewayError::OrderNotFound { id: id.to_string() })?;
+        self.reply(store, &order, 200).await
+    }
+
+    /// `GET /process/v1/orders?opportunityId=…`: every order of the opportunity, newest first.
+    pub async fn orders_for(&self, opportunity_id: &str) -> Result<Reply, GatewayError> {
+        let store = self.store().await?;
+        let mut orders = Vec::new();
+        for order in store.orders_for(opportunity_id).await? {
+            let history = store.history(&order.id).await?;
+            orders.push(order_view(&order, &history));
+        }
+        let body = serde_json::to_vec(&json!({ "value": orders })).map_err(|_| GatewayError::Internal)?;
+        Ok(Reply { status: 200, location: None, body, replayed: false })
+    }
+
+    /// Dead-lettered orders, oldest first (admin).
+    pub async fn dead_letters(&self, limit: i64) -> Result<Value, StoreError> {
+        let store = self.store().await?;
+        let mut out = Vec::new();
+        for order in store.in_state(State::DeadLettered, limit).await? {
+            let history = store.history(&order.id).await?;
+            out.push(order_view(&order, &history));
+        }
+        Ok(json!({ "value": out }))
+    }
+
+    /// Send a dead-lettered order back to delivery: the rules run again on fresh master data
+    /// and the attempts start over. `Ok(false)` when the order is not dead-lettered.
+    pub async fn replay(&self, id: &str) -> Result<bool, StoreError> {
+        let store = self.store().await?;
+        let Some(order) = store.order(id).await? else { return Ok(false) };
+        if order.state != State::DeadLettered {
+            return Ok(false);
+        }
+        if let Ok(quote) = serde_json::from_str::<Quote>(&order.quote) {
+            self.adapter.forget(&quote).await;
+        }
+        let change = Change {
+            reason: "replayed by an operator",
+            validated: Some(false),
+            next_attempt_at: Some(now_ms()),
+            reset_attempts: true,
+            ..Default::default()
+        };
+        let moved = store.transition(id, State::DeadLettered, State::Pending, change).await?;
+        self.wake.notify_one();
+        Ok(moved)
+    }
+
+    /// Replay every dead letter; returns how many went back to delivery.
+    pub async fn replay_all(&self) -> Result<usize, StoreError> {
+        let store = self.store().await?;
+        let mut n = 0;
+        loop {
+            let batch = store.in_state(State::DeadLettered, 500).await?;
+            if batch.is_empty() {
+                return Ok(n);
+            }
+            for order in batch {
+                n += usize::from(self.replay(&order.id).await?);
+            }
+        }
+    }
+
+    /// One delivery attempt of a leased order. `caller` is set while a caller waits for the
+    /// outcome: a refusal is then theirs to fix (`rejected`); with nobody waiting it becomes a
+    /// dead letter for an operator.
+    async fn deliver(
+        &self,
+        order: OrderRecord,
+        caller: Option<&AtomicBool>,
+    ) -> Result<Delivered, StoreError> {
+        let store = self.store().await?;
+        let metrics = ProcessMetrics::global();
+        let someone_waits = || caller.is_some_and(|c| c.load(Ordering::Acquire));
+        let refused = || if someone_waits() { State::Rejected } else { State::DeadLettered };
+        let Ok(quote) = serde_json::from_str::<Quote>(&order.quote) else {
+            let change = Change { reason: "stored quote unreadable", ..Default::default() };
+            store.transition(&order.id, order.state, State::DeadLettered, change).await?;
+            return Ok(Delivered::State(State::DeadLettered));
+        };
+        let mut state = order.state;
+        if !order.validated {
+            match self.adapter.master_data(&quote).await {
+                Err(e) => return self.retry_later(store, &order, state, &e.to_string(), false).await,
+                Ok(master) => {
+                    let Some(rules) = self.config.load().process_rules.clone() else {
+                        return self
+                            .retry_later(store, &order, state, "no process rules loaded", false)
+                            .await;
+                    };
+                    let violations = rules.validate(&quote, &master);
+                    if !violations.is_empty() {
+                        let codes: Vec<&str> = violations.iter().map(|v| v.code).collect();
+                        let reason = format!("refused by the rules: {}", codes.join(", "));
+                        let text = serde_json::to_string(&violations).unwrap_or_default();
+                        let to = refused();
+                        let change =
+                            Change { reason: &reason, violations: Some(&text), ..Default::default() };
+                        store.transition(&order.id, state, to, change).await?;
+                        metrics.orders.with_label_values(&[to.as_str()]).inc();
+                        for code in codes {
+                            metrics.rejections.with_label_values(&[code]).inc();
+                        }
+                        return Ok(Delivered::State(to));
+                    }
+                    let change = Change {
+                        reason: "quote validated",
+                        validated: Some(true),
+                        keep_lease: true,
+                        ..Default::default()
+                    };
+                    if !store.transition(&order.id, state, State::Validated, change).await? {
+                        return Ok(Delivered::State(state));
+                    }
+                    state = State::Validated;
+                }
+            }
+        }
+        let attempt = order.attempts + 1;
+        let reason = format!("delivery attempt {attempt}");
+        let change = Change { reason: &reason, count_attempt: true, keep_lease: true, ..Default::default() };
+        if !store.transition(&order.id, state, State::Submitted, change).await? {
+            return Ok(Delivered::State(state));
+        }
+        let customer = quote.customer.number.clone().unwrap_or_default();
+        match self.adapter.create_order_once(&quote.to_sales_order(&customer)).await {
+            Ok(erp) => {
+                let reason = format!("the ERP holds order {}", erp.number);
+                let change =
+                    Change { reason: &reason, erp_order: Some((&erp.id, &erp.number)), ..Default::default() };
+                store.transition(&order.id, State::Submitted, State::Accepted, change).await?;
+                metrics.orders.with_label_values(&["accepted"]).inc();
+                let seconds = (now_ms() - order.received_at).max(0) as f64 / 1000.0;
+                metrics.accept_latency.with_label_values(&[self.settings.erp.as_str()]).observe(seconds);
+                Ok(Delivered::State(State::Accepted))
+            }
+            Err(AdapterError::Rejected { status, message }) => {
+                let reason = format!("the ERP refused the order ({status}): {message}");
+                let to = refused();
+                let change = Change { reason: &reason, ..Default::default() };
+                store.transition(&order.id, State::Submitted, to, change).await?;
+                metrics.orders.with_label_values(&[to.as_str()]).inc();
+                metrics.rejections.with_label_values(&["erp"]).inc();
+                Ok(if to == State::Rejected { Delivered::ErpRejected(message) } else { Delivered::State(to) })
+            }
+            Err(e) => self.retry_later(store, &order, State::Submitted, &e.to_string(), true).await,
+        }
+    }
+
+    /// Schedule the next attempt with exponential backoff and jitter, or give up.
+    async fn retry_later(
+        &self,
+        store: &Store,
+        order: &OrderRecord,
+        from: State,
+        error: &str,
+        attempted: bool,
+    ) -> Result<Delivered, StoreError> {
+        let attempts = order.attempts + i64::from(attempted);
+        let metrics = ProcessMetrics::global();
+        if attempts >= i64::from(self.settings.max_attempts) {
+            let reason = format!("gave up after {attempts} attempts; last error: {error}");
+            let change = Change { reason: &reason, ..Default::default() };
+            store.transition(&order.id, from, State::DeadLettered, change).await?;
+            metrics.orders.with_label_values(&["dead_lettered"]).inc();
+            return Ok(Delivered::State(State::DeadLettered));
+        }
+        let delay = backoff(self.settings.backoff_initial, self.settings.backoff_max, attempts.max(1) as u32);
+        let reason = format!("waiting for the ERP, retry in {} ms: {error}", delay.as_millis());
+        let change = Change {
+            reason: &reason,
+            next_attempt_at: Some(now_ms() + delay.as_millis() as i64),
+            ..Default::default()
+        };
+        if store.transition(&order.id, from, State::Pending, change).await? && order.state != State::Pending {
+            metrics.orders.with_label_values(&["pending"]).inc();
+        }
+        Ok(Delivered::State(State::Pending))
+    }
+
+    /// The delivery worker: leases due orders and delivers them, until shutdown.
+    pub async fn run_worker(self: Arc<Self>, mut shutdown: pingora::server::ShutdownWatch) {
+        let store = loop {
+            match self.store().await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::error!(error = %e, "order store unavailable; the delivery worker retries in 5 s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        };
+        let mut housekeeping = tokio::time::Instant::now();
+        loop {
+            if housekeeping.elapsed() >= Duration::from_secs(1) {
+                housekeeping = tokio::time::Instant::now();
+                self.housekeeping(store).await;
+            }
+            let due = match store.claim_due(WORKER_BATCH, self.settings.lease).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read due orders");
+                    Vec::new()
+                }
+            };
+            if due.is_empty() {
+                tokio::select! {
+                    _ = tokio::time::sleep(WORKER_POLL) => {}
+                    _ = self.wake.notified() => {}
+                    _ = shutdown.changed() => return,
+                }
+                continue;
+            }
+            let mut batch = tokio::task::JoinSet::new();
+            for order in due {
+                let this = self.clone();
+                batch.spawn(async move {
+                    if let Err(e) = this.deliver(order, None).await {
+                        tracing::error!(error = %e, "order delivery could not be recorded; it will be retried");
+                    }
+                });
+            }
+            while batch.join_next().await.is_some() {}
+        }
+    }
+
+    async fn housekeeping(&self, store: &Store) {
+        if let Ok(counts) = store.count_by_state().await {
+            let gauge = &ProcessMetrics::global().orders_in_state;
+            for s in State::ALL {
+                let n = counts.iter().find(|(name, _)| name == s.as_str()).map_or(0, |(_, n)| *n);
+                gauge.with_label_values(&[s.as_str()]).set(n);
+            }
+        }
+        if let Err(e) = store.purge_expired_keys().await {
+            tracing::warn!(error = %e, "cannot purge expired idempotency keys");
+        }
+    }
+}
+
+/// Exponential backoff from `initial`, capped at `max`, with jitter over the upper half so
+/// retries from one outage do not arrive together.
+pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(max);
+    let half = exp / 2;
+    half + exp.mul_f64(rand::random::<f64>() * 0.5)
+}
+
+fn order_view(order: &OrderRecord, history: &[Transition]) -> Value {
+    let violations = order.violations.as_deref().and_then(|v| serde_json::from_str::<Value>(v).ok());
+    let history: Vec<Value> = history
+        .iter()
+        .map(|t| json!({ "at": format_datetime(t.at), "from": t.from, "to": t.to, "reason": t.reason }))
+        .collect();
+    let mut view = json!({
+        "id": order.id,
+        "opportunityId": order.opportunity_id,
+        "state": order.state,
+        "correlationId": order.correlation_id,
+        "attempts": order.attempts,
+        "receivedAt": format_datetime(order.received_at),
+        "updatedAt": format_datetime(order.updated_at),
+        "history": history,
+        "links": { "self": format!("{ORDERS_PATH}{}", order.id) },
+    });
+    let mut set = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            view[k] = v;
+        }
+    };
+    set("erpOrderId", order.erp_order_id.clone().map(Value::from));
+    set("erpOrderNumber", order.erp_order_number.clone().map(Value::from));
+    set("reason", order.reason.clone().map(Value::from));
+    set("violations", violations);
+    view
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(2));
+        for attempt in 1..30 {
+            let d = backoff(i, m, attempt);
+            let exp = (i * 2u32.pow((attempt - 1).min(20))).min(m);
+            assert!(d >= exp / 2 && d <= exp, "attempt {attempt}: {d:?} vs {exp:?}");
+        }
+        let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff(i, m, 5)).collect();
+        assert!(samples.len() > 1, "jitter spreads retries");
+    }
+}

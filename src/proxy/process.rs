@@ -1,0 +1,81 @@
+//! Routes served by a process API (`process:` in the route file). Admission (authentication,
+//! scopes, rate limits) has run like on any route; the ERP is reached only through the
+//! process's adapter, under the same budget.
+
+use super::{add_correlation_headers, add_ratelimit_headers, mediated::read_request_body, Ctx};
+use crate::config::spec::ProcessEndpoint;
+use crate::error::GatewayError;
+use crate::process::service::{QuoteToOrder, Reply};
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::Session;
+use std::sync::Arc;
+
+/// The OpenAPI 3.1 document of the process APIs (kept in the repository, served as is).
+pub const OPENAPI: &str = include_str!("../../openapi/process-v1.json");
+
+/// Answer the request; on `Ok` the response has been written.
+pub async fn serve(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    endpoint: ProcessEndpoint,
+    service: &Arc<QuoteToOrder>,
+) -> Result<(), GatewayError> {
+    let route = ctx.route.clone().ok_or(GatewayError::Internal)?;
+    let reply = match endpoint {
+        ProcessEndpoint::QuoteToOrder => {
+            let body = read_request_body(session, route.max_body_bytes).await?;
+            let key = session.req_header().headers.get("idempotency-key").map(|v| v.as_bytes().to_vec());
+            // Keys are per consumer: two consumers may pick the same key without colliding.
+            let scope = ctx.consumer.as_ref().map_or("anonymous", |c| &*c.name).to_string();
+            service.submit(key.as_deref(), &scope, &body, &ctx.correlation.correlation_id).await?
+        }
+        ProcessEndpoint::Order => {
+            let path = session.req_header().uri.path().to_string();
+            let captures = route.path.matches(&path).unwrap_or_default();
+            let id = route.path.param_names().iter().position(|n| n == "id").and_then(|i| captures.get(i));
+            service.order(id.copied().unwrap_or_default()).await?
+        }
+        ProcessEndpoint::Orders => {
+            let query = session.req_header().uri.query().unwrap_or_default();
+            let opportunity = serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+                .ok()
+                .and_then(|q| q.into_iter().find(|(k, _)| k == "opportunityId").map(|(_, v)| v))
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| GatewayError::BadRequest {
+                    detail: "Give the opportunity to look up as `?opportunityId=…`".into(),
+                })?;
+            service.orders_for(&opportunity).await?
+        }
+        ProcessEndpoint::Openapi => {
+            Reply { status: 200, location: None, body: OPENAPI.as_bytes().to_vec(), replayed: false }
+        }
+    };
+    respond(session, ctx, reply).await;
+    Ok(())
+}
+
+async fn respond(session: &mut Session, ctx: &mut Ctx, reply: Reply) {
+    let Ok(mut head) = ResponseHeader::build(reply.status, Some(8)) else { return };
+    let _ = head.insert_header(http::header::CONTENT_TYPE, "application/json");
+    let _ = head.insert_header(http::header::CONTENT_LENGTH, reply.body.len());
+    let _ = head.insert_header(http::header::CACHE_CONTROL, "no-store");
+    if let Some(location) = &reply.location {
+        let name = if reply.status == 200 { http::header::CONTENT_LOCATION } else { http::header::LOCATION };
+        let _ = head.insert_header(name, location.as_str());
+    }
+    if reply.replayed {
+        let _ = head.insert_header("idempotent-replayed", "true");
+    }
+    let _ = add_correlation_headers(&mut head, &ctx.correlation);
+    let _ = add_ratelimit_headers(&mut head, ctx);
+    if let Some(route) = ctx.route.as_ref() {
+        for policy in &route.policies {
+            policy.on_response(&mut head);
+        }
+    }
+    // A write error means the caller went away: nobody is left to tell.
+    if session.write_response_header(Box::new(head), false).await.is_ok() {
+        let _ = session.write_response_body(Some(Bytes::from(reply.body)), true).await;
+    }
+}
