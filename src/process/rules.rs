@@ -201,7 +201,13 @@ impl Rules {
                     "Replace it with a salable item.",
                 ));
             }
-            if self.products.require_regional_price && !master.regional_prices.contains_key(&line.product) {
+            // A region without a tax treatment is reported once (tax.unknown_jurisdiction),
+            // not again as "no item may be sold there".
+            let known_region = self.tax.regions.contains_key(&quote.region);
+            if self.products.require_regional_price
+                && known_region
+                && !master.regional_prices.contains_key(&line.product)
+            {
                 out.push(violation(
                     pointer,
                     "product.not_allowed_in_region",
