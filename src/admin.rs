@@ -96,7 +96,7 @@ impl ServeHttp for AdminApp {
                 json_response(200, "application/json", body.to_string().into_bytes())
             }
             "/admin/reload" if session.req_header().method == http::Method::POST => {
-                if let Err(refusal) = self.authorize(session, "POST /admin/reload") {
+                if let Some(refusal) = self.refusal(session, "POST /admin/reload") {
                     return refusal;
                 }
                 match self.reloader.reload("admin API").await {
@@ -118,7 +118,7 @@ impl ServeHttp for AdminApp {
                 }
             }
             p if p.starts_with("/admin/dead-letters") => {
-                if let Err(refusal) = self.authorize(session, "the dead-letter API") {
+                if let Some(refusal) = self.refusal(session, "the dead-letter API") {
                     return refusal;
                 }
                 self.dead_letters(session, p).await
@@ -129,11 +129,12 @@ impl ServeHttp for AdminApp {
 }
 
 impl AdminApp {
-    /// The admin token as a bearer credential, or the problem to answer with.
-    fn authorize(&self, session: &ServerSession, what: &str) -> Result<(), Response<Vec<u8>>> {
+    /// `None` when the admin token was presented as a bearer credential, else the problem
+    /// to answer with.
+    fn refusal(&self, session: &ServerSession, what: &str) -> Option<Response<Vec<u8>>> {
         let Some(token) = &self.admin_token else {
             let detail = format!("Set CAUSEWAY_ADMIN_TOKEN to enable {what}.");
-            return Err(problem(403, "admin-disabled", "Admin API disabled", &detail, None));
+            return Some(problem(403, "admin-disabled", "Admin API disabled", &detail, None));
         };
         let presented = session
             .req_header()
@@ -142,7 +143,7 @@ impl AdminApp {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
-            return Ok(());
+            return None;
         }
         let mut resp = problem(
             401,
@@ -155,7 +156,7 @@ impl AdminApp {
             http::header::WWW_AUTHENTICATE,
             http::HeaderValue::from_static("Bearer realm=\"causeway-admin\""),
         );
-        Err(resp)
+        Some(resp)
     }
 
     /// `GET /admin/dead-letters`, `POST /admin/dead-letters/replay` (all) and
