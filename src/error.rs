@@ -13,6 +13,8 @@ pub const PROBLEM_BASE: &str = "https://causeway.dev/problems/";
 pub enum GatewayError {
     #[error("no route matches {method} {path}")]
     RouteNotFound { method: String, path: String },
+    #[error("method {method} not allowed")]
+    MethodNotAllowed { method: String, allowed: Vec<String> },
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("upstream {upstream} unreachable")]
@@ -96,6 +98,7 @@ impl GatewayError {
         match self {
             GatewayError::RouteNotFound { .. } => 404,
             GatewayError::BodyTooLarge { .. } => 413,
+            GatewayError::MethodNotAllowed { .. } => 405,
             GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamProtocol { .. } => 502,
             GatewayError::UpstreamTimeout { .. } => 504,
             GatewayError::BadRequest { .. } | GatewayError::InvalidJson { .. } => 400,
@@ -133,6 +136,7 @@ impl GatewayError {
             | GatewayError::ErpOverloaded { retry_after, .. } => {
                 vec![("retry-after", retry_after.to_string())]
             }
+            GatewayError::MethodNotAllowed { allowed, .. } => vec![("allow", allowed.join(", "))],
             GatewayError::TransformBusy | GatewayError::IdempotencyKeyInFlight => {
                 vec![("retry-after", "1".into())]
             }
@@ -145,6 +149,9 @@ impl GatewayError {
         match self {
             GatewayError::RouteNotFound { .. } => ("route-not-found", "No route matches this request"),
             GatewayError::BodyTooLarge { .. } => ("body-too-large", "Request body too large"),
+            GatewayError::MethodNotAllowed { .. } => {
+                ("method-not-allowed", "Method not allowed on this path")
+            }
             GatewayError::UpstreamUnreachable { .. } => {
                 ("upstream-unreachable", "The ERP could not be reached")
             }
@@ -209,6 +216,10 @@ impl GatewayError {
         match self {
             GatewayError::RouteNotFound { method, path } => format!(
                 "No route accepts {method} {path}. Check the path and method against the gateway's published routes."
+            ),
+            GatewayError::MethodNotAllowed { method, allowed } => format!(
+                "{method} is not accepted here; this path takes {}. The Allow header lists them.",
+                allowed.join(", ")
             ),
             GatewayError::BodyTooLarge { limit } => format!(
                 "This route accepts request bodies of at most {limit} bytes. Send a smaller body or split the request."

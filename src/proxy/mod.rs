@@ -153,9 +153,14 @@ impl ProxyHttp for Gateway {
             req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.host());
         let found = ctx.config.router.find(host, req.method.as_str(), req.uri.path(), req.uri.query());
         let Some(found) = found else {
-            let err = GatewayError::RouteNotFound {
-                method: req.method.to_string(),
-                path: req.uri.path().to_string(),
+            let allowed = ctx.config.router.allowed_methods(host, req.uri.path());
+            let err = if allowed.is_empty() {
+                GatewayError::RouteNotFound {
+                    method: req.method.to_string(),
+                    path: req.uri.path().to_string(),
+                }
+            } else {
+                GatewayError::MethodNotAllowed { method: req.method.to_string(), allowed }
             };
             respond_problem(session, ctx, &err).await?;
             return Ok(true);

@@ -222,23 +222,10 @@ impl Router {
         path: &str,
         query: Option<&str>,
     ) -> Option<RouteMatch> {
-        let host = host.map(|h| {
-            h.rsplit_once(':').map_or(
-                h,
-                |(name, port)| {
-                    if port.chars().all(|c| c.is_ascii_digit()) {
-                        name
-                    } else {
-                        h
-                    }
-                },
-            )
-        });
+        let host = strip_port(host);
         for route in &self.routes {
-            if let Some(want) = &route.host {
-                if !host.is_some_and(|h| h.eq_ignore_ascii_case(want)) {
-                    continue;
-                }
+            if !host_matches(route, host) {
+                continue;
             }
             if let Some(methods) = &route.methods {
                 if !methods.iter().any(|m| m == method) {
@@ -258,6 +245,35 @@ impl Router {
         }
         None
     }
+
+    /// Methods that routes for this host and path accept, when [`Router::find`] found none for
+    /// the request's method (a 405 with `Allow`, not a 404). Empty when no route has the path
+    /// or a matching route takes any method.
+    pub fn allowed_methods(&self, host: Option<&str>, path: &str) -> Vec<String> {
+        let host = strip_port(host);
+        let mut allowed: Vec<String> = Vec::new();
+        for route in self.routes.iter().filter(|r| host_matches(r, host) && r.path.matches(path).is_some()) {
+            match &route.methods {
+                Some(methods) => allowed.extend(methods.iter().cloned()),
+                None => return Vec::new(),
+            }
+        }
+        allowed.sort();
+        allowed.dedup();
+        allowed
+    }
+}
+
+/// `Host` without its port.
+fn strip_port(host: Option<&str>) -> Option<&str> {
+    host.map(|h| match h.rsplit_once(':') {
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+        _ => h,
+    })
+}
+
+fn host_matches(route: &CompiledRoute, host: Option<&str>) -> bool {
+    route.host.as_ref().is_none_or(|want| host.is_some_and(|h| h.eq_ignore_ascii_case(want)))
 }
 
 #[cfg(test)]

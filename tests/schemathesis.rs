@@ -1,0 +1,74 @@
+//! Schemathesis (from PyPI) against the OpenAPI document the gateway serves: generated and
+//! mutated requests to every process operation; no 5xx, and every response (status, headers,
+//! content type, body) must match the document.
+//!
+//! `positive_data_acceptance` is left out on purpose: a schema-valid quote is still refused
+//! (422) when it breaks the order rules or names a customer the ERP does not have, and the
+//! document says so.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+use std::process::Command;
+
+const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+
+/// A venv with schemathesis under the target directory, made on first use.
+fn schemathesis() -> Option<PathBuf> {
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("venv-schemathesis");
+    let st = venv.join("bin/st");
+    if st.exists() {
+        return Some(st);
+    }
+    if Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: schemathesis needs python3 (with venv and pip); install it to run this test");
+        return None;
+    }
+    let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().unwrap();
+    assert!(made.success(), "python3 -m venv failed (Debian: apt install python3-venv)");
+    let installed =
+        Command::new(venv.join("bin/pip")).args(["install", "--quiet", SCHEMATHESIS]).status().unwrap();
+    assert!(installed.success(), "pip install {SCHEMATHESIS} failed: PyPI must be reachable");
+    Some(st)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_and_no_response_outside_the_document() {
+    let Some(st) = tokio::task::spawn_blocking(schemathesis).await.unwrap() else { return };
+    let sandbox = TestSandbox::start(Default::default()).await;
+    let mut opts = GatewayOptions::new(sandbox.url());
+    opts.shipped_mediation = true;
+    let shipped =
+        |p: &str| std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(p)).unwrap();
+    opts.routes_yaml = shipped("routes/process.yaml");
+    opts.policies_yaml = shipped("policies/crm.yaml");
+    for file in causeway::process::rules::FILES {
+        opts.policy_files.push((format!("process/{file}"), shipped(&format!("policies/process/{file}"))));
+    }
+    opts.main_extra =
+        format!("process:\n  erp: bc\n  company: {}\n", causeway::erp::sandbox::data::COMPANY_ID);
+    let gw = TestGateway::start(opts).await;
+    let url = gw.url("/process/v1/openapi.json");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(st)
+            .args(["run", &url, "--checks", "all", "--exclude-checks", "positive_data_acceptance"])
+            .args(["-H", "x-api-key: demo-crm-key", "--max-time", "45", "--request-timeout", "10"])
+            .args(["--workers", "2", "--no-color"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    eprintln!(
+        "{}",
+        report.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+    assert!(
+        output.status.success(),
+        "schemathesis found failures:\n{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(report.contains("passed"), "{report}");
+}
