@@ -8,6 +8,8 @@
 //!                                 # Envoy with jwt_authn + local_ratelimit (needs `envoy`)
 //!   scripts/bench mediation       # POST of a canonical order: a mediated route (schema +
 //!                                 # request/response mapping) vs the same route unmediated
+//!   scripts/bench process         # quote-to-order: orders/s recorded and ERP-accepted, and
+//!                                 # ERP budget utilisation when the budget binds
 //!
 //! Needs `wrk` and `nginx` (scripts/bench installs them). Environment: BENCH_ROUNDS (3),
 //! BENCH_SECONDS (5), BENCH_CONNECTIONS (50), BENCH_IDLE_CONNECTIONS (5000), BENCH_READ_BUFFER
@@ -19,6 +21,9 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "load/process.rs"]
+mod process;
 
 const ORIGIN: u16 = 18080;
 const NGINX: u16 = 18081;
@@ -36,7 +41,7 @@ fn main() {
     }
     raise_fd_limit();
     let work = tempfile::tempdir().expect("temp dir");
-    let mode = ["memory", "policies", "mediation"]
+    let mode = ["memory", "policies", "mediation", "process"]
         .into_iter()
         .find(|m| args.iter().any(|a| a == m))
         .unwrap_or("throughput");
@@ -46,6 +51,10 @@ fn main() {
     procs.add("origin", nginx(&peers.join("upstream.nginx.conf"), work.path(), big), ORIGIN);
     if mode == "mediation" {
         mediation::run(&mut procs, work.path());
+        return;
+    }
+    if mode == "process" {
+        process::run(&mut procs, work.path());
         return;
     }
     if mode != "policies" {
@@ -616,7 +625,7 @@ mod mediation {
         );
     }
 
-    fn copy_tree(from: &Path, to: &Path) {
+    pub fn copy_tree(from: &Path, to: &Path) {
         std::fs::create_dir_all(to).unwrap();
         for entry in std::fs::read_dir(from).unwrap() {
             let path = entry.unwrap().path();

@@ -155,6 +155,8 @@ def seed(conf: Path, db: str):
     # --- currencies -------------------------------------------------------
     Currency = Model.get('currency.currency')
     eur = Currency(name='Euro', code='EUR', symbol='€', rounding=Decimal('0.01'), digits=2)
+    # Conversions need a rate on both currencies (Tryton rates are relative).
+    eur.rates.new(date=dt.date(2020, 1, 1), rate=Decimal('1.0'))
     eur.save()
     usd = Currency(name='US Dollar', code='USD', symbol='$', rounding=Decimal('0.01'), digits=2)
     # Rate 1.0 on purpose: SALES-US is "1.0 x list price" in USD in the sandbox, so
