@@ -153,7 +153,7 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ProcessSettings {
     pub erp: String,
-    pub company: String,
+    pub adapter: AdapterSettings,
     pub store_path: PathBuf,
     pub key_ttl: Duration,
     pub max_attempts: u32,
@@ -163,10 +163,24 @@ pub struct ProcessSettings {
     pub lease: Duration,
 }
 
+#[derive(Debug, Clone)]
+pub enum AdapterSettings {
+    BusinessCentral { company: String },
+    Tryton(TrytonSettings),
+}
+
+#[derive(Debug, Clone)]
+pub struct TrytonSettings {
+    pub database: String,
+    pub login: String,
+    pub password: String,
+    pub company: i64,
+}
+
 /// Mediation policies the quote-to-order process needs (`policies/mediation.yaml`).
-pub const PROCESS_POLICIES: &[&str] = &[
-    "canonical-quote",
-    "salesforce-opportunity-to-quote",
+pub const PROCESS_POLICIES: &[&str] = &["canonical-quote", "salesforce-opportunity-to-quote"];
+/// ... and those the Business Central adapter maps with.
+pub const BC_ADAPTER_POLICIES: &[&str] = &[
     "canonical-customer-bc",
     "canonical-item-bc",
     "canonical-sales-order-create-bc",
@@ -331,6 +345,7 @@ pub fn load_with_state(
     let store_path = dir.join(&main.store.path);
     let process = compile_process(
         &main_path,
+        env,
         &main,
         &store_path,
         &upstreams,
@@ -369,6 +384,7 @@ pub fn load_with_state(
 #[allow(clippy::too_many_arguments)]
 fn compile_process(
     file: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
     main: &MainSpec,
     store_path: &Path,
     upstreams: &BTreeMap<String, Arc<Upstream>>,
@@ -392,9 +408,47 @@ fn compile_process(
     if !upstreams.contains_key(&spec.erp.value) {
         diags.at(file, &spec.erp, format!("process.erp: no upstream `{}`", spec.erp.value));
     }
-    let missing: Vec<&str> = PROCESS_POLICIES
-        .iter()
-        .copied()
+    let adapter = match (spec.adapter, &spec.company, &spec.tryton) {
+        (spec::AdapterKind::BusinessCentral, Some(company), _) => {
+            Some(AdapterSettings::BusinessCentral { company: company.clone() })
+        }
+        (spec::AdapterKind::Tryton, _, Some(t)) => match env::expand(&t.password.value, env) {
+            Ok(password) => Some(AdapterSettings::Tryton(TrytonSettings {
+                database: t.database.clone(),
+                login: t.login.clone(),
+                password,
+                company: t.company,
+            })),
+            Err(e) => {
+                diags.at(file, &t.password, format!("process.tryton.password: {e}"));
+                None
+            }
+        },
+        (spec::AdapterKind::BusinessCentral, None, _) => {
+            diags.at(
+                file,
+                &spec.erp,
+                "process: the business-central adapter needs `company` (the company id)",
+            );
+            None
+        }
+        (spec::AdapterKind::Tryton, _, None) => {
+            diags.at(
+                file,
+                &spec.erp,
+                "process: the tryton adapter needs a `tryton:` block (database, login, password)",
+            );
+            None
+        }
+    };
+    let needed: Vec<&str> = match spec.adapter {
+        spec::AdapterKind::BusinessCentral => {
+            PROCESS_POLICIES.iter().chain(BC_ADAPTER_POLICIES).copied().collect()
+        }
+        spec::AdapterKind::Tryton => PROCESS_POLICIES.to_vec(),
+    };
+    let missing: Vec<&str> = needed
+        .into_iter()
         .filter(|name| !policies.get(*name).is_some_and(|p| matches!(p.as_ref(), Policy::Mediation(_))))
         .collect();
     if !missing.is_empty() {
@@ -421,7 +475,7 @@ fn compile_process(
     let ms = Duration::from_millis;
     Some(ProcessSettings {
         erp: spec.erp.value.clone(),
-        company: spec.company.clone(),
+        adapter: adapter?,
         store_path: store_path.to_path_buf(),
         key_ttl: Duration::from_secs(spec.idempotency_key_ttl_hours * 3600),
         max_attempts: d.max_attempts,

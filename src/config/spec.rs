@@ -168,13 +168,47 @@ impl Default for StoreSpec {
 pub struct ProcessSpec {
     /// The upstream orders are written to (its budget's `write` class carries the writes).
     pub erp: Spanned<String>,
-    /// Business Central company id the orders belong to.
-    pub company: String,
+    /// The ERP's dialect.
+    #[serde(default)]
+    pub adapter: AdapterKind,
+    /// Business Central: the company id the orders belong to.
+    #[serde(default)]
+    pub company: Option<String>,
+    /// Tryton: database and API user.
+    #[serde(default)]
+    pub tryton: Option<TrytonSpec>,
     /// How long a completed request's response is replayed for its Idempotency-Key.
     #[serde(default = "default_key_ttl_hours")]
     pub idempotency_key_ttl_hours: u64,
     #[serde(default)]
     pub delivery: DeliverySpec,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdapterKind {
+    /// Business Central API v2.0 (the built-in sandbox speaks it).
+    #[default]
+    BusinessCentral,
+    /// Tryton over JSON-RPC.
+    Tryton,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrytonSpec {
+    pub database: String,
+    /// The API user (needs the Sales and Product Administration groups).
+    pub login: String,
+    /// May reference the environment: `${TRYTON_PASSWORD}`.
+    pub password: Spanned<String>,
+    /// Company id the sales belong to.
+    #[serde(default = "default_tryton_company")]
+    pub company: i64,
+}
+
+fn default_tryton_company() -> i64 {
+    1
 }
 
 fn default_key_ttl_hours() -> u64 {

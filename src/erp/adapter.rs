@@ -30,6 +30,45 @@ pub enum AdapterError {
     Protocol(String),
 }
 
+/// What the process APIs need from an ERP, whatever its dialect. Every call goes through the
+/// ERP's budget; `create_order_once` looks the order up by its external reference first.
+#[async_trait::async_trait]
+pub trait ErpAdapter: Send + Sync {
+    /// Everything the quote rules need about `quote`, from the cache or the ERP.
+    async fn master_data(&self, quote: &Quote) -> Result<MasterData, AdapterError>;
+    /// Create the order (a canonical sales order) unless the ERP already holds one with its
+    /// external reference: then that one is returned.
+    async fn create_order_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError>;
+    /// Drop cached master data of `quote` (an operator's replay after fixing it in the ERP).
+    async fn forget(&self, quote: &Quote);
+}
+
+/// Take a permit from the upstream's budget (none when it has no budget).
+pub async fn permit(
+    upstream: &Upstream,
+    class: &Class,
+) -> Result<Option<crate::policy::throttle::Permit>, AdapterError> {
+    match upstream.budget.as_ref() {
+        Some(b) => b.budget.acquire(class).await.map(Some).map_err(|r| {
+            AdapterError::Unavailable(match r {
+                Refusal::Busy { .. } => "the ERP budget is exhausted".into(),
+                Refusal::CircuitOpen { .. } => "the ERP circuit is open".into(),
+            })
+        }),
+        None => Ok(None),
+    }
+}
+
+/// Budget classes for lookups (interactive) and writes.
+pub fn classes(up: &Upstream) -> (Class, Class) {
+    let class = |name: &str| up.budget.as_ref().and_then(|b| b.classes.get(name).cloned());
+    let default_class = up.budget.as_ref().map(|b| b.default_class.clone());
+    (
+        class("interactive").or(default_class.clone()).unwrap_or_else(Class::unlimited),
+        class("write").or(default_class).unwrap_or_else(Class::unlimited),
+    )
+}
+
 /// An order as the ERP holds it, in the canonical shape (`canonical-sales-order-bc`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ErpOrder {
@@ -86,13 +125,12 @@ impl BusinessCentral {
                 }
             }
         };
-        let class = |name: &str| up.budget.as_ref().and_then(|b| b.classes.get(name).cloned());
-        let default_class = up.budget.as_ref().map(|b| b.default_class.clone());
+        let (lookup_class, write_class) = classes(&up);
         Ok(BusinessCentral {
             company_path: format!("/api/v2.0/companies({company_id})"),
             price_list_path: format!("/api/causeway/sandbox/v1.0/companies({company_id})/priceListLines"),
-            lookup_class: class("interactive").or(default_class.clone()).unwrap_or_else(Class::unlimited),
-            write_class: class("write").or(default_class).unwrap_or_else(Class::unlimited),
+            lookup_class,
+            write_class,
             customer_map: policy("canonical-customer-bc")?,
             item_map: policy("canonical-item-bc")?,
             order_create_map: policy("canonical-sales-order-create-bc")?,
@@ -112,15 +150,7 @@ impl BusinessCentral {
         body: Option<Vec<u8>>,
         class: &Class,
     ) -> Result<(u16, Vec<u8>), AdapterError> {
-        let permit = match self.upstream.budget.as_ref() {
-            Some(b) => Some(b.budget.acquire(class).await.map_err(|r| {
-                AdapterError::Unavailable(match r {
-                    Refusal::Busy { .. } => "the ERP budget is exhausted".into(),
-                    Refusal::CircuitOpen { .. } => "the ERP circuit is open".into(),
-                })
-            })?),
-            None => None,
-        };
+        let permit = permit(&self.upstream, class).await?;
         let report = |o: Outcome| {
             if let Some(p) = &permit {
                 p.budget().report(o);
@@ -229,6 +259,10 @@ impl BusinessCentral {
 
     /// Everything the quote rules need about `quote`, from the cache or the ERP.
     pub async fn master_data(&self, quote: &Quote) -> Result<MasterData, AdapterError> {
+        ErpAdapter::master_data(self, quote).await
+    }
+
+    async fn fetch_master_data(&self, quote: &Quote) -> Result<MasterData, AdapterError> {
         let customer = match &quote.customer.number {
             Some(n) => self.customer(n).await?,
             None => None,
@@ -250,9 +284,7 @@ impl BusinessCentral {
         Ok(MasterData { customer, products, regional_prices })
     }
 
-    /// Drop the cached master data of `quote`, so the next lookup sees the ERP's current
-    /// records (an operator's replay after fixing them).
-    pub async fn forget(&self, quote: &Quote) {
+    async fn forget_cached(&self, quote: &Quote) {
         if let Some(n) = &quote.customer.number {
             self.customers.invalidate(n).await;
         }
@@ -277,6 +309,10 @@ impl BusinessCentral {
     /// Create the order (canonical sales order in, canonical order out) unless the ERP already
     /// has one with its external reference: then that one is returned.
     pub async fn create_order_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError> {
+        ErpAdapter::create_order_once(self, canonical).await
+    }
+
+    async fn create_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError> {
         let reference = canonical["externalReference"].as_str().unwrap_or_default();
         if reference.is_empty() {
             return Err(AdapterError::Rejected {
@@ -308,6 +344,21 @@ impl BusinessCentral {
         let created: Value =
             serde_json::from_slice(&answer).map_err(|e| AdapterError::Protocol(e.to_string()))?;
         order(map_response(mediation(&self.order_map), created)?)
+    }
+}
+
+#[async_trait::async_trait]
+impl ErpAdapter for BusinessCentral {
+    async fn master_data(&self, quote: &Quote) -> Result<MasterData, AdapterError> {
+        self.fetch_master_data(quote).await
+    }
+
+    async fn create_order_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError> {
+        self.create_once(canonical).await
+    }
+
+    async fn forget(&self, quote: &Quote) {
+        self.forget_cached(quote).await
     }
 }
 

@@ -11,8 +11,8 @@ use super::metrics::ProcessMetrics;
 use super::model::Quote;
 use super::state::State;
 use super::store::{now_ms, Change, KeyState, OrderRecord, Store, StoreError, Transition};
-use crate::config::{Config, ProcessSettings};
-use crate::erp::adapter::{AdapterError, BusinessCentral};
+use crate::config::{AdapterSettings, Config, ProcessSettings};
+use crate::erp::adapter::{AdapterError, BusinessCentral, ErpAdapter};
 use crate::error::GatewayError;
 use crate::policy::mediation::convert::format_datetime;
 use crate::policy::Policy;
@@ -46,7 +46,7 @@ const WORKER_POLL: Duration = Duration::from_millis(200);
 pub struct QuoteToOrder {
     config: Arc<ArcSwap<Config>>,
     settings: ProcessSettings,
-    adapter: BusinessCentral,
+    adapter: Box<dyn ErpAdapter>,
     store: tokio::sync::OnceCell<Store>,
     wake: tokio::sync::Notify,
 }
@@ -66,7 +66,20 @@ enum Delivered {
 
 impl QuoteToOrder {
     pub fn new(config: Arc<ArcSwap<Config>>, settings: ProcessSettings) -> Result<Arc<QuoteToOrder>, String> {
-        let adapter = BusinessCentral::new(&config.load(), &settings.erp, &settings.company)?;
+        let loaded = config.load();
+        let adapter: Box<dyn ErpAdapter> = match &settings.adapter {
+            AdapterSettings::BusinessCentral { company } => {
+                Box::new(BusinessCentral::new(&loaded, &settings.erp, company)?)
+            }
+            AdapterSettings::Tryton(t) => {
+                let upstream = loaded
+                    .upstreams
+                    .get(&settings.erp)
+                    .cloned()
+                    .ok_or_else(|| format!("no upstream `{}`", settings.erp))?;
+                Box::new(crate::erp::tryton::Tryton::new(upstream, t.clone()))
+            }
+        };
         Ok(Arc::new(QuoteToOrder {
             config,
             settings,

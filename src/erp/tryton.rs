@@ -1,0 +1,485 @@
+//! Tryton (7.0) over JSON-RPC: the open-source ERP the real-ERP tests run against.
+//!
+//! Tryton's shapes differ from Business Central's (numeric ids, `Decimal` objects, nested
+//! `field.` keys, a session login), so the mapping to canonical lives here rather than in
+//! mediation tables. How the master data is represented in Tryton (`scripts/tryton/README.md`):
+//! a blocked customer carries the party category `blocked`; the region comes from the address
+//! country (member of the `EU` organisation → EU, `US` → US, `GB` → UK); the tax id is the
+//! party's first identifier; regional prices come from the price list `SALES-<region>` (no price
+//! there: not sold in that region). An order is a `sale.sale` whose `reference` is the external
+//! reference, created, quoted and confirmed.
+//!
+//! Every JSON-RPC call takes a permit from the upstream's budget and reports its outcome, like
+//! the Business Central adapter.
+
+use super::adapter::{classes, permit, AdapterError, ErpAdapter, ErpOrder, MASTER_DATA_TTL};
+use crate::config::{TrytonSettings, Upstream};
+use crate::policy::throttle::{Class, Outcome};
+use crate::process::model::{Address, Credit, Customer, Product, Quote};
+use crate::process::rules::MasterData;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A customer with the ids a sale needs.
+#[derive(Debug, Clone)]
+struct Party {
+    customer: Customer,
+    id: i64,
+    address: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+struct Item {
+    product: Product,
+    id: i64,
+    unit: i64,
+    taxes: Vec<i64>,
+}
+
+pub struct Tryton {
+    upstream: Arc<Upstream>,
+    settings: TrytonSettings,
+    lookup_class: Class,
+    write_class: Class,
+    session: tokio::sync::Mutex<Option<String>>,
+    next_id: AtomicU64,
+    parties: moka::future::Cache<String, Option<Party>>,
+    items: moka::future::Cache<String, Option<Item>>,
+    /// `region|item` → unit price in the region's price list (`None`: not listed).
+    prices: moka::future::Cache<String, Option<f64>>,
+    /// Price list and currency ids by name/code.
+    ids: moka::future::Cache<String, Option<i64>>,
+}
+
+fn cache<V: Clone + Send + Sync + 'static>() -> moka::future::Cache<String, V> {
+    moka::future::Cache::builder().max_capacity(10_000).time_to_live(MASTER_DATA_TTL).build()
+}
+
+/// Tryton's `Decimal` (`{"__class__": "Decimal", "decimal": "19.99"}`) or a plain number.
+fn decimal(v: &Value) -> Option<f64> {
+    match v {
+        Value::Object(o) => o.get("decimal")?.as_str()?.parse().ok(),
+        other => other.as_f64(),
+    }
+}
+
+fn to_decimal(x: f64) -> Value {
+    json!({"__class__": "Decimal", "decimal": format!("{x:.4}")})
+}
+
+/// Booleans read as 1/0 on SQLite and true/false on PostgreSQL.
+fn boolean(v: &Value) -> bool {
+    v.as_bool().unwrap_or_else(|| v.as_i64().is_some_and(|n| n != 0))
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+fn region(country: &str, organizations: &[Value]) -> String {
+    if organizations.iter().any(|o| o["code"] == "EU") {
+        return "EU".into();
+    }
+    match country {
+        "GB" => "UK".into(),
+        other => other.to_string(),
+    }
+}
+
+impl Tryton {
+    pub fn new(upstream: Arc<Upstream>, settings: TrytonSettings) -> Tryton {
+        let (lookup_class, write_class) = classes(&upstream);
+        Tryton {
+            upstream,
+            settings,
+            lookup_class,
+            write_class,
+            session: tokio::sync::Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            parties: cache(),
+            items: cache(),
+            prices: cache(),
+            ids: cache(),
+        }
+    }
+
+    fn context(&self) -> Value {
+        json!({"company": self.settings.company})
+    }
+
+    /// One HTTP exchange under a budget permit: `(status, body)`.
+    async fn post(
+        &self,
+        body: &Value,
+        auth: Option<&str>,
+        class: &Class,
+    ) -> Result<(u16, Value), AdapterError> {
+        let permit = permit(&self.upstream, class).await?;
+        let report = |o: Outcome| {
+            if let Some(p) = &permit {
+                p.budget().report(o);
+            }
+        };
+        let client =
+            self.upstream.client().ok_or_else(|| AdapterError::Unavailable("no HTTP client".into()))?;
+        let mut request = client
+            .post(format!("{}/{}/", self.upstream.base_url, self.settings.database))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .timeout(self.upstream.connect_timeout + self.upstream.read_timeout)
+            .body(body.to_string());
+        if let Some(a) = auth {
+            request = request.header(http::header::AUTHORIZATION, a);
+        }
+        let response = request.send().await.map_err(|e| {
+            report(Outcome::Failure);
+            AdapterError::Unavailable(e.to_string())
+        })?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::policy::throttle::parse_retry_after);
+        let bytes = response.bytes().await.map_err(|e| {
+            report(Outcome::Failure);
+            AdapterError::Unavailable(e.to_string())
+        })?;
+        match status {
+            429 | 503 => {
+                report(Outcome::Overload(retry_after));
+                Err(AdapterError::Unavailable(format!("Tryton answered {status}")))
+            }
+            500.. => {
+                report(Outcome::Failure);
+                Err(AdapterError::Unavailable(format!("Tryton answered {status}")))
+            }
+            _ => {
+                report(Outcome::Success);
+                let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                Ok((status, value))
+            }
+        }
+    }
+
+    async fn login(&self) -> Result<String, AdapterError> {
+        let body = json!({
+            "id": self.next_id.fetch_add(1, Ordering::Relaxed),
+            "method": "common.db.login",
+            "params": [self.settings.login, {"password": self.settings.password}, "en"],
+        });
+        let (status, answer) = self.post(&body, None, &self.lookup_class).await?;
+        let result = &answer["result"];
+        let (Some(user), Some(key)) = (result[0].as_i64(), result[1].as_str()) else {
+            return Err(AdapterError::Unavailable(format!(
+                "Tryton login as `{}` failed ({status}): {}",
+                self.settings.login,
+                answer.get("error").unwrap_or(&answer)
+            )));
+        };
+        use base64::Engine;
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:{user}:{key}", self.settings.login));
+        Ok(format!("Session {token}"))
+    }
+
+    /// `model.<method>` with the company context appended to `params`.
+    async fn call(&self, method: &str, params: Vec<Value>, class: &Class) -> Result<Value, AdapterError> {
+        self.call_in(method, params, self.context(), class).await
+    }
+
+    /// `model.<method>` with `context` appended to `params` (Tryton's last parameter).
+    async fn call_in(
+        &self,
+        method: &str,
+        mut params: Vec<Value>,
+        context: Value,
+        class: &Class,
+    ) -> Result<Value, AdapterError> {
+        params.push(context);
+        let body =
+            json!({"id": self.next_id.fetch_add(1, Ordering::Relaxed), "method": method, "params": params});
+        for attempt in 0..2 {
+            let auth = {
+                let mut session = self.session.lock().await;
+                if session.is_none() {
+                    *session = Some(self.login().await?);
+                }
+                session.clone().unwrap_or_default()
+            };
+            let (status, answer) = self.post(&body, Some(&auth), class).await?;
+            if status == 401 && attempt == 0 {
+                // The session expired: log in again once.
+                *self.session.lock().await = None;
+                continue;
+            }
+            if status != 200 {
+                return Err(AdapterError::Protocol(format!("{method}: Tryton answered {status}")));
+            }
+            if let Some(error) = answer.get("error") {
+                return Err(match error[0].as_str() {
+                    Some("UserError") => AdapterError::Rejected { status: 422, message: text(&error[1][0]) },
+                    Some("UserWarning") => {
+                        AdapterError::Rejected { status: 422, message: text(&error[1][1]) }
+                    }
+                    _ => AdapterError::Protocol(format!("{method}: {error}")),
+                });
+            }
+            return Ok(answer["result"].clone());
+        }
+        Err(AdapterError::Unavailable("Tryton refused the session twice".into()))
+    }
+
+    async fn search_read(
+        &self,
+        model: &str,
+        domain: Value,
+        fields: &[&str],
+    ) -> Result<Vec<Value>, AdapterError> {
+        let result = self
+            .call(
+                &format!("model.{model}.search_read"),
+                vec![domain, json!(0), json!(null), json!(null), json!(fields)],
+                &self.lookup_class,
+            )
+            .await?;
+        Ok(result.as_array().cloned().unwrap_or_default())
+    }
+
+    async fn party(&self, code: &str) -> Result<Option<Party>, AdapterError> {
+        let fetch = async {
+            let fields = [
+                "code",
+                "name",
+                "categories.name",
+                "addresses.street",
+                "addresses.postal_code",
+                "addresses.city",
+                "addresses.country.code",
+                "addresses.country.organizations.code",
+                "identifiers.code",
+                "credit_limit_amount",
+                "credit_amount",
+            ];
+            let found = self.search_read("party.party", json!([["code", "=", code]]), &fields).await?;
+            let Some(p) = found.first() else { return Ok(None) };
+            let address = p["addresses."].get(0).cloned().unwrap_or(Value::Null);
+            let country = text(&address["country."]["code"]);
+            let organizations = address["country."]["organizations."].as_array().cloned().unwrap_or_default();
+            let blocked = p["categories."].as_array().into_iter().flatten().any(|c| c["name"] == "blocked");
+            let customer = Customer {
+                number: text(&p["code"]),
+                name: text(&p["name"]),
+                billing_address: Address {
+                    line1: text(&address["street"]),
+                    city: text(&address["city"]),
+                    postal_code: text(&address["postal_code"]),
+                    country: country.clone(),
+                    ..Address::default()
+                },
+                currency: String::new(),
+                region: region(&country, &organizations),
+                tax_id: text(&p["identifiers."][0]["code"]),
+                blocked: if blocked { "all".into() } else { "none".into() },
+                credit: Credit {
+                    limit: decimal(&p["credit_limit_amount"]).unwrap_or(0.0),
+                    balance: decimal(&p["credit_amount"]).unwrap_or(0.0),
+                },
+            };
+            Ok::<_, AdapterError>(Some(Party {
+                customer,
+                id: p["id"].as_i64().unwrap_or_default(),
+                address: address["id"].as_i64(),
+            }))
+        };
+        self.parties.try_get_with(code.to_string(), fetch).await.map_err(|e| (*e).clone())
+    }
+
+    async fn item(&self, code: &str) -> Result<Option<Item>, AdapterError> {
+        let fetch = async {
+            let fields =
+                ["code", "name", "salable", "list_price", "sale_uom", "account_category.customer_taxes_used"];
+            let found = self.search_read("product.product", json!([["code", "=", code]]), &fields).await?;
+            let Some(p) = found.first() else { return Ok(None) };
+            let taxes = p["account_category."]["customer_taxes_used"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_i64)
+                .collect();
+            Ok::<_, AdapterError>(Some(Item {
+                product: Product {
+                    number: text(&p["code"]),
+                    name: text(&p["name"]),
+                    blocked: !boolean(&p["salable"]),
+                    unit_price: decimal(&p["list_price"]).unwrap_or(0.0),
+                },
+                id: p["id"].as_i64().unwrap_or_default(),
+                unit: p["sale_uom"].as_i64().unwrap_or_default(),
+                taxes,
+            }))
+        };
+        self.items.try_get_with(code.to_string(), fetch).await.map_err(|e| (*e).clone())
+    }
+
+    /// Id of a record found by one field (price lists by name, currencies by code).
+    async fn id_of(&self, model: &str, field: &str, value: &str) -> Result<Option<i64>, AdapterError> {
+        let fetch = async {
+            let found = self.search_read(model, json!([[field, "=", value]]), &["id"]).await?;
+            Ok::<_, AdapterError>(found.first().and_then(|r| r["id"].as_i64()))
+        };
+        self.ids.try_get_with(format!("{model}|{value}"), fetch).await.map_err(|e| (*e).clone())
+    }
+
+    async fn regional_price(&self, region: &str, item: &Item) -> Result<Option<f64>, AdapterError> {
+        let fetch = async {
+            let Some(list) = self.id_of("product.price_list", "name", &format!("SALES-{region}")).await?
+            else {
+                return Ok(None);
+            };
+            let mut context = self.context();
+            context["price_list"] = json!(list);
+            context["quantity"] = json!(1);
+            let params = vec![json!([item.id]), json!(["sale_price_uom"])];
+            let result =
+                self.call_in("model.product.product.read", params, context, &self.lookup_class).await?;
+            Ok::<_, AdapterError>(decimal(&result[0]["sale_price_uom"]))
+        };
+        self.prices
+            .try_get_with(format!("{region}|{}", item.product.number), fetch)
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    async fn find_sale(&self, reference: &str) -> Result<Option<Value>, AdapterError> {
+        let found = self
+            .search_read(
+                "sale.sale",
+                json!([["reference", "=", reference]]),
+                &["number", "state", "reference"],
+            )
+            .await?;
+        Ok(found.into_iter().next())
+    }
+
+    /// Quote and confirm a sale from where it stands; returns its final record.
+    async fn complete(&self, id: i64, state: &str) -> Result<ErpOrder, AdapterError> {
+        if state == "draft" {
+            self.call("model.sale.sale.quote", vec![json!([id])], &self.write_class).await?;
+        }
+        if state == "draft" || state == "quotation" {
+            self.call("model.sale.sale.confirm", vec![json!([id])], &self.write_class).await?;
+        }
+        let read = self
+            .call(
+                "model.sale.sale.read",
+                vec![json!([id]), json!(["number", "state", "reference"])],
+                &self.lookup_class,
+            )
+            .await?;
+        let sale = &read[0];
+        Ok(ErpOrder {
+            id: id.to_string(),
+            number: text(&sale["number"]),
+            canonical: json!({
+                "id": id.to_string(),
+                "number": sale["number"],
+                "externalReference": sale["reference"],
+                "status": sale["state"],
+            }),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl ErpAdapter for Tryton {
+    async fn master_data(&self, quote: &Quote) -> Result<MasterData, AdapterError> {
+        let customer = match &quote.customer.number {
+            Some(n) => self.party(n).await?.map(|p| p.customer),
+            None => None,
+        };
+        let mut products = HashMap::new();
+        let mut regional_prices = HashMap::new();
+        for line in &quote.lines {
+            if products.contains_key(&line.product) {
+                continue;
+            }
+            if let Some(item) = self.item(&line.product).await? {
+                if let Some(price) = self.regional_price(&quote.region, &item).await? {
+                    regional_prices.insert(line.product.clone(), price);
+                }
+                products.insert(line.product.clone(), item.product);
+            }
+        }
+        Ok(MasterData { customer, products, regional_prices })
+    }
+
+    async fn create_order_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError> {
+        let reference = canonical["externalReference"].as_str().unwrap_or_default();
+        if reference.is_empty() {
+            return Err(AdapterError::Rejected {
+                status: 400,
+                message: "an order needs an externalReference".into(),
+            });
+        }
+        if let Some(existing) = self.find_sale(reference).await? {
+            let id = existing["id"].as_i64().unwrap_or_default();
+            return self.complete(id, existing["state"].as_str().unwrap_or_default()).await;
+        }
+        let number = canonical["customerNumber"].as_str().unwrap_or_default();
+        let party = self.party(number).await?.ok_or_else(|| AdapterError::Rejected {
+            status: 422,
+            message: format!("no Tryton party with code {number}"),
+        })?;
+        let mut lines = Vec::new();
+        for line in canonical["lines"].as_array().into_iter().flatten() {
+            let code = line["item"].as_str().unwrap_or_default();
+            let item = self.item(code).await?.ok_or_else(|| AdapterError::Rejected {
+                status: 422,
+                message: format!("no Tryton product with code {code}"),
+            })?;
+            let discount = line["discountPercent"].as_f64().unwrap_or(0.0);
+            let price =
+                line["unitPrice"].as_f64().unwrap_or(item.product.unit_price) * (1.0 - discount / 100.0);
+            lines.push(json!({
+                "type": "line",
+                "product": item.id,
+                "quantity": line["quantity"].as_f64().unwrap_or(0.0),
+                "unit": item.unit,
+                "unit_price": to_decimal(price),
+                "taxes": [["add", item.taxes]],
+            }));
+        }
+        let mut sale = json!({
+            "party": party.id,
+            "reference": reference,
+            "description": format!("Causeway order {reference}"),
+            "lines": [["create", lines]],
+        });
+        if let Some(address) = party.address {
+            sale["invoice_address"] = json!(address);
+            sale["shipment_address"] = json!(address);
+        }
+        if let Some(code) = canonical["currency"].as_str() {
+            if let Some(currency) = self.id_of("currency.currency", "code", code).await? {
+                sale["currency"] = json!(currency);
+            }
+        }
+        let created = self.call("model.sale.sale.create", vec![json!([sale])], &self.write_class).await?;
+        let id = created[0]
+            .as_i64()
+            .ok_or_else(|| AdapterError::Protocol(format!("create returned {created}")))?;
+        self.complete(id, "draft").await
+    }
+
+    async fn forget(&self, quote: &Quote) {
+        if let Some(n) = &quote.customer.number {
+            self.parties.invalidate(n).await;
+        }
+        for line in &quote.lines {
+            self.items.invalidate(&line.product).await;
+            self.prices.invalidate(&format!("{}|{}", quote.region, line.product)).await;
+        }
+    }
+}
