@@ -19,7 +19,11 @@ fn shipped(path: &str) -> String {
 
 /// The shipped process configuration against `sandbox`, with `delivery` settings.
 fn options(sandbox: &TestSandbox, delivery: &str) -> GatewayOptions {
-    let mut o = GatewayOptions::new(sandbox.url());
+    options_for(sandbox.url(), delivery)
+}
+
+fn options_for(upstream_url: String, delivery: &str) -> GatewayOptions {
+    let mut o = GatewayOptions::new(upstream_url);
     o.shipped_mediation = true;
     o.routes_yaml = shipped("routes/process.yaml");
     // The shipped quota, widened so load from the tests is not what they measure.
@@ -99,8 +103,8 @@ async fn wait_state(
 }
 
 /// The sandbox's sales orders by external document number.
-async fn erp_orders(sandbox: &TestSandbox) -> HashMap<String, usize> {
-    let url = format!("{}/api/v2.0/companies({COMPANY_ID})/salesOrders", sandbox.url());
+async fn erp_orders(sandbox_url: &str) -> HashMap<String, usize> {
+    let url = format!("{sandbox_url}/api/v2.0/companies({COMPANY_ID})/salesOrders");
     let list: Value = reqwest::Client::new()
         .get(url)
         .bearer_auth(UPSTREAM_TOKEN)
@@ -183,7 +187,7 @@ async fn a_valid_quote_becomes_one_erp_order_with_its_history() {
     let created: Value = serde_json::from_str(created["body"].as_str().unwrap()).unwrap();
     assert_eq!(created["externalDocumentNumber"], "006Dn000004ZqA1AAA");
     assert_eq!(created["customerNumber"], "C10000");
-    assert_eq!(erp_orders(&sandbox).await["006Dn000004ZqA1AAA"], 1);
+    assert_eq!(erp_orders(&sandbox.url()).await["006Dn000004ZqA1AAA"], 1);
 
     let missing =
         client.get(gw.url("/process/v1/orders/nope")).header("x-api-key", KEY).send().await.unwrap();
@@ -212,7 +216,7 @@ async fn a_closed_won_salesforce_opportunity_is_an_order_and_other_stages_are_re
     let resp = submit(&client, &gw, "sf-1", &opportunity).await;
     assert_eq!(resp.status(), 201, "{}", gw.log());
     let id = opportunity["Id"].as_str().unwrap().to_string();
-    assert_eq!(erp_orders(&sandbox).await[&id], 1);
+    assert_eq!(erp_orders(&sandbox.url()).await[&id], 1);
 
     opportunity["StageName"] = json!("Negotiation/Review");
     opportunity["Id"] = json!("006Dn000004ZqZZZZZ");
@@ -262,6 +266,16 @@ async fn each_rule_alone_refuses_the_quote_with_exactly_its_violation() {
             Box::new(|q| {
                 q["region"] = json!("LATAM");
                 q["lines"][0]["discountPercent"] = json!(0);
+            }),
+        ),
+        (
+            "/region",
+            "tax.region_mismatch",
+            Box::new(|q| {
+                q["region"] = json!("US");
+                q["currency"] = json!("USD");
+                q["lines"] =
+                    json!([{"product": "1900-S", "quantity": 2, "unitPrice": price("US", "1900-S")}]);
             }),
         ),
         ("/currency", "contract.currency_not_allowed", Box::new(|q| q["currency"] = json!("USD"))),
@@ -479,6 +493,16 @@ async fn dead_letters_are_listed_and_replayed_after_the_data_is_fixed() {
     sandbox.set_limits(&LimitsSpec::default()).await;
     let dead = wait_state(&client, &gw, &location, "dead_lettered", Duration::from_secs(10)).await;
     assert!(dead["reason"].as_str().unwrap().contains("customer.blocked"), "{dead:#}");
+    // The dead-letter gauge (refreshed every second by the worker) shows it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = reqwest::get(gw.metrics_url()).await.unwrap().text().await.unwrap();
+        if metrics.contains("causeway_process_orders{state=\"dead_lettered\"} 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "dead-letter gauge never showed 1:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let unauthorized = client.get(admin("/admin/dead-letters")).send().await.unwrap();
     assert_eq!(unauthorized.status(), 401);
@@ -533,28 +557,66 @@ async fn dead_letters_are_listed_and_replayed_after_the_data_is_fixed() {
         .unwrap();
     assert_eq!(all["replayed"], 1);
     wait_state(&client, &gw, &location, "accepted", Duration::from_secs(10)).await;
-    let erp = erp_orders(&sandbox).await;
+    let erp = erp_orders(&sandbox.url()).await;
     assert_eq!((erp["006Dn000004DEADAAA"], erp["006Dn000004DEADBBB"]), (1, 1));
     assert_eq!(sandbox.stats().await["duplicate_external_document_numbers"], 0);
 }
 
-/// The ERP is down for 60 s under a steady stream of orders: callers get 202 pending, and
-/// every order is accepted once after recovery, none dead-lettered.
+/// The sandbox as its own process, so an outage is real: killed, its port refuses connections.
+struct SandboxProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl SandboxProcess {
+    async fn start(port: u16) -> SandboxProcess {
+        let child = std::process::Command::new(binary())
+            .args(["sandbox", "--listen", &format!("127.0.0.1:{port}"), "--token", UPSTREAM_TOKEN])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < deadline, "sandbox did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        SandboxProcess { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SandboxProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The ERP is down (its process killed, connections refused) for 60 s under a steady stream of
+/// orders: callers get 202 pending, and every order is accepted exactly once after recovery,
+/// none dead-lettered. The sandbox keeps its data in memory, so the restarted one starts empty:
+/// orders accepted before the outage are checked in the first, the rest in the second.
 #[tokio::test]
 async fn a_60_second_erp_outage_loses_nothing() {
-    let sandbox = TestSandbox::start(Default::default()).await;
-    let gw = TestGateway::start(options(
-        &sandbox,
-        "{ max_attempts: 100, backoff_initial_ms: 200, backoff_max_ms: 2000, inline_wait_ms: 2000 }",
-    ))
-    .await;
+    let port = free_port();
+    let mut erp = SandboxProcess::start(port).await;
+    let delivery =
+        "{ max_attempts: 100, backoff_initial_ms: 200, backoff_max_ms: 2000, inline_wait_ms: 2000 }";
+    let gw = TestGateway::start(options_for(erp.url(), delivery)).await;
     let client = reqwest::Client::new();
-    let mut locations = Vec::new();
-    let mut during = HashMap::<u16, usize>::new();
     let mut n = 0;
     let send = |n: &mut usize| {
         *n += 1;
-        let q = quote(&format!("006Dn0000OUT{:05}", n));
+        let opportunity = format!("006Dn0000OUT{:05}", n);
+        let q = quote(&opportunity);
         let (client, url) = (client.clone(), gw.url("/process/v1/quote-to-order"));
         let key = format!("outage-{n}");
         async move {
@@ -567,20 +629,26 @@ async fn a_60_second_erp_outage_loses_nothing() {
                 .await
                 .unwrap();
             let status = resp.status().as_u16();
-            (status, resp.headers().get("location").map(|l| l.to_str().unwrap().to_string()))
+            (status, opportunity, resp.headers().get("location").map(|l| l.to_str().unwrap().to_string()))
         }
     };
+    let mut before = Vec::new();
     for _ in 0..5 {
-        let (status, location) = send(&mut n).await;
+        let (status, opportunity, _) = send(&mut n).await;
         assert_eq!(status, 201);
-        locations.push(location.unwrap());
+        before.push(opportunity);
     }
-    sandbox.set_limits(&LimitsSpec { force_status: Some(503), ..Default::default() }).await;
+    let first = erp_orders(&erp.url()).await;
+    assert!(before.iter().all(|o| first.get(o) == Some(&1)));
+
+    erp.kill();
+    let mut after = Vec::new();
+    let mut during = HashMap::<u16, usize>::new();
     let outage = Instant::now();
     while outage.elapsed() < Duration::from_secs(60) {
-        let (status, location) = send(&mut n).await;
+        let (status, opportunity, location) = send(&mut n).await;
         *during.entry(status).or_default() += 1;
-        locations.push(location.unwrap_or_else(|| panic!("{status} without Location")));
+        after.push((opportunity, location.unwrap_or_else(|| panic!("{status} without Location"))));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(
@@ -588,24 +656,26 @@ async fn a_60_second_erp_outage_loses_nothing() {
         [202],
         "every caller during the outage got 202: {during:?}"
     );
-    sandbox.set_limits(&LimitsSpec::default()).await;
+
+    let erp = SandboxProcess::start(port).await;
     for _ in 0..5 {
-        let (status, location) = send(&mut n).await;
-        assert!(status == 201 || status == 202);
-        locations.push(location.unwrap());
+        let (status, opportunity, location) = send(&mut n).await;
+        assert!(status == 201 || status == 202, "{status}");
+        after.push((opportunity, location.unwrap()));
     }
-    for location in &locations {
-        let order = wait_state(&client, &gw, location, "accepted", Duration::from_secs(30)).await;
+    for (_, location) in &after {
+        let order = wait_state(&client, &gw, location, "accepted", Duration::from_secs(60)).await;
         assert!(order["erpOrderNumber"].is_string());
     }
-    let erp = erp_orders(&sandbox).await;
-    assert_eq!(erp.len(), locations.len());
-    assert!(erp.values().all(|&c| c == 1), "each order exactly once");
+    let second = erp_orders(&erp.url()).await;
+    assert_eq!(second.len(), after.len(), "only the orders of and after the outage reach the restarted ERP");
+    assert!(after.iter().all(|(o, _)| second.get(o) == Some(&1)), "each exactly once");
     let metrics = reqwest::get(gw.metrics_url()).await.unwrap().text().await.unwrap();
     assert!(
         !metrics.contains("causeway_process_orders_total{outcome=\"dead_lettered\"}"),
         "none dead-lettered"
     );
+    assert!(metrics.contains("causeway_process_orders{state=\"dead_lettered\"} 0"));
 }
 
 /// 500 orders against a slowed ERP; the gateway is SIGKILLed mid-flight and restarted. Every
@@ -677,7 +747,7 @@ async fn sigkill_mid_flight_loses_no_acknowledged_order_and_duplicates_none() {
     for (_, location) in &acknowledged {
         wait_state(&client, &gw, location, "accepted", Duration::from_secs(60)).await;
     }
-    let erp = erp_orders(&sandbox).await;
+    let erp = erp_orders(&sandbox.url()).await;
     for (opportunity, _) in &acknowledged {
         assert_eq!(erp.get(opportunity), Some(&1), "{opportunity} is in the ERP exactly once");
     }

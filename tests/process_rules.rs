@@ -302,6 +302,44 @@ fn every_canonical_schema_compiles_and_the_quote_schema_matches_the_rust_type() 
 }
 
 #[test]
+fn the_invoice_and_payment_status_schemas_match_their_rust_types() {
+    use causeway::process::model::{Invoice, InvoiceStatus, PaymentStatus};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/schemas/canonical");
+    let payment = PaymentStatus {
+        invoice_number: "PS-INV103001".into(),
+        status: InvoiceStatus::PartiallyPaid,
+        amount_paid: 100.0,
+        amount_due: 26.59,
+        last_payment_date: Some("2026-12-15".into()),
+    };
+    let invoice = Invoice {
+        number: "PS-INV103001".into(),
+        order_number: "S-ORD102001".into(),
+        external_reference: Some("006Dn000004ZqXcIAK".into()),
+        customer_number: "C10000".into(),
+        currency: "EUR".into(),
+        invoice_date: "2026-12-01".into(),
+        due_date: "2026-12-31".into(),
+        total_excluding_tax: 89.57,
+        total_tax: 17.02,
+        total_including_tax: 106.59,
+        status: InvoiceStatus::PartiallyPaid,
+        payment: Some(payment.clone()),
+    };
+    for (file, value) in [
+        ("invoice.json", serde_json::to_value(&invoice).unwrap()),
+        ("payment-status.json", serde_json::to_value(&payment).unwrap()),
+    ] {
+        let schema = causeway::policy::mediation::schema::Schema::load(&dir.join(file)).unwrap();
+        assert_eq!(schema.violations("body", &value), vec![], "{file}: {value}");
+        let mut broken = value.clone();
+        broken["status"] = json!("settled");
+        assert_eq!(schema.violations("body", &broken).len(), 1, "{file} refuses an unknown status");
+    }
+    assert_eq!(serde_json::to_value(InvoiceStatus::PartiallyPaid).unwrap(), "partially_paid");
+}
+
+#[test]
 fn a_closed_won_salesforce_opportunity_becomes_a_valid_canonical_quote() {
     let Some(Policy::Mediation(m)) =
         config().policies.get("salesforce-opportunity-to-quote").map(|p| p.as_ref())

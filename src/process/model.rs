@@ -171,3 +171,47 @@ impl Quote {
         })
     }
 }
+
+/// An ERP sales invoice, canonical (`policies/schemas/canonical/invoice.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Invoice {
+    pub number: String,
+    pub order_number: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_reference: Option<String>,
+    pub customer_number: String,
+    pub currency: String,
+    /// RFC 3339 full dates.
+    pub invoice_date: String,
+    pub due_date: String,
+    pub total_excluding_tax: f64,
+    pub total_tax: f64,
+    pub total_including_tax: f64,
+    pub status: InvoiceStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment: Option<PaymentStatus>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvoiceStatus {
+    Draft,
+    Open,
+    PartiallyPaid,
+    Paid,
+    Overdue,
+    Cancelled,
+}
+
+/// How much of an invoice is paid (`policies/schemas/canonical/payment-status.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PaymentStatus {
+    pub invoice_number: String,
+    pub status: InvoiceStatus,
+    pub amount_paid: f64,
+    pub amount_due: f64,
+    #[serde(default)]
+    pub last_payment_date: Option<String>,
+}
