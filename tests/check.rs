@@ -139,3 +139,45 @@ fn process_rules_and_mediation_files_are_checked_with_file_and_line() {
     let mediation = dir.path().join("policies/mediation.yaml");
     assert!(err.contains(&format!("{}:2:", mediation.display())) && err.contains("to_roman"), "{err}");
 }
+
+/// Process endpoints need a `process:` block, which must name a defined upstream and an adapter
+/// with its settings; each problem is reported with file and line.
+#[test]
+fn process_configuration_errors_name_file_and_line() {
+    let dir = valid_dir();
+    let routes = dir.path().join("routes/process.yaml");
+    std::fs::write(
+        &routes,
+        "routes:\n  - name: q2o\n    match: { methods: [POST], path: /process/v1/quote-to-order }\n    upstream: bc\n    process: quote-to-order\n",
+    )
+    .unwrap();
+    let main = dir.path().join("causeway.yaml");
+    let (ok, err) = check(dir.path(), &[("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")]);
+    assert!(!ok);
+    assert!(
+        err.contains("route `q2o` is a process endpoint, but causeway.yaml has no `process:` block"),
+        "{err}"
+    );
+
+    let base = std::fs::read_to_string(&main).unwrap();
+    let text = format!("{base}process:\n  erp: nope\n  adapter: tryton\n");
+    std::fs::write(&main, &text).unwrap();
+    let erp_line = text.lines().position(|l| l.contains("erp: nope")).unwrap() + 1;
+    let (ok, err) = check(dir.path(), &[("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")]);
+    assert!(!ok);
+    let at = format!("{}:{erp_line}:", main.display());
+    assert!(err.lines().any(|l| l.starts_with(&at) && l.contains("no upstream `nope`")), "{err}");
+    assert!(err.lines().any(|l| l.starts_with(&at) && l.contains("needs a `tryton:` block")), "{err}");
+    assert!(err.contains("policies/process/ (the quote rules) is missing"), "{err}");
+
+    // An unknown endpoint kind is a typed error at its line.
+    std::fs::write(&main, &base).unwrap();
+    std::fs::write(
+        &routes,
+        std::fs::read_to_string(&routes).unwrap().replace("quote-to-order\n", "quote-to-invoice\n"),
+    )
+    .unwrap();
+    let (ok, err) = check(dir.path(), &[("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")]);
+    assert!(!ok);
+    assert!(err.contains(&format!("{}:5:", routes.display())) && err.contains("quote-to-invoice"), "{err}");
+}

@@ -486,3 +486,79 @@ async fn insert_transition(
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (Store::open(&dir.path().join("data/orders.db")).await.unwrap(), dir)
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_is_claimed_once_then_replayed_refused_or_released() {
+        let (s, _dir) = store().await;
+        let ttl = Duration::from_secs(60);
+        assert_eq!(s.claim_key("k", "f1", ttl).await.unwrap(), KeyState::Claimed);
+        assert_eq!(s.claim_key("k", "f1", ttl).await.unwrap(), KeyState::InFlight);
+        assert_eq!(s.claim_key("k", "f2", ttl).await.unwrap(), KeyState::Mismatch);
+        s.complete_key("k", 201, Some("/o/1"), b"{}").await.unwrap();
+        assert_eq!(
+            s.claim_key("k", "f1", ttl).await.unwrap(),
+            KeyState::Done { status: 201, location: Some("/o/1".into()), body: b"{}".to_vec() }
+        );
+        assert_eq!(s.claim_key("k2", "f", ttl).await.unwrap(), KeyState::Claimed);
+        s.release_key("k2").await.unwrap();
+        assert_eq!(
+            s.claim_key("k2", "other", ttl).await.unwrap(),
+            KeyState::Claimed,
+            "released keys are free"
+        );
+        // Expired keys are forgotten.
+        assert_eq!(s.claim_key("k3", "f", Duration::ZERO).await.unwrap(), KeyState::Claimed);
+        s.complete_key("k3", 201, None, b"").await.unwrap();
+        assert_eq!(s.claim_key("k3", "g", ttl).await.unwrap(), KeyState::Claimed);
+    }
+
+    #[tokio::test]
+    async fn one_live_order_per_opportunity_and_guarded_transitions_with_history() {
+        let (s, _dir) = store().await;
+        let insert = |id: &'static str, state: State| {
+            let s = s.clone();
+            async move { s.insert_order(id, "OPP-1", state, "{}", true, None, "c", "why", None).await.unwrap() }
+        };
+        assert_eq!(insert("a", State::Rejected).await, Some(()));
+        assert_eq!(insert("b", State::Validated).await, Some(()), "a rejected order does not block");
+        assert_eq!(insert("c", State::Validated).await, None, "a second live order is refused");
+        assert_eq!(s.live_order_for("OPP-1").await.unwrap().unwrap().id, "b");
+
+        let change = || Change { reason: "attempt", count_attempt: true, ..Default::default() };
+        assert!(s.transition("b", State::Validated, State::Submitted, change()).await.unwrap());
+        assert!(
+            !s.transition("b", State::Validated, State::Submitted, change()).await.unwrap(),
+            "stale from-state"
+        );
+        let accepted = Change { reason: "done", erp_order: Some(("42", "SO-1")), ..Default::default() };
+        assert!(s.transition("b", State::Submitted, State::Accepted, accepted).await.unwrap());
+        let order = s.order("b").await.unwrap().unwrap();
+        assert_eq!((order.state, order.attempts), (State::Accepted, 1));
+        assert_eq!(order.erp_order_number.as_deref(), Some("SO-1"));
+        let steps: Vec<String> = s.history("b").await.unwrap().into_iter().map(|t| t.to).collect();
+        assert_eq!(steps, ["validated", "submitted", "accepted"]);
+        assert_eq!(s.orders_for("OPP-1").await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn due_orders_are_leased_once_and_released_by_recovery() {
+        let (s, _dir) = store().await;
+        s.insert_order("a", "OPP-A", State::Pending, "{}", true, None, "c", "why", None).await.unwrap();
+        s.insert_order("b", "OPP-B", State::Accepted, "{}", true, None, "c", "why", None).await.unwrap();
+        let lease = Duration::from_secs(60);
+        let due: Vec<String> = s.claim_due(10, lease).await.unwrap().into_iter().map(|o| o.id).collect();
+        assert_eq!(due, ["a"], "only deliverable orders");
+        assert!(s.claim_due(10, lease).await.unwrap().is_empty(), "a leased order is not handed out twice");
+        assert_eq!(s.recover().await.unwrap(), 1);
+        assert_eq!(s.claim_due(10, lease).await.unwrap().len(), 1, "after a restart it is due again");
+    }
+}
