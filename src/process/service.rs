@@ -42,6 +42,9 @@ pub struct Reply {
 /// Orders delivered at once by the worker; the ERP budget bounds what reaches the ERP.
 const WORKER_BATCH: i64 = 16;
 const WORKER_POLL: Duration = Duration::from_millis(200);
+/// How often the per-state gauges are recounted, and expired idempotency keys dropped.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 
 pub struct QuoteToOrder {
     config: Arc<ArcSwap<Config>>,
@@ -140,7 +143,12 @@ impl QuoteToOrder {
             Ok(reply) => {
                 store.complete_key(&scoped_key, reply.status, reply.location.as_deref(), &reply.body).await?
             }
-            Err(_) => store.release_key(&scoped_key).await?,
+            Err(_) => {
+                if let Err(e) = store.release_key(&scoped_key).await {
+                    // The caller hears the original error; the key frees itself at restart.
+                    tracing::warn!(error = %e, "cannot release an idempotency key");
+                }
+            }
         }
         outcome
     }
@@ -200,7 +208,12 @@ impl QuoteToOrder {
         }
         let quote_text = serde_json::to_string(&quote).map_err(|_| GatewayError::Internal)?;
         let id = uuid::Uuid::now_v7().to_string();
-        let (state, validated, violations) = match self.adapter.master_data(&quote).await {
+        // The caller waits at most `inline_wait` for master data too; a slow ERP means the
+        // rules run later, in the worker.
+        let master = tokio::time::timeout(self.settings.inline_wait, self.adapter.master_data(&quote))
+            .await
+            .unwrap_or_else(|_| Err(AdapterError::Unavailable("master data lookup timed out".into())));
+        let (state, validated, violations) = match master {
             Ok(master) => {
                 let rules = self.config.load().process_rules.clone().ok_or(GatewayError::Internal)?;
                 let violations = rules.validate(&quote, &master);
@@ -256,21 +269,19 @@ impl QuoteToOrder {
                 lease,
             )
             .await?;
-        if inserted.is_none() {
+        let Some(record) = inserted else {
             // Another key for the same opportunity won the race.
             let existing =
                 store.live_order_for(&quote.opportunity_id).await?.ok_or(GatewayError::Internal)?;
             metrics.duplicates_prevented.with_label_values(&["opportunity"]).inc();
             return self.reply(store, &existing, 200).await;
-        }
+        };
         if !validated {
             metrics.orders.with_label_values(&["pending"]).inc();
             self.wake.notify_one();
-            let record = store.order(&id).await?.ok_or(GatewayError::Internal)?;
             return self.reply(store, &record, 202).await;
         }
         // Deliver now, but answer within the bound: the attempt goes on after a 202.
-        let record = store.order(&id).await?.ok_or(GatewayError::Internal)?;
         let waiting = Arc::new(AtomicBool::new(true));
         let this = self.clone();
         let flag = waiting.clone();
@@ -354,11 +365,12 @@ impl QuoteToOrder {
         let mut n = 0;
         loop {
             let batch = store.in_state(State::DeadLettered, 500).await?;
-            if batch.is_empty() {
-                return Ok(n);
-            }
-            for order in batch {
+            let before = n;
+            for order in &batch {
                 n += usize::from(self.replay(&order.id).await?);
+            }
+            if batch.is_empty() || n == before {
+                return Ok(n);
             }
         }
     }
@@ -494,11 +506,18 @@ impl QuoteToOrder {
                 }
             }
         };
-        let mut housekeeping = tokio::time::Instant::now();
+        let mut gauges = tokio::time::Instant::now();
+        let mut purge = tokio::time::Instant::now();
         loop {
-            if housekeeping.elapsed() >= Duration::from_secs(1) {
-                housekeeping = tokio::time::Instant::now();
-                self.housekeeping(store).await;
+            if gauges.elapsed() >= GAUGE_INTERVAL {
+                gauges = tokio::time::Instant::now();
+                self.refresh_gauges(store).await;
+            }
+            if purge.elapsed() >= PURGE_INTERVAL {
+                purge = tokio::time::Instant::now();
+                if let Err(e) = store.purge_expired_keys().await {
+                    tracing::warn!(error = %e, "cannot purge expired idempotency keys");
+                }
             }
             let due = match store.claim_due(WORKER_BATCH, self.settings.lease).await {
                 Ok(d) => d,
@@ -528,16 +547,13 @@ impl QuoteToOrder {
         }
     }
 
-    async fn housekeeping(&self, store: &Store) {
+    async fn refresh_gauges(&self, store: &Store) {
         if let Ok(counts) = store.count_by_state().await {
             let gauge = &ProcessMetrics::global().orders_in_state;
             for s in State::ALL {
                 let n = counts.iter().find(|(name, _)| name == s.as_str()).map_or(0, |(_, n)| *n);
                 gauge.with_label_values(&[s.as_str()]).set(n);
             }
-        }
-        if let Err(e) = store.purge_expired_keys().await {
-            tracing::warn!(error = %e, "cannot purge expired idempotency keys");
         }
     }
 }

@@ -2,7 +2,9 @@
 //! transitions, and idempotency keys with their stored responses, in one SQLite file (WAL).
 //!
 //! One node owns the file. Every write goes through a single connection, so writers never
-//! contend for SQLite's lock (no `SQLITE_BUSY` under load); reads share a small pool.
+//! contend for SQLite's lock (no `SQLITE_BUSY` under load); reads share a small pool. Each call
+//! is one statement where it can be (the history is written by triggers): every statement is a
+//! round trip to the connection's thread, and those hops are most of an order's cost.
 
 use super::state::State;
 use serde::Serialize;
@@ -48,6 +50,16 @@ const SCHEMA: &[&str] = &[
         to_state TEXT NOT NULL,
         reason TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS transitions_order ON transitions(order_id, seq)",
+    // The history is written by the database in the same statement as the change, so a state
+    // change and its record cannot part, and each takes one round trip to SQLite's thread.
+    "CREATE TRIGGER IF NOT EXISTS orders_history_insert AFTER INSERT ON orders BEGIN
+        INSERT INTO transitions (order_id, at, from_state, to_state, reason)
+        VALUES (NEW.id, NEW.updated_at, NULL, NEW.state, NEW.reason);
+     END",
+    "CREATE TRIGGER IF NOT EXISTS orders_history_update AFTER UPDATE OF state ON orders BEGIN
+        INSERT INTO transitions (order_id, at, from_state, to_state, reason)
+        VALUES (NEW.id, NEW.updated_at, OLD.state, NEW.state, NEW.reason);
+     END",
     "CREATE TABLE IF NOT EXISTS idempotency_keys (
         key TEXT PRIMARY KEY,
         fingerprint TEXT NOT NULL,
@@ -201,7 +213,8 @@ impl Store {
 
     // --- idempotency keys ---
 
-    /// Claim `key` for a request with `fingerprint`, or say why not.
+    /// Claim `key` for a request with `fingerprint`, or say why not. One statement claims a new
+    /// or expired key; only a key in use costs a second one.
     pub async fn claim_key(
         &self,
         key: &str,
@@ -209,49 +222,44 @@ impl Store {
         ttl: Duration,
     ) -> Result<KeyState, StoreError> {
         let now = now_ms();
-        let mut tx = self.writer.begin().await?;
-        sqlx::query("DELETE FROM idempotency_keys WHERE key = ? AND expires_at <= ?")
-            .bind(key)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        let claimed = sqlx::query(
+            "INSERT INTO idempotency_keys (key, fingerprint, in_flight, created_at, expires_at)
+             VALUES (?1, ?2, 1, ?3, ?4)
+             ON CONFLICT(key) DO UPDATE SET fingerprint = excluded.fingerprint, in_flight = 1,
+                status = NULL, location = NULL, body = NULL,
+                created_at = excluded.created_at, expires_at = excluded.expires_at
+             WHERE idempotency_keys.expires_at <= ?3 AND idempotency_keys.in_flight = 0
+             RETURNING key",
+        )
+        .bind(key)
+        .bind(fingerprint)
+        .bind(now)
+        .bind(now + ttl.as_millis() as i64)
+        .fetch_optional(&self.writer)
+        .await?;
+        if claimed.is_some() {
+            return Ok(KeyState::Claimed);
+        }
         let existing = sqlx::query(
             "SELECT fingerprint, in_flight, status, location, body FROM idempotency_keys WHERE key = ?",
         )
         .bind(key)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.writer)
         .await?;
-        let state = match existing {
-            Some(row) => {
-                let stored: String = row.try_get("fingerprint")?;
-                if stored != fingerprint {
-                    KeyState::Mismatch
-                } else if row.try_get::<i64, _>("in_flight")? != 0 {
-                    KeyState::InFlight
-                } else {
-                    KeyState::Done {
-                        status: row.try_get::<i64, _>("status")? as u16,
-                        location: row.try_get("location")?,
-                        body: row.try_get("body")?,
-                    }
-                }
+        // Released between the two statements: the first request just ended; ask for a retry.
+        let Some(row) = existing else { return Ok(KeyState::InFlight) };
+        let stored: String = row.try_get("fingerprint")?;
+        Ok(if stored != fingerprint {
+            KeyState::Mismatch
+        } else if row.try_get::<i64, _>("in_flight")? != 0 {
+            KeyState::InFlight
+        } else {
+            KeyState::Done {
+                status: row.try_get::<i64, _>("status")? as u16,
+                location: row.try_get("location")?,
+                body: row.try_get("body")?,
             }
-            None => {
-                sqlx::query(
-                    "INSERT INTO idempotency_keys (key, fingerprint, in_flight, created_at, expires_at)
-                     VALUES (?, ?, 1, ?, ?)",
-                )
-                .bind(key)
-                .bind(fingerprint)
-                .bind(now)
-                .bind(now + ttl.as_millis() as i64)
-                .execute(&mut *tx)
-                .await?;
-                KeyState::Claimed
-            }
-        };
-        tx.commit().await?;
-        Ok(state)
+        })
     }
 
     /// Store the response of a claimed key for replay.
@@ -294,8 +302,8 @@ impl Store {
 
     // --- orders ---
 
-    /// Insert a new order in `state`. `Ok(None)` when the opportunity already has a live order
-    /// (whose id is returned by [`Store::live_order_for`]).
+    /// Insert a new order in `state` (its first transition is recorded with it). `Ok(None)`
+    /// when the opportunity already has a live order ([`Store::live_order_for`] finds it).
     #[allow(clippy::too_many_arguments)]
     pub async fn insert_order(
         &self,
@@ -308,13 +316,13 @@ impl Store {
         correlation_id: &str,
         reason: &str,
         lease: Option<Duration>,
-    ) -> Result<Option<()>, StoreError> {
+    ) -> Result<Option<OrderRecord>, StoreError> {
         let now = now_ms();
-        let mut tx = self.writer.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO orders (id, opportunity_id, state, quote, validated, violations, reason,
                 correlation_id, next_attempt_at, lease_until, received_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             RETURNING *",
         )
         .bind(id)
         .bind(opportunity_id)
@@ -328,16 +336,13 @@ impl Store {
         .bind(lease.map_or(0, |l| now + l.as_millis() as i64))
         .bind(now)
         .bind(now)
-        .execute(&mut *tx)
+        .fetch_one(&self.writer)
         .await;
         match inserted {
-            Ok(_) => {}
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(None),
-            Err(e) => return Err(e.into()),
+            Ok(row) => row_to_order(&row).map(Some),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(None),
+            Err(e) => Err(e.into()),
         }
-        insert_transition(&mut tx, id, now, None, state, reason).await?;
-        tx.commit().await?;
-        Ok(Some(()))
     }
 
     /// Move an order from `from` to `to`; `false` when it is no longer in `from` (someone else
@@ -349,8 +354,6 @@ impl Store {
         to: State,
         change: Change<'_>,
     ) -> Result<bool, StoreError> {
-        let now = now_ms();
-        let mut tx = self.writer.begin().await?;
         let updated = sqlx::query(
             "UPDATE orders SET state = ?, updated_at = ?, reason = ?,
                 erp_order_id = COALESCE(?, erp_order_id), erp_order_number = COALESCE(?, erp_order_number),
@@ -361,7 +364,7 @@ impl Store {
              WHERE id = ? AND state = ?",
         )
         .bind(to.as_str())
-        .bind(now)
+        .bind(now_ms())
         .bind(change.reason)
         .bind(change.erp_order.map(|(id, _)| id))
         .bind(change.erp_order.map(|(_, number)| number))
@@ -373,15 +376,10 @@ impl Store {
         .bind(change.keep_lease)
         .bind(id)
         .bind(from.as_str())
-        .execute(&mut *tx)
+        .execute(&self.writer)
         .await?
         .rows_affected();
-        if updated == 0 {
-            return Ok(false);
-        }
-        insert_transition(&mut tx, id, now, Some(from), to, change.reason).await?;
-        tx.commit().await?;
-        Ok(true)
+        Ok(updated == 1)
     }
 
     /// Lease up to `limit` orders that are due for delivery.
@@ -466,27 +464,6 @@ impl Store {
     }
 }
 
-async fn insert_transition(
-    tx: &mut sqlx::SqliteConnection,
-    id: &str,
-    at: i64,
-    from: Option<State>,
-    to: State,
-    reason: &str,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO transitions (order_id, at, from_state, to_state, reason) VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(id)
-    .bind(at)
-    .bind(from.map(State::as_str))
-    .bind(to.as_str())
-    .bind(reason)
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,9 +505,9 @@ mod tests {
             let s = s.clone();
             async move { s.insert_order(id, "OPP-1", state, "{}", true, None, "c", "why", None).await.unwrap() }
         };
-        assert_eq!(insert("a", State::Rejected).await, Some(()));
-        assert_eq!(insert("b", State::Validated).await, Some(()), "a rejected order does not block");
-        assert_eq!(insert("c", State::Validated).await, None, "a second live order is refused");
+        assert_eq!(insert("a", State::Rejected).await.unwrap().state, State::Rejected);
+        assert!(insert("b", State::Validated).await.is_some(), "a rejected order does not block");
+        assert!(insert("c", State::Validated).await.is_none(), "a second live order is refused");
         assert_eq!(s.live_order_for("OPP-1").await.unwrap().unwrap().id, "b");
 
         let change = || Change { reason: "attempt", count_attempt: true, ..Default::default() };
@@ -544,8 +521,21 @@ mod tests {
         let order = s.order("b").await.unwrap().unwrap();
         assert_eq!((order.state, order.attempts), (State::Accepted, 1));
         assert_eq!(order.erp_order_number.as_deref(), Some("SO-1"));
-        let steps: Vec<String> = s.history("b").await.unwrap().into_iter().map(|t| t.to).collect();
-        assert_eq!(steps, ["validated", "submitted", "accepted"]);
+        let history = s.history("b").await.unwrap();
+        let steps: Vec<(Option<String>, String, String)> =
+            history.into_iter().map(|t| (t.from, t.to, t.reason)).collect();
+        let step = |from: Option<&str>, to: &str, why: &str| {
+            (from.map(String::from), to.to_string(), why.to_string())
+        };
+        assert_eq!(
+            steps,
+            [
+                step(None, "validated", "why"),
+                step(Some("validated"), "submitted", "attempt"),
+                step(Some("submitted"), "accepted", "done")
+            ],
+            "the triggers record each change with its reason, and only real changes"
+        );
         assert_eq!(s.orders_for("OPP-1").await.unwrap().len(), 2);
     }
 
