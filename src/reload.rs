@@ -90,7 +90,18 @@ impl BackgroundService for ReloadTriggers {
                 let _ = tx.try_send(());
             }
         })
-        .and_then(|mut w| w.watch(&self.0.dir, RecursiveMode::Recursive).map(|_| w));
+        .and_then(|mut w| {
+            // Only where configuration lives: the store (data/) and logs may sit in the same
+            // directory, and every write there would wake this watcher.
+            w.watch(&self.0.dir, RecursiveMode::NonRecursive)?;
+            for sub in ["routes", "policies"] {
+                let path = self.0.dir.join(sub);
+                if path.is_dir() {
+                    w.watch(&path, RecursiveMode::Recursive)?;
+                }
+            }
+            Ok(w)
+        });
         let _watcher = match watcher {
             Ok(w) => Some(w),
             Err(e) => {

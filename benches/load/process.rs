@@ -13,19 +13,29 @@ use serde_json::Value;
 
 const SANDBOX_FAST: u16 = 18120;
 const SANDBOX_BOUND: u16 = 18121;
+const SANDBOX_INLINE: u16 = 18131;
 const GW_202: u16 = 18122;
 const GW_201: u16 = 18125;
 const GW_BOUND: u16 = 18128;
 const TOKEN: &str = "bench-sandbox-token";
 const COMPANY: &str = "3f1d8a52-4c1e-4d2a-9b8e-5a3c2b1d0e01";
 
+/// The sandbox's log, kept after the run (the work directory is not).
+fn sandbox_log(port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("causeway-bench-sandbox-{port}.log"))
+}
+
 fn sandbox(port: u16, window_requests: u32, window_seconds: u64) -> Child {
-    spawn(
-        Command::new(env!("CARGO_BIN_EXE_causeway"))
-            .args(["sandbox", "--listen", &format!("127.0.0.1:{port}"), "--token", TOKEN])
-            .args(["--window-requests", &window_requests.to_string()])
-            .args(["--window-seconds", &window_seconds.to_string()]),
-    )
+    let log = std::fs::File::create(sandbox_log(port)).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_causeway"))
+        .args(["sandbox", "--listen", &format!("127.0.0.1:{port}"), "--token", TOKEN])
+        .args(["--window-requests", &window_requests.to_string()])
+        .args(["--window-seconds", &window_seconds.to_string()])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn the sandbox")
 }
 
 /// A gateway with the shipped process routes, rules and mappings in front of `sandbox`.
@@ -61,7 +71,7 @@ fn gateway(
              upstreams:\n  bc:\n    url: http://127.0.0.1:{sandbox}\n    credentials: {{ bearer: {{ token: {TOKEN} }} }}\n\
              \x20   budget:\n      window_requests: {window_requests}\n      window_seconds: {window_seconds}\n      max_concurrent: 5\n      queue: 100000\n\
              \x20     classes: {{ write: {{ priority: 0, max_wait_ms: 600000 }}, interactive: {{ priority: 1, max_wait_ms: 600000 }} }}\n      default_class: interactive\n\
-             store: {{ path: orders.db }}\n\
+             store: {{ path: data/orders.db }}\n\
              process:\n  erp: bc\n  company: {COMPANY}\n  delivery: {{ inline_wait_ms: {inline_wait_ms}, max_attempts: 1000, backoff_initial_ms: 200, backoff_max_ms: 2000 }}\n",
             port + 1,
             port + 2
@@ -101,8 +111,23 @@ fn script(work: &Path, prefix: &str) -> PathBuf {
     path
 }
 
+/// Wait until the sandbox stops receiving orders (the gateway's backlog is delivered).
+fn settle(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = stats(port)["orders_created"].as_u64();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1000));
+        let now = stats(port)["orders_created"].as_u64();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 fn stats(port: u16) -> Value {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("sandbox stats");
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("sandbox on {port}: {e}; its log: {}", sandbox_log(port).display()));
     s.write_all(b"GET /sandbox/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
@@ -117,14 +142,13 @@ fn start(procs: &mut Procs, name: &'static str, child: Child, port: u16) {
 }
 
 pub fn run(procs: &mut Procs, work: &Path) {
-    start(procs, "sandbox-fast", sandbox(SANDBOX_FAST, 10_000_000, 60), SANDBOX_FAST);
-    start(procs, "causeway-202", gateway(work, "gw-202", GW_202, SANDBOX_FAST, (10_000_000, 60), 0), GW_202);
-    start(
-        procs,
-        "causeway-201",
-        gateway(work, "gw-201", GW_201, SANDBOX_FAST, (10_000_000, 60), 5000),
-        GW_201,
-    );
+    // One sandbox per gateway, and each run's background deliveries finish before the next
+    // run starts: no target pays for another's backlog.
+    let unbound = (10_000_000, 60);
+    start(procs, "sandbox-fast", sandbox(SANDBOX_FAST, unbound.0, unbound.1), SANDBOX_FAST);
+    start(procs, "sandbox-inline", sandbox(SANDBOX_INLINE, unbound.0, unbound.1), SANDBOX_INLINE);
+    start(procs, "causeway-202", gateway(work, "gw-202", GW_202, SANDBOX_FAST, unbound, 0), GW_202);
+    start(procs, "causeway-201", gateway(work, "gw-201", GW_201, SANDBOX_INLINE, unbound, 5000), GW_201);
 
     let rounds = env_num("BENCH_ROUNDS", 3);
     let seconds = env_num("BENCH_SECONDS", 5);
@@ -144,6 +168,11 @@ pub fn run(procs: &mut Procs, work: &Path) {
         for (i, (name, port, pid, path)) in targets.iter().enumerate() {
             let script = (i > 0).then(|| script(work, &format!("R{round}T{i}")));
             let r = wrk_with(*port, *pid, seconds, conns, None, path, script.as_deref());
+            match i {
+                1 => settle(SANDBOX_FAST),
+                2 => settle(SANDBOX_INLINE),
+                _ => {}
+            }
             eprintln!(
                 "  round {} {name:<22} {:>8.0} req/s  cpu {:>6.1} us/req  p50 {:.3} ms  p99 {:.3} ms  non-2xx {}",
                 round + 1, r.rps, r.cpu_us, r.p50_ms, r.p99_ms, r.errors
@@ -165,11 +194,13 @@ pub fn run(procs: &mut Procs, work: &Path) {
     }
     println!("ratio s/a (orders recorded / origin req/s): {:.3}", rps[1] / rps[0]);
     println!("ratio e/a (orders accepted by the ERP / origin req/s): {:.3}", rps[2] / rps[0]);
-    let fast = stats(SANDBOX_FAST);
-    println!(
-        "  sandbox: orders created {}, duplicate external references {}, 429s {}",
-        fast["orders_created"], fast["duplicate_external_document_numbers"], fast["rejected_429"]["total"]
-    );
+    for (name, port) in [("(s)", SANDBOX_FAST), ("(e)", SANDBOX_INLINE)] {
+        let st = stats(port);
+        println!(
+            "  {name} sandbox: orders created {}, duplicate external references {}, 429s {}",
+            st["orders_created"], st["duplicate_external_document_numbers"], st["rejected_429"]["total"]
+        );
+    }
 
     // (2) The budget binds: 300 requests per 10 s at the gateway and at the sandbox.
     let (window_requests, window_seconds) =

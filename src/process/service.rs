@@ -139,15 +139,21 @@ impl QuoteToOrder {
         let outcome = self.submit_claimed(store, quote, correlation_id).await;
         // Only answers that stand are kept for replay; a refusal or a failure releases the key
         // so the caller can fix the quote or retry with the same key.
-        match &outcome {
+        let kept = match &outcome {
             Ok(reply) => {
-                store.complete_key(&scoped_key, reply.status, reply.location.as_deref(), &reply.body).await?
+                let stored = store
+                    .complete_key(&scoped_key, reply.status, reply.location.as_deref(), &reply.body)
+                    .await;
+                stored.map_err(|e| tracing::warn!(error = %e, "cannot store a response for replay")).is_ok()
             }
-            Err(_) => {
-                if let Err(e) = store.release_key(&scoped_key).await {
-                    // The caller hears the original error; the key frees itself at restart.
-                    tracing::warn!(error = %e, "cannot release an idempotency key");
-                }
+            Err(_) => false,
+        };
+        if !kept {
+            // The caller hears the outcome either way. A key that cannot be kept is freed: a
+            // retry then finds the order by its opportunity. One that cannot be freed either
+            // is released at the next start.
+            if let Err(e) = store.release_key(&scoped_key).await {
+                tracing::warn!(error = %e, "cannot release an idempotency key");
             }
         }
         outcome
