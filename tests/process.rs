@@ -6,12 +6,11 @@ mod common;
 
 use causeway::erp::sandbox::data::COMPANY_ID;
 use causeway::erp::sandbox::LimitsSpec;
+use common::process::*;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-
-const KEY: &str = "demo-crm-key";
 
 fn shipped(path: &str) -> String {
     std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
@@ -66,40 +65,10 @@ fn price(region: &str, item: &str) -> f64 {
         .unwrap()
 }
 
-async fn submit(client: &reqwest::Client, gw: &TestGateway, key: &str, body: &Value) -> reqwest::Response {
-    client
-        .post(gw.url("/process/v1/quote-to-order"))
-        .header("x-api-key", KEY)
-        .header("idempotency-key", format!("\"{key}\""))
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
 async fn get_order(client: &reqwest::Client, gw: &TestGateway, location: &str) -> Value {
     let resp = client.get(gw.url(location)).header("x-api-key", KEY).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     resp.json().await.unwrap()
-}
-
-/// Poll the order until it reaches `state` (or fail with its last view).
-async fn wait_state(
-    client: &reqwest::Client,
-    gw: &TestGateway,
-    location: &str,
-    state: &str,
-    within: Duration,
-) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let order = get_order(client, gw, location).await;
-        if order["state"] == state {
-            return order;
-        }
-        assert!(Instant::now() < deadline, "order never reached {state}: {order:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The sandbox's sales orders by external document number.
@@ -700,31 +669,9 @@ async fn sigkill_mid_flight_loses_no_acknowledged_order_and_duplicates_none() {
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.unwrap();
             let opportunity = format!("006Dn000CRASH{i:05}");
-            // A client that loses its connection retries with the same key, as the
-            // Idempotency-Key draft intends; 200 is the order an earlier attempt recorded.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let resp = client
-                    .post(&url)
-                    .header("x-api-key", KEY)
-                    .header("idempotency-key", format!("\"crash-{i}\""))
-                    .json(&quote(&opportunity))
-                    .send()
-                    .await;
-                match resp.map(|r| (r.status().as_u16(), r)) {
-                    Ok((200..=202, resp)) => {
-                        let headers = resp.headers();
-                        let location = headers.get("location").or_else(|| headers.get("content-location"));
-                        ack.lock().push((opportunity, location.unwrap().to_str().unwrap().to_string()));
-                        return;
-                    }
-                    Ok((409, _)) | Err(_) if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(100)).await
-                    }
-                    Ok((status, resp)) => panic!("{status}: {}", resp.text().await.unwrap()),
-                    Err(e) => panic!("{opportunity} never acknowledged: {e}"),
-                }
-            }
+            let key = format!("crash-{i}");
+            let location = submit_until_acknowledged(&client, &url, &key, &quote(&opportunity)).await;
+            ack.lock().push((opportunity, location));
         }));
     }
     // Kill once a good part of the orders are acknowledged and more are in flight.

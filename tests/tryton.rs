@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::process::*;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -15,7 +16,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const KEY: &str = "demo-crm-key";
 const BLOCKED_CATEGORY: i64 = 1;
 
 fn repo() -> &'static Path {
@@ -270,36 +270,6 @@ fn quote(opportunity: &str) -> Value {
     })
 }
 
-async fn submit(client: &reqwest::Client, gw: &TestGateway, key: &str, body: &Value) -> reqwest::Response {
-    client
-        .post(gw.url("/process/v1/quote-to-order"))
-        .header("x-api-key", KEY)
-        .header("idempotency-key", format!("\"{key}\""))
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn wait_state(
-    client: &reqwest::Client,
-    gw: &TestGateway,
-    location: &str,
-    state: &str,
-    within: Duration,
-) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let order: Value =
-            client.get(gw.url(location)).header("x-api-key", KEY).send().await.unwrap().json().await.unwrap();
-        if order["state"] == state {
-            return order;
-        }
-        assert!(Instant::now() < deadline, "order never reached {state}: {order:#}\n{}", gw.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 macro_rules! tryton_or_skip {
     () => {
         match {
@@ -449,31 +419,9 @@ async fn tryton_sigkill_mid_flight_loses_and_duplicates_nothing() {
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.unwrap();
             let opportunity = format!("TRY-CRASH-{i:03}");
-            // A client that loses its connection retries with the same key, as the
-            // Idempotency-Key draft intends; 200 is the order an earlier attempt recorded.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let resp = client
-                    .post(&url)
-                    .header("x-api-key", KEY)
-                    .header("idempotency-key", format!("\"crash-{i}\""))
-                    .json(&quote(&opportunity))
-                    .send()
-                    .await;
-                match resp.map(|r| (r.status().as_u16(), r)) {
-                    Ok((200..=202, resp)) => {
-                        let headers = resp.headers();
-                        let location = headers.get("location").or_else(|| headers.get("content-location"));
-                        ack.lock().push((opportunity, location.unwrap().to_str().unwrap().to_string()));
-                        return;
-                    }
-                    Ok((409, _)) | Err(_) if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(100)).await
-                    }
-                    Ok((status, resp)) => panic!("{status}: {}", resp.text().await.unwrap()),
-                    Err(e) => panic!("{opportunity} never acknowledged: {e}"),
-                }
-            }
+            let key = format!("crash-{i}");
+            let location = submit_until_acknowledged(&client, &url, &key, &quote(&opportunity)).await;
+            ack.lock().push((opportunity, location));
         }));
     }
     let deadline = Instant::now() + Duration::from_secs(60);

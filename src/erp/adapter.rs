@@ -59,6 +59,53 @@ pub async fn permit(
     }
 }
 
+/// Send `request` under a permit from the upstream's budget and report the outcome to it: 429
+/// and 503 are overload (with `Retry-After`), other 5xx and transport errors are failures; both
+/// are `Unavailable` to the caller. Any other status comes back with its body.
+pub async fn exchange(
+    upstream: &Upstream,
+    class: &Class,
+    request: reqwest::RequestBuilder,
+) -> Result<(u16, bytes::Bytes), AdapterError> {
+    let permit = permit(upstream, class).await?;
+    let report = |o: Outcome| {
+        if let Some(p) = &permit {
+            p.budget().report(o);
+        }
+    };
+    let response = match request.timeout(upstream.connect_timeout + upstream.read_timeout).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            report(Outcome::Failure);
+            return Err(AdapterError::Unavailable(e.to_string()));
+        }
+    };
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::policy::throttle::parse_retry_after);
+    let body = response.bytes().await.map_err(|e| {
+        report(Outcome::Failure);
+        AdapterError::Unavailable(e.to_string())
+    })?;
+    match status {
+        429 | 503 => {
+            report(Outcome::Overload(retry_after));
+            Err(AdapterError::Unavailable(format!("{} answered {status}", upstream.name)))
+        }
+        500.. => {
+            report(Outcome::Failure);
+            Err(AdapterError::Unavailable(format!("{} answered {status}", upstream.name)))
+        }
+        _ => {
+            report(Outcome::Success);
+            Ok((status, body))
+        }
+    }
+}
+
 /// Budget classes for lookups (interactive) and writes.
 pub fn classes(up: &Upstream) -> (Class, Class) {
     let class = |name: &str| up.budget.as_ref().and_then(|b| b.classes.get(name).cloned());
@@ -150,55 +197,19 @@ impl BusinessCentral {
         body: Option<Vec<u8>>,
         class: &Class,
     ) -> Result<(u16, Vec<u8>), AdapterError> {
-        let permit = permit(&self.upstream, class).await?;
-        let report = |o: Outcome| {
-            if let Some(p) = &permit {
-                p.budget().report(o);
-            }
-        };
         let client =
             self.upstream.client().ok_or_else(|| AdapterError::Unavailable("no HTTP client".into()))?;
         let mut request = client
             .request(method, format!("{}{path_and_query}", self.upstream.base_url))
-            .header(http::header::ACCEPT, "application/json")
-            .timeout(self.upstream.connect_timeout + self.upstream.read_timeout);
+            .header(http::header::ACCEPT, "application/json");
         if let Some((name, value)) = &self.upstream.credential {
             request = request.header(name.clone(), value.clone());
         }
         if let Some(body) = body {
             request = request.header(http::header::CONTENT_TYPE, "application/json").body(body);
         }
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                report(Outcome::Failure);
-                return Err(AdapterError::Unavailable(e.to_string()));
-            }
-        };
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::policy::throttle::parse_retry_after);
-        let body = response.bytes().await.map_err(|e| {
-            report(Outcome::Failure);
-            AdapterError::Unavailable(e.to_string())
-        })?;
-        match status {
-            429 | 503 => {
-                report(Outcome::Overload(retry_after));
-                Err(AdapterError::Unavailable(format!("the ERP answered {status}")))
-            }
-            500.. => {
-                report(Outcome::Failure);
-                Err(AdapterError::Unavailable(format!("the ERP answered {status}")))
-            }
-            _ => {
-                report(Outcome::Success);
-                Ok((status, body.to_vec()))
-            }
-        }
+        let (status, body) = exchange(&self.upstream, class, request).await?;
+        Ok((status, body.to_vec()))
     }
 
     async fn get_json(&self, path_and_query: &str) -> Result<Value, AdapterError> {

@@ -12,9 +12,9 @@
 //! Every JSON-RPC call takes a permit from the upstream's budget and reports its outcome, like
 //! the Business Central adapter.
 
-use super::adapter::{classes, permit, AdapterError, ErpAdapter, ErpOrder, MASTER_DATA_TTL};
+use super::adapter::{classes, exchange, AdapterError, ErpAdapter, ErpOrder, MASTER_DATA_TTL};
 use crate::config::{TrytonSettings, Upstream};
-use crate::policy::throttle::{Class, Outcome};
+use crate::policy::throttle::Class;
 use crate::process::model::{Address, Credit, Customer, Product, Quote};
 use crate::process::rules::MasterData;
 use serde_json::{json, Value};
@@ -109,58 +109,24 @@ impl Tryton {
         json!({"company": self.settings.company})
     }
 
-    /// One HTTP exchange under a budget permit: `(status, body)`.
+    /// One JSON-RPC exchange under a budget permit: `(status, body)`.
     async fn post(
         &self,
         body: &Value,
         auth: Option<&str>,
         class: &Class,
     ) -> Result<(u16, Value), AdapterError> {
-        let permit = permit(&self.upstream, class).await?;
-        let report = |o: Outcome| {
-            if let Some(p) = &permit {
-                p.budget().report(o);
-            }
-        };
         let client =
             self.upstream.client().ok_or_else(|| AdapterError::Unavailable("no HTTP client".into()))?;
         let mut request = client
             .post(format!("{}/{}/", self.upstream.base_url, self.settings.database))
             .header(http::header::CONTENT_TYPE, "application/json")
-            .timeout(self.upstream.connect_timeout + self.upstream.read_timeout)
             .body(body.to_string());
         if let Some(a) = auth {
             request = request.header(http::header::AUTHORIZATION, a);
         }
-        let response = request.send().await.map_err(|e| {
-            report(Outcome::Failure);
-            AdapterError::Unavailable(e.to_string())
-        })?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::policy::throttle::parse_retry_after);
-        let bytes = response.bytes().await.map_err(|e| {
-            report(Outcome::Failure);
-            AdapterError::Unavailable(e.to_string())
-        })?;
-        match status {
-            429 | 503 => {
-                report(Outcome::Overload(retry_after));
-                Err(AdapterError::Unavailable(format!("Tryton answered {status}")))
-            }
-            500.. => {
-                report(Outcome::Failure);
-                Err(AdapterError::Unavailable(format!("Tryton answered {status}")))
-            }
-            _ => {
-                report(Outcome::Success);
-                let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                Ok((status, value))
-            }
-        }
+        let (status, bytes) = exchange(&self.upstream, class, request).await?;
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
     }
 
     async fn login(&self) -> Result<String, AdapterError> {

@@ -8,8 +8,8 @@
 //! without mediation never come here: they stream through pingora untouched.
 
 use super::{
-    add_correlation_headers, add_ratelimit_headers, admission, hygiene, prepare_upstream_request,
-    report_upstream_status, scan_for_overload, Ctx,
+    admission, hygiene, prepare_upstream_request, report_upstream_status, scan_for_overload,
+    write_local_response, Ctx,
 };
 use crate::error::{GatewayError, Violation};
 use crate::observe::metrics::Metrics;
@@ -314,15 +314,5 @@ async fn respond(
         let _ = head.insert_header(http::header::CONTENT_TYPE, "application/json; charset=utf-8");
     }
     let _ = head.insert_header(http::header::CONTENT_LENGTH, body.len());
-    let _ = add_correlation_headers(&mut head, &ctx.correlation);
-    let _ = add_ratelimit_headers(&mut head, ctx);
-    if let Some(route) = ctx.route.as_ref() {
-        for policy in &route.policies {
-            policy.on_response(&mut head);
-        }
-    }
-    // A write error means the caller went away: nobody is left to tell.
-    if session.write_response_header(Box::new(head), false).await.is_ok() {
-        let _ = session.write_response_body(Some(body), true).await;
-    }
+    write_local_response(session, ctx, head, body).await;
 }

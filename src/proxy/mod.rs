@@ -485,6 +485,22 @@ fn add_ratelimit_headers(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Finish a response the gateway answers itself (mediated and process routes): correlation and
+/// rate-limit headers, the route's response header rules, then header and body.
+async fn write_local_response(session: &mut Session, ctx: &Ctx, mut head: ResponseHeader, body: Bytes) {
+    let _ = add_correlation_headers(&mut head, &ctx.correlation);
+    let _ = add_ratelimit_headers(&mut head, ctx);
+    if let Some(route) = ctx.route.as_ref() {
+        for policy in &route.policies {
+            policy.on_response(&mut head);
+        }
+    }
+    // A write error means the caller went away: nobody is left to tell.
+    if session.write_response_header(Box::new(head), false).await.is_ok() {
+        let _ = session.write_response_body(Some(body), true).await;
+    }
+}
+
 fn add_correlation_headers(resp: &mut ResponseHeader, c: &Correlation) -> Result<()> {
     resp.insert_header(CORRELATION_HEADER, c.correlation_id.as_str())?;
     resp.insert_header(TRACEPARENT_HEADER, c.traceparent())?;

@@ -2,7 +2,7 @@
 //! scopes, rate limits) has run like on any route; the ERP is reached only through the
 //! process's adapter, under the same budget.
 
-use super::{add_correlation_headers, add_ratelimit_headers, mediated::read_request_body, Ctx};
+use super::{mediated::read_request_body, write_local_response, Ctx};
 use crate::config::spec::ProcessEndpoint;
 use crate::error::GatewayError;
 use crate::process::service::{QuoteToOrder, Reply};
@@ -67,15 +67,5 @@ async fn respond(session: &mut Session, ctx: &mut Ctx, reply: Reply) {
     if reply.replayed {
         let _ = head.insert_header("idempotent-replayed", "true");
     }
-    let _ = add_correlation_headers(&mut head, &ctx.correlation);
-    let _ = add_ratelimit_headers(&mut head, ctx);
-    if let Some(route) = ctx.route.as_ref() {
-        for policy in &route.policies {
-            policy.on_response(&mut head);
-        }
-    }
-    // A write error means the caller went away: nobody is left to tell.
-    if session.write_response_header(Box::new(head), false).await.is_ok() {
-        let _ = session.write_response_body(Some(Bytes::from(reply.body)), true).await;
-    }
+    write_local_response(session, ctx, head, Bytes::from(reply.body)).await;
 }

@@ -1,6 +1,8 @@
 //! Test harness: the real `causeway` binary on loopback, in front of the real sandbox.
 #![allow(dead_code)]
 
+pub mod process;
+
 use causeway::erp::sandbox::{LimitsSpec, Sandbox, SandboxConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
