@@ -302,6 +302,35 @@ fn every_canonical_schema_compiles_and_the_quote_schema_matches_the_rust_type() 
 }
 
 #[test]
+fn the_sales_order_schemas_match_their_rust_types() {
+    use causeway::process::model::{SalesOrder, Totals};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/schemas/canonical");
+    let create = good_quote().to_sales_order("C10000");
+    let create_json = serde_json::to_value(&create).unwrap();
+    let schema =
+        causeway::policy::mediation::schema::Schema::load(&dir.join("sales-order-create.json")).unwrap();
+    assert_eq!(schema.violations("body", &create_json), vec![], "{create_json}");
+    assert_eq!(create_json["externalReference"], "006Dn000004ZqXcIAK");
+    let order = SalesOrder {
+        id: "00000050-0000-4000-8000-0000000003e9".into(),
+        number: "S-ORD102001".into(),
+        external_reference: Some(create.external_reference.clone()),
+        customer_number: create.customer_number.clone(),
+        customer_name: Some("Adatum Handels GmbH".into()),
+        currency: "EUR".into(),
+        order_date: Some("2026-11-27".into()),
+        requested_delivery_date: None,
+        status: "Draft".into(),
+        totals: Some(Totals { discount: 0.0, net: 39.98, tax: 7.6, gross: 47.58 }),
+        lines: create.lines.clone(),
+    };
+    let order_json = serde_json::to_value(&order).unwrap();
+    let schema = causeway::policy::mediation::schema::Schema::load(&dir.join("sales-order.json")).unwrap();
+    assert_eq!(schema.violations("body", &order_json), vec![], "{order_json}");
+    assert_eq!(serde_json::from_value::<SalesOrder>(order_json).unwrap(), order);
+}
+
+#[test]
 fn the_invoice_and_payment_status_schemas_match_their_rust_types() {
     use causeway::process::model::{Invoice, InvoiceStatus, PaymentStatus};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/schemas/canonical");

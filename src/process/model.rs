@@ -150,26 +150,89 @@ impl Quote {
 impl Quote {
     /// The canonical sales order that carries this quote into the ERP: the opportunity id is
     /// the external reference the adapter finds the order by before every create.
-    pub fn to_sales_order(&self, customer_number: &str) -> serde_json::Value {
-        let lines: Vec<serde_json::Value> = self
-            .lines
-            .iter()
-            .map(|l| {
-                serde_json::json!({
-                    "item": l.product,
-                    "quantity": l.quantity,
-                    "unitPrice": l.unit_price,
-                    "discountPercent": l.discount_percent,
+    pub fn to_sales_order(&self, customer_number: &str) -> SalesOrderCreate {
+        SalesOrderCreate {
+            customer_number: customer_number.to_string(),
+            external_reference: self.opportunity_id.clone(),
+            currency: self.currency.clone(),
+            order_date: None,
+            requested_delivery_date: None,
+            lines: self
+                .lines
+                .iter()
+                .map(|l| SalesOrderLine {
+                    item: l.product.clone(),
+                    description: None,
+                    quantity: l.quantity,
+                    unit_price: Some(l.unit_price),
+                    discount_percent: Some(l.discount_percent),
                 })
-            })
-            .collect();
-        serde_json::json!({
-            "customerNumber": customer_number,
-            "externalReference": self.opportunity_id,
-            "currency": self.currency,
-            "lines": lines,
-        })
+                .collect(),
+        }
     }
+}
+
+/// A sales order to create (`policies/schemas/canonical/sales-order-create.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SalesOrderCreate {
+    pub customer_number: String,
+    pub external_reference: String,
+    pub currency: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_date: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_delivery_date: Option<String>,
+    pub lines: Vec<SalesOrderLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SalesOrderLine {
+    pub item: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub quantity: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_price: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discount_percent: Option<f64>,
+}
+
+/// A sales order as the ERP holds it (`policies/schemas/canonical/sales-order.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SalesOrder {
+    pub id: String,
+    pub number: String,
+    #[serde(default)]
+    pub external_reference: Option<String>,
+    pub customer_number: String,
+    #[serde(default)]
+    pub customer_name: Option<String>,
+    pub currency: String,
+    #[serde(default)]
+    pub order_date: Option<String>,
+    #[serde(default)]
+    pub requested_delivery_date: Option<String>,
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<Totals>,
+    #[serde(default)]
+    pub lines: Vec<SalesOrderLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Totals {
+    #[serde(default)]
+    pub discount: f64,
+    #[serde(default)]
+    pub net: f64,
+    #[serde(default)]
+    pub tax: f64,
+    #[serde(default)]
+    pub gross: f64,
 }
 
 /// An ERP sales invoice, canonical (`policies/schemas/canonical/invoice.json`).

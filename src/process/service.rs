@@ -443,7 +443,8 @@ impl QuoteToOrder {
             return Ok(Delivered::State(state));
         }
         let customer = quote.customer.number.clone().unwrap_or_default();
-        match self.adapter.create_order_once(&quote.to_sales_order(&customer)).await {
+        let order_json = serde_json::to_value(quote.to_sales_order(&customer)).unwrap_or_default();
+        match self.adapter.create_order_once(&order_json).await {
             Ok(erp) => {
                 let reason = format!("the ERP holds order {}", erp.number);
                 let change =
