@@ -6,7 +6,7 @@ mod common;
 
 use causeway::erp::adapter::{AdapterError, BusinessCentral};
 use causeway::erp::sandbox::data::COMPANY_ID;
-use causeway::process::model::{Contract, CustomerRef, Quote, QuoteLine};
+use common::process::good_quote;
 use common::*;
 use serde_json::json;
 use std::sync::Arc;
@@ -25,29 +25,11 @@ async fn adapter(sandbox: &TestSandbox) -> (Arc<BusinessCentral>, causeway::conf
     (Arc::new(BusinessCentral::new(&config, "bc", COMPANY_ID).unwrap()), config)
 }
 
-fn quote() -> Quote {
-    Quote {
-        opportunity_id: "006Dn000004ZqXcIAK".into(),
-        customer: CustomerRef { number: Some("C10000".into()), crm_account_id: None },
-        currency: "EUR".into(),
-        region: "EU".into(),
-        payment_terms: "NET30".into(),
-        contract: Contract { start_date: "2026-12-01".into(), end_date: "2028-11-30".into(), terms: None },
-        lines: vec![QuoteLine {
-            product: "1900-S".into(),
-            quantity: 2.0,
-            unit_price: 18.39,
-            discount_percent: 5.0,
-        }],
-        approvals: vec![],
-    }
-}
-
 #[tokio::test]
 async fn master_data_comes_canonical_and_passes_the_shipped_rules() {
     let sandbox = TestSandbox::start(Default::default()).await;
     let (bc, _config) = adapter(&sandbox).await;
-    let q = quote();
+    let q = good_quote("006Dn000004ZqXcIAK");
     let master = bc.master_data(&q).await.unwrap();
     let customer = master.customer.clone().expect("C10000 exists");
     assert_eq!(customer.name, "Adatum Handels GmbH");

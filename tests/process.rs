@@ -12,58 +12,17 @@ use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-fn shipped(path: &str) -> String {
-    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
-}
-
 /// The shipped process configuration against `sandbox`, with `delivery` settings.
 fn options(sandbox: &TestSandbox, delivery: &str) -> GatewayOptions {
     options_for(sandbox.url(), delivery)
 }
 
 fn options_for(upstream_url: String, delivery: &str) -> GatewayOptions {
-    let mut o = GatewayOptions::new(upstream_url);
-    o.shipped_mediation = true;
-    o.routes_yaml = shipped("routes/process.yaml");
-    // The shipped quota, widened so load from the tests is not what they measure.
-    o.policies_yaml = shipped("policies/crm.yaml").replace(
-        "requests: 6000, window_seconds: 60, burst: 500",
-        "requests: 100000, window_seconds: 1, burst: 100000",
-    );
-    for file in causeway::process::rules::FILES {
-        o.policy_files.push((format!("process/{file}"), shipped(&format!("policies/process/{file}"))));
-    }
-    o.upstream_extra = "    budget:\n      window_requests: 100000\n      window_seconds: 60\n      max_concurrent: 5\n      queue: 1000\n      classes: { write: { priority: 0, max_wait_ms: 2000 }, interactive: { priority: 1, max_wait_ms: 2000 } }\n      default_class: interactive\n".into();
-    o.main_extra = format!("process:\n  erp: bc\n  company: {COMPANY_ID}\n  delivery: {delivery}\n");
-    o.env.push(("CAUSEWAY_ADMIN_TOKEN".into(), "admin-secret".into()));
-    o
+    process_options(upstream_url, &format!("  erp: bc\n  company: {COMPANY_ID}\n  delivery: {delivery}\n"))
 }
 
 const FAST: &str =
     "{ max_attempts: 50, backoff_initial_ms: 100, backoff_max_ms: 1000, inline_wait_ms: 3000 }";
-
-fn quote(opportunity: &str) -> Value {
-    json!({
-        "opportunityId": opportunity,
-        "customer": {"number": "C10000"},
-        "currency": "EUR",
-        "region": "EU",
-        "paymentTerms": "NET30",
-        "contract": {"startDate": "2026-12-01", "endDate": "2028-11-30"},
-        "lines": [
-            {"product": "1900-S", "quantity": 2, "unitPrice": 18.39, "discountPercent": 5},
-            {"product": "1904-W", "quantity": 1, "unitPrice": price("EU", "1904-W")}
-        ]
-    })
-}
-
-fn price(region: &str, item: &str) -> f64 {
-    causeway::erp::sandbox::data::price_list_lines(&causeway::erp::sandbox::data::items())
-        .into_iter()
-        .find(|l| l["region"] == region && l["itemNumber"] == item)
-        .and_then(|l| l["unitPrice"].as_f64())
-        .unwrap()
-}
 
 async fn get_order(client: &reqwest::Client, gw: &TestGateway, location: &str) -> Value {
     let resp = client.get(gw.url(location)).header("x-api-key", KEY).send().await.unwrap();

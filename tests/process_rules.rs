@@ -2,11 +2,14 @@
 //! that breaks only that rule gets exactly that violation; one quote breaking five rules gets all
 //! five. Master data is the sandbox's, through the shipped canonical mappings.
 
+mod common;
+
 use causeway::config::Config;
 use causeway::erp::sandbox::data;
 use causeway::policy::Policy;
-use causeway::process::model::{Approval, Contract, Customer, CustomerRef, Product, Quote, QuoteLine};
+use causeway::process::model::{Approval, Customer, Product, Quote, QuoteLine};
 use causeway::process::rules::{MasterData, Rules};
+use common::process::{good_quote, price};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -55,41 +58,6 @@ fn master(quote: &Quote) -> MasterData {
     MasterData { customer: quote.customer.number.as_deref().and_then(customer), products, regional_prices }
 }
 
-fn price(region: &str, item: &str) -> f64 {
-    data::price_list_lines(&data::items())
-        .into_iter()
-        .find(|l| l["region"] == region && l["itemNumber"] == item)
-        .and_then(|l| l["unitPrice"].as_f64())
-        .expect("a regional price")
-}
-
-/// A quote every rule accepts: Adatum (DE, EU), EUR, NET30, two years, list prices.
-fn good_quote() -> Quote {
-    Quote {
-        opportunity_id: "006Dn000004ZqXcIAK".into(),
-        customer: CustomerRef { number: Some("C10000".into()), crm_account_id: None },
-        currency: "EUR".into(),
-        region: "EU".into(),
-        payment_terms: "NET30".into(),
-        contract: Contract { start_date: "2026-12-01".into(), end_date: "2028-11-30".into(), terms: None },
-        lines: vec![
-            QuoteLine {
-                product: "1900-S".into(),
-                quantity: 2.0,
-                unit_price: price("EU", "1900-S"),
-                discount_percent: 5.0,
-            },
-            QuoteLine {
-                product: "1904-W".into(),
-                quantity: 1.0,
-                unit_price: price("EU", "1904-W"),
-                discount_percent: 0.0,
-            },
-        ],
-        approvals: vec![],
-    }
-}
-
 fn codes(quote: &Quote, master: &MasterData) -> Vec<(String, &'static str)> {
     rules().validate(quote, master).into_iter().map(|v| (v.pointer, v.code)).collect()
 }
@@ -103,20 +71,20 @@ fn only(quote: &Quote, master: &MasterData, pointer: &str, code: &str) {
 
 #[test]
 fn a_good_quote_passes_every_rule() {
-    let q = good_quote();
+    let q = good_quote("006Dn000004ZqXcIAK");
     assert_eq!(codes(&q, &master(&q)), vec![]);
 }
 
 #[test]
 fn customer_not_found() {
-    let mut q = good_quote();
+    let mut q = good_quote("006Dn000004ZqXcIAK");
     q.customer.number = Some("C99999".into());
     only(&q, &master(&q), "/customer/number", "customer.not_found");
 }
 
 #[test]
 fn customer_blocked() {
-    let q = good_quote();
+    let q = good_quote("006Dn000004ZqXcIAK");
     let mut m = master(&q);
     m.customer.as_mut().unwrap().blocked = "all".into();
     only(&q, &m, "/customer/number", "customer.blocked");
@@ -124,7 +92,7 @@ fn customer_blocked() {
 
 #[test]
 fn customer_blocked_for_shipping_only_may_still_order() {
-    let q = good_quote();
+    let q = good_quote("006Dn000004ZqXcIAK");
     let mut m = master(&q);
     m.customer.as_mut().unwrap().blocked = "shipping".into();
     assert_eq!(codes(&q, &m), vec![]);
@@ -132,7 +100,7 @@ fn customer_blocked_for_shipping_only_may_still_order() {
 
 #[test]
 fn customer_incomplete_billing_address() {
-    let q = good_quote();
+    let q = good_quote("006Dn000004ZqXcIAK");
     let mut m = master(&q);
     m.customer.as_mut().unwrap().billing_address.postal_code = " ".into();
     only(&q, &m, "/customer/number", "customer.incomplete_billing_address");
@@ -140,7 +108,7 @@ fn customer_incomplete_billing_address() {
 
 #[test]
 fn customer_tax_id_missing_where_the_region_needs_one() {
-    let q = good_quote();
+    let q = good_quote("006Dn000004ZqXcIAK");
     let mut m = master(&q);
     m.customer.as_mut().unwrap().tax_id.clear();
     only(&q, &m, "/customer/number", "customer.tax_id_missing");
@@ -148,14 +116,14 @@ fn customer_tax_id_missing_where_the_region_needs_one() {
 
 #[test]
 fn customer_credit_exceeded() {
-    let mut q = good_quote();
+    let mut q = good_quote("006Dn000004ZqXcIAK");
     q.lines[1].quantity = 20_000.0;
     only(&q, &master(&q), "/lines", "customer.credit_exceeded");
 }
 
 #[test]
 fn product_not_found() {
-    let mut q = good_quote();
+    let mut q = good_quote("006Dn000004ZqXcIAK");
     q.lines[1].product = "NO-SUCH-ITEM".into();
     only(&q, &master(&q), "/lines/1/product", "product.not_found");
 }
@@ -164,7 +132,7 @@ fn product_not_found() {
 fn product_not_salable() {
     let blocked = data::items().into_iter().find(|i| i["blocked"] == true).unwrap();
     let number = blocked["number"].as_str().unwrap();
-    let mut q = good_quote();
+    let mut q = good_quote("006Dn000004ZqXcIAK");
     q.lines[1] = QuoteLine {
         product: number.into(),
         quantity: 1.0,
@@ -178,7 +146,7 @@ fn product_not_salable() {
 fn product_not_allowed_in_the_region() {
     let us_only = data::items().into_iter().find(|i| i["itemCategoryCode"] == "US-ONLY").unwrap();
     let number = us_only["number"].as_str().unwrap();
-    let mut q = good_quote();
+    let mut q = good_quote("006Dn000004ZqXcIAK");
     q.lines[1] = QuoteLine {
         product: number.into(),
         quantity: 1.0,
@@ -190,7 +158,7 @@ fn product_not_allowed_in_the_region() {
 
 #[test]
 fn tax_unknown_jurisdiction() {
-    let mut q = good_quote();
+    let mut q = good_quote("006Dn000004ZqXcIAK");
     let m = master(&q);
     q.region = "LATAM".into();
     q.lines[0].discount_percent = 0.0;
@@ -199,7 +167,7 @@ fn tax_unknown_jurisdiction() {
 
 #[test]
 fn tax_region_must_be_the_customers() {
-    let mut q = good_quote();
+    let mut q = good_quote("006Dn000004ZqXcIAK");
     q.region = "US".into();
     q.currency = "USD".into();
     for line in &mut q.lines {
@@ -210,21 +178,21 @@ fn tax_region_must_be_the_customers() {
 
 #[test]
 fn contract_currency_not_allowed() {
-    let mut q = good_quote();
+    let mut q = good_quote("006Dn000004ZqXcIAK");
     q.currency = "USD".into();
     only(&q, &master(&q), "/currency", "contract.currency_not_allowed");
 }
 
 #[test]
 fn contract_payment_terms_not_allowed() {
-    let mut q = good_quote();
+    let mut q = good_quote("006Dn000004ZqXcIAK");
     q.payment_terms = "NET90".into();
     only(&q, &master(&q), "/paymentTerms", "contract.payment_terms_not_allowed");
 }
 
 #[test]
 fn contract_dates_must_be_real_ordered_and_not_too_long() {
-    let mut q = good_quote();
+    let mut q = good_quote("006Dn000004ZqXcIAK");
     q.contract.end_date = "2026-11-30".into();
     only(&q, &master(&q), "/contract/endDate", "contract.end_before_start");
     q.contract.end_date = "2032-12-01".into();
@@ -235,14 +203,14 @@ fn contract_dates_must_be_real_ordered_and_not_too_long() {
 
 #[test]
 fn pricing_unit_price_outside_tolerance() {
-    let mut q = good_quote();
+    let mut q = good_quote("006Dn000004ZqXcIAK");
     q.lines[1].unit_price *= 1.05;
     only(&q, &master(&q), "/lines/1/unitPrice", "pricing.price_mismatch");
 }
 
 #[test]
 fn pricing_discount_above_threshold_needs_an_approval() {
-    let mut q = good_quote();
+    let mut q = good_quote("006Dn000004ZqXcIAK");
     q.lines[0].discount_percent = 12.0;
     only(&q, &master(&q), "/lines/0/discountPercent", "pricing.discount_needs_approval");
     q.approvals.push(Approval { reference: "APPR-2026-0042".into(), approver: None });
@@ -251,7 +219,7 @@ fn pricing_discount_above_threshold_needs_an_approval() {
 
 #[test]
 fn five_broken_rules_are_all_reported_at_once() {
-    let mut q = good_quote();
+    let mut q = good_quote("006Dn000004ZqXcIAK");
     q.currency = "USD".into();
     q.payment_terms = "NET90".into();
     q.contract.end_date = "2026-01-01".into();
@@ -291,7 +259,7 @@ fn every_canonical_schema_compiles_and_the_quote_schema_matches_the_rust_type() 
         causeway::policy::mediation::schema::Schema::load(&path).unwrap_or_else(|e| panic!("{e}"));
     }
     let schema = causeway::policy::mediation::schema::Schema::load(&dir.join("quote.json")).unwrap();
-    let mut quote = good_quote();
+    let mut quote = good_quote("006Dn000004ZqXcIAK");
     quote.approvals.push(Approval { reference: "APPR-1".into(), approver: Some("cfo@example.com".into()) });
     let as_json = serde_json::to_value(&quote).unwrap();
     assert_eq!(schema.violations("body", &as_json), vec![], "{as_json}");
@@ -305,7 +273,7 @@ fn every_canonical_schema_compiles_and_the_quote_schema_matches_the_rust_type() 
 fn the_sales_order_schemas_match_their_rust_types() {
     use causeway::process::model::{SalesOrder, Totals};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/schemas/canonical");
-    let create = good_quote().to_sales_order("C10000");
+    let create = good_quote("006Dn000004ZqXcIAK").to_sales_order("C10000");
     let create_json = serde_json::to_value(&create).unwrap();
     let schema =
         causeway::policy::mediation::schema::Schema::load(&dir.join("sales-order-create.json")).unwrap();

@@ -37,17 +37,11 @@ fn schemathesis() -> Option<PathBuf> {
 async fn schemathesis_finds_no_server_error_and_no_response_outside_the_document() {
     let Some(st) = tokio::task::spawn_blocking(schemathesis).await.unwrap() else { return };
     let sandbox = TestSandbox::start(Default::default()).await;
-    let mut opts = GatewayOptions::new(sandbox.url());
-    opts.shipped_mediation = true;
-    let shipped =
-        |p: &str| std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(p)).unwrap();
-    opts.routes_yaml = shipped("routes/process.yaml");
-    opts.policies_yaml = shipped("policies/crm.yaml");
-    for file in causeway::process::rules::FILES {
-        opts.policy_files.push((format!("process/{file}"), shipped(&format!("policies/process/{file}"))));
-    }
-    opts.main_extra =
-        format!("process:\n  erp: bc\n  company: {}\n", causeway::erp::sandbox::data::COMPANY_ID);
+    let company = causeway::erp::sandbox::data::COMPANY_ID;
+    let mut opts =
+        common::process::process_options(sandbox.url(), &format!("  erp: bc\n  company: {company}\n"));
+    // The shipped quota: its 429s are part of the document too.
+    opts.policies_yaml = common::process::shipped("policies/crm.yaml");
     let gw = TestGateway::start(opts).await;
     let url = gw.url("/process/v1/openapi.json");
     let output = tokio::task::spawn_blocking(move || {

@@ -232,43 +232,22 @@ impl Admin {
 }
 
 fn options(tryton: &TrytonServer, delivery: &str) -> GatewayOptions {
-    let shipped = |p: &str| std::fs::read_to_string(repo().join(p)).unwrap();
-    let mut o = GatewayOptions::new(tryton.url());
-    o.shipped_mediation = true;
-    o.routes_yaml = shipped("routes/process.yaml");
-    o.policies_yaml = shipped("policies/crm.yaml").replace(
-        "requests: 6000, window_seconds: 60, burst: 500",
-        "requests: 100000, window_seconds: 1, burst: 100000",
+    let mut o = process_options(
+        tryton.url(),
+        &format!(
+            "  erp: bc\n  adapter: tryton\n  tryton: {{ database: causeway, login: causeway, password: causeway-api }}\n  delivery: {delivery}\n"
+        ),
     );
-    for file in causeway::process::rules::FILES {
-        o.policy_files.push((format!("process/{file}"), shipped(&format!("policies/process/{file}"))));
-    }
-    o.upstream_extra = "    budget: { window_requests: 100000, window_seconds: 60, max_concurrent: 4, queue: 1000, classes: { write: { priority: 0, max_wait_ms: 10000 }, interactive: { priority: 1, max_wait_ms: 10000 } }, default_class: interactive }\n".into();
-    o.main_extra = format!(
-        "process:\n  erp: bc\n  adapter: tryton\n  tryton: {{ database: causeway, login: causeway, password: causeway-api }}\n  delivery: {delivery}\n"
-    );
-    o.env.push(("CAUSEWAY_ADMIN_TOKEN".into(), "admin-secret".into()));
+    // Tryton on SQLite serialises writes: fewer at once, longer waits.
+    o.upstream_extra = o
+        .upstream_extra
+        .replace("max_concurrent: 5", "max_concurrent: 4")
+        .replace("max_wait_ms: 2000", "max_wait_ms: 10000");
     o
 }
 
 const FAST: &str =
     "{ max_attempts: 100, backoff_initial_ms: 100, backoff_max_ms: 1000, inline_wait_ms: 5000 }";
-
-/// A good quote for Tryton's C10000 (Germany, EU, SALES-EU prices).
-fn quote(opportunity: &str) -> Value {
-    json!({
-        "opportunityId": opportunity,
-        "customer": {"number": "C10000"},
-        "currency": "EUR",
-        "region": "EU",
-        "paymentTerms": "NET30",
-        "contract": {"startDate": "2026-12-01", "endDate": "2028-11-30"},
-        "lines": [
-            {"product": "1900-S", "quantity": 2, "unitPrice": 18.39, "discountPercent": 5},
-            {"product": "1904-W", "quantity": 1, "unitPrice": 91.25}
-        ]
-    })
-}
 
 macro_rules! tryton_or_skip {
     () => {

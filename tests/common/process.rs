@@ -1,11 +1,81 @@
 //! Calls to the quote-to-order API shared by the sandbox and the Tryton suites.
 
-use super::TestGateway;
+use super::{GatewayOptions, TestGateway};
+use causeway::erp::sandbox::data;
+use causeway::process::model::{Contract, CustomerRef, Quote, QuoteLine};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
 /// The shipped demo key of the CRM consumer (policies/crm.yaml).
 pub const KEY: &str = "demo-crm-key";
+
+/// A file of the repository, as shipped.
+pub fn shipped(path: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+}
+
+/// The shipped process routes, CRM key, rules and mappings in front of `upstream_url`;
+/// `process` is the body of causeway.yaml's `process:` block. The CRM quota is widened so the
+/// tests' own load is not what they measure; the ERP gets a generous budget; the admin API
+/// takes `admin-secret`.
+pub fn process_options(upstream_url: String, process: &str) -> GatewayOptions {
+    let mut o = GatewayOptions::new(upstream_url);
+    o.shipped_mediation = true;
+    o.routes_yaml = shipped("routes/process.yaml");
+    o.policies_yaml = shipped("policies/crm.yaml").replace(
+        "requests: 6000, window_seconds: 60, burst: 500",
+        "requests: 100000, window_seconds: 1, burst: 100000",
+    );
+    for file in causeway::process::rules::FILES {
+        o.policy_files.push((format!("process/{file}"), shipped(&format!("policies/process/{file}"))));
+    }
+    o.upstream_extra = "    budget: { window_requests: 100000, window_seconds: 60, max_concurrent: 5, queue: 1000, classes: { write: { priority: 0, max_wait_ms: 2000 }, interactive: { priority: 1, max_wait_ms: 2000 } }, default_class: interactive }\n".into();
+    o.main_extra = format!("process:\n{process}");
+    o.env.push(("CAUSEWAY_ADMIN_TOKEN".into(), "admin-secret".into()));
+    o
+}
+
+/// The unit price of `item` in the sandbox's `region` price list.
+pub fn price(region: &str, item: &str) -> f64 {
+    data::price_list_lines(&data::items())
+        .into_iter()
+        .find(|l| l["region"] == region && l["itemNumber"] == item)
+        .and_then(|l| l["unitPrice"].as_f64())
+        .expect("a regional price")
+}
+
+/// A quote every shipped rule accepts, in the sandbox and in the seeded Tryton alike: Adatum
+/// (C10000, Germany, EU), EUR, NET30, two years, the EU list prices (18.39 and 91.25).
+pub fn good_quote(opportunity: &str) -> Quote {
+    Quote {
+        opportunity_id: opportunity.into(),
+        customer: CustomerRef { number: Some("C10000".into()), crm_account_id: None },
+        currency: "EUR".into(),
+        region: "EU".into(),
+        payment_terms: "NET30".into(),
+        contract: Contract { start_date: "2026-12-01".into(), end_date: "2028-11-30".into(), terms: None },
+        lines: vec![
+            QuoteLine {
+                product: "1900-S".into(),
+                quantity: 2.0,
+                unit_price: price("EU", "1900-S"),
+                discount_percent: 5.0,
+            },
+            QuoteLine {
+                product: "1904-W".into(),
+                quantity: 1.0,
+                unit_price: price("EU", "1904-W"),
+                discount_percent: 0.0,
+            },
+        ],
+        approvals: vec![],
+    }
+}
+
+/// [`good_quote`] as the JSON a CRM sends.
+pub fn quote(opportunity: &str) -> Value {
+    serde_json::to_value(good_quote(opportunity)).unwrap()
+}
 
 pub async fn submit(
     client: &reqwest::Client,
