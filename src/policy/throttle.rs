@@ -263,11 +263,7 @@ impl Budget {
             }
             Outcome::Overload(retry_after) => {
                 let pause = retry_after.unwrap_or_else(|| {
-                    // No Retry-After: exponential backoff with full jitter on the upper half.
-                    let exp = params.backoff_initial.saturating_mul(1u32 << s.consecutive_overloads.min(16));
-                    let cap = exp.min(params.backoff_max);
-                    let half = cap / 2;
-                    half + Duration::from_millis(rand::rng().random_range(0..=half.as_millis() as u64))
+                    backoff(params.backoff_initial, params.backoff_max, s.consecutive_overloads)
                 });
                 s.consecutive_overloads = s.consecutive_overloads.saturating_add(1);
                 let until = now + pause;
@@ -408,9 +404,30 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
+/// `initial` doubled `doublings` times, capped at `max`, with jitter over the upper half so
+/// clients backing off from one event do not return together. Shared by the ERP budget's pauses
+/// and the order delivery worker's retries.
+pub fn backoff(initial: Duration, max: Duration, doublings: u32) -> Duration {
+    let cap = initial.saturating_mul(1u32 << doublings.min(20)).min(max);
+    let half = cap / 2;
+    half + Duration::from_millis(rand::rng().random_range(0..=half.as_millis() as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_is_capped_and_jittered() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(2));
+        for doublings in 0..30 {
+            let d = backoff(i, m, doublings);
+            let exp = (i * 2u32.pow(doublings.min(20))).min(m);
+            assert!(d >= exp / 2 && d <= exp, "doublings {doublings}: {d:?} vs {exp:?}");
+        }
+        let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff(i, m, 4)).collect();
+        assert!(samples.len() > 1, "jitter spreads retries");
+    }
 
     fn params(window_requests: u32, max_concurrent: u32) -> BudgetParams {
         BudgetParams {

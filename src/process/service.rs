@@ -15,6 +15,7 @@ use crate::config::{AdapterSettings, Config, ProcessSettings};
 use crate::erp::adapter::{AdapterError, BusinessCentral, ErpAdapter};
 use crate::error::GatewayError;
 use crate::policy::mediation::convert::format_datetime;
+use crate::policy::throttle;
 use crate::policy::Policy;
 use arc_swap::ArcSwap;
 use serde_json::{json, Value};
@@ -486,7 +487,8 @@ impl QuoteToOrder {
             metrics.orders.with_label_values(&["dead_lettered"]).inc();
             return Ok(Delivered::State(State::DeadLettered));
         }
-        let delay = backoff(self.settings.backoff_initial, self.settings.backoff_max, attempts.max(1) as u32);
+        let doublings = (attempts.max(1) - 1) as u32;
+        let delay = throttle::backoff(self.settings.backoff_initial, self.settings.backoff_max, doublings);
         let reason = format!("waiting for the ERP, retry in {} ms: {error}", delay.as_millis());
         let change = Change {
             reason: &reason,
@@ -565,14 +567,6 @@ impl QuoteToOrder {
     }
 }
 
-/// Exponential backoff from `initial`, capped at `max`, with jitter over the upper half so
-/// retries from one outage do not arrive together.
-pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
-    let exp = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(max);
-    let half = exp / 2;
-    half + exp.mul_f64(rand::random::<f64>() * 0.5)
-}
-
 fn order_view(order: &OrderRecord, history: &[Transition]) -> Value {
     let violations = order.violations.as_deref().and_then(|v| serde_json::from_str::<Value>(v).ok());
     let history: Vec<Value> = history
@@ -600,21 +594,4 @@ fn order_view(order: &OrderRecord, history: &[Transition]) -> Value {
     set("reason", order.reason.clone().map(Value::from));
     set("violations", violations);
     view
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        let (i, m) = (Duration::from_millis(100), Duration::from_secs(2));
-        for attempt in 1..30 {
-            let d = backoff(i, m, attempt);
-            let exp = (i * 2u32.pow((attempt - 1).min(20))).min(m);
-            assert!(d >= exp / 2 && d <= exp, "attempt {attempt}: {d:?} vs {exp:?}");
-        }
-        let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff(i, m, 5)).collect();
-        assert!(samples.len() > 1, "jitter spreads retries");
-    }
 }
