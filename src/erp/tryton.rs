@@ -174,7 +174,7 @@ impl Tryton {
                 }
                 session.clone().unwrap_or_default()
             };
-            let (status, answer) = self.post(&body, Some(&auth), class).await?;
+            let (status, mut answer) = self.post(&body, Some(&auth), class).await?;
             if status == 401 && attempt == 0 {
                 // The session expired: log in again once.
                 *self.session.lock().await = None;
@@ -192,7 +192,7 @@ impl Tryton {
                     _ => AdapterError::Protocol(format!("{method}: {error}")),
                 });
             }
-            return Ok(answer["result"].clone());
+            return Ok(answer.get_mut("result").map(Value::take).unwrap_or_default());
         }
         Err(AdapterError::Unavailable("Tryton refused the session twice".into()))
     }
