@@ -618,34 +618,8 @@ async fn sigkill_mid_flight_loses_no_acknowledged_order_and_duplicates_none() {
         "{ max_attempts: 100, backoff_initial_ms: 100, backoff_max_ms: 1000, inline_wait_ms: 200 }",
     ))
     .await;
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-    let acknowledged = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<(String, String)>::new()));
-    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(40));
-    let mut tasks = Vec::new();
-    for i in 0..500 {
-        let (client, url, ack, sem) =
-            (client.clone(), gw.url("/process/v1/quote-to-order"), acknowledged.clone(), semaphore.clone());
-        tasks.push(tokio::spawn(async move {
-            let _permit = sem.acquire().await.unwrap();
-            let opportunity = format!("006Dn000CRASH{i:05}");
-            let key = format!("crash-{i}");
-            let location = submit_until_acknowledged(&client, &url, &key, &quote(&opportunity)).await;
-            ack.lock().push((opportunity, location));
-        }));
-    }
-    // Kill once a good part of the orders are acknowledged and more are in flight.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while acknowledged.lock().len() < 150 {
-        assert!(Instant::now() < deadline, "orders are not being acknowledged:\n{}", gw.log());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    gw.kill_and_restart().await;
-    let killed_at = acknowledged.lock().len();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let acknowledged = acknowledged.lock().clone();
-    assert_eq!(acknowledged.len(), 500, "every order acknowledged, some after the restart");
+    let (acknowledged, killed_at) = submit_killing_midway(&mut gw, "006Dn000CRASH", 500, 40, 150).await;
+    let client = reqwest::Client::new();
     // The kill caught orders between acknowledgement and the ERP: the restart resumed them.
     let log = gw.log();
     assert!(log.contains("resuming delivery of unfinished orders"), "{log}");

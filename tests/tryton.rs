@@ -409,32 +409,8 @@ async fn tryton_sigkill_mid_flight_loses_and_duplicates_nothing() {
         "{ max_attempts: 100, backoff_initial_ms: 100, backoff_max_ms: 1000, inline_wait_ms: 100 }",
     ))
     .await;
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-    let acknowledged = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<(String, String)>::new()));
-    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
-    let mut tasks = Vec::new();
-    for i in 0..60 {
-        let (client, url, ack, sem) =
-            (client.clone(), gw.url("/process/v1/quote-to-order"), acknowledged.clone(), semaphore.clone());
-        tasks.push(tokio::spawn(async move {
-            let _permit = sem.acquire().await.unwrap();
-            let opportunity = format!("TRY-CRASH-{i:03}");
-            let key = format!("crash-{i}");
-            let location = submit_until_acknowledged(&client, &url, &key, &quote(&opportunity)).await;
-            ack.lock().push((opportunity, location));
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while acknowledged.lock().len() < 20 {
-        assert!(Instant::now() < deadline, "no acknowledgements:\n{}", gw.log());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    gw.kill_and_restart().await;
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let acknowledged = acknowledged.lock().clone();
-    assert_eq!(acknowledged.len(), 60, "every order acknowledged, some after the restart");
+    let (acknowledged, _) = submit_killing_midway(&mut gw, "TRY-CRASH-", 60, 8, 20).await;
+    let client = reqwest::Client::new();
     for (_, location) in &acknowledged {
         wait_state(&client, &gw, location, "accepted", Duration::from_secs(90)).await;
     }

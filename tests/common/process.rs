@@ -146,3 +146,45 @@ pub async fn submit_until_acknowledged(
         }
     }
 }
+
+/// `orders` quotes (opportunity ids `{prefix}{i:05}`) from `concurrency` clients that retry until
+/// acknowledged; once `kill_after` are acknowledged the gateway is SIGKILLed and restarted, the
+/// rest carry on. Every order ends acknowledged (asserted); returns (opportunity, location) and
+/// how many were acknowledged before the kill.
+pub async fn submit_killing_midway(
+    gw: &mut TestGateway,
+    prefix: &str,
+    orders: usize,
+    concurrency: usize,
+    kill_after: usize,
+) -> (Vec<(String, String)>, usize) {
+    use std::sync::Arc;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let acknowledged = Arc::new(parking_lot::Mutex::new(Vec::<(String, String)>::new()));
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let url = gw.url("/process/v1/quote-to-order");
+    let mut tasks = Vec::new();
+    for i in 0..orders {
+        let (client, url, ack, sem) = (client.clone(), url.clone(), acknowledged.clone(), semaphore.clone());
+        let opportunity = format!("{prefix}{i:05}");
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.unwrap();
+            let key = format!("{opportunity}-key");
+            let location = submit_until_acknowledged(&client, &url, &key, &quote(&opportunity)).await;
+            ack.lock().push((opportunity, location));
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acknowledged.lock().len() < kill_after {
+        assert!(Instant::now() < deadline, "orders are not being acknowledged:\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gw.kill_and_restart().await;
+    let killed_at = acknowledged.lock().len();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().clone();
+    assert_eq!(acknowledged.len(), orders, "every order acknowledged, some after the restart");
+    (acknowledged, killed_at)
+}
