@@ -257,6 +257,53 @@ pub trait HttpServerApp {
     }
 }
 
+/// How long an HTTP/1 connection may idle before its next request, from the keep-alive setting
+/// its session would get: `Some(0)` waits forever; `None` (keep-alive off) falls back to the
+/// session's default 60 s read timeout.
+fn idle_limit(keepalive_seconds: Option<u64>) -> Option<Duration> {
+    match keepalive_seconds {
+        Some(0) => None,
+        Some(seconds) => Some(Duration::from_secs(seconds)),
+        None => Some(Duration::from_secs(60)),
+    }
+}
+
+/// Wait for the first byte of the next HTTP/1 request holding only the stream, so an idle
+/// keep-alive connection costs its socket and L4 buffers, not a session, a header buffer and a
+/// request future (as nginx frees its request on keep-alive). Returns `false` when the connection
+/// should be closed instead: the idle limit passed, the socket failed, or the server began
+/// shutting down while the connection idled. A closed peer counts as ready: the session then
+/// reads the EOF and ends the connection as before.
+async fn await_next_request(
+    stream: &mut Stream,
+    keepalive_seconds: Option<u64>,
+    shutdown: &ShutdownWatch,
+) -> bool {
+    let readable = std::future::poll_fn(|cx| stream.poll_read_ready(cx));
+    let readable = async {
+        match idle_limit(keepalive_seconds) {
+            Some(limit) => match pingora_timeout::timeout(limit, readable).await {
+                Ok(ready) => ready.is_ok(),
+                Err(_) => {
+                    debug!("idle limit {limit:?} reached before the next request");
+                    false
+                }
+            },
+            None => readable.await.is_ok(),
+        }
+    };
+    let mut shutdown = shutdown.clone();
+    if *shutdown.borrow_and_update() {
+        // Already draining: serve what this connection sends, as before.
+        return readable.await;
+    }
+    tokio::select! {
+        biased;
+        ready = readable => ready,
+        _ = shutdown.changed() => false,
+    }
+}
+
 #[async_trait]
 impl<T> ServerApp for T
 where
@@ -344,21 +391,32 @@ where
             return self.clone().process_custom_session(stream, shutdown).await;
         } else {
             // No ALPN or ALPN::H1 and h2c was not configured, fallback to HTTP/1.1
-            let mut session = ServerSession::new_http1(stream);
-            if *shutdown.borrow() {
-                // stop downstream from reusing if this service is shutting down soon
-                session.set_keepalive(None);
-            } else {
-                // default 60s
-                session.set_keepalive(Some(60));
+            // stop downstream from reusing if this service is shutting down soon, default 60s
+            let keepalive = if *shutdown.borrow() { None } else { Some(60) };
+            if !await_next_request(&mut stream, keepalive, shutdown).await {
+                return None;
             }
+            let mut session = ServerSession::new_http1(stream);
+            session.set_keepalive(keepalive);
             session.set_keepalive_reuses_remaining(
                 self.server_options()
                     .and_then(|opts| opts.keepalive_request_limit),
             );
 
             let mut result = self.process_new_http(session, shutdown).await;
-            while let Some((stream, persistent_settings)) = result.map(|r| r.consume()) {
+            while let Some((mut stream, persistent_settings)) = result.map(|r| r.consume()) {
+                let pipelined = persistent_settings.as_ref().is_some_and(|settings| {
+                    settings
+                        .pipelined_prefix
+                        .as_ref()
+                        .is_some_and(|p| !p.is_empty())
+                });
+                let keepalive = persistent_settings
+                    .as_ref()
+                    .and_then(|settings| settings.keepalive_timeout);
+                if !pipelined && !await_next_request(&mut stream, keepalive, shutdown).await {
+                    return None;
+                }
                 let mut session = ServerSession::new_http1(stream);
                 if let Some(persistent_settings) = persistent_settings {
                     persistent_settings.apply_to_session(&mut session);

@@ -79,6 +79,19 @@ pub trait Peek {
     async fn try_peek(&mut self, _buf: &mut [u8]) -> std::io::Result<bool> {
         Ok(false)
     }
+
+    /// Ready once a read would not wait: bytes are buffered or have arrived, the peer closed,
+    /// or the socket failed. Nothing is consumed.
+    ///
+    /// Lets an HTTP/1 server wait between keep-alive requests without holding a session and
+    /// its buffers. Streams that cannot tell (the default) are ready at once, so the caller
+    /// falls back to waiting inside the read itself.
+    fn poll_read_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 use std::any::Any;

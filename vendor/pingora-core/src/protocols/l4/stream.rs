@@ -540,6 +540,11 @@ pub struct Stream {
     write_pending_time: AccumulatedDuration,
     /// Last rx timestamp associated with the last recvmsg call.
     pub rx_ts: Option<SystemTime>,
+    /// The buffers chosen by [`Self::set_buffer`] while they are dropped during an idle wait
+    /// ([`Peek::poll_read_ready`]); put back when the stream becomes readable.
+    idle_released_buffers: Option<L4BufferSettings>,
+    /// The buffer sizes last chosen by [`Self::set_buffer`].
+    buffer_settings: Option<L4BufferSettings>,
 }
 
 impl Stream {
@@ -638,6 +643,38 @@ impl Stream {
             )
         });
         let _ = mem::replace(&mut self.stream, stream);
+        self.buffer_settings = Some(buffer);
+    }
+
+    /// Drop both L4 buffers while the stream idles, as nginx does on keep-alive connections:
+    /// only when nothing is buffered either way, so no byte is lost and none is reordered.
+    fn release_idle_buffers(&mut self) {
+        let Some(settings) = self.buffer_settings else {
+            return;
+        };
+        if self.idle_released_buffers.is_some()
+            || (settings.read_capacity() == 0 && settings.write_capacity() == 0)
+        {
+            return;
+        }
+        let stream = self.stream();
+        let read_empty = match stream {
+            BufferedStream::BufferedRead(reader) => reader.buffer().is_empty(),
+            BufferedStream::UnbufferedRead(_) => true,
+        };
+        if !read_empty || !stream.writer().buffer().is_empty() {
+            return;
+        }
+        self.set_buffer(L4BufferSettings::unbuffered());
+        self.buffer_settings = Some(settings);
+        self.idle_released_buffers = Some(settings);
+    }
+
+    /// Put back the buffers [`Self::release_idle_buffers`] dropped.
+    fn restore_idle_buffers(&mut self) {
+        if let Some(settings) = self.idle_released_buffers.take() {
+            self.set_buffer(settings);
+        }
     }
 }
 
@@ -660,6 +697,8 @@ impl From<TcpStream> for Stream {
             read_pending_time: AccumulatedDuration::new(),
             write_pending_time: AccumulatedDuration::new(),
             rx_ts: None,
+            idle_released_buffers: None,
+            buffer_settings: None,
         }
     }
 }
@@ -683,6 +722,8 @@ impl From<virt::VirtualSocketStream> for Stream {
             read_pending_time: AccumulatedDuration::new(),
             write_pending_time: AccumulatedDuration::new(),
             rx_ts: None,
+            idle_released_buffers: None,
+            buffer_settings: None,
         }
     }
 }
@@ -707,6 +748,8 @@ impl From<UnixStream> for Stream {
             read_pending_time: AccumulatedDuration::new(),
             write_pending_time: AccumulatedDuration::new(),
             rx_ts: None,
+            idle_released_buffers: None,
+            buffer_settings: None,
         }
     }
 }
@@ -749,6 +792,32 @@ impl Peek for Stream {
         // rewind regardless of what is read
         self.rewind(buf);
         Ok(true)
+    }
+
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.rewind_read_buf.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        let stream = self.stream();
+        if let BufferedStream::BufferedRead(reader) = stream {
+            if !reader.buffer().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        let ready = match &stream.get_ref().stream {
+            RawStream::Tcp(s) => s.poll_read_ready(cx),
+            #[cfg(unix)]
+            RawStream::Unix(s) => s.poll_read_ready(cx),
+            RawStream::Virtual(_) => Poll::Ready(Ok(())),
+        };
+        // An idle wait holds no buffers; a stream that is never polled again (closed on timeout
+        // or shutdown) or read without waiting works unbuffered, which is only slower.
+        if ready.is_pending() {
+            self.release_idle_buffers();
+        } else {
+            self.restore_idle_buffers();
+        }
+        ready
     }
 }
 
