@@ -271,13 +271,109 @@ async fn readiness_follows_upstream_reachability() {
     gw.wait_ready(200, Duration::from_secs(5)).await;
 }
 
+/// Read one HTTP/1.1 response (Content-Length framed) from `stream`; bytes read past it stay in
+/// `pending` for the next call, as pipelined responses arrive back to back.
+async fn read_response(
+    stream: &mut tokio::net::TcpStream,
+    pending: &mut Vec<u8>,
+    what: &str,
+) -> (u16, String, Vec<u8>) {
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("a content-length framed response");
+            if pending.len() >= end + 4 + length {
+                let body = pending[end + 4..end + 4 + length].to_vec();
+                pending.drain(..end + 4 + length);
+                let status = head[9..12].parse().unwrap();
+                return (status, head, body);
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no response within 5 s"))
+            .unwrap();
+        assert!(
+            n > 0,
+            "{what}: connection closed before a whole response; got {:?}",
+            String::from_utf8_lossy(pending)
+        );
+        pending.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn header<'a>(head: &'a str, name: &str) -> &'a str {
+    head.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim_start_matches(':').trim()).unwrap_or("")
+}
+
+/// An idle keep-alive connection holds no HTTP session or buffers (vendor/README.md); what
+/// the client sends next, however it arrives, must be served as before.
 #[tokio::test]
-async fn sigterm_drains_in_flight_requests_and_refuses_new_connections() {
+async fn keep_alive_connection_serves_requests_after_idling_and_closes_on_pipelining() {
+    let (sandbox, gw) = setup().await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).await.unwrap();
+    let mut pending = Vec::new();
+    let get =
+        |id: &str| format!("GET /erp/v2/items?$top=1 HTTP/1.1\r\nHost: gw\r\nX-Correlation-ID: {id}\r\n\r\n");
+
+    conn.write_all(get("first").as_bytes()).await.unwrap();
+    let (status, head, _) = read_response(&mut conn, &mut pending, "first").await;
+    assert_eq!((status, header(&head, "x-correlation-id")), (200, "first"));
+
+    // Idle long enough for the gateway to park the connection, then a header in two pieces.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let split = get("split");
+    let (a, b) = split.split_at(20);
+    conn.write_all(a.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.write_all(b.as_bytes()).await.unwrap();
+    let (status, head, _) = read_response(&mut conn, &mut pending, "split").await;
+    assert_eq!((status, header(&head, "x-correlation-id")), (200, "split"));
+
+    // A body after idling arrives whole at the ERP.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = format!("{{\"note\":\"{}\"}}", "x".repeat(900));
+    let post = format!(
+        "POST /erp/v2/salesOrders HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Correlation-ID: body\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(post.as_bytes()).await.unwrap();
+    let (_, head, _) = read_response(&mut conn, &mut pending, "body").await;
+    assert_eq!(header(&head, "x-correlation-id"), "body");
+    let received = sandbox.received().await;
+    assert_eq!(last_request(&received)["body"], body.as_str());
+
+    // Two requests in one write: pipelining is pingora's opt-in and left off, so the first is
+    // answered whole and the connection then closes (RFC 9112 §9.3.2: the client retries the
+    // second on a new connection); nothing hangs and nothing else is sent.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    conn.write_all(format!("{}{}", get("pipelined-1"), get("pipelined-2")).as_bytes()).await.unwrap();
+    let (status, head, _) = read_response(&mut conn, &mut pending, "pipelined-1").await;
+    assert_eq!((status, header(&head, "x-correlation-id")), (200, "pipelined-1"));
+    let mut rest = [0u8; 256];
+    let after =
+        tokio::time::timeout(Duration::from_secs(5), conn.read(&mut rest)).await.expect("closed, not hung");
+    assert!(matches!(after, Ok(0) | Err(_)), "only a close follows: {after:?} {:?}", &rest[..]);
+    assert!(pending.is_empty(), "nothing after the answer: {:?}", String::from_utf8_lossy(&pending));
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_closes_idle_ones_and_refuses_new_connections() {
     let sandbox = TestSandbox::start(LimitsSpec { latency_ms: 1500, ..LimitsSpec::default() }).await;
     let mut opts = GatewayOptions::new(sandbox.url());
     opts.routes_yaml = opts.routes_yaml.replace("total_ms: 800", "total_ms: 10000");
     opts.grace_seconds = 5;
     let mut gw = TestGateway::start(opts).await;
+    // A keep-alive connection that served one request and idles.
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).await.unwrap();
+    idle.write_all(b"GET /nope HTTP/1.1\r\nHost: gw\r\n\r\n").await.unwrap();
+    let (status, _, _) = read_response(&mut idle, &mut Vec::new(), "before idling").await;
+    assert_eq!(status, 404);
     let slow_url = gw.url("/erp/v2/items?$top=1");
     let slow = tokio::spawn(async move { reqwest::get(slow_url).await.map(|r| r.status().as_u16()) });
     // Wait until the request is at the sandbox.
@@ -291,6 +387,12 @@ async fn sigterm_drains_in_flight_requests_and_refuses_new_connections() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let refused = tokio::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).await;
     assert!(refused.is_err(), "new connections must be refused while draining");
+    let mut rest = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(1), idle.read(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle keep-alive connection is closed at once while draining: {closed:?}"
+    );
     assert_eq!(slow.await.unwrap().expect("in-flight request completes"), 200);
     // Exits once drained, well before the 5 s grace period.
     let exit = loop {
