@@ -268,39 +268,57 @@ fn idle_limit(keepalive_seconds: Option<u64>) -> Option<Duration> {
     }
 }
 
+/// How long a connection keeps its L4 buffers after a response before it counts as idle and drops
+/// them. A busy client sends its next request well within this, so it pays no allocation and free
+/// per request; an idle one costs only its socket after it.
+const IDLE_BUFFER_LINGER: Duration = Duration::from_millis(100);
+
 /// Wait for the first byte of the next HTTP/1 request holding only the stream, so an idle
-/// keep-alive connection costs its socket and L4 buffers, not a session, a header buffer and a
-/// request future (as nginx frees its request on keep-alive). Returns `false` when the connection
-/// should be closed instead: the idle limit passed, the socket failed, or the server began
-/// shutting down while the connection idled. A closed peer counts as ready: the session then
-/// reads the EOF and ends the connection as before.
+/// keep-alive connection costs its socket, not a session, a header buffer, a request future and
+/// (after [`IDLE_BUFFER_LINGER`]) its L4 buffers, as nginx frees its request on keep-alive.
+/// Returns `false` when the connection should be closed instead: the idle limit passed, the socket
+/// failed, or the server began shutting down while the connection idled. A closed peer counts as
+/// ready: the session then reads the EOF and ends the connection as before.
 async fn await_next_request(
     stream: &mut Stream,
     keepalive_seconds: Option<u64>,
     shutdown: &ShutdownWatch,
 ) -> bool {
-    let readable = std::future::poll_fn(|cx| stream.poll_read_ready(cx));
-    let readable = async {
-        match idle_limit(keepalive_seconds) {
-            Some(limit) => match pingora_timeout::timeout(limit, readable).await {
-                Ok(ready) => ready.is_ok(),
-                Err(_) => {
-                    debug!("idle limit {limit:?} reached before the next request");
-                    false
-                }
-            },
-            None => readable.await.is_ok(),
-        }
-    };
+    let limit = idle_limit(keepalive_seconds);
+    let started = tokio::time::Instant::now();
+    // One timer for both deadlines: the linger first, then the idle limit.
+    let timer = tokio::time::sleep(limit.map_or(IDLE_BUFFER_LINGER, |l| l.min(IDLE_BUFFER_LINGER)));
+    tokio::pin!(timer);
+    let mut timer_armed = true;
+    let mut buffers_released = false;
     let mut shutdown = shutdown.clone();
-    if *shutdown.borrow_and_update() {
-        // Already draining: serve what this connection sends, as before.
-        return readable.await;
-    }
-    tokio::select! {
-        biased;
-        ready = readable => ready,
-        _ = shutdown.changed() => false,
+    // Already draining: serve what this connection sends, as before.
+    let draining = *shutdown.borrow_and_update();
+    let shutdown_begins = async {
+        if draining {
+            std::future::pending::<()>().await;
+        }
+        let _ = shutdown.changed().await;
+    };
+    tokio::pin!(shutdown_begins);
+    loop {
+        tokio::select! {
+            biased;
+            ready = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => return ready.is_ok(),
+            _ = &mut shutdown_begins => return false,
+            _ = &mut timer, if timer_armed => {
+                if buffers_released {
+                    debug!("idle limit {limit:?} reached before the next request");
+                    return false;
+                }
+                stream.release_idle_buffers();
+                buffers_released = true;
+                match limit {
+                    Some(limit) => timer.as_mut().reset(started + limit),
+                    None => timer_armed = false,
+                }
+            }
+        }
     }
 }
 

@@ -83,8 +83,7 @@ pub trait Peek {
     /// Ready once a read would not wait: bytes are buffered or have arrived, the peer closed,
     /// or the socket failed. Nothing is consumed.
     ///
-    /// Lets an HTTP/1 server wait between keep-alive requests without holding a session and
-    /// its buffers. Streams that cannot tell (the default) are ready at once, so the caller
+    /// Lets an HTTP/1 server wait between keep-alive requests without holding a session. Streams that cannot tell (the default) are ready at once, so the caller
     /// falls back to waiting inside the read itself.
     fn poll_read_ready(
         &mut self,
@@ -92,6 +91,11 @@ pub trait Peek {
     ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
     }
+
+    /// Drop read and write buffers while the stream idles, if nothing is buffered in them;
+    /// [`Self::poll_read_ready`] puts them back once the stream is readable. The default keeps
+    /// them.
+    fn release_idle_buffers(&mut self) {}
 }
 
 use std::any::Any;

@@ -541,7 +541,7 @@ pub struct Stream {
     /// Last rx timestamp associated with the last recvmsg call.
     pub rx_ts: Option<SystemTime>,
     /// The buffers chosen by [`Self::set_buffer`] while they are dropped during an idle wait
-    /// ([`Peek::poll_read_ready`]); put back when the stream becomes readable.
+    /// ([`Peek::release_idle_buffers`]); put back when the stream becomes readable.
     idle_released_buffers: Option<L4BufferSettings>,
     /// The buffer sizes last chosen by [`Self::set_buffer`].
     buffer_settings: Option<L4BufferSettings>,
@@ -648,7 +648,7 @@ impl Stream {
 
     /// Drop both L4 buffers while the stream idles, as nginx does on keep-alive connections:
     /// only when nothing is buffered either way, so no byte is lost and none is reordered.
-    fn release_idle_buffers(&mut self) {
+    fn drop_buffers_while_idle(&mut self) {
         let Some(settings) = self.buffer_settings else {
             return;
         };
@@ -670,7 +670,7 @@ impl Stream {
         self.idle_released_buffers = Some(settings);
     }
 
-    /// Put back the buffers [`Self::release_idle_buffers`] dropped.
+    /// Put back the buffers [`Self::drop_buffers_while_idle`] dropped.
     fn restore_idle_buffers(&mut self) {
         if let Some(settings) = self.idle_released_buffers.take() {
             self.set_buffer(settings);
@@ -810,14 +810,16 @@ impl Peek for Stream {
             RawStream::Unix(s) => s.poll_read_ready(cx),
             RawStream::Virtual(_) => Poll::Ready(Ok(())),
         };
-        // An idle wait holds no buffers; a stream that is never polled again (closed on timeout
-        // or shutdown) or read without waiting works unbuffered, which is only slower.
-        if ready.is_pending() {
-            self.release_idle_buffers();
-        } else {
+        if ready.is_ready() {
             self.restore_idle_buffers();
         }
         ready
+    }
+
+    // A stream whose buffers were dropped and that is then read or written without waiting for
+    // readiness works unbuffered, which is only slower.
+    fn release_idle_buffers(&mut self) {
+        self.drop_buffers_while_idle();
     }
 }
 
