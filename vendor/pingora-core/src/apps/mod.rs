@@ -284,13 +284,6 @@ async fn await_next_request(
     keepalive_seconds: Option<u64>,
     shutdown: &ShutdownWatch,
 ) -> bool {
-    let limit = idle_limit(keepalive_seconds);
-    let started = tokio::time::Instant::now();
-    // One timer for both deadlines: the linger first, then the idle limit.
-    let timer = tokio::time::sleep(limit.map_or(IDLE_BUFFER_LINGER, |l| l.min(IDLE_BUFFER_LINGER)));
-    tokio::pin!(timer);
-    let mut timer_armed = true;
-    let mut buffers_released = false;
     let mut shutdown = shutdown.clone();
     // Already draining: serve what this connection sends, as before.
     let draining = *shutdown.borrow_and_update();
@@ -301,24 +294,39 @@ async fn await_next_request(
         let _ = shutdown.changed().await;
     };
     tokio::pin!(shutdown_begins);
-    loop {
-        tokio::select! {
-            biased;
-            ready = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => return ready.is_ok(),
-            _ = &mut shutdown_begins => return false,
-            _ = &mut timer, if timer_armed => {
-                if buffers_released {
-                    debug!("idle limit {limit:?} reached before the next request");
-                    return false;
-                }
-                stream.release_idle_buffers();
-                buffers_released = true;
-                match limit {
-                    Some(limit) => timer.as_mut().reset(started + limit),
-                    None => timer_armed = false,
-                }
+    // pingora's coarse shared timers, as the session's own reads use: a tokio timer per request
+    // costs a wheel insert and removal under the driver's lock.
+    let limit = idle_limit(keepalive_seconds);
+    let linger = limit.map_or(IDLE_BUFFER_LINGER, |l| l.min(IDLE_BUFFER_LINGER));
+    let readable = std::future::poll_fn(|cx| stream.poll_read_ready(cx));
+    tokio::select! {
+        biased;
+        ready = pingora_timeout::timeout(linger, readable) => {
+            if let Ok(ready) = ready {
+                return ready.is_ok();
             }
         }
+        _ = &mut shutdown_begins => return false,
+    }
+    stream.release_idle_buffers();
+    let readable = std::future::poll_fn(|cx| stream.poll_read_ready(cx));
+    let rest = limit.map(|limit| limit.saturating_sub(linger));
+    let readable = async {
+        match rest {
+            Some(rest) => pingora_timeout::timeout(rest, readable).await.ok(),
+            None => Some(readable.await),
+        }
+    };
+    tokio::select! {
+        biased;
+        ready = readable => match ready {
+            Some(ready) => ready.is_ok(),
+            None => {
+                debug!("idle limit {limit:?} reached before the next request");
+                false
+            }
+        },
+        _ = &mut shutdown_begins => false,
     }
 }
 
