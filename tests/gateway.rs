@@ -325,7 +325,8 @@ async fn keep_alive_connection_serves_requests_after_idling_and_closes_on_pipeli
     let (status, head, _) = read_response(&mut conn, &mut pending, "first").await;
     assert_eq!((status, header(&head, "x-correlation-id")), (200, "first"));
 
-    // Idle long enough for the gateway to park the connection, then a header in two pieces.
+    // Idle past the 100 ms after which the gateway drops the connection's buffers (vendor/README.md),
+    // then a header in two pieces.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let split = get("split");
     let (a, b) = split.split_at(20);
