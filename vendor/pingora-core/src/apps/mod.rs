@@ -22,6 +22,7 @@ use bytes::BytesMut;
 use log::{debug, error};
 use std::any::Any;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use crate::protocols::http::v2::server;
@@ -277,21 +278,29 @@ const IDLE_BUFFER_LINGER: Duration = Duration::from_millis(100);
 /// keep-alive connection costs its socket, not a session, a header buffer, a request future and
 /// (after [`IDLE_BUFFER_LINGER`]) its L4 buffers, as nginx frees its request on keep-alive.
 /// Returns `false` when the connection should be closed instead: the idle limit passed, the socket
-/// failed, or the server began shutting down while the connection idled. A closed peer counts as
+/// failed, the server began shutting down while the connection idled, or (`reused`) it had begun
+/// already and no request is waiting. A closed peer counts as
 /// ready: the session then reads the EOF and ends the connection as before.
 async fn await_next_request(
     stream: &mut Stream,
     keepalive_seconds: Option<u64>,
     shutdown: &ShutdownWatch,
+    reused: bool,
 ) -> bool {
     let mut shutdown = shutdown.clone();
-    // Already draining: serve what this connection sends, as before.
     let draining = *shutdown.borrow_and_update();
+    if draining && reused {
+        // As stock pingora-proxy after shutdown began: serve a request that is already here,
+        // close the connection otherwise so the client reconnects elsewhere.
+        let ready = std::future::poll_fn(|cx| Poll::Ready(stream.poll_read_ready(cx))).await;
+        return matches!(ready, Poll::Ready(Ok(())));
+    }
     let shutdown_begins = async {
-        if draining {
+        // A first request accepted while draining is still served, as before. A dropped sender
+        // (no server) means no shutdown will come.
+        if draining || shutdown.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
-        let _ = shutdown.changed().await;
     };
     tokio::pin!(shutdown_begins);
     // pingora's coarse shared timers, as the session's own reads use: a tokio timer per request
@@ -424,7 +433,7 @@ where
             // No ALPN or ALPN::H1 and h2c was not configured, fallback to HTTP/1.1
             // stop downstream from reusing if this service is shutting down soon, default 60s
             let keepalive = if *shutdown.borrow() { None } else { Some(60) };
-            if !await_next_request(&mut stream, keepalive, shutdown).await {
+            if !await_next_request(&mut stream, keepalive, shutdown, false).await {
                 return None;
             }
             let mut session = ServerSession::new_http1(stream);
@@ -445,7 +454,7 @@ where
                 let keepalive = persistent_settings
                     .as_ref()
                     .and_then(|settings| settings.keepalive_timeout);
-                if !pipelined && !await_next_request(&mut stream, keepalive, shutdown).await {
+                if !pipelined && !await_next_request(&mut stream, keepalive, shutdown, true).await {
                     return None;
                 }
                 let mut session = ServerSession::new_http1(stream);
