@@ -282,26 +282,9 @@ async fn five_broken_rules_are_listed_at_once_and_a_fixed_quote_goes_through_wit
     let sandbox = TestSandbox::start(Default::default()).await;
     let gw = TestGateway::start(options(&sandbox, FAST)).await;
     let client = reqwest::Client::new();
-    let mut q = quote("006Dn000004FIVE5AA");
-    q["currency"] = json!("USD");
-    q["paymentTerms"] = json!("NET90");
-    q["contract"]["endDate"] = json!("2026-01-01");
-    q["lines"][1]["unitPrice"] = json!(1.0);
-    q["lines"][0]["discountPercent"] = json!(30);
+    let q = five_broken_rules(quote("006Dn000004FIVE5AA"));
     let problem = assert_problem(submit(&client, &gw, "five", &q).await, 422, "quote-rejected").await;
-    let mut codes: Vec<&str> =
-        problem["violations"].as_array().unwrap().iter().map(|v| v["code"].as_str().unwrap()).collect();
-    codes.sort();
-    assert_eq!(
-        codes,
-        [
-            "contract.currency_not_allowed",
-            "contract.end_before_start",
-            "contract.payment_terms_not_allowed",
-            "pricing.discount_needs_approval",
-            "pricing.price_mismatch"
-        ]
-    );
+    assert_eq!(violation_codes(&problem), FIVE_BROKEN_CODES);
     assert_eq!(sandbox_posts(&sandbox).await, 0);
     // A refusal is not stored against the key: the corrected quote may reuse it.
     let fixed = submit(&client, &gw, "five", &quote("006Dn000004FIVE5AA")).await;
@@ -422,15 +405,7 @@ async fn dead_letters_are_listed_and_replayed_after_the_data_is_fixed() {
     let dead = wait_state(&client, &gw, &location, "dead_lettered", Duration::from_secs(10)).await;
     assert!(dead["reason"].as_str().unwrap().contains("customer.blocked"), "{dead:#}");
     // The dead-letter gauge (refreshed every second by the worker) shows it.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let metrics = reqwest::get(gw.metrics_url()).await.unwrap().text().await.unwrap();
-        if metrics.contains("causeway_process_orders{state=\"dead_lettered\"} 1") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "dead-letter gauge never showed 1:\n{metrics}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    gw.wait_for_metric("causeway_process_orders{state=\"dead_lettered\"} 1", Duration::from_secs(5)).await;
 
     let unauthorized = client.get(admin("/admin/dead-letters")).send().await.unwrap();
     assert_eq!(unauthorized.status(), 401);

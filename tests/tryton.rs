@@ -323,26 +323,9 @@ async fn tryton_a_quote_becomes_one_confirmed_sale_and_each_rule_refuses_alone()
         assert_eq!(found, vec![(*pointer, *code)], "case {code}");
     }
     // Five rules broken at once: all five listed.
-    let mut q = quote("TRY-FIVE");
-    q["currency"] = json!("USD");
-    q["paymentTerms"] = json!("NET90");
-    q["contract"]["endDate"] = json!("2026-01-01");
-    q["lines"][1]["unitPrice"] = json!(1.0);
-    q["lines"][0]["discountPercent"] = json!(30);
+    let q = five_broken_rules(quote("TRY-FIVE"));
     let problem = assert_problem(submit(&client, &gw, "five", &q).await, 422, "quote-rejected").await;
-    let mut codes: Vec<&str> =
-        problem["violations"].as_array().unwrap().iter().map(|v| v["code"].as_str().unwrap()).collect();
-    codes.sort();
-    assert_eq!(
-        codes,
-        [
-            "contract.currency_not_allowed",
-            "contract.end_before_start",
-            "contract.payment_terms_not_allowed",
-            "pricing.discount_needs_approval",
-            "pricing.price_mismatch"
-        ]
-    );
+    assert_eq!(violation_codes(&problem), FIVE_BROKEN_CODES);
     assert!(admin.sales().await.is_empty(), "no sale reached Tryton");
 
     let resp = submit(&client, &gw, "good", &quote("TRY-GOOD-1")).await;

@@ -39,14 +39,18 @@ pub struct TestSandbox {
 }
 
 impl TestSandbox {
+    /// On a port the kernel picks and this sandbox holds from the start: a port chosen first and
+    /// bound later can be taken in between by any outgoing connection on the machine.
     pub async fn start(limits: LimitsSpec) -> Self {
-        Self::start_on(free_port(), limits).await
+        Self::start_on(0, limits).await
     }
 
+    /// On `port` (0: any free one), e.g. to come back on the port of a stopped sandbox.
     pub async fn start_on(port: u16, limits: LimitsSpec) -> Self {
         install_tls_provider();
         let sandbox = Sandbox::new(SandboxConfig { token: Some(UPSTREAM_TOKEN.into()), limits });
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
         let served = sandbox.clone();
         let task = tokio::spawn(async move {
             let _ = served.serve(listener).await;
@@ -284,6 +288,20 @@ impl TestGateway {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Poll `/metrics` until it contains `sample` (a whole exposition line, e.g.
+    /// `name{labels} 0`); fail after `within` with the last exposition.
+    pub async fn wait_for_metric(&self, sample: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let metrics = reqwest::get(self.metrics_url()).await.unwrap().text().await.unwrap();
+            if metrics.contains(sample) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{sample} not seen within {within:?}:\n{metrics}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Poll `/readyz` until it answers `want` (or fail after `within`).

@@ -77,6 +77,33 @@ pub fn quote(opportunity: &str) -> Value {
     serde_json::to_value(good_quote(opportunity)).unwrap()
 }
 
+/// `quote` with five rules broken at once (currency, payment terms, contract dates, a price
+/// below the list price, a discount that needs an approval); [`FIVE_BROKEN_CODES`] are their codes.
+pub fn five_broken_rules(mut quote: Value) -> Value {
+    quote["currency"] = Value::from("USD");
+    quote["paymentTerms"] = Value::from("NET90");
+    quote["contract"]["endDate"] = Value::from("2026-01-01");
+    quote["lines"][1]["unitPrice"] = Value::from(1.0);
+    quote["lines"][0]["discountPercent"] = Value::from(30);
+    quote
+}
+
+pub const FIVE_BROKEN_CODES: [&str; 5] = [
+    "contract.currency_not_allowed",
+    "contract.end_before_start",
+    "contract.payment_terms_not_allowed",
+    "pricing.discount_needs_approval",
+    "pricing.price_mismatch",
+];
+
+/// The rule codes a `quote-rejected` problem lists, sorted.
+pub fn violation_codes(problem: &Value) -> Vec<&str> {
+    let mut codes: Vec<&str> =
+        problem["violations"].as_array().unwrap().iter().map(|v| v["code"].as_str().unwrap()).collect();
+    codes.sort();
+    codes
+}
+
 pub async fn submit(
     client: &reqwest::Client,
     gw: &TestGateway,
