@@ -90,6 +90,17 @@ pub struct HttpServerOptions {
     ///
     /// Default: `None`
     pub h2_idle_timeout: Option<Duration>,
+
+    /// If set, an HTTP/1 request header must arrive whole within this time: from accept for
+    /// a connection's first request, from its first byte for a keep-alive one. A client that
+    /// trickles header lines is closed, however often it sends (slow-header defence).
+    ///
+    /// Default: `None` (only the per-read timeout applies)
+    pub header_timeout: Option<Duration>,
+
+    /// If set, caps on an HTTP/1 request header: bytes and number of fields (each at most
+    /// pingora's own limits, 1 MiB and 256). Larger headers are refused with 400.
+    pub header_limits: Option<(usize, usize)>,
 }
 
 /// Settings persisted across HTTP/1.x keepalive requests on the same downstream connection.
@@ -283,7 +294,7 @@ const IDLE_BUFFER_LINGER: Duration = Duration::from_millis(100);
 /// ready: the session then reads the EOF and ends the connection as before.
 async fn await_next_request(
     stream: &mut Stream,
-    keepalive_seconds: Option<u64>,
+    limit: Option<Duration>,
     shutdown: &ShutdownWatch,
     reused: bool,
 ) -> bool {
@@ -305,7 +316,6 @@ async fn await_next_request(
     tokio::pin!(shutdown_begins);
     // pingora's coarse shared timers, as the session's own reads use: a tokio timer per request
     // costs a wheel insert and removal under the driver's lock.
-    let limit = idle_limit(keepalive_seconds);
     let linger = limit.map_or(IDLE_BUFFER_LINGER, |l| l.min(IDLE_BUFFER_LINGER));
     let readable = std::future::poll_fn(|cx| stream.poll_read_ready(cx));
     tokio::select! {
@@ -433,10 +443,23 @@ where
             // No ALPN or ALPN::H1 and h2c was not configured, fallback to HTTP/1.1
             // stop downstream from reusing if this service is shutting down soon, default 60s
             let keepalive = if *shutdown.borrow() { None } else { Some(60) };
-            if !await_next_request(&mut stream, keepalive, shutdown, false).await {
+            let options = self.server_options();
+            let header_timeout = options.and_then(|o| o.header_timeout);
+            let header_limits = options.and_then(|o| o.header_limits);
+            // A new connection's first header is due a header timeout after accept.
+            let first_deadline = header_timeout.map(|t| std::time::Instant::now() + t);
+            let first_wait = match (idle_limit(keepalive), header_timeout) {
+                (Some(idle), Some(header)) => Some(idle.min(header)),
+                (idle, header) => idle.or(header),
+            };
+            if !await_next_request(&mut stream, first_wait, shutdown, false).await {
                 return None;
             }
             let mut session = ServerSession::new_http1(stream);
+            session.set_header_deadline(first_deadline);
+            if let Some((bytes, fields)) = header_limits {
+                session.set_header_limits(bytes, fields);
+            }
             session.set_keepalive(keepalive);
             session.set_keepalive_reuses_remaining(
                 self.server_options()
@@ -454,10 +477,17 @@ where
                 let keepalive = persistent_settings
                     .as_ref()
                     .and_then(|settings| settings.keepalive_timeout);
-                if !pipelined && !await_next_request(&mut stream, keepalive, shutdown, true).await {
+                if !pipelined
+                    && !await_next_request(&mut stream, idle_limit(keepalive), shutdown, true).await
+                {
                     return None;
                 }
                 let mut session = ServerSession::new_http1(stream);
+                // A keep-alive request's header is due a header timeout after its first byte.
+                session.set_header_deadline(header_timeout.map(|t| std::time::Instant::now() + t));
+                if let Some((bytes, fields)) = header_limits {
+                    session.set_header_limits(bytes, fields);
+                }
                 if let Some(persistent_settings) = persistent_settings {
                     persistent_settings.apply_to_session(&mut session);
                 }

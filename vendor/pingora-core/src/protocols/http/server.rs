@@ -52,6 +52,18 @@ impl ReusableHttpStream {
     }
 }
 
+/// Builds the body of the error answers pingora writes itself ([`Session::respond_error`]: a
+/// request that cannot be parsed, a refused method): status → content type and body. `None`
+/// keeps pingora's empty body.
+pub type ErrorBodyFn = fn(u16) -> Option<(&'static str, Bytes)>;
+
+static ERROR_BODY: std::sync::OnceLock<ErrorBodyFn> = std::sync::OnceLock::new();
+
+/// Install the application's error body once per process; later calls are ignored.
+pub fn set_error_body(f: ErrorBodyFn) {
+    let _ = ERROR_BODY.set(f);
+}
+
 /// HTTP server session object for both HTTP/1.x and HTTP/2
 pub enum Session {
     H1(SessionV1),
@@ -385,6 +397,20 @@ impl Session {
         }
     }
 
+    /// The instant by which the next request header must have arrived (HTTP/1 only).
+    pub fn set_header_deadline(&mut self, deadline: Option<std::time::Instant>) {
+        if let Self::H1(s) = self {
+            s.set_header_deadline(deadline);
+        }
+    }
+
+    /// Caps on the request header's bytes and fields (HTTP/1 only).
+    pub fn set_header_limits(&mut self, max_bytes: usize, max_fields: usize) {
+        if let Self::H1(s) = self {
+            s.set_header_limits(max_bytes, max_fields);
+        }
+    }
+
     /// Gets the downstream read timeout if set.
     pub fn get_read_timeout(&self) -> Option<Duration> {
         match self {
@@ -607,8 +633,14 @@ impl Session {
     }
 
     /// Send error response to client using a pre-generated error message and custom body.
-    pub async fn respond_error_with_body(&mut self, error: u16, body: Bytes) -> Result<()> {
+    pub async fn respond_error_with_body(&mut self, error: u16, mut body: Bytes) -> Result<()> {
         let mut resp = Self::generate_error(error);
+        if body.is_empty() {
+            if let Some((content_type, generated)) = ERROR_BODY.get().and_then(|f| f(error)) {
+                resp.insert_header(http::header::CONTENT_TYPE, content_type)?;
+                body = generated;
+            }
+        }
         if !body.is_empty() {
             // error responses have a default content-length of zero
             resp.set_content_length(body.len())?

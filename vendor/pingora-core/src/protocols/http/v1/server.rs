@@ -158,6 +158,21 @@ pub struct HttpSession {
     /// [`super::super::HttpPersistentSettings`] into the next session.
     /// Scoped narrowly so it cannot affect FIN / `abort_on_close` semantics.
     pipelined_idle_bytes_stashed: bool,
+    /// When the whole request header must have arrived (slow-header defence): a client that
+    /// trickles header bytes is closed at this instant, however often it sends.
+    header_deadline: Option<std::time::Instant>,
+    /// Largest request header accepted, in bytes (at most [`MAX_HEADER_SIZE`]).
+    max_header_bytes: usize,
+    /// Most header fields accepted (at most [`MAX_HEADERS`]).
+    max_header_fields: usize,
+}
+
+/// Connections closed because their request header missed its deadline.
+static HEADER_DEADLINE_CLOSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many connections were closed because their request header did not arrive in time.
+pub fn header_deadline_closed_total() -> u64 {
+    HEADER_DEADLINE_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 impl HttpSession {
@@ -206,7 +221,23 @@ impl HttpSession {
             pipelining_enabled: false,
             pipelined_prefix: None,
             pipelined_idle_bytes_stashed: false,
+            header_deadline: None,
+            max_header_bytes: MAX_HEADER_SIZE,
+            max_header_fields: MAX_HEADERS,
         }
+    }
+
+    /// The instant by which the whole request header must have arrived; `None`: only the
+    /// per-read timeouts apply (stock pingora).
+    pub fn set_header_deadline(&mut self, deadline: Option<std::time::Instant>) {
+        self.header_deadline = deadline;
+    }
+
+    /// Caps on the request header's size in bytes and its number of fields (each at most
+    /// pingora's own limit); a request over either is refused as an invalid header.
+    pub fn set_header_limits(&mut self, max_bytes: usize, max_fields: usize) {
+        self.max_header_bytes = max_bytes.min(MAX_HEADER_SIZE);
+        self.max_header_fields = max_fields.min(MAX_HEADERS);
     }
 
     async fn read_request_buf(
@@ -272,6 +303,31 @@ impl HttpSession {
         }
     }
 
+    /// [`Self::read_request_buf`], cut off at the header deadline when one is set.
+    async fn read_request_buf_by_deadline(
+        &mut self,
+        buf: &mut BytesMut,
+        already_read: usize,
+    ) -> Result<Option<usize>> {
+        let Some(deadline) = self.header_deadline else {
+            return self.read_request_buf(buf, already_read).await;
+        };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let read = if left.is_zero() {
+            None
+        } else {
+            timeout(left, self.read_request_buf(buf, already_read)).await.ok()
+        };
+        match read {
+            Some(result) => result,
+            None => {
+                HEADER_DEADLINE_CLOSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                debug!("request header deadline passed after {already_read} bytes");
+                Error::e_explain(ReadTimedout, "request header deadline passed")
+            }
+        }
+    }
+
     /// Read the request header. Return `Ok(Some(n))` where the read and parsing are successful.
     /// Return `Ok(None)` when the client closed the connection without sending any data, which
     /// is common on a reused connection.
@@ -305,13 +361,13 @@ impl HttpSession {
         let mut skip_next_read = already_read != 0;
         let mut detached_suffix = None;
         loop {
-            if already_read > MAX_HEADER_SIZE {
+            if already_read > self.max_header_bytes {
                 /* NOTE: this check only blocks second read. The first large read is allowed
                 since the buf is already allocated. The goal is to avoid slowly bloating
                 this buffer */
                 return Error::e_explain(
                     InvalidHTTPHeader,
-                    format!("Request header larger than {MAX_HEADER_SIZE}"),
+                    format!("Request header larger than {}", self.max_header_bytes),
                 );
             }
 
@@ -323,7 +379,7 @@ impl HttpSession {
             // this request and is waiting for our response).
             if skip_next_read {
                 skip_next_read = false;
-            } else if let Some(n) = self.read_request_buf(&mut buf, already_read).await? {
+            } else if let Some(n) = self.read_request_buf_by_deadline(&mut buf, already_read).await? {
                 already_read += n;
             } else {
                 return Ok(None);
@@ -336,6 +392,18 @@ impl HttpSession {
                 let parsed = parse_req_buffer(&mut req, &buf);
                 match parsed {
                     HeaderParseState::Complete(s) => {
+                        if req.headers.len() > self.max_header_fields {
+                            return Error::e_explain(
+                                InvalidHTTPHeader,
+                                format!("more than {} header fields", self.max_header_fields),
+                            );
+                        }
+                        if s > self.max_header_bytes {
+                            return Error::e_explain(
+                                InvalidHTTPHeader,
+                                format!("Request header larger than {}", self.max_header_bytes),
+                            );
+                        }
                         self.raw_header = Some(BufRef(0, s));
 
                         // We have the header name and values we parsed to be just 0 copy Bytes
