@@ -70,6 +70,7 @@ fn problem(status: u16, slug: &str, title: &str, detail: &str, instance: Option<
         "title": title,
         "status": status,
         "detail": detail,
+        "correlation_id": uuid::Uuid::now_v7().to_string(),
     });
     if let Some(i) = instance {
         body["instance"] = json!(i);
@@ -123,12 +124,60 @@ impl ServeHttp for AdminApp {
                 }
                 self.dead_letters(session, p).await
             }
+            p if p == "/admin/budgets" || p.starts_with("/admin/budgets/") => {
+                if let Some(refusal) = self.refusal(session, "the budget API") {
+                    return refusal;
+                }
+                self.budgets(session, p)
+            }
             _ => not_found(&path),
         }
     }
 }
 
 impl AdminApp {
+    /// `GET /admin/budgets` (every ERP budget: pause left, queue, in flight, window) and
+    /// `POST /admin/budgets/{upstream}/resume` (end an overload pause now).
+    fn budgets(&self, session: &ServerSession, path: &str) -> Response<Vec<u8>> {
+        let config = self.config.load();
+        let post = session.req_header().method == http::Method::POST;
+        let rest: Vec<&str> = path.trim_start_matches("/admin/budgets").split('/').skip(1).collect();
+        let budget_of = |name: &str| config.upstreams.get(name).and_then(|u| u.budget.as_ref());
+        match (post, rest.as_slice()) {
+            (false, []) => {
+                let list: Vec<_> = config
+                    .upstreams
+                    .values()
+                    .filter_map(|u| u.budget.as_ref().map(|b| b.budget.snapshot()))
+                    .collect();
+                json_response(200, "application/json", json!({ "value": list }).to_string().into_bytes())
+            }
+            (false, [name]) => match budget_of(name) {
+                Some(b) => json_response(200, "application/json", json!(b.budget.snapshot()).to_string().into_bytes()),
+                None => no_budget(name, path),
+            },
+            (true, [name, "resume"]) => match budget_of(name) {
+                Some(b) => {
+                    let left = b.budget.resume();
+                    let body = json!({
+                        "upstream": name,
+                        "resumed": true,
+                        "pause_left_ms": left.as_millis() as u64,
+                    });
+                    json_response(200, "application/json", body.to_string().into_bytes())
+                }
+                None => no_budget(name, path),
+            },
+            _ => problem(
+                404,
+                "route-not-found",
+                "Not found",
+                "Budgets: GET /admin/budgets, GET /admin/budgets/{upstream}, POST /admin/budgets/{upstream}/resume.",
+                Some(path),
+            ),
+        }
+    }
+
     /// `None` when the admin token was presented as a bearer credential, else the problem
     /// to answer with.
     fn refusal(&self, session: &ServerSession, what: &str) -> Option<Response<Vec<u8>>> {
@@ -214,6 +263,11 @@ impl AdminApp {
     }
 }
 
+fn no_budget(name: &str, path: &str) -> Response<Vec<u8>> {
+    let detail = format!("No upstream `{name}` with a budget; GET /admin/budgets lists them.");
+    problem(404, "budget-not-found", "No such ERP budget", &detail, Some(path))
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -226,6 +280,7 @@ fn not_found(path: &str) -> Response<Vec<u8>> {
 
 pub struct MetricsApp {
     pub metrics: Arc<Metrics>,
+    pub config: Arc<ArcSwap<Config>>,
 }
 
 #[async_trait]
@@ -234,6 +289,12 @@ impl ServeHttp for MetricsApp {
         let path = session.req_header().uri.path().to_string();
         if path != "/metrics" {
             return not_found(&path);
+        }
+        // Gauges of what time changes by itself are brought up to date when they are read.
+        for upstream in self.config.load().upstreams.values() {
+            if let Some(b) = &upstream.budget {
+                b.budget.publish_pause();
+            }
         }
         json_response(200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render())
     }

@@ -71,6 +71,12 @@ pub enum GatewayError {
     OrderNotFound { id: String },
     #[error("order store unavailable: {detail}")]
     StoreUnavailable { detail: String },
+    #[error("unsupported media type {found:?}")]
+    UnsupportedMediaType { found: Option<String> },
+    #[error("too many failed authentications from this address")]
+    AuthThrottled { retry_after: u64 },
+    #[error("opportunity {opportunity_id} already has an order of another consumer")]
+    OpportunityTaken { opportunity_id: String },
     #[error("internal error")]
     Internal,
 }
@@ -109,6 +115,9 @@ impl GatewayError {
             | GatewayError::TransformTooLarge { .. } => 500,
             GatewayError::TransformBusy => 503,
             GatewayError::Internal => 500,
+            GatewayError::UnsupportedMediaType { .. } => 415,
+            GatewayError::AuthThrottled { .. } => 429,
+            GatewayError::OpportunityTaken { .. } => 409,
             GatewayError::IdempotencyKeyMissing | GatewayError::IdempotencyKeyInvalid { .. } => 400,
             GatewayError::IdempotencyKeyInFlight => 409,
             GatewayError::IdempotencyKeyReused
@@ -131,12 +140,14 @@ impl GatewayError {
         match self {
             GatewayError::Unauthenticated { challenge, .. } => vec![("www-authenticate", challenge.clone())],
             GatewayError::RateLimited { retry_after }
+            | GatewayError::AuthThrottled { retry_after }
             | GatewayError::ErpBusy { retry_after, .. }
             | GatewayError::ErpCircuitOpen { retry_after, .. }
             | GatewayError::ErpOverloaded { retry_after, .. } => {
                 vec![("retry-after", retry_after.to_string())]
             }
             GatewayError::MethodNotAllowed { allowed, .. } => vec![("allow", allowed.join(", "))],
+            GatewayError::UnsupportedMediaType { .. } => vec![("accept-post", "application/json".into())],
             GatewayError::TransformBusy | GatewayError::IdempotencyKeyInFlight => {
                 vec![("retry-after", "1".into())]
             }
@@ -161,6 +172,15 @@ impl GatewayError {
             }
             GatewayError::BadRequest { .. } => ("bad-request", "The request is malformed"),
             GatewayError::Internal => ("internal", "Internal gateway error"),
+            GatewayError::UnsupportedMediaType { .. } => {
+                ("unsupported-media-type", "The request body must be JSON")
+            }
+            GatewayError::AuthThrottled { .. } => {
+                ("too-many-authentication-failures", "Too many failed authentications")
+            }
+            GatewayError::OpportunityTaken { .. } => {
+                ("opportunity-taken", "The opportunity already has an order of another consumer")
+            }
             GatewayError::InvalidJson { .. } => ("invalid-json", "The request body is not valid JSON"),
             GatewayError::ValidationFailed { .. } => {
                 ("validation-failed", "The request does not match the route's schema")
@@ -235,6 +255,16 @@ impl GatewayError {
             ),
             GatewayError::BadRequest { detail } => format!("{detail}. Correct the request and send it again."),
             GatewayError::Internal => "The gateway failed unexpectedly. Retry; if it persists, report the correlation id.".into(),
+            GatewayError::UnsupportedMediaType { found } => format!(
+                "This route reads a JSON body, but the request's Content-Type is {}. Send the body with Content-Type: application/json.",
+                found.as_deref().map_or("missing".to_string(), |f| format!("`{f}`"))
+            ),
+            GatewayError::AuthThrottled { retry_after } => format!(
+                "Too many requests from your address failed authentication, so none is checked for now. Fix the credential, then retry after {retry_after} s."
+            ),
+            GatewayError::OpportunityTaken { opportunity_id } => format!(
+                "Opportunity `{opportunity_id}` already has an order submitted by another consumer, and one deal becomes one ERP order. Check the opportunity id; the consumer that owns the order can look it up."
+            ),
             GatewayError::InvalidJson { detail } => format!(
                 "The body could not be parsed as JSON ({detail}). Send a JSON document with Content-Type application/json."
             ),
@@ -327,6 +357,68 @@ impl GatewayError {
         }
         Problem { status, slug, body: Bytes::from(body.to_string()) }
     }
+}
+
+/// Run an in-process handler (process APIs, mediation): a panic in it becomes a 500 problem
+/// and a log line with the correlation id, never a dropped connection.
+pub async fn contain_panic<T>(
+    correlation_id: &str,
+    handler: impl std::future::Future<Output = Result<T, GatewayError>>,
+) -> Result<T, GatewayError> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(handler).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(correlation_id, panic = %what, "request handler panicked; answered 500");
+            Err(GatewayError::Internal)
+        }
+    }
+}
+
+/// The body of the error answers pingora writes before the gateway's hooks run (a request it
+/// cannot parse, for instance): still RFC 9457, with a correlation id minted for the log.
+pub fn pingora_error_body(status: u16) -> Option<(&'static str, Bytes)> {
+    let (slug, title, detail) = match status {
+        400 => (
+            "bad-request",
+            "The request is malformed",
+            "The request is not valid HTTP/1.1: check the request line, the header fields (their syntax, size and number) and the framing (one Content-Length or Transfer-Encoding: chunked, CRLF line endings). Correct the request and send it again.",
+        ),
+        405 => (
+            "method-not-allowed",
+            "Method not allowed",
+            "This method is not accepted by the gateway.",
+        ),
+        408 => (
+            "request-timeout",
+            "The request did not arrive in time",
+            "The request header or body was not received in time. Send it again without pausing.",
+        ),
+        413 | 431 => (
+            "request-too-large",
+            "The request is too large",
+            "The request header or body is larger than the gateway accepts. Send a smaller request.",
+        ),
+        502..=504 => (
+            "upstream-unreachable",
+            "The ERP could not be reached",
+            "The gateway could not complete the exchange with the ERP. Retry later.",
+        ),
+        _ => ("internal", "Internal gateway error", "The gateway failed unexpectedly. Retry; if it persists, report the correlation id."),
+    };
+    let body = json!({
+        "type": format!("{PROBLEM_BASE}{slug}"),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "correlation_id": uuid::Uuid::now_v7().to_string(),
+    });
+    Some(("application/problem+json", Bytes::from(body.to_string())))
 }
 
 #[cfg(test)]

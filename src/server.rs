@@ -29,12 +29,19 @@ pub struct ServeArgs {
 
 /// Run until a signal ends the process. Configuration errors are returned before anything listens.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    crate::policy::auth::init_crypto();
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    init_process();
+    // Absolute, so the reload watcher sees the same directory however `-c` was written
+    // (`-c .` included) and whatever the working directory becomes.
+    let config_dir = std::fs::canonicalize(&args.config_dir)
+        .with_context(|| format!("configuration directory {}", args.config_dir.display()))?;
+    let args = ServeArgs { config_dir, ..args };
     let state = Arc::new(SharedState::default());
     let config = config::load_with_state(&args.config_dir, &|name| std::env::var(name).ok(), &state)
         .map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
     logging::init();
+    for route in config.router.routes().iter().filter(|r| r.public) {
+        tracing::warn!(route = %route.name, upstream = %route.upstream.name, "public route: anonymous callers reach this upstream");
+    }
     let sandbox_addr = start_sandbox(&config, args.upgrade)?;
     print_banner(&config, sandbox_addr.as_deref());
 
@@ -70,6 +77,15 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let gateway = Gateway::new(config.clone(), metrics.clone(), in_flight.clone(), process.clone());
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "causeway proxy");
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.header_timeout = Some(listen.client_header_timeout);
+        options.header_limits = Some((listen.max_header_bytes, listen.max_header_fields));
+        // CONNECT reaches the router, which answers it with a 405 problem like any method no
+        // route takes (pingora alone answers a bare 405); nothing is ever tunnelled.
+        options.allow_connect_method_proxying = true;
+        app.server_options = Some(options);
+    }
     let buffers = L4BufferSettings { read: Some(listen.read_buffer_bytes), write: None };
     proxy.add_listener(ListenerConfig::tcp(listen.proxy.clone()).l4_buffer(buffers));
 
@@ -85,8 +101,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     admin.add_tcp(&listen.admin);
     admin.threads = Some(1);
-    let mut metrics_service =
-        Service::new("causeway metrics".into(), MetricsApp { metrics: metrics.clone() });
+    let mut metrics_service = Service::new(
+        "causeway metrics".into(),
+        MetricsApp { metrics: metrics.clone(), config: config.clone() },
+    );
     metrics_service.add_tcp(&listen.metrics);
     metrics_service.threads = Some(1);
     let mut probe = background_service("upstream probe", UpstreamProbe { config, health, metrics });
@@ -107,6 +125,15 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What every command needs before it does anything: one crypto provider for jsonwebtoken and
+/// one TLS provider for every HTTP client (reqwest is built without one), installed once; and
+/// problem+json bodies for the error answers pingora writes itself.
+pub fn init_process() {
+    crate::policy::auth::init_crypto();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    pingora::protocols::http::server::set_error_body(crate::error::pingora_error_body);
+}
+
 /// The quote-to-order service, when configured. The store is opened once here so a bad path
 /// fails at start, not on the first order.
 fn start_process(config: &Arc<ArcSwap<Config>>) -> anyhow::Result<Option<Arc<QuoteToOrder>>> {
@@ -115,7 +142,7 @@ fn start_process(config: &Arc<ArcSwap<Config>>) -> anyhow::Result<Option<Arc<Quo
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(crate::process::store::Store::open(&path))
+        .block_on(crate::process::store::Store::open(&path, settings.synchronous))
         .with_context(|| format!("opening the order store {}", path.display()))?;
     let service =
         QuoteToOrder::new(config.clone(), settings).map_err(|e| anyhow::anyhow!("process APIs: {e}"))?;

@@ -147,7 +147,10 @@ async fn erp_requests(sandbox: &TestSandbox) -> u64 {
 async fn attacks_are_refused_and_never_reach_the_erp() {
     let sandbox = TestSandbox::start(LimitsSpec::default()).await;
     let idp = Idp::start(&["rsa-old"]).await;
-    let gw = TestGateway::start(options(&sandbox, &idp, 300, 10)).await;
+    let mut opts = options(&sandbox, &idp, 300, 10);
+    // The 100 KB token must reach the JWT policy's own size check.
+    opts.listen_extra = "  max_header_bytes: 262144\n".into();
+    let gw = TestGateway::start(opts).await;
 
     // Sanity: a valid token passes and reaches the ERP.
     let good = sign("rsa-old", Algorithm::RS256, &claims("crm", "erp.read"));
@@ -233,7 +236,10 @@ async fn attacks_are_refused_and_never_reach_the_erp() {
 async fn a_flood_of_unknown_kids_causes_a_bounded_number_of_jwks_fetches() {
     let sandbox = TestSandbox::start(LimitsSpec::default()).await;
     let idp = Idp::start(&["rsa-old"]).await;
-    let gw = TestGateway::start(options(&sandbox, &idp, 300, 10)).await;
+    // The JWKS fetches are under test, not the failed-authentication limit (tests/hardening.rs).
+    let mut opts = options(&sandbox, &idp, 300, 10);
+    opts.main_extra = "auth_failures: { max_failures: 0 }\n".into();
+    let gw = TestGateway::start(opts).await;
     let good = sign("rsa-old", Algorithm::RS256, &claims("crm", "erp.read"));
     assert_eq!(get_with(&gw, Some(&format!("Bearer {good}"))).await.status(), 200);
     let before = idp.fetches();

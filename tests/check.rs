@@ -148,7 +148,7 @@ fn process_configuration_errors_name_file_and_line() {
     let routes = dir.path().join("routes/process.yaml");
     std::fs::write(
         &routes,
-        "routes:\n  - name: q2o\n    match: { methods: [POST], path: /process/v1/quote-to-order }\n    upstream: bc\n    process: quote-to-order\n",
+        "routes:\n  - name: q2o\n    match: { methods: [POST], path: /process/v1/quote-to-order }\n    upstream: bc\n    process: quote-to-order\n    public: true\n",
     )
     .unwrap();
     let main = dir.path().join("causeway.yaml");
@@ -180,4 +180,61 @@ fn process_configuration_errors_name_file_and_line() {
     let (ok, err) = check(dir.path(), &[("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")]);
     assert!(!ok);
     assert!(err.contains(&format!("{}:5:", routes.display())) && err.contains("quote-to-invoice"), "{err}");
+}
+
+/// Secure by default: a route that sends the upstream's credential must authenticate its callers,
+/// and one that writes must require a scope, unless it says `public: true`.
+#[test]
+fn a_route_that_lends_the_erp_credential_to_anonymous_callers_is_refused_unless_public() {
+    let dir = valid_dir();
+    let routes = dir.path().join("routes/routes.yaml");
+    let env = [("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")];
+    let anonymous =
+        "routes:\n  - name: open-write\n    match: { methods: [POST], path: /w }\n    upstream: bc\n";
+    std::fs::write(&routes, anonymous).unwrap();
+    let (ok, err) = check(dir.path(), &env);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("{}:2:", routes.display())) && err.contains("authenticates no caller"),
+        "{err}"
+    );
+
+    std::fs::write(
+        dir.path().join("policies/keys.yaml"),
+        "policies:\n  - name: keys\n    kind: api_key\n    keys: [{ consumer: c, sha256: 0a09661d177ef24293fd75fdf3a6516157782e4625aa440e2e5be7c879560177 }]\n",
+    )
+    .unwrap();
+    std::fs::write(&routes, format!("{anonymous}    policies: [keys]\n")).unwrap();
+    let (ok, err) = check(dir.path(), &env);
+    assert!(!ok);
+    assert!(err.contains("accepts writes") && err.contains("requires no scope"), "{err}");
+
+    std::fs::write(&routes, format!("{anonymous}    policies: [keys]\n    scopes: [erp.write]\n")).unwrap();
+    assert!(check(dir.path(), &env).0, "authenticated and scoped");
+    std::fs::write(&routes, format!("{anonymous}    public: true\n")).unwrap();
+    assert!(check(dir.path(), &env).0, "declared public");
+
+    std::fs::write(
+        &routes,
+        format!("{anonymous}    public: true\n    pass_headers: {{ request: [authorization], response: [set-cookie] }}\n"),
+    )
+    .unwrap();
+    let (ok, err) = check(dir.path(), &env);
+    assert!(!ok);
+    assert!(err.contains("pass_headers.request: `authorization` cannot be passed"), "{err}");
+}
+
+/// A JWT policy pointing at its IdP's JWKS URL is checked without fetching it, and `check`
+/// never panics for want of a TLS provider.
+#[test]
+fn a_jwt_policy_with_a_jwks_url_is_checked_without_a_panic() {
+    let dir = valid_dir();
+    std::fs::write(
+        dir.path().join("policies/idp.yaml"),
+        "policies:\n  - name: idp\n    kind: jwt\n    issuer: https://login.example.com/\n    audiences: [gw]\n    jwks_url: https://login.example.com/.well-known/jwks.json\n",
+    )
+    .unwrap();
+    let (ok, err) = check(dir.path(), &[("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")]);
+    assert!(ok, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -69,9 +69,24 @@ async fn the_canonical_api_speaks_sap_after_swapping_one_route_file() {
     opts.routes_yaml = std::fs::read_to_string(repo.join("dialects/sap/erp-canonical.yaml")).unwrap();
     opts.policies_yaml = std::fs::read_to_string(repo.join("policies/headers.yaml")).unwrap();
     opts.shipped_mediation = true;
+    // The dialect's routes authenticate their callers like the shipped ones (erp-keys).
+    opts.policy_files.push((
+        "consumers.yaml".into(),
+        std::fs::read_to_string(repo.join("policies/consumers.yaml")).unwrap(),
+    ));
     opts.upstream_extra = format!("  sap:\n    url: {sap_url}\n");
     let gw = TestGateway::start(opts).await;
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder()
+        .default_headers(
+            [(
+                reqwest::header::HeaderName::from_static("x-api-key"),
+                reqwest::header::HeaderValue::from_static("demo-erp-write-key"),
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .build()
+        .unwrap();
 
     let order = json!({
         "customerNumber": "C10000", "externalReference": "006Dn000004ZqXcIAK", "currency": "EUR",

@@ -16,36 +16,43 @@ fn routes() -> String {
   - name: orders-create
     match: {{ methods: [POST], path: /erp/v1/sales-orders }}
     upstream: bc
+    public: true
     rewrite: "/api/v2.0/companies({COMPANY})/salesOrders"
     max_body_bytes: 65536
     policies: [canonical-sales-order-create-bc]
   - name: orders-list
     match: {{ methods: [GET], path: /erp/v1/sales-orders }}
     upstream: bc
+    public: true
     rewrite: "/api/v2.0/companies({COMPANY})/salesOrders"
     policies: [canonical-sales-order-list-bc]
   - name: customers-raw
     match: {{ methods: [GET], path: /raw/customers }}
     upstream: bc
+    public: true
     rewrite: "/api/v2.0/companies({COMPANY})/customers"
   - name: endless-request
     match: {{ methods: [POST], path: /endless }}
     upstream: bc
+    public: true
     rewrite: "/api/v2.0/companies({COMPANY})/salesOrders"
     policies: [endless]
   - name: huge-response
     match: {{ methods: [GET], path: /huge }}
     upstream: bc
+    public: true
     rewrite: "/api/v2.0/companies({COMPANY})/items"
     policies: [huge]
   - name: monitored
     match: {{ methods: [GET], path: /monitored }}
     upstream: bc
+    public: true
     rewrite: "/api/v2.0/companies({COMPANY})/customers"
     policies: [monitored]
   - name: unmappable
     match: {{ methods: [GET], path: /unmappable }}
     upstream: bc
+    public: true
     rewrite: "/api/v2.0/companies({COMPANY})/customers"
     policies: [unmappable]
 "#

@@ -18,11 +18,8 @@ fn options(sandbox: &TestSandbox, delivery: &str) -> GatewayOptions {
 }
 
 fn options_for(upstream_url: String, delivery: &str) -> GatewayOptions {
-    process_options(upstream_url, &format!("  erp: bc\n  company: {COMPANY_ID}\n  delivery: {delivery}\n"))
+    sandbox_options(upstream_url, delivery)
 }
-
-const FAST: &str =
-    "{ max_attempts: 50, backoff_initial_ms: 100, backoff_max_ms: 1000, inline_wait_ms: 3000 }";
 
 async fn get_order(client: &reqwest::Client, gw: &TestGateway, location: &str) -> Value {
     let resp = client.get(gw.url(location)).header("x-api-key", KEY).send().await.unwrap();

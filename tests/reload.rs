@@ -20,6 +20,7 @@ fn routes(extra: &str) -> String {
   - name: items
     match: {{ methods: [GET], path: "/erp/v2/{{*rest}}" }}
     upstream: bc
+    public: true
     rewrite: "/api/v2.0/companies({COMPANY_ID})/{{rest}}"
     policies: [quota]
 {extra}"#
@@ -75,7 +76,7 @@ async fn routes_and_quotas_change_under_load_without_failed_requests() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // 1. A new route appears (written by rename, as editors and Kubernetes do).
-    let added = "  - name: companies\n    match: { methods: [GET], path: /erp/v9/companies }\n    upstream: bc\n    rewrite: /api/v2.0/companies\n";
+    let added = "  - name: companies\n    match: { methods: [GET], path: /erp/v9/companies }\n    upstream: bc\n    public: true\n    rewrite: /api/v2.0/companies\n";
     let tmp = dir.join("routes/.routes.yaml.tmp");
     std::fs::write(&tmp, routes(added)).unwrap();
     std::fs::rename(&tmp, dir.join("routes/routes.yaml")).unwrap();

@@ -12,15 +12,18 @@ fn routes() -> String {
   - name: interactive
     match: {{ methods: [GET], path: "/erp/v2/{{*rest}}" }}
     upstream: bc
+    public: true
     rewrite: "/api/v2.0/companies({COMPANY_ID})/{{rest}}"
   - name: writes
     match: {{ methods: [GET], path: "/w/{{*rest}}" }}
     upstream: bc
+    public: true
     rewrite: "/api/v2.0/companies({COMPANY_ID})/{{rest}}"
     erp_class: write
   - name: bulk
     match: {{ methods: [GET], path: "/b/{{*rest}}" }}
     upstream: bc
+    public: true
     rewrite: "/api/v2.0/companies({COMPANY_ID})/{{rest}}"
     erp_class: bulk
 "#

@@ -9,6 +9,7 @@ pub mod policies;
 pub mod spec;
 
 use crate::erp::sandbox::LimitsSpec;
+use crate::policy::auth_failures::FailureLimiter;
 use crate::policy::jwks::RemoteJwks;
 use crate::policy::ratelimit::TierLimiter;
 use crate::policy::throttle::{Budget, BudgetParams, Class};
@@ -26,6 +27,10 @@ use std::time::Duration;
 
 pub const MAIN_FILE: &str = "causeway.yaml";
 const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+const WRITE_METHODS: &[&str] = &["POST", "PUT", "PATCH", "DELETE"];
+/// Request headers a route may let through to its upstream (`pass_headers.request`); a
+/// caller's `Authorization` and API-key headers never pass.
+const PASSABLE_REQUEST: &[&str] = &["cookie"];
 
 /// One problem in one file, printed as `file:line:column: message`.
 #[derive(Debug, Clone)]
@@ -84,6 +89,7 @@ pub struct SharedState {
     budgets: parking_lot::Mutex<HashMap<String, Arc<Budget>>>,
     limiters: parking_lot::Mutex<HashMap<(String, String), Arc<TierLimiter>>>,
     jwks: parking_lot::Mutex<HashMap<String, Arc<RemoteJwks>>>,
+    auth_failures: parking_lot::Mutex<Option<Arc<FailureLimiter>>>,
 }
 
 impl SharedState {
@@ -119,6 +125,20 @@ impl SharedState {
         Ok(l)
     }
 
+    /// The failed-authentication limiter; its counts carry over a reload that keeps its limits.
+    pub fn auth_failures(&self, max_failures: u32, window: Duration) -> Option<Arc<FailureLimiter>> {
+        if max_failures == 0 || window.is_zero() {
+            return None;
+        }
+        let mut current = self.auth_failures.lock();
+        if let Some(l) = current.as_ref().filter(|l| l.same_limits(max_failures, window)) {
+            return Some(l.clone());
+        }
+        let l = Arc::new(FailureLimiter::new(max_failures, window));
+        *current = Some(l.clone());
+        Some(l)
+    }
+
     pub fn remote_jwks(&self, url: &str, refresh: Duration, min_refetch: Duration) -> Arc<RemoteJwks> {
         let mut all = self.jwks.lock();
         all.entry(format!("{url}|{refresh:?}|{min_refetch:?}"))
@@ -144,9 +164,10 @@ pub struct Config {
     /// Quote validation rules (`policies/process/`), when that directory exists.
     pub process_rules: Option<Arc<crate::process::rules::Rules>>,
     pub sandbox: Option<SandboxSettings>,
-    pub store_path: PathBuf,
     /// The process APIs' settings, when `causeway.yaml` has a `process:` block.
     pub process: Option<ProcessSettings>,
+    /// Refuses client addresses that keep failing authentication (`None`: off).
+    pub auth_failures: Option<Arc<FailureLimiter>>,
 }
 
 /// `process:` of `causeway.yaml`, compiled.
@@ -155,7 +176,9 @@ pub struct ProcessSettings {
     pub erp: String,
     pub adapter: AdapterSettings,
     pub store_path: PathBuf,
+    pub synchronous: Synchronous,
     pub key_ttl: Duration,
+    pub max_lines: usize,
     pub max_attempts: u32,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
@@ -193,6 +216,9 @@ pub struct Listen {
     pub admin: String,
     pub metrics: String,
     pub read_buffer_bytes: usize,
+    pub client_header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_header_fields: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -273,6 +299,12 @@ pub struct CompiledRoute {
     pub erp_class: Option<Class>,
     /// Served in-process by this process API endpoint.
     pub process: Option<spec::ProcessEndpoint>,
+    /// Declared `public: true`: anonymous callers reach a credentialed upstream.
+    pub public: bool,
+    /// Credential-bearing request headers never sent upstream (caller credentials, cookies).
+    pub strip_request: Vec<HeaderName>,
+    /// The upstream's session headers never sent to the caller (cookies, challenges, CSRF).
+    pub strip_response: Vec<HeaderName>,
     pub metrics: crate::observe::metrics::RouteMetrics,
 }
 
@@ -339,6 +371,15 @@ pub fn load_with_state(
     if main.threads == Some(0) {
         diags.file(&main_path, "threads must be at least 1");
     }
+    if main.listen.client_header_timeout_ms == 0
+        || main.listen.max_header_bytes < 1024
+        || main.listen.max_header_fields == 0
+    {
+        diags.file(
+            &main_path,
+            "listen: client_header_timeout_ms and max_header_fields must be at least 1, max_header_bytes at least 1024",
+        );
+    }
     if !diags.0.is_empty() {
         return Err(diags);
     }
@@ -347,7 +388,7 @@ pub fn load_with_state(
         &main_path,
         env,
         &main,
-        &store_path,
+        (&store_path, main.store.synchronous),
         &upstreams,
         &policies,
         &process_rules,
@@ -365,6 +406,9 @@ pub fn load_with_state(
             admin: main.listen.admin.value,
             metrics: main.listen.metrics.value,
             read_buffer_bytes: main.listen.read_buffer_bytes,
+            client_header_timeout: Duration::from_millis(main.listen.client_header_timeout_ms),
+            max_header_bytes: main.listen.max_header_bytes,
+            max_header_fields: main.listen.max_header_fields,
         },
         threads,
         work_stealing: main.work_stealing,
@@ -376,8 +420,11 @@ pub fn load_with_state(
         policies,
         process_rules: process_rules.map(Arc::new),
         sandbox,
-        store_path,
         process,
+        auth_failures: state.auth_failures(
+            main.auth_failures.max_failures,
+            Duration::from_secs(main.auth_failures.window_seconds),
+        ),
     })
 }
 
@@ -386,7 +433,7 @@ fn compile_process(
     file: &Path,
     env: &dyn Fn(&str) -> Option<String>,
     main: &MainSpec,
-    store_path: &Path,
+    (store_path, synchronous): (&Path, Synchronous),
     upstreams: &BTreeMap<String, Arc<Upstream>>,
     policies: &HashMap<String, Arc<Policy>>,
     rules: &Option<crate::process::rules::Rules>,
@@ -472,12 +519,17 @@ fn compile_process(
     if spec.idempotency_key_ttl_hours == 0 {
         diags.at(file, &spec.erp, "process.idempotency_key_ttl_hours must be at least 1");
     }
+    if spec.max_lines == 0 || spec.max_lines > 2000 {
+        diags.at(file, &spec.erp, "process.max_lines must be between 1 and 2000");
+    }
     let ms = Duration::from_millis;
     Some(ProcessSettings {
         erp: spec.erp.value.clone(),
         adapter: adapter?,
         store_path: store_path.to_path_buf(),
-        key_ttl: Duration::from_secs(spec.idempotency_key_ttl_hours * 3600),
+        synchronous,
+        key_ttl: Duration::from_secs(spec.idempotency_key_ttl_hours.saturating_mul(3600)),
+        max_lines: spec.max_lines,
         max_attempts: d.max_attempts,
         backoff_initial: ms(d.backoff_initial_ms),
         backoff_max: ms(d.backoff_max_ms),
@@ -568,6 +620,12 @@ fn compile_budget(upstream: &str, spec: &BudgetSpec, state: &SharedState) -> Res
     if spec.window_requests == 0 || spec.window_seconds == 0 || spec.max_concurrent == 0 {
         return Err("budget: window_requests, window_seconds and max_concurrent must be at least 1".into());
     }
+    if spec.max_pause_seconds == 0 {
+        return Err("budget: max_pause_seconds must be at least 1".into());
+    }
+    if !(spec.max_share > 0.0 && spec.max_share <= 1.0) {
+        return Err(format!("budget: max_share must be above 0 and at most 1, not {}", spec.max_share));
+    }
     let classes: HashMap<String, Class> = spec
         .classes
         .iter()
@@ -596,6 +654,8 @@ fn compile_budget(upstream: &str, spec: &BudgetSpec, state: &SharedState) -> Res
         backoff_max: Duration::from_millis(spec.backoff_max_ms.max(spec.backoff_initial_ms.max(1))),
         circuit_failures: spec.circuit_failures.max(1),
         circuit_open: Duration::from_secs(spec.circuit_open_seconds),
+        max_pause: Duration::from_secs(spec.max_pause_seconds),
+        max_share: spec.max_share,
     };
     Ok(UpstreamBudget {
         budget: state.budget(upstream, params),
@@ -728,8 +788,8 @@ fn load_policies(
         for spanned in parsed.policies {
             let spec = &spanned.value;
             let name = spec.name().to_string();
-            if name.is_empty() {
-                diags.at(&file, &spanned, "policy name must not be empty");
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                diags.at(&file, &spanned, "policy name must be letters, digits, `-`, `_` or `.`");
                 continue;
             }
             if out.contains_key(&name) {
@@ -756,6 +816,16 @@ fn load_routes(
 ) -> Vec<Arc<CompiledRoute>> {
     let mut out = Vec::new();
     let mut names: HashMap<String, ()> = HashMap::new();
+    // Every header an api_key policy reads is a credential for the gateway, never for upstreams.
+    let mut api_key_headers: Vec<String> = policies
+        .values()
+        .filter_map(|p| match p.as_ref() {
+            Policy::ApiKey(k) => Some(k.header.as_str().to_string()),
+            _ => None,
+        })
+        .collect();
+    api_key_headers.sort();
+    api_key_headers.dedup();
     for file in yaml_files(dir, diags) {
         let Some(parsed) = parse_file::<RoutesFile>(&file, diags) else { continue };
         for spanned in parsed.routes {
@@ -848,13 +918,67 @@ fn load_routes(
                     "an `order` process endpoint needs an `{id}` path parameter",
                 );
             }
-            if !spec.scopes.is_empty() && !route_policies.iter().any(|p| p.authenticates()) {
+            let authenticates = route_policies.iter().any(|p| p.authenticates());
+            if !spec.scopes.is_empty() && !authenticates {
                 diags.at(
                     &file,
                     &spec.name,
                     format!("route `{name}` requires scopes but names no jwt or api_key policy"),
                 );
             }
+            // Secure by default: the upstream's credential is never lent to an anonymous caller
+            // or to a caller without a scope for writing, unless the route says so.
+            let credentialed = upstream.as_ref().is_some_and(|u| u.credential.is_some());
+            if credentialed && !spec.public && !authenticates {
+                diags.at(
+                    &file,
+                    &spec.name,
+                    format!(
+                        "route `{name}` sends requests to upstream `{}` with its credential but authenticates no caller; name a jwt or api_key policy, or declare `public: true` if anonymous callers may use that credential",
+                        spec.upstream.value
+                    ),
+                );
+            }
+            let writes =
+                methods.as_ref().is_none_or(|ms| ms.iter().any(|m| WRITE_METHODS.contains(&m.as_str())));
+            if credentialed && !spec.public && authenticates && writes && spec.scopes.is_empty() {
+                diags.at(
+                    &file,
+                    &spec.name,
+                    format!(
+                        "route `{name}` accepts writes to upstream `{}` but requires no scope; add `scopes:` naming a write scope (or declare `public: true`)",
+                        spec.upstream.value
+                    ),
+                );
+            }
+            let pass =
+                |names: &[Spanned<String>], allowed: &[&str], direction: &str, diags: &mut Diagnostics| {
+                    let mut out = Vec::new();
+                    for n in names {
+                        let lower = n.value.to_ascii_lowercase();
+                        if allowed.contains(&lower.as_str()) {
+                            out.push(lower);
+                        } else {
+                            diags.at(
+                                &file,
+                                n,
+                                format!(
+                                    "pass_headers.{direction}: `{}` cannot be passed (only {})",
+                                    n.value,
+                                    allowed.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                    out
+                };
+            let pass_request = pass(&spec.pass_headers.request, PASSABLE_REQUEST, "request", diags);
+            let pass_response = pass(
+                &spec.pass_headers.response,
+                crate::proxy::hygiene::UPSTREAM_SESSION_HEADERS,
+                "response",
+                diags,
+            );
             let erp_class = match (&spec.erp_class, upstream.as_ref().and_then(|u| u.budget.as_ref())) {
                 (Some(c), Some(b)) => match b.classes.get(&c.value) {
                     Some(class) => Some(class.clone()),
@@ -894,6 +1018,18 @@ fn load_routes(
             }
             let (Some(path), Some(upstream)) = (path, upstream) else { continue };
             let ms = Duration::from_millis;
+            let strip_request: Vec<HeaderName> = ["cookie"]
+                .into_iter()
+                .map(String::from)
+                .chain(api_key_headers.iter().cloned())
+                .filter(|h| !pass_request.contains(h))
+                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                .collect();
+            let strip_response: Vec<HeaderName> = crate::proxy::hygiene::UPSTREAM_SESSION_HEADERS
+                .iter()
+                .filter(|h| !pass_response.iter().any(|p| p == *h))
+                .map(|h| HeaderName::from_static(h))
+                .collect();
             out.push(Arc::new(CompiledRoute {
                 host: spec.matcher.host.clone(),
                 methods,
@@ -908,6 +1044,9 @@ fn load_routes(
                 scopes: spec.scopes.clone(),
                 erp_class,
                 process: spec.process,
+                public: spec.public,
+                strip_request,
+                strip_response,
                 metrics: crate::observe::metrics::RouteMetrics::new(&name),
                 name,
             }));

@@ -39,6 +39,7 @@ pub fn compile(
                     .and_then(|b| <[u8; 32]>::try_from(b).ok())
                     .ok_or_else(|| format!("key of `{}`: sha256 must be 64 hex digits", k.consumer))?;
                 let consumer = Consumer {
+                    id: Arc::from(format!("{name}/{}", k.consumer)),
                     name: Arc::from(k.consumer.as_str()),
                     tier: Arc::from(k.tier.as_str()),
                     scopes: k.scopes.clone().into(),

@@ -37,6 +37,25 @@ pub struct MainSpec {
     /// Seconds between upstream reachability probes (they drive `/readyz`).
     #[serde(default = "default_probe_seconds")]
     pub health_probe_seconds: u64,
+    /// Failed authentications tolerated per client address before it is refused with 429.
+    #[serde(default)]
+    pub auth_failures: AuthFailuresSpec,
+}
+
+/// `auth_failures:`: a client address that fails authentication `max_failures` times within
+/// `window_seconds` is refused (429) until the window ends, before any credential is checked.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthFailuresSpec {
+    /// 0 turns the limit off.
+    pub max_failures: u32,
+    pub window_seconds: u64,
+}
+
+impl Default for AuthFailuresSpec {
+    fn default() -> Self {
+        AuthFailuresSpec { max_failures: 50, window_seconds: 60 }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,6 +71,16 @@ pub struct ListenSpec {
     /// buffer keeps idle keep-alive connections cheap, larger bodies are read in several calls).
     #[serde(default = "default_read_buffer")]
     pub read_buffer_bytes: usize,
+    /// A request header must arrive whole within this time (from accept for a new connection,
+    /// from its first byte on a keep-alive one); slower clients are closed (slow-header defence).
+    #[serde(default = "default_header_timeout_ms")]
+    pub client_header_timeout_ms: u64,
+    /// Largest request header accepted, in bytes (400 above it).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Most request header fields accepted (400 above it).
+    #[serde(default = "default_max_header_fields")]
+    pub max_header_fields: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,6 +141,13 @@ pub struct BudgetSpec {
     pub circuit_failures: u32,
     #[serde(default = "default_circuit_open")]
     pub circuit_open_seconds: u64,
+    /// The longest pause an ERP's overload answer can impose (its `Retry-After` is capped here).
+    #[serde(default = "default_max_pause_seconds")]
+    pub max_pause_seconds: u64,
+    /// The largest share of the budget (of `window_requests` and of `max_concurrent`) one
+    /// consumer may hold, so one consumer cannot starve the others; 1 means no cap.
+    #[serde(default = "default_max_share")]
+    pub max_share: f64,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -152,15 +188,28 @@ pub struct SandboxSpec {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(default)]
 pub struct StoreSpec {
     /// SQLite file for idempotency keys and orders (used by the process APIs).
     pub path: String,
+    /// When a commit is on disk: `full` (default) before the caller is answered, so an
+    /// acknowledged order survives a power loss; `normal` is faster and survives a process
+    /// crash, but a power loss can lose the last commits.
+    pub synchronous: Synchronous,
 }
 
 impl Default for StoreSpec {
     fn default() -> Self {
-        StoreSpec { path: "data/causeway.db".into() }
+        StoreSpec { path: "data/causeway.db".into(), synchronous: Synchronous::Full }
     }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    #[default]
+    Full,
+    Normal,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,6 +229,9 @@ pub struct ProcessSpec {
     /// How long a completed request's response is replayed for its Idempotency-Key.
     #[serde(default = "default_key_ttl_hours")]
     pub idempotency_key_ttl_hours: u64,
+    /// Most lines a quote may have (both shapes): each distinct product costs ERP lookups.
+    #[serde(default = "default_max_lines")]
+    pub max_lines: usize,
     #[serde(default)]
     pub delivery: DeliverySpec,
 }
@@ -293,6 +345,24 @@ pub struct RouteSpec {
     /// Served in-process by a process API instead of proxied (the upstream is the ERP it uses).
     #[serde(default)]
     pub process: Option<ProcessEndpoint>,
+    /// Anonymous callers may use this route although its upstream holds a credential: without
+    /// it, `check` refuses such a route unless it names an authentication policy.
+    #[serde(default)]
+    pub public: bool,
+    /// Credential-bearing headers this route lets through, which are otherwise stripped:
+    /// `request` (`cookie`) toward the upstream, `response` (`set-cookie`, `www-authenticate`,
+    /// CSRF tokens) toward the caller.
+    #[serde(default)]
+    pub pass_headers: PassHeadersSpec,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PassHeadersSpec {
+    #[serde(default)]
+    pub request: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub response: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -503,6 +573,24 @@ pub struct HeaderOps {
     pub remove: Vec<String>,
 }
 
+fn default_header_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_header_bytes() -> usize {
+    32 * 1024
+}
+fn default_max_header_fields() -> usize {
+    100
+}
+fn default_max_pause_seconds() -> u64 {
+    300
+}
+fn default_max_share() -> f64 {
+    1.0
+}
+fn default_max_lines() -> usize {
+    200
+}
 fn default_transform_ms() -> u64 {
     100
 }

@@ -49,12 +49,17 @@ pub async fn permit(
     class: &Class,
 ) -> Result<Option<crate::policy::throttle::Permit>, AdapterError> {
     match upstream.budget.as_ref() {
-        Some(b) => b.budget.acquire(class).await.map(Some).map_err(|r| {
-            AdapterError::Unavailable(match r {
-                Refusal::Busy { .. } => "the ERP budget is exhausted".into(),
-                Refusal::CircuitOpen { .. } => "the ERP circuit is open".into(),
-            })
-        }),
+        Some(b) => b
+            .budget
+            .acquire(class, crate::policy::throttle::current_consumer().as_ref())
+            .await
+            .map(Some)
+            .map_err(|r| {
+                AdapterError::Unavailable(match r {
+                    Refusal::Busy { .. } => "the ERP budget is exhausted".into(),
+                    Refusal::CircuitOpen { .. } => "the ERP circuit is open".into(),
+                })
+            }),
         None => Ok(None),
     }
 }
@@ -106,6 +111,27 @@ pub async fn exchange(
     }
 }
 
+/// `keys` (each once) split into what `cache` holds, found (known-absent ones left out), and
+/// what it does not hold yet: those are fetched together.
+pub async fn split_cached<'k, V: Clone + Send + Sync + 'static>(
+    cache: &moka::future::Cache<String, Option<V>>,
+    keys: &[&'k str],
+) -> (HashMap<String, V>, Vec<&'k str>) {
+    let mut found = HashMap::new();
+    let mut missing: Vec<&str> = Vec::new();
+    for key in keys {
+        match cache.get(*key).await {
+            Some(Some(v)) => {
+                found.insert(key.to_string(), v);
+            }
+            Some(None) => {}
+            None if !missing.contains(key) => missing.push(key),
+            None => {}
+        }
+    }
+    (found, missing)
+}
+
 /// Budget classes for lookups (interactive) and writes.
 pub fn classes(up: &Upstream) -> (Class, Class) {
     let class = |name: &str| up.budget.as_ref().and_then(|b| b.classes.get(name).cloned());
@@ -146,6 +172,8 @@ pub struct BusinessCentral {
 /// short enough that a fixed customer record is seen within minutes.
 pub const MASTER_DATA_TTL: Duration = Duration::from_secs(120);
 const MASTER_DATA_ENTRIES: u64 = 10_000;
+/// Item numbers per filtered lookup (`number eq 'a' or number eq 'b' …`), short of URL limits.
+const BATCH: usize = 50;
 
 fn master_cache<V: Clone + Send + Sync + 'static>() -> moka::future::Cache<String, V> {
     moka::future::Cache::builder().max_capacity(MASTER_DATA_ENTRIES).time_to_live(MASTER_DATA_TTL).build()
@@ -273,19 +301,43 @@ impl BusinessCentral {
         ErpAdapter::master_data(self, quote).await
     }
 
+    /// The items of `numbers` (each once), from the cache or in filtered queries of at most
+    /// [`BATCH`] numbers each: a quote of many lines costs the ERP a few requests, not one a line.
+    async fn products(&self, numbers: &[&str]) -> Result<HashMap<String, Product>, AdapterError> {
+        let (mut found, missing) = split_cached(&self.products, numbers).await;
+        for chunk in missing.chunks(BATCH) {
+            let filter = chunk
+                .iter()
+                .map(|n| format!("number eq '{}'", n.replace('\'', "''")))
+                .collect::<Vec<_>>()
+                .join(" or ");
+            let query = serde_urlencoded::to_string([("$filter", filter.as_str())]).unwrap_or_default();
+            let list = self.get_json(&format!("{}/items?{query}", self.company_path)).await?;
+            let mut fetched: HashMap<String, Product> = HashMap::new();
+            for item in list["value"].as_array().into_iter().flatten() {
+                let mapped = map_response(mediation(&self.item_map), item.clone())?;
+                let product: Product =
+                    serde_json::from_value(mapped).map_err(|e| AdapterError::Protocol(e.to_string()))?;
+                fetched.insert(product.number.clone(), product);
+            }
+            for n in chunk {
+                let product = fetched.get(*n).cloned();
+                self.products.insert(n.to_string(), product.clone()).await;
+                if let Some(p) = product {
+                    found.insert(n.to_string(), p);
+                }
+            }
+        }
+        Ok(found)
+    }
+
     async fn fetch_master_data(&self, quote: &Quote) -> Result<MasterData, AdapterError> {
         let customer = match &quote.customer.number {
             Some(n) => self.customer(n).await?,
             None => None,
         };
-        let mut products = HashMap::new();
-        for line in &quote.lines {
-            if !products.contains_key(&line.product) {
-                if let Some(p) = self.product(&line.product).await? {
-                    products.insert(line.product.clone(), p);
-                }
-            }
-        }
+        let numbers: Vec<&str> = quote.lines.iter().map(|l| l.product.as_str()).collect();
+        let products = self.products(&numbers).await?;
         let list = self.price_list(&quote.region).await?;
         let regional_prices = quote
             .lines

@@ -12,7 +12,7 @@
 //! Every JSON-RPC call takes a permit from the upstream's budget and reports its outcome, like
 //! the Business Central adapter.
 
-use super::adapter::{classes, exchange, AdapterError, ErpAdapter, ErpOrder, MASTER_DATA_TTL};
+use super::adapter::{classes, exchange, split_cached, AdapterError, ErpAdapter, ErpOrder, MASTER_DATA_TTL};
 use crate::config::{TrytonSettings, Upstream};
 use crate::policy::throttle::Class;
 use crate::process::model::{Address, Credit, Customer, Product, Quote};
@@ -263,18 +263,28 @@ impl Tryton {
     }
 
     async fn item(&self, code: &str) -> Result<Option<Item>, AdapterError> {
-        let fetch = async {
-            let fields =
-                ["code", "name", "salable", "list_price", "sale_uom", "account_category.customer_taxes_used"];
-            let found = self.search_read("product.product", json!([["code", "=", code]]), &fields).await?;
-            let Some(p) = found.first() else { return Ok(None) };
+        Ok(self.items_of(&[code]).await?.remove(code))
+    }
+
+    /// The products of `codes`, from the cache or in one `search_read` for all that are not:
+    /// a quote of many lines costs one ERP call, not one a line.
+    async fn items_of(&self, codes: &[&str]) -> Result<HashMap<String, Item>, AdapterError> {
+        let (mut found, missing) = split_cached(&self.items, codes).await;
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let fields =
+            ["code", "name", "salable", "list_price", "sale_uom", "account_category.customer_taxes_used"];
+        let rows = self.search_read("product.product", json!([["code", "in", missing]]), &fields).await?;
+        let mut fetched: HashMap<String, Item> = HashMap::new();
+        for p in &rows {
             let taxes = p["account_category."]["customer_taxes_used"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter_map(Value::as_i64)
                 .collect();
-            Ok::<_, AdapterError>(Some(Item {
+            let item = Item {
                 product: Product {
                     number: text(&p["code"]),
                     name: text(&p["name"]),
@@ -284,9 +294,17 @@ impl Tryton {
                 id: p["id"].as_i64().unwrap_or_default(),
                 unit: p["sale_uom"].as_i64().unwrap_or_default(),
                 taxes,
-            }))
-        };
-        self.items.try_get_with(code.to_string(), fetch).await.map_err(|e| (*e).clone())
+            };
+            fetched.insert(item.product.number.clone(), item);
+        }
+        for code in missing {
+            let item = fetched.remove(code);
+            self.items.insert(code.to_string(), item.clone()).await;
+            if let Some(item) = item {
+                found.insert(code.to_string(), item);
+            }
+        }
+        Ok(found)
     }
 
     /// Id of a record found by one field (price lists by name, currencies by code).
@@ -298,24 +316,51 @@ impl Tryton {
         self.ids.try_get_with(format!("{model}|{value}"), fetch).await.map_err(|e| (*e).clone())
     }
 
-    async fn regional_price(&self, region: &str, item: &Item) -> Result<Option<f64>, AdapterError> {
-        let fetch = async {
-            let Some(list) = self.id_of("product.price_list", "name", &format!("SALES-{region}")).await?
-            else {
-                return Ok(None);
-            };
-            let mut context = self.context();
-            context["price_list"] = json!(list);
-            context["quantity"] = json!(1);
-            let params = vec![json!([item.id]), json!(["sale_price_uom"])];
-            let result =
-                self.call_in("model.product.product.read", params, context, &self.lookup_class).await?;
-            Ok::<_, AdapterError>(decimal(&result[0]["sale_price_uom"]))
+    /// Unit prices of `items` in the region's price list (`SALES-<region>`), from the cache or
+    /// in one `read` of every item not cached; an item without a price is not sold there.
+    async fn regional_prices(
+        &self,
+        region: &str,
+        items: &[&Item],
+    ) -> Result<HashMap<String, f64>, AdapterError> {
+        let key = |item: &Item| format!("{region}|{}", item.product.number);
+        let mut found = HashMap::new();
+        let mut missing: Vec<&Item> = Vec::new();
+        for item in items {
+            match self.prices.get(&key(item)).await {
+                Some(Some(price)) => {
+                    found.insert(item.product.number.clone(), price);
+                }
+                Some(None) => {}
+                None => missing.push(item),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let Some(list) = self.id_of("product.price_list", "name", &format!("SALES-{region}")).await? else {
+            return Ok(found);
         };
-        self.prices
-            .try_get_with(format!("{region}|{}", item.product.number), fetch)
-            .await
-            .map_err(|e| (*e).clone())
+        let mut context = self.context();
+        context["price_list"] = json!(list);
+        context["quantity"] = json!(1);
+        let ids: Vec<i64> = missing.iter().map(|i| i.id).collect();
+        let params = vec![json!(ids), json!(["sale_price_uom"])];
+        let rows = self.call_in("model.product.product.read", params, context, &self.lookup_class).await?;
+        let by_id: HashMap<i64, f64> = rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| Some((r["id"].as_i64()?, decimal(&r["sale_price_uom"])?)))
+            .collect();
+        for item in missing {
+            let price = by_id.get(&item.id).copied();
+            self.prices.insert(key(item), price).await;
+            if let Some(price) = price {
+                found.insert(item.product.number.clone(), price);
+            }
+        }
+        Ok(found)
     }
 
     async fn find_sale(&self, reference: &str) -> Result<Option<Value>, AdapterError> {
@@ -365,19 +410,11 @@ impl ErpAdapter for Tryton {
             Some(n) => self.party(n).await?.map(|p| p.customer),
             None => None,
         };
-        let mut products = HashMap::new();
-        let mut regional_prices = HashMap::new();
-        for line in &quote.lines {
-            if products.contains_key(&line.product) {
-                continue;
-            }
-            if let Some(item) = self.item(&line.product).await? {
-                if let Some(price) = self.regional_price(&quote.region, &item).await? {
-                    regional_prices.insert(line.product.clone(), price);
-                }
-                products.insert(line.product.clone(), item.product);
-            }
-        }
+        let codes: Vec<&str> = quote.lines.iter().map(|l| l.product.as_str()).collect();
+        let items = self.items_of(&codes).await?;
+        let listed: Vec<&Item> = items.values().collect();
+        let regional_prices = self.regional_prices(&quote.region, &listed).await?;
+        let products = items.into_iter().map(|(code, item)| (code, item.product)).collect();
         Ok(MasterData { customer, products, regional_prices })
     }
 

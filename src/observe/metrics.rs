@@ -21,6 +21,8 @@ pub struct Metrics {
     pub erp_wait: HistogramVec,
     pub erp_pauses: IntCounterVec,
     pub erp_circuit_state: prometheus::IntGaugeVec,
+    pub erp_pause_seconds: prometheus::GaugeVec,
+    pub header_deadline_closed: prometheus::IntCounter,
     requests: IntCounterVec,
     duration: HistogramVec,
     upstream_duration: HistogramVec,
@@ -105,6 +107,19 @@ impl Metrics {
             "causeway_erp_circuit_state",
             "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
         );
+        let erp_pause_seconds = prometheus::GaugeVec::new(
+            Opts::new(
+                "causeway_erp_pause_seconds",
+                "Seconds left of an overload pause of the ERP budget (0: not paused)",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let header_deadline_closed = prometheus::IntCounter::new(
+            "causeway_header_deadline_closed_total",
+            "Client connections closed because their request header did not arrive within client_header_timeout_ms",
+        )
+        .expect("valid metric");
         let mediation_rejections = counter(
             "causeway_mediation_rejections_total",
             "Requests refused by schema validation before reaching the ERP, by route and location",
@@ -133,6 +148,8 @@ impl Metrics {
             Box::new(erp_wait.clone()),
             Box::new(erp_pauses.clone()),
             Box::new(erp_circuit_state.clone()),
+            Box::new(erp_pause_seconds.clone()),
+            Box::new(header_deadline_closed.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(upstream_duration.clone()),
@@ -152,6 +169,8 @@ impl Metrics {
             erp_wait,
             erp_pauses,
             erp_circuit_state,
+            erp_pause_seconds,
+            header_deadline_closed,
             requests,
             duration,
             upstream_duration,
@@ -170,9 +189,15 @@ impl Metrics {
         GLOBAL.get_or_init(|| Arc::new(Metrics::new()))
     }
 
-    /// Text exposition format.
+    /// Text exposition format. Counters kept outside the registry (pingora's header deadline)
+    /// are brought up to date first.
     pub fn render(&self) -> Vec<u8> {
         use prometheus::Encoder;
+        let closed = pingora::protocols::http::v1::server::header_deadline_closed_total();
+        let seen = self.header_deadline_closed.get();
+        if closed > seen {
+            self.header_deadline_closed.inc_by(closed - seen);
+        }
         let mut out = Vec::with_capacity(8192);
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out);

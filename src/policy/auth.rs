@@ -11,6 +11,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Who is calling: used by authorization, rate limits, metrics and logs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Consumer {
+    /// `policy/name`: the identity that owns quotas, idempotency keys and orders. Two policies
+    /// may know a consumer of the same name (a JWT `sub: crm` and an API key `crm`); they are
+    /// different callers.
+    pub id: Arc<str>,
     pub name: Arc<str>,
     pub tier: Arc<str>,
     pub scopes: Arc<[String]>,
@@ -30,6 +34,8 @@ pub enum AuthFailure {
     WrongIssuer,
     WrongAudience,
     UnknownApiKey,
+    /// The token's header lists `crit` extensions; this gateway understands none (RFC 7515 §4.1.11).
+    UnsupportedCritical,
 }
 
 impl AuthFailure {
@@ -46,6 +52,7 @@ impl AuthFailure {
             AuthFailure::WrongIssuer => "wrong_issuer",
             AuthFailure::WrongAudience => "wrong_audience",
             AuthFailure::UnknownApiKey => "unknown_api_key",
+            AuthFailure::UnsupportedCritical => "unsupported_crit",
         }
     }
 
@@ -64,6 +71,9 @@ impl AuthFailure {
             AuthFailure::WrongIssuer => "the token was issued by an issuer this route does not trust",
             AuthFailure::WrongAudience => "the token is not meant for this gateway (aud)",
             AuthFailure::UnknownApiKey => "the API key is not known",
+            AuthFailure::UnsupportedCritical => {
+                "the token's header lists critical extensions (crit) this gateway does not understand"
+            }
         }
     }
 }
@@ -143,6 +153,11 @@ impl JwtPolicy {
             self.cache.invalidate(token);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::Malformed)?;
+        // RFC 7515 §4.1.11: a recipient that does not understand a listed extension must refuse
+        // the token. No extension is understood here, so any `crit` is refused.
+        if header.crit.is_some() {
+            return Err(AuthFailure::UnsupportedCritical);
+        }
         let alg = header.alg;
         let (key, kid) = if alg == Algorithm::HS256 {
             (self.hs256.clone().ok_or(AuthFailure::AlgorithmNotAllowed)?, None)
@@ -189,8 +204,10 @@ impl JwtPolicy {
             .and_then(|v| v.as_str())
             .map(Arc::from)
             .unwrap_or_else(|| self.default_tier.clone());
+        let name = claims.sub.unwrap_or_else(|| "unknown-subject".into());
         let consumer = Consumer {
-            name: Arc::from(claims.sub.unwrap_or_else(|| "unknown-subject".into())),
+            id: Arc::from(format!("{}/{name}", self.name)),
+            name: Arc::from(name),
             tier,
             scopes: scopes.into(),
         };
@@ -241,8 +258,12 @@ mod tests {
 
     #[test]
     fn api_key_by_hash_and_scopes() {
-        let consumer =
-            Consumer { name: "bi".into(), tier: "bulk".into(), scopes: vec!["erp.read".to_string()].into() };
+        let consumer = Consumer {
+            id: "k/bi".into(),
+            name: "bi".into(),
+            tier: "bulk".into(),
+            scopes: vec!["erp.read".to_string()].into(),
+        };
         let hash: [u8; 32] = Sha256::digest(b"secret-key").into();
         let p = ApiKeyPolicy {
             name: "k".into(),

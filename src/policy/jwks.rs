@@ -94,7 +94,9 @@ pub struct RemoteJwks {
     url: String,
     refresh: Duration,
     min_refetch: Duration,
-    client: reqwest::Client,
+    /// Built on the first fetch, not at load: `causeway check` compiles the policy without
+    /// fetching anything, and building a client needs the TLS provider installed.
+    client: std::sync::OnceLock<Result<reqwest::Client, String>>,
     keys: ArcSwap<KeyMap>,
     /// When the last fetch was attempted; `None` before the first.
     last_fetch: parking_lot::Mutex<Option<Instant>>,
@@ -107,15 +109,11 @@ pub struct RemoteJwks {
 
 impl RemoteJwks {
     pub fn new(url: String, refresh: Duration, min_refetch: Duration) -> Self {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .expect("HTTP client with static settings");
         RemoteJwks {
             url,
             refresh,
             min_refetch,
-            client,
+            client: std::sync::OnceLock::new(),
             keys: ArcSwap::from_pointee(HashMap::new()),
             last_fetch: parking_lot::Mutex::new(None),
             in_progress: tokio::sync::Mutex::new(()),
@@ -184,7 +182,17 @@ impl RemoteJwks {
     }
 
     async fn fetch(&self) -> Result<KeyMap, String> {
-        let mut resp = self.client.get(&self.url).send().await.map_err(|e| e.to_string())?;
+        let client = self
+            .client
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .map_err(|e| format!("cannot build the JWKS client: {e}"))
+            })
+            .as_ref()
+            .map_err(Clone::clone)?;
+        let mut resp = client.get(&self.url).send().await.map_err(|e| e.to_string())?;
         if !resp.status().is_success() {
             return Err(format!("status {}", resp.status()));
         }

@@ -3,6 +3,7 @@
 //! in file order: authentication, then rate limits; header rules around the upstream exchange.
 
 pub mod auth;
+pub mod auth_failures;
 pub mod headers;
 pub mod jwks;
 pub mod mediation;

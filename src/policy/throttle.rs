@@ -1,14 +1,16 @@
 //! The ERP throttle: one budget per ERP upstream, shared by every route, consumer and in-process
 //! caller that reaches it. A sliding-window request rate and a concurrency cap; when either is
 //! exhausted, requests wait in one bounded queue ordered by priority class (then arrival), each
-//! up to its class's deadline. Overload signals from the ERP pause the whole budget; a circuit
-//! breaker opens on consecutive failures and probes half-open. Permits release on drop, so
-//! every path (success, error, client gone, timeout) gives the slot back.
+//! up to its class's deadline. Overload signals from the ERP pause the whole budget, for at most
+//! `max_pause` (an operator can resume it earlier); a circuit breaker opens on consecutive
+//! failures and probes half-open. With `max_share` below 1, one consumer holds at most that share
+//! of the window and of the concurrency, so it cannot starve the others. Permits release on drop,
+//! so every path (success, error, client gone, timeout) gives the slot back.
 
 use crate::observe::metrics::Metrics;
 use parking_lot::Mutex;
 use rand::Rng;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -48,6 +50,54 @@ pub struct BudgetParams {
     pub backoff_max: Duration,
     pub circuit_failures: u32,
     pub circuit_open: Duration,
+    /// Cap on one pause, whatever the ERP's `Retry-After` says.
+    pub max_pause: Duration,
+    /// Largest share of the window and of the concurrency one consumer may hold (1: no cap).
+    pub max_share: f64,
+}
+
+impl BudgetParams {
+    /// (in flight, per window) one consumer may hold; `None` when shares are off.
+    fn consumer_caps(&self) -> Option<(u32, usize)> {
+        (self.max_share < 1.0).then(|| {
+            let share = |n: u32| ((f64::from(n) * self.max_share).floor() as u32).max(1);
+            (share(self.max_concurrent), share(self.window_requests) as usize)
+        })
+    }
+}
+
+// Who a request is made for: set around in-process ERP calls (process APIs, deliveries) so
+// the adapter's permits count toward that consumer's share.
+tokio::task_local! {
+    static CONSUMER: Arc<str>;
+}
+
+/// Run `f` with its ERP permits counted toward `consumer`.
+pub async fn on_behalf_of<F: std::future::Future>(consumer: Arc<str>, f: F) -> F::Output {
+    CONSUMER.scope(consumer, f).await
+}
+
+/// The consumer set by [`on_behalf_of`] for the current task.
+pub fn current_consumer() -> Option<Arc<str>> {
+    CONSUMER.try_with(|c| c.clone()).ok()
+}
+
+/// What `GET /admin/budgets` shows of a budget.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Snapshot {
+    pub upstream: String,
+    /// Milliseconds left of an overload pause (0: not paused).
+    pub paused_for_ms: u64,
+    pub in_flight: u32,
+    pub max_concurrent: u32,
+    pub queued: usize,
+    pub queue: usize,
+    pub admitted_in_window: usize,
+    pub window_requests: u32,
+    pub window_seconds: u64,
+    pub circuit: &'static str,
+    pub max_pause_seconds: u64,
+    pub max_share: f64,
 }
 
 /// Why a request did not get a permit.
@@ -76,15 +126,31 @@ enum Circuit {
     HalfOpen { probing: bool },
 }
 
+/// One consumer's use of the budget (tracked only when shares are on).
+#[derive(Default)]
+struct ConsumerUse {
+    in_flight: u32,
+    admitted: VecDeque<Instant>,
+}
+
+/// A waiter's place in the queue: class priority, then arrival.
+type WaitKey = (u8, u64);
+
+struct Waiter {
+    tx: oneshot::Sender<()>,
+    consumer: Option<Arc<str>>,
+}
+
 struct State {
     admitted: VecDeque<Instant>,
     in_flight: u32,
     paused_until: Option<Instant>,
     consecutive_overloads: u32,
-    waiters: BTreeMap<(u8, u64), oneshot::Sender<()>>,
+    waiters: BTreeMap<WaitKey, Waiter>,
     seq: u64,
     circuit: Circuit,
     timer_at: Option<Instant>,
+    consumers: HashMap<Arc<str>, ConsumerUse>,
 }
 
 pub struct Budget {
@@ -95,6 +161,7 @@ pub struct Budget {
     in_flight_gauge: prometheus::IntGauge,
     queue_gauge: prometheus::IntGauge,
     circuit_gauge: prometheus::IntGauge,
+    pause_gauge: prometheus::Gauge,
 }
 
 impl std::fmt::Debug for Budget {
@@ -107,11 +174,12 @@ impl std::fmt::Debug for Budget {
 pub struct Permit {
     budget: Arc<Budget>,
     probe: bool,
+    consumer: Option<Arc<str>>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.budget.release(self.probe);
+        self.budget.release(self.probe, self.consumer.take());
     }
 }
 
@@ -145,6 +213,7 @@ impl Budget {
             in_flight_gauge: m.erp_in_flight.with_label_values(&[upstream]),
             queue_gauge: m.erp_queue_depth.with_label_values(&[upstream]),
             circuit_gauge: m.erp_circuit_state.with_label_values(&[upstream]),
+            pause_gauge: m.erp_pause_seconds.with_label_values(&[upstream]),
             upstream: upstream.to_string(),
             params: Mutex::new(params),
             state: Mutex::new(State {
@@ -156,6 +225,7 @@ impl Budget {
                 seq: 0,
                 circuit: Circuit::Closed { failures: 0 },
                 timer_at: None,
+                consumers: HashMap::new(),
             }),
         })
     }
@@ -165,21 +235,91 @@ impl Budget {
     }
 
     /// New limits apply from now on; in-flight accounting and the window carry over (reload).
+    /// A pause longer than the new `max_pause` is shortened to it.
     pub fn set_params(self: &Arc<Self>, params: BudgetParams) {
+        {
+            let mut s = self.state.lock();
+            let latest = Instant::now().checked_add(params.max_pause);
+            if let (Some(paused), Some(latest)) = (s.paused_until, latest) {
+                if paused > latest {
+                    s.paused_until = Some(latest);
+                }
+            }
+        }
         *self.params.lock() = params;
         self.dispatch();
+    }
+
+    /// End an overload pause now (an operator's decision: `POST /admin/budgets/{upstream}/resume`).
+    /// Returns how much of the pause was left.
+    pub fn resume(self: &Arc<Self>) -> Duration {
+        let left = {
+            let mut s = self.state.lock();
+            let left = s.paused_until.map_or(Duration::ZERO, |p| p.saturating_duration_since(Instant::now()));
+            s.paused_until = None;
+            s.consecutive_overloads = 0;
+            left
+        };
+        tracing::warn!(upstream = %self.upstream, left_ms = left.as_millis() as u64, "ERP budget pause ended by an operator");
+        self.publish_pause();
+        self.dispatch();
+        left
+    }
+
+    /// The pause left, in seconds, on the gauge (called when metrics are scraped).
+    pub fn publish_pause(&self) {
+        let left = self
+            .state
+            .lock()
+            .paused_until
+            .map_or(0.0, |p| p.saturating_duration_since(Instant::now()).as_secs_f64());
+        self.pause_gauge.set(left);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let params = self.params();
+        let mut s = self.state.lock();
+        let now = Instant::now();
+        let horizon = params.window + params.window_margin;
+        while s.admitted.front().is_some_and(|t| now.duration_since(*t) >= horizon) {
+            s.admitted.pop_front();
+        }
+        Snapshot {
+            upstream: self.upstream.clone(),
+            paused_for_ms: s.paused_until.map_or(0, |p| p.saturating_duration_since(now).as_millis() as u64),
+            in_flight: s.in_flight,
+            max_concurrent: params.max_concurrent,
+            queued: s.waiters.len(),
+            queue: params.queue,
+            admitted_in_window: s.admitted.len(),
+            window_requests: params.window_requests,
+            window_seconds: params.window.as_secs(),
+            circuit: match s.circuit {
+                Circuit::Closed { .. } => "closed",
+                Circuit::HalfOpen { .. } => "half_open",
+                Circuit::Open { .. } => "open",
+            },
+            max_pause_seconds: params.max_pause.as_secs(),
+            max_share: params.max_share,
+        }
     }
 
     pub fn in_flight(&self) -> u32 {
         self.state.lock().in_flight
     }
 
-    /// Take a permit for `class`, waiting up to its deadline.
-    pub async fn acquire(self: &Arc<Self>, class: &Class) -> Result<Permit, Refusal> {
+    /// Take a permit for `class`, waiting up to its deadline. `consumer` is who the request is
+    /// for (its share is capped when `max_share` < 1); `None` for traffic of no consumer.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        class: &Class,
+        consumer: Option<&Arc<str>>,
+    ) -> Result<Permit, Refusal> {
         let started = Instant::now();
         let metrics = Metrics::global();
         let labels = [self.upstream.as_str(), &*class.name];
-        let (rx, key) = {
+        let consumer = consumer.cloned();
+        let (rx, key, shares) = {
             let params = self.params();
             let mut s = self.state.lock();
             let now = Instant::now();
@@ -204,21 +344,30 @@ impl Budget {
                 }
                 Circuit::Closed { .. } => {}
             }
+            // A pause that outlasts this class's wait: refused now, not after the wait.
+            if let Some(left) = s.paused_until.map(|p| p.saturating_duration_since(now)) {
+                if left > class.max_wait {
+                    metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "paused"]).inc();
+                    return Err(Refusal::Busy { retry_after: left });
+                }
+            }
             // Nobody of the same or a higher class may be overtaken.
             let ahead = s.waiters.keys().next().is_some_and(|(p, _)| *p <= class.priority);
-            if probe && !Self::can_admit(&mut s, &params, now) {
+            let admissible = Self::can_admit(&mut s, &params, now)
+                && Self::consumer_may(&mut s, &params, now, consumer.as_ref());
+            if probe && !admissible {
                 // The probe waits for budget like anyone; let a later request probe instead.
                 s.circuit = Circuit::HalfOpen { probing: false };
                 metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "circuit_open"]).inc();
                 return Err(Refusal::CircuitOpen { retry_after: Self::next_slot(&s, &params, now) });
             }
-            if probe || (!ahead && Self::can_admit(&mut s, &params, now)) {
-                Self::account(&mut s, now);
+            if probe || (!ahead && admissible) {
+                Self::account(&mut s, now, consumer.as_ref(), &params);
                 self.publish(&s);
                 drop(s);
                 metrics.erp_admitted.with_label_values(&labels).inc();
                 metrics.erp_wait.with_label_values(&labels).observe(0.0);
-                return Ok(Permit { budget: self.clone(), probe });
+                return Ok(Permit { budget: self.clone(), probe, consumer });
             }
             if s.waiters.len() >= params.queue {
                 metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "queue_full"]).inc();
@@ -227,11 +376,16 @@ impl Budget {
             let (tx, rx) = oneshot::channel();
             s.seq += 1;
             let key = (class.priority, s.seq);
-            s.waiters.insert(key, tx);
+            s.waiters.insert(key, Waiter { tx, consumer: consumer.clone() });
             self.queue_gauge.set(s.waiters.len() as i64);
             self.arm_timer(&mut s, &params, now);
-            (rx, key)
+            (rx, key, params.consumer_caps().is_some())
         };
+        // Waiters ahead of this one may be held back by their own share: let the dispatcher,
+        // which skips them, decide.
+        if shares {
+            self.dispatch();
+        }
         let guard = WaitGuard { budget: self, key };
         let waited = tokio::time::timeout_at((started + class.max_wait).into(), rx).await;
         drop(guard);
@@ -239,7 +393,7 @@ impl Budget {
             Ok(Ok(())) => {
                 metrics.erp_admitted.with_label_values(&labels).inc();
                 metrics.erp_wait.with_label_values(&labels).observe(started.elapsed().as_secs_f64());
-                Ok(Permit { budget: self.clone(), probe: false })
+                Ok(Permit { budget: self.clone(), probe: false, consumer })
             }
             _ => {
                 metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "deadline"]).inc();
@@ -250,28 +404,37 @@ impl Budget {
         }
     }
 
-    /// Report how the ERP answered a request made under a permit.
-    pub fn report(self: &Arc<Self>, outcome: Outcome) {
+    /// Report how the ERP answered a request made under a permit. Returns the pause an overload
+    /// caused (the ERP's `Retry-After` or a backoff, capped at `max_pause`), zero otherwise.
+    pub fn report(self: &Arc<Self>, outcome: Outcome) -> Duration {
         let params = self.params();
         let metrics = Metrics::global();
         let mut s = self.state.lock();
         let now = Instant::now();
+        let mut applied = Duration::ZERO;
         match outcome {
             Outcome::Success => {
                 s.consecutive_overloads = 0;
                 s.circuit = Circuit::Closed { failures: 0 };
             }
             Outcome::Overload(retry_after) => {
-                let pause = retry_after.unwrap_or_else(|| {
+                let asked = retry_after.unwrap_or_else(|| {
                     backoff(params.backoff_initial, params.backoff_max, s.consecutive_overloads)
                 });
+                // An ERP's answer never stops traffic for longer than the operator allows.
+                let pause = asked.min(params.max_pause);
+                if pause < asked {
+                    tracing::warn!(upstream = %self.upstream, asked_s = asked.as_secs(), max_pause_s = params.max_pause.as_secs(), "ERP asked for a pause longer than max_pause_seconds; capped");
+                }
                 s.consecutive_overloads = s.consecutive_overloads.saturating_add(1);
-                let until = now + pause;
+                let until = now.checked_add(pause).unwrap_or(now);
                 if s.paused_until.is_none_or(|p| p < until) {
                     s.paused_until = Some(until);
                 }
+                applied = pause;
                 let reason = if retry_after.is_some() { "retry_after" } else { "backoff" };
                 metrics.erp_pauses.with_label_values(&[self.upstream.as_str(), reason]).inc();
+                self.pause_gauge.set(pause.as_secs_f64());
                 tracing::warn!(upstream = %self.upstream, pause_ms = pause.as_millis() as u64, "ERP overload signal: budget paused");
             }
             Outcome::Failure => {
@@ -289,12 +452,18 @@ impl Budget {
         }
         self.publish_circuit(&s);
         self.arm_timer(&mut s, &params, now);
+        applied
     }
 
-    fn release(self: &Arc<Self>, probe: bool) {
+    fn release(self: &Arc<Self>, probe: bool, consumer: Option<Arc<str>>) {
         {
             let mut s = self.state.lock();
             s.in_flight = s.in_flight.saturating_sub(1);
+            if let Some(c) = consumer {
+                if let Some(used) = s.consumers.get_mut(&c) {
+                    used.in_flight = used.in_flight.saturating_sub(1);
+                }
+            }
             // A probe that ended without a report (client gone) lets the next request probe.
             if probe && s.circuit == (Circuit::HalfOpen { probing: true }) {
                 s.circuit = Circuit::HalfOpen { probing: false };
@@ -304,18 +473,27 @@ impl Budget {
         self.dispatch();
     }
 
-    /// Hand slots to waiters, best class first, while the budget allows.
+    /// Hand slots to waiters, best class first, while the budget allows. A waiter whose
+    /// consumer holds its whole share is passed over until its share frees.
     fn dispatch(self: &Arc<Self>) {
         let params = self.params();
         let mut s = self.state.lock();
         let now = Instant::now();
         while !s.waiters.is_empty() && Self::can_admit(&mut s, &params, now) {
-            let Some((_, tx)) = s.waiters.pop_first() else { break };
-            Self::account(&mut s, now);
-            if tx.send(()).is_err() {
+            let next = if params.consumer_caps().is_none() {
+                s.waiters.keys().next().copied()
+            } else {
+                let waiting: Vec<WaitKey> = s.waiters.keys().copied().collect();
+                waiting.into_iter().find(|k| {
+                    let consumer = s.waiters.get(k).and_then(|w| w.consumer.clone());
+                    Self::consumer_may(&mut s, &params, now, consumer.as_ref())
+                })
+            };
+            let Some(waiter) = next.and_then(|k| s.waiters.remove(&k)) else { break };
+            Self::account(&mut s, now, waiter.consumer.as_ref(), &params);
+            if waiter.tx.send(()).is_err() {
                 // The waiter is gone: undo.
-                s.in_flight -= 1;
-                s.admitted.pop_back();
+                Self::unaccount(&mut s, waiter.consumer.as_ref());
             }
         }
         Metrics::global()
@@ -337,9 +515,41 @@ impl Budget {
         s.in_flight < p.max_concurrent && (s.admitted.len() as u32) < p.window_requests
     }
 
-    fn account(s: &mut State, now: Instant) {
+    /// Whether `consumer` is under its share (always, when shares are off or it is nobody's).
+    fn consumer_may(s: &mut State, p: &BudgetParams, now: Instant, consumer: Option<&Arc<str>>) -> bool {
+        let (Some((max_in_flight, max_window)), Some(c)) = (p.consumer_caps(), consumer) else { return true };
+        let Some(used) = s.consumers.get_mut(c) else { return true };
+        let horizon = p.window + p.window_margin;
+        while used.admitted.front().is_some_and(|t| now.duration_since(*t) >= horizon) {
+            used.admitted.pop_front();
+        }
+        used.in_flight < max_in_flight && used.admitted.len() < max_window
+    }
+
+    fn account(s: &mut State, now: Instant, consumer: Option<&Arc<str>>, p: &BudgetParams) {
         s.in_flight += 1;
         s.admitted.push_back(now);
+        if let (Some(c), Some(_)) = (consumer, p.consumer_caps()) {
+            let used = s.consumers.entry(c.clone()).or_default();
+            used.in_flight += 1;
+            used.admitted.push_back(now);
+        }
+        // Consumers with nothing in flight and nothing in the window are forgotten.
+        if s.consumers.len() > 64 {
+            let horizon = p.window + p.window_margin;
+            s.consumers.retain(|_, u| {
+                u.in_flight > 0 || u.admitted.back().is_some_and(|t| now.duration_since(*t) < horizon)
+            });
+        }
+    }
+
+    fn unaccount(s: &mut State, consumer: Option<&Arc<str>>) {
+        s.in_flight -= 1;
+        s.admitted.pop_back();
+        if let Some(used) = consumer.and_then(|c| s.consumers.get_mut(c)) {
+            used.in_flight = used.in_flight.saturating_sub(1);
+            used.admitted.pop_back();
+        }
     }
 
     /// When a slot can next free up by the passage of time (window or pause), else in a second.
@@ -366,6 +576,17 @@ impl Budget {
             wake = Some(paused);
         } else if s.admitted.len() as u32 >= p.window_requests {
             wake = s.admitted.front().map(|t| *t + p.window + p.window_margin);
+        } else if p.consumer_caps().is_some() {
+            // Waiters held back by their consumer's window share wake when it slides.
+            let horizon = p.window + p.window_margin;
+            wake = s
+                .waiters
+                .values()
+                .filter_map(|w| w.consumer.as_ref())
+                .filter_map(|c| s.consumers.get(c).and_then(|u| u.admitted.front()))
+                .map(|t| *t + horizon)
+                .filter(|t| *t > now)
+                .min();
         }
         let Some(wake) = wake else { return };
         if s.timer_at.is_some_and(|t| t <= wake && t > now) {
@@ -440,6 +661,8 @@ mod tests {
             backoff_max: Duration::from_secs(1),
             circuit_failures: 2,
             circuit_open: Duration::from_millis(200),
+            max_pause: Duration::from_secs(300),
+            max_share: 1.0,
         }
     }
 
@@ -451,25 +674,32 @@ mod tests {
     async fn concurrency_cap_and_release_on_drop() {
         let b = Budget::new("t1", params(100, 2));
         let c = class("interactive", 1, 50);
-        let p1 = b.acquire(&c).await.unwrap();
-        let _p2 = b.acquire(&c).await.unwrap();
-        assert!(matches!(b.acquire(&c).await, Err(Refusal::Busy { .. })), "third waits past its deadline");
+        let p1 = b.acquire(&c, None).await.unwrap();
+        let _p2 = b.acquire(&c, None).await.unwrap();
+        assert!(
+            matches!(b.acquire(&c, None).await, Err(Refusal::Busy { .. })),
+            "third waits past its deadline"
+        );
         drop(p1);
-        assert!(b.acquire(&c).await.is_ok(), "a dropped permit frees its slot");
+        assert!(b.acquire(&c, None).await.is_ok(), "a dropped permit frees its slot");
     }
 
     #[tokio::test]
     async fn higher_class_goes_first() {
         let b = Budget::new("t2", params(100, 1));
-        let held = b.acquire(&class("w", 0, 1000)).await.unwrap();
+        let held = b.acquire(&class("w", 0, 1000), None).await.unwrap();
         let bulk = {
             let b = b.clone();
-            tokio::spawn(async move { b.acquire(&class("bulk", 2, 1000)).await.map(|_| Instant::now()) })
+            tokio::spawn(
+                async move { b.acquire(&class("bulk", 2, 1000), None).await.map(|_| Instant::now()) },
+            )
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         let write = {
             let b = b.clone();
-            tokio::spawn(async move { b.acquire(&class("write", 0, 1000)).await.map(|_| Instant::now()) })
+            tokio::spawn(
+                async move { b.acquire(&class("write", 0, 1000), None).await.map(|_| Instant::now()) },
+            )
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(held);
@@ -482,14 +712,14 @@ mod tests {
         let b = Budget::new("t3", params(3, 10));
         let c = class("i", 1, 1000);
         for _ in 0..3 {
-            drop(b.acquire(&c).await.unwrap());
+            drop(b.acquire(&c, None).await.unwrap());
         }
         let t = Instant::now();
-        drop(b.acquire(&c).await.unwrap());
+        drop(b.acquire(&c, None).await.unwrap());
         assert!(t.elapsed() >= Duration::from_millis(250), "the fourth waited for the window");
         b.report(Outcome::Overload(Some(Duration::from_millis(300))));
         let t = Instant::now();
-        drop(b.acquire(&c).await.unwrap());
+        drop(b.acquire(&c, None).await.unwrap());
         assert!(t.elapsed() >= Duration::from_millis(280), "nothing admitted during the pause");
     }
 
@@ -499,13 +729,101 @@ mod tests {
         let c = class("i", 1, 10);
         b.report(Outcome::Failure);
         b.report(Outcome::Failure);
-        assert!(matches!(b.acquire(&c).await, Err(Refusal::CircuitOpen { .. })));
+        assert!(matches!(b.acquire(&c, None).await, Err(Refusal::CircuitOpen { .. })));
         tokio::time::sleep(Duration::from_millis(220)).await;
-        let probe = b.acquire(&c).await.expect("half-open lets one probe through");
-        assert!(matches!(b.acquire(&c).await, Err(Refusal::CircuitOpen { .. })), "only one probe");
+        let probe = b.acquire(&c, None).await.expect("half-open lets one probe through");
+        assert!(matches!(b.acquire(&c, None).await, Err(Refusal::CircuitOpen { .. })), "only one probe");
         b.report(Outcome::Success);
         drop(probe);
-        assert!(b.acquire(&c).await.is_ok(), "closed again after a successful probe");
+        assert!(b.acquire(&c, None).await.is_ok(), "closed again after a successful probe");
+    }
+
+    #[tokio::test]
+    async fn an_erp_pause_is_capped_at_max_pause_and_an_operator_can_end_it() {
+        let mut p = params(100, 10);
+        p.max_pause = Duration::from_millis(200);
+        let b = Budget::new("t5", p);
+        let c = class("i", 1, 2000);
+        for asked in [Duration::from_secs(315_360_000), Duration::from_secs(u64::MAX), Duration::MAX] {
+            let applied = b.report(Outcome::Overload(Some(asked)));
+            assert_eq!(applied, Duration::from_millis(200), "ten years or u64::MAX: capped, no overflow");
+        }
+        assert!(b.snapshot().paused_for_ms <= 200);
+        let t = Instant::now();
+        drop(b.acquire(&c, None).await.unwrap());
+        assert!(t.elapsed() < Duration::from_millis(400), "admitted after the capped pause");
+
+        b.report(Outcome::Overload(Some(Duration::from_secs(3600))));
+        assert!(b.snapshot().paused_for_ms > 0);
+        assert!(b.resume() > Duration::ZERO);
+        assert_eq!(b.snapshot().paused_for_ms, 0);
+        let t = Instant::now();
+        drop(b.acquire(&c, None).await.unwrap());
+        assert!(t.elapsed() < Duration::from_millis(50), "resumed at once");
+    }
+
+    #[tokio::test]
+    async fn lowering_max_pause_shortens_a_running_pause() {
+        let b = Budget::new("t6", params(100, 10));
+        b.report(Outcome::Overload(Some(Duration::from_secs(250))));
+        let mut p = params(100, 10);
+        p.max_pause = Duration::from_millis(30);
+        b.set_params(p);
+        assert!(b.snapshot().paused_for_ms <= 30);
+    }
+
+    #[tokio::test]
+    async fn one_consumer_holds_at_most_its_share() {
+        let mut p = params(100, 4);
+        p.max_share = 0.5;
+        let b = Budget::new("t7", p);
+        let c = class("i", 1, 30);
+        let (hog, other): (Arc<str>, Arc<str>) = ("keys/hog".into(), "keys/other".into());
+        let _a = b.acquire(&c, Some(&hog)).await.unwrap();
+        let _b = b.acquire(&c, Some(&hog)).await.unwrap();
+        assert!(
+            matches!(b.acquire(&c, Some(&hog)).await, Err(Refusal::Busy { .. })),
+            "a third permit would be more than half of 4"
+        );
+        let _c = b.acquire(&c, Some(&other)).await.expect("another consumer still gets in");
+        let _d = b.acquire(&c, None).await.expect("traffic of no consumer is not capped");
+
+        // Window share: 2 of 4 per window.
+        let mut p = params(4, 10);
+        p.max_share = 0.5;
+        p.window = Duration::from_secs(60);
+        let b = Budget::new("t8", p);
+        drop(b.acquire(&c, Some(&hog)).await.unwrap());
+        drop(b.acquire(&c, Some(&hog)).await.unwrap());
+        assert!(matches!(b.acquire(&c, Some(&hog)).await, Err(Refusal::Busy { .. })));
+        drop(b.acquire(&c, Some(&other)).await.expect("the other half of the window"));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_over_its_share_does_not_block_the_queue() {
+        let mut p = params(100, 2);
+        p.max_share = 0.5;
+        let b = Budget::new("t9", p);
+        let long = class("i", 1, 1000);
+        let (hog, other): (Arc<str>, Arc<str>) = ("k/hog".into(), "k/other".into());
+        let first = b.acquire(&long, Some(&hog)).await.unwrap();
+        let occupant = b.acquire(&long, Some(&other)).await.unwrap();
+        // The hog queues behind the full budget; then a slot of `other` frees... for `other`.
+        let queued_hog = {
+            let (b, l, h) = (b.clone(), long.clone(), hog.clone());
+            tokio::spawn(async move { b.acquire(&l, Some(&h)).await.is_ok() })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let queued_other = {
+            let (b, l, o) = (b.clone(), long.clone(), other.clone());
+            tokio::spawn(async move { b.acquire(&l, Some(&o)).await.map(|_| Instant::now()) })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(occupant);
+        let admitted = tokio::time::timeout(Duration::from_millis(200), queued_other).await;
+        assert!(admitted.is_ok(), "the hog, over its share, did not hold up the other consumer");
+        drop(first);
+        assert!(queued_hog.await.unwrap(), "and the hog gets its turn once under its share");
     }
 
     #[test]
@@ -515,5 +833,9 @@ mod tests {
         let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
         assert!(d > Duration::from_secs(25) && d <= Duration::from_secs(30));
         assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("1.5"), None);
+        assert_eq!(parse_retry_after("18446744073709551616"), None, "beyond u64: no pause value");
+        assert_eq!(parse_retry_after("18446744073709551615"), Some(Duration::from_secs(u64::MAX)));
     }
 }

@@ -5,6 +5,8 @@
 //! ([`service`]).
 
 pub mod idempotency;
+pub mod instance;
+pub mod intake;
 pub mod metrics;
 pub mod model;
 pub mod rules;

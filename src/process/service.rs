@@ -7,6 +7,7 @@
 //! acknowledged order nor creates a second one.
 
 use super::idempotency;
+use super::intake;
 use super::metrics::ProcessMetrics;
 use super::model::Quote;
 use super::state::State;
@@ -16,19 +17,28 @@ use crate::erp::adapter::{AdapterError, BusinessCentral, ErpAdapter};
 use crate::error::GatewayError;
 use crate::policy::mediation::convert::format_datetime;
 use crate::policy::throttle;
-use crate::policy::Policy;
+
 use arc_swap::ArcSwap;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Mediation policy that checks a canonical quote (`policies/mediation.yaml`).
-pub const CANONICAL_POLICY: &str = "canonical-quote";
-/// Mediation policy that maps a Salesforce Opportunity to a canonical quote.
-pub const SALESFORCE_POLICY: &str = "salesforce-opportunity-to-quote";
+pub use super::intake::{CANONICAL_POLICY, SALESFORCE_POLICY};
 /// Where an order is found; the shipped routes serve it.
 pub const ORDERS_PATH: &str = "/process/v1/orders/";
+
+/// Who is asking: orders belong to the consumer that submitted them.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// `policy/consumer` (the authenticated identity), or `anonymous` on a public route.
+    pub owner: String,
+    /// Holds `orders.read.all` (operators): may read every consumer's orders.
+    pub reads_all: bool,
+}
+
+/// The scope that lets an operator read every consumer's orders.
+pub const READ_ALL_SCOPE: &str = "orders.read.all";
 
 /// An answer for the caller: status, `Location`, JSON body.
 #[derive(Debug, Clone)]
@@ -46,6 +56,9 @@ const WORKER_POLL: Duration = Duration::from_millis(200);
 /// How often the per-state gauges are recounted, and expired idempotency keys dropped.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often leases of processes that are gone are taken back (after a crash during a graceful
+/// upgrade, the new process finds them this soon).
+const RECOVER_INTERVAL: Duration = Duration::from_secs(2);
 
 pub struct QuoteToOrder {
     config: Arc<ArcSwap<Config>>,
@@ -53,6 +66,9 @@ pub struct QuoteToOrder {
     adapter: Box<dyn ErpAdapter>,
     store: tokio::sync::OnceCell<Store>,
     wake: tokio::sync::Notify,
+    /// How long an ERP request of a process that died may still be under way (the upstream's
+    /// connect and read timeouts): an order it was submitting is retried only after that.
+    settle: Duration,
 }
 
 impl From<StoreError> for GatewayError {
@@ -84,34 +100,51 @@ impl QuoteToOrder {
                 Box::new(crate::erp::tryton::Tryton::new(upstream, t.clone()))
             }
         };
+        let settle = loaded
+            .upstreams
+            .get(&settings.erp)
+            .map_or(Duration::from_secs(32), |u| u.connect_timeout + u.read_timeout);
         Ok(Arc::new(QuoteToOrder {
             config,
             settings,
             adapter,
             store: tokio::sync::OnceCell::new(),
             wake: tokio::sync::Notify::new(),
+            settle,
         }))
     }
 
-    /// The store, opened on first use; opening also releases what a killed process left leased.
+    /// The store, opened on first use; opening also takes back what a process that is gone
+    /// left leased (a killed one; not the old process of a graceful upgrade, still running).
     pub async fn store(&self) -> Result<&Store, StoreError> {
         self.store
             .get_or_try_init(|| async {
-                let store = Store::open(&self.settings.store_path).await?;
-                let released = store.recover().await?;
-                if released > 0 {
-                    tracing::info!(orders = released, "resuming delivery of unfinished orders");
-                }
+                let store = Store::open(&self.settings.store_path, self.settings.synchronous).await?;
+                self.recover(&store).await?;
                 Ok(store)
             })
             .await
     }
 
-    /// Handle `POST /process/v1/quote-to-order`. `key_scope` keeps consumers' keys apart.
+    async fn recover(&self, store: &Store) -> Result<(), StoreError> {
+        let released = store.recover(self.settle).await?;
+        if released > 0 {
+            tracing::info!(
+                orders = released,
+                "resuming delivery of unfinished orders (left by a process that stopped)"
+            );
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Handle `POST /process/v1/quote-to-order`. Keys, the opportunity's order and the quota
+    /// belong to `caller`. A panic anywhere in here is a 500 problem with the key released,
+    /// never a dropped connection with the key left in flight.
     pub async fn submit(
         self: &Arc<Self>,
         key_header: Option<&[u8]>,
-        key_scope: &str,
+        caller: &Caller,
         body: &[u8],
         correlation_id: &str,
     ) -> Result<Reply, GatewayError> {
@@ -125,9 +158,9 @@ impl QuoteToOrder {
             detail: format!("line {}, column {}: {e}", e.line(), e.column()),
         })?;
         let fingerprint = idempotency::fingerprint(&document);
-        let quote = self.to_quote(document).await?;
+        let quote = crate::error::contain_panic(correlation_id, self.to_quote(document)).await?;
         let store = self.store().await?;
-        let scoped_key = format!("{key_scope}\n{key}");
+        let scoped_key = format!("{}\n{key}", caller.owner);
         match store.claim_key(&scoped_key, &fingerprint, self.settings.key_ttl).await? {
             KeyState::Claimed => {}
             KeyState::InFlight => return Err(GatewayError::IdempotencyKeyInFlight),
@@ -137,7 +170,10 @@ impl QuoteToOrder {
                 return Ok(Reply { status, location, body, replayed: true });
             }
         }
-        let outcome = self.submit_claimed(store, quote, correlation_id).await;
+        let owner: Arc<str> = Arc::from(caller.owner.as_str());
+        let claimed = self.submit_claimed(store, quote, &caller.owner, correlation_id);
+        let outcome =
+            crate::error::contain_panic(correlation_id, throttle::on_behalf_of(owner, claimed)).await;
         // Only answers that stand are kept for replay; a refusal or a failure releases the key
         // so the caller can fix the quote or retry with the same key.
         let kept = match &outcome {
@@ -160,58 +196,22 @@ impl QuoteToOrder {
         outcome
     }
 
-    /// The body as a canonical quote: a Salesforce Opportunity goes through its mapping first.
+    /// The body as a canonical quote ([`intake::to_quote`]) on the current configuration.
     async fn to_quote(&self, document: Value) -> Result<Quote, GatewayError> {
-        let salesforce =
-            document.get("StageName").is_some() || document.get("OpportunityLineItems").is_some();
-        if salesforce {
-            let stage = document["StageName"].as_str().unwrap_or_default();
-            if stage != "Closed Won" {
-                return Err(GatewayError::OpportunityNotWon {
-                    opportunity_id: document["Id"].as_str().unwrap_or("(no Id)").to_string(),
-                    stage: stage.to_string(),
-                });
-            }
-        }
         let config = self.config.load();
-        let name = if salesforce { SALESFORCE_POLICY } else { CANONICAL_POLICY };
-        let Some(Policy::Mediation(mediation)) = config.policies.get(name).map(|p| p.as_ref()) else {
-            tracing::error!(policy = name, "process API policy missing");
-            return Err(GatewayError::Internal);
-        };
-        let violations = mediation.check_request_body(&document);
-        if !violations.is_empty() {
-            return Err(GatewayError::ValidationFailed { violations });
-        }
-        let canonical = match mediation.request.as_ref().map(|r| &r.transform).filter(|t| !t.is_identity()) {
-            Some(t) => {
-                let bytes = t.apply_async(document, mediation.limits).await.map_err(|f| {
-                    f.to_error(
-                        crate::policy::mediation::Direction::Request,
-                        mediation.limits,
-                        &self.settings.erp,
-                    )
-                })?;
-                serde_json::from_slice(&bytes).map_err(|_| GatewayError::Internal)?
-            }
-            None => document,
-        };
-        serde_json::from_value(canonical).map_err(|e| GatewayError::RequestUnmappable {
-            pointer: String::new(),
-            detail: format!("not a canonical quote: {e}"),
-        })
+        intake::to_quote(&config.policies, self.settings.max_lines, document).await
     }
 
     async fn submit_claimed(
         self: &Arc<Self>,
         store: &Store,
         quote: Quote,
+        owner: &str,
         correlation_id: &str,
     ) -> Result<Reply, GatewayError> {
         let metrics = ProcessMetrics::global();
         if let Some(existing) = store.live_order_for(&quote.opportunity_id).await? {
-            metrics.duplicates_prevented.with_label_values(&["opportunity"]).inc();
-            return self.reply(store, &existing, 200).await;
+            return self.existing_order(store, existing, owner).await;
         }
         let quote_text = serde_json::to_string(&quote).map_err(|_| GatewayError::Internal)?;
         let id = uuid::Uuid::now_v7().to_string();
@@ -242,6 +242,7 @@ impl QuoteToOrder {
             store
                 .insert_order(
                     &id,
+                    owner,
                     &quote.opportunity_id,
                     State::Rejected,
                     &quote_text,
@@ -266,6 +267,7 @@ impl QuoteToOrder {
         let inserted = store
             .insert_order(
                 &id,
+                owner,
                 &quote.opportunity_id,
                 state,
                 &quote_text,
@@ -280,8 +282,7 @@ impl QuoteToOrder {
             // Another key for the same opportunity won the race.
             let existing =
                 store.live_order_for(&quote.opportunity_id).await?.ok_or(GatewayError::Internal)?;
-            metrics.duplicates_prevented.with_label_values(&["opportunity"]).inc();
-            return self.reply(store, &existing, 200).await;
+            return self.existing_order(store, existing, owner).await;
         };
         if !validated {
             metrics.orders.with_label_values(&["pending"]).inc();
@@ -292,7 +293,10 @@ impl QuoteToOrder {
         let waiting = Arc::new(AtomicBool::new(true));
         let this = self.clone();
         let flag = waiting.clone();
-        let attempt = tokio::spawn(async move { this.deliver(record, Some(&flag)).await });
+        let on_behalf: Arc<str> = Arc::from(owner);
+        let attempt = tokio::spawn(throttle::on_behalf_of(on_behalf, async move {
+            this.deliver(record, Some(&flag)).await
+        }));
         let delivered = tokio::time::timeout(self.settings.inline_wait, attempt).await;
         waiting.store(false, Ordering::Release);
         let record = store.order(&id).await?.ok_or(GatewayError::Internal)?;
@@ -305,6 +309,21 @@ impl QuoteToOrder {
         }
     }
 
+    /// The opportunity already has a live order: the same consumer gets it back (one deal, one
+    /// order); another consumer is told the opportunity is taken, and nothing of that order.
+    async fn existing_order(
+        &self,
+        store: &Store,
+        existing: OrderRecord,
+        owner: &str,
+    ) -> Result<Reply, GatewayError> {
+        if existing.owner != owner {
+            return Err(GatewayError::OpportunityTaken { opportunity_id: existing.opportunity_id });
+        }
+        ProcessMetrics::global().duplicates_prevented.with_label_values(&["opportunity"]).inc();
+        self.reply(store, &existing, 200).await
+    }
+
     /// The order as JSON with `status`; `Location` names it.
     async fn reply(&self, store: &Store, order: &OrderRecord, status: u16) -> Result<Reply, GatewayError> {
         let history = store.history(&order.id).await?;
@@ -312,19 +331,28 @@ impl QuoteToOrder {
         Ok(Reply { status, location: Some(format!("{ORDERS_PATH}{}", order.id)), body, replayed: false })
     }
 
-    /// `GET /process/v1/orders/{id}`.
-    pub async fn order(&self, id: &str) -> Result<Reply, GatewayError> {
+    /// `GET /process/v1/orders/{id}`: another consumer's order is not found, as if absent.
+    pub async fn order(&self, id: &str, caller: &Caller) -> Result<Reply, GatewayError> {
         let store = self.store().await?;
-        let order =
-            store.order(id).await?.ok_or_else(|| GatewayError::OrderNotFound { id: id.to_string() })?;
+        let order = store
+            .order(id)
+            .await?
+            .filter(|o| caller.reads_all || o.owner == caller.owner)
+            .ok_or_else(|| GatewayError::OrderNotFound { id: id.to_string() })?;
         self.reply(store, &order, 200).await
     }
 
-    /// `GET /process/v1/orders?opportunityId=…`: every order of the opportunity, newest first.
-    pub async fn orders_for(&self, opportunity_id: &str) -> Result<Reply, GatewayError> {
+    /// `GET /process/v1/orders?opportunityId=…`: the caller's orders of the opportunity, newest
+    /// first (every consumer's with `orders.read.all`).
+    pub async fn orders_for(&self, opportunity_id: &str, caller: &Caller) -> Result<Reply, GatewayError> {
         let store = self.store().await?;
         let mut orders = Vec::new();
-        for order in store.orders_for(opportunity_id).await? {
+        let visible = store
+            .orders_for(opportunity_id)
+            .await?
+            .into_iter()
+            .filter(|o| caller.reads_all || o.owner == caller.owner);
+        for order in visible {
             let history = store.history(&order.id).await?;
             orders.push(order_view(&order, &history));
         }
@@ -400,13 +428,32 @@ impl QuoteToOrder {
             return Ok(Delivered::State(State::DeadLettered));
         };
         let mut state = order.state;
+        // An attempt ends well within the order's lease, so no other deliverer can take the
+        // order over while this one may still be talking to the ERP.
+        let budget = self.settings.lease / 2;
         if !order.validated {
-            match self.adapter.master_data(&quote).await {
-                Err(e) => return self.retry_later(store, &order, state, &e.to_string(), false).await,
+            let master = tokio::time::timeout(budget, self.adapter.master_data(&quote))
+                .await
+                .unwrap_or_else(|_| Err(AdapterError::Unavailable("master data lookup timed out".into())));
+            match master {
+                // A failed lookup is an attempt like any: it counts toward max_attempts and
+                // backs off.
+                Err(e) => {
+                    return self
+                        .retry_later(store, &order, state, &e.to_string(), false, Duration::ZERO)
+                        .await
+                }
                 Ok(master) => {
                     let Some(rules) = self.config.load().process_rules.clone() else {
                         return self
-                            .retry_later(store, &order, state, "no process rules loaded", false)
+                            .retry_later(
+                                store,
+                                &order,
+                                state,
+                                "no process rules loaded",
+                                false,
+                                Duration::ZERO,
+                            )
                             .await;
                     };
                     let violations = rules.validate(&quote, &master);
@@ -445,7 +492,14 @@ impl QuoteToOrder {
         }
         let customer = quote.customer.number.clone().unwrap_or_default();
         let order_json = serde_json::to_value(quote.to_sales_order(&customer)).unwrap_or_default();
-        match self.adapter.create_order_once(&order_json).await {
+        let created = tokio::time::timeout(budget, self.adapter.create_order_once(&order_json)).await;
+        let Ok(created) = created else {
+            // Cut off mid-exchange: the ERP may still be creating it. The next attempt finds it,
+            // once that request can no longer be under way.
+            let error = "the attempt took longer than half the delivery lease";
+            return self.retry_later(store, &order, State::Submitted, error, true, self.settle).await;
+        };
+        match created {
             Ok(erp) => {
                 let reason = format!("the ERP holds order {}", erp.number);
                 let change =
@@ -465,34 +519,41 @@ impl QuoteToOrder {
                 metrics.rejections.with_label_values(&["erp"]).inc();
                 Ok(if to == State::Rejected { Delivered::ErpRejected(message) } else { Delivered::State(to) })
             }
-            Err(e) => self.retry_later(store, &order, State::Submitted, &e.to_string(), true).await,
+            Err(e) => {
+                self.retry_later(store, &order, State::Submitted, &e.to_string(), true, Duration::ZERO).await
+            }
         }
     }
 
-    /// Schedule the next attempt with exponential backoff and jitter, or give up.
+    /// Schedule the next attempt with exponential backoff and jitter (at least `min_delay`),
+    /// or give up after `max_attempts`. `counted`: this attempt was counted when it began (it
+    /// reached `submitted`); otherwise it is counted here.
     async fn retry_later(
         &self,
         store: &Store,
         order: &OrderRecord,
         from: State,
         error: &str,
-        attempted: bool,
+        counted: bool,
+        min_delay: Duration,
     ) -> Result<Delivered, StoreError> {
-        let attempts = order.attempts + i64::from(attempted);
+        let attempts = order.attempts + 1;
         let metrics = ProcessMetrics::global();
         if attempts >= i64::from(self.settings.max_attempts) {
             let reason = format!("gave up after {attempts} attempts; last error: {error}");
-            let change = Change { reason: &reason, ..Default::default() };
+            let change = Change { reason: &reason, count_attempt: !counted, ..Default::default() };
             store.transition(&order.id, from, State::DeadLettered, change).await?;
             metrics.orders.with_label_values(&["dead_lettered"]).inc();
             return Ok(Delivered::State(State::DeadLettered));
         }
         let doublings = (attempts.max(1) - 1) as u32;
-        let delay = throttle::backoff(self.settings.backoff_initial, self.settings.backoff_max, doublings);
+        let delay = throttle::backoff(self.settings.backoff_initial, self.settings.backoff_max, doublings)
+            .max(min_delay);
         let reason = format!("waiting for the ERP, retry in {} ms: {error}", delay.as_millis());
         let change = Change {
             reason: &reason,
             next_attempt_at: Some(now_ms() + delay.as_millis() as i64),
+            count_attempt: !counted,
             ..Default::default()
         };
         if store.transition(&order.id, from, State::Pending, change).await? && order.state != State::Pending {
@@ -517,7 +578,18 @@ impl QuoteToOrder {
         };
         let mut gauges = tokio::time::Instant::now();
         let mut purge = tokio::time::Instant::now();
+        let mut recovered = tokio::time::Instant::now();
         loop {
+            if *shutdown.borrow() {
+                // A graceful upgrade or shutdown: claim nothing more; the next process resumes.
+                return;
+            }
+            if recovered.elapsed() >= RECOVER_INTERVAL {
+                recovered = tokio::time::Instant::now();
+                if let Err(e) = self.recover(store).await {
+                    tracing::warn!(error = %e, "cannot take back leases of stopped processes");
+                }
+            }
             if gauges.elapsed() >= GAUGE_INTERVAL {
                 gauges = tokio::time::Instant::now();
                 self.refresh_gauges(store).await;
@@ -546,11 +618,12 @@ impl QuoteToOrder {
             let mut batch = tokio::task::JoinSet::new();
             for order in due {
                 let this = self.clone();
-                batch.spawn(async move {
+                let owner: Arc<str> = Arc::from(order.owner.as_str());
+                batch.spawn(throttle::on_behalf_of(owner, async move {
                     if let Err(e) = this.deliver(order, None).await {
                         tracing::error!(error = %e, "order delivery could not be recorded; it will be retried");
                     }
-                });
+                }));
             }
             while batch.join_next().await.is_some() {}
         }
@@ -571,7 +644,15 @@ fn order_view(order: &OrderRecord, history: &[Transition]) -> Value {
     let violations = order.violations.as_deref().and_then(|v| serde_json::from_str::<Value>(v).ok());
     let history: Vec<Value> = history
         .iter()
-        .map(|t| json!({ "at": format_datetime(t.at), "from": t.from, "to": t.to, "reason": t.reason }))
+        .map(|t| {
+            let mut entry =
+                json!({ "at": format_datetime(t.at), "from": t.from, "to": t.to, "reason": t.reason });
+            if t.repeats > 0 {
+                entry["repeats"] = json!(t.repeats);
+                entry["lastAt"] = json!(t.last_at.map(format_datetime));
+            }
+            entry
+        })
         .collect();
     let mut view = json!({
         "id": order.id,

@@ -1,12 +1,17 @@
 //! The durable side of the process APIs: orders with their state machine and timestamped
 //! transitions, and idempotency keys with their stored responses, in one SQLite file (WAL).
 //!
-//! One node owns the file. Every write goes through a single connection, so writers never
-//! contend for SQLite's lock (no `SQLITE_BUSY` under load); reads share a small pool. Each call
+//! One node owns the file; during a graceful upgrade two processes share it for a moment, so
+//! every lease and in-flight key records the process that holds it ([`instance`]), and recovery
+//! takes back only what expired or belongs to a process that is gone. Every write goes through a
+//! single connection, so writers never contend for SQLite's lock (no `SQLITE_BUSY` under load);
+//! reads share a small pool. Each call
 //! is one statement where it can be (the history is written by triggers): every statement is a
 //! round trip to the connection's thread, and those hops are most of an order's cost.
 
+use super::instance;
 use super::state::State;
+use crate::config::spec::Synchronous;
 use serde::Serialize;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -71,6 +76,31 @@ const SCHEMA: &[&str] = &[
         expires_at INTEGER NOT NULL)",
 ];
 
+/// Schema changes after the first version, applied once each (`PRAGMA user_version` counts them).
+const MIGRATIONS: &[&[&str]] = &[&[
+    // Orders belong to the consumer that submitted them (`policy/consumer`).
+    "ALTER TABLE orders ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+    // Leases and in-flight keys name the process that holds them.
+    "ALTER TABLE orders ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE idempotency_keys ADD COLUMN holder TEXT NOT NULL DEFAULT ''",
+    // A change to the state the order is already in (another retry) counts on the last entry
+    // instead of adding one per retry.
+    "ALTER TABLE transitions ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE transitions ADD COLUMN last_at INTEGER",
+    "DROP TRIGGER IF EXISTS orders_history_update",
+    "CREATE TRIGGER orders_history_update AFTER UPDATE OF state ON orders
+        WHEN OLD.state <> NEW.state BEGIN
+        INSERT INTO transitions (order_id, at, from_state, to_state, reason)
+        VALUES (NEW.id, NEW.updated_at, OLD.state, NEW.state, NEW.reason);
+     END",
+    "CREATE TRIGGER orders_history_repeat AFTER UPDATE OF state ON orders
+        WHEN OLD.state = NEW.state BEGIN
+        UPDATE transitions SET repeats = repeats + 1, last_at = NEW.updated_at, reason = NEW.reason
+        WHERE seq = (SELECT MAX(seq) FROM transitions WHERE order_id = NEW.id);
+     END",
+    "CREATE INDEX IF NOT EXISTS orders_lease_owner ON orders(lease_owner) WHERE lease_until > 0",
+]];
+
 #[derive(Debug, thiserror::Error)]
 #[error("order store: {0}")]
 pub struct StoreError(String);
@@ -101,6 +131,8 @@ pub struct OrderRecord {
     pub next_attempt_at: i64,
     pub received_at: i64,
     pub updated_at: i64,
+    /// The consumer that submitted it (`policy/consumer`); empty for orders of older versions.
+    pub owner: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -108,7 +140,11 @@ pub struct Transition {
     pub at: i64,
     pub from: Option<String>,
     pub to: String,
+    /// The latest reason, when the change repeated.
     pub reason: String,
+    /// How many more times the order was put in this state again (retries).
+    pub repeats: i64,
+    pub last_at: Option<i64>,
 }
 
 /// What an idempotency key holds.
@@ -143,6 +179,8 @@ pub struct Change<'a> {
 pub struct Store {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// This process, as named on the leases and keys it holds.
+    instance: std::sync::Arc<str>,
 }
 
 fn row_to_order(row: &sqlx::sqlite::SqliteRow) -> Result<OrderRecord, StoreError> {
@@ -162,12 +200,29 @@ fn row_to_order(row: &sqlx::sqlite::SqliteRow) -> Result<OrderRecord, StoreError
         next_attempt_at: row.try_get("next_attempt_at")?,
         received_at: row.try_get("received_at")?,
         updated_at: row.try_get("updated_at")?,
+        owner: row.try_get("owner")?,
     })
+}
+
+/// Apply the migrations this file has not seen yet, each in one transaction.
+async fn migrate(writer: &SqlitePool) -> Result<(), StoreError> {
+    let version: i64 = sqlx::query("PRAGMA user_version").fetch_one(writer).await?.try_get(0)?;
+    for (i, steps) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let mut tx = writer.begin().await?;
+        for statement in *steps {
+            sqlx::query(*statement).execute(&mut *tx).await?;
+        }
+        // PRAGMA takes no bound parameters; the number is ours.
+        let set_version = sqlx::AssertSqlSafe(format!("PRAGMA user_version = {}", i + 1));
+        sqlx::query(set_version).execute(&mut *tx).await?;
+        tx.commit().await?;
+    }
+    Ok(())
 }
 
 impl Store {
     /// Open (creating it and its directory when missing) and bring the schema up to date.
-    pub async fn open(path: &Path) -> Result<Store, StoreError> {
+    pub async fn open(path: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
@@ -176,9 +231,12 @@ impl Store {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // WAL + NORMAL: a commit survives a process crash (the case that matters here);
-            // only an OS crash or power loss can lose the last transactions.
-            .synchronous(SqliteSynchronous::Normal)
+            // WAL + FULL: a commit is on disk before the caller hears 201/202, so an
+            // acknowledged order survives a power loss. NORMAL survives a process crash only.
+            .synchronous(match synchronous {
+                Synchronous::Full => SqliteSynchronous::Full,
+                Synchronous::Normal => SqliteSynchronous::Normal,
+            })
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
         let writer = SqlitePoolOptions::new()
@@ -189,25 +247,70 @@ impl Store {
         for statement in SCHEMA {
             sqlx::query(*statement).execute(&writer).await?;
         }
+        migrate(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Store { writer, reader })
+        Ok(Store { writer, reader, instance: instance::current().into() })
     }
 
-    /// After a restart nothing is being delivered and no request is in flight: leases and
-    /// in-flight keys left by a killed process are released so the work resumes at once.
-    pub async fn recover(&self) -> Result<u64, StoreError> {
-        let released = sqlx::query(
-            "UPDATE orders SET lease_until = 0
-                 WHERE state IN ('received', 'validated', 'submitted', 'pending')",
+    /// This store as used by another process named `instance` (`pid:start`): for tests and
+    /// tools that act for a process that is gone or another that runs.
+    pub fn as_process(mut self, instance: &str) -> Store {
+        self.instance = instance.into();
+        self
+    }
+
+    /// The `PRAGMA synchronous` level in force (2 = FULL, 1 = NORMAL).
+    pub async fn synchronous_level(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("PRAGMA synchronous").fetch_one(&self.writer).await?;
+        Ok(row.try_get::<i64, _>(0)?)
+    }
+
+    /// Take back what a process that is gone left behind: its delivery leases (an order it was
+    /// submitting is retried only after `settle`, the longest its last ERP request could still
+    /// be under way) and its in-flight idempotency keys. What a live process holds (the old one
+    /// during a graceful upgrade) is left alone. Returns how many orders were released.
+    pub async fn recover(&self, settle: Duration) -> Result<u64, StoreError> {
+        let holders: Vec<String> = sqlx::query(
+            "SELECT DISTINCT lease_owner FROM orders WHERE lease_until > 0
+                 AND state IN ('received', 'validated', 'submitted', 'pending')",
         )
-        .execute(&self.writer)
+        .fetch_all(&self.writer)
         .await?
-        .rows_affected();
-        sqlx::query("DELETE FROM idempotency_keys WHERE in_flight = 1").execute(&self.writer).await?;
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+        let mut released = 0;
+        for holder in holders.iter().filter(|h| h.as_str() != &*self.instance && !instance::alive(h)) {
+            released += sqlx::query(
+                "UPDATE orders SET lease_until = 0, lease_owner = '',
+                    next_attempt_at = CASE WHEN state = 'submitted'
+                        THEN MAX(next_attempt_at, updated_at + ?) ELSE next_attempt_at END
+                 WHERE lease_owner = ? AND lease_until > 0
+                   AND state IN ('received', 'validated', 'submitted', 'pending')",
+            )
+            .bind(settle.as_millis() as i64)
+            .bind(holder)
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        }
+        let key_holders: Vec<String> =
+            sqlx::query("SELECT DISTINCT holder FROM idempotency_keys WHERE in_flight = 1")
+                .fetch_all(&self.writer)
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+        for holder in key_holders.iter().filter(|h| h.as_str() != &*self.instance && !instance::alive(h)) {
+            sqlx::query("DELETE FROM idempotency_keys WHERE in_flight = 1 AND holder = ?")
+                .bind(holder)
+                .execute(&self.writer)
+                .await?;
+        }
         Ok(released)
     }
 
@@ -223,10 +326,10 @@ impl Store {
     ) -> Result<KeyState, StoreError> {
         let now = now_ms();
         let claimed = sqlx::query(
-            "INSERT INTO idempotency_keys (key, fingerprint, in_flight, created_at, expires_at)
-             VALUES (?1, ?2, 1, ?3, ?4)
+            "INSERT INTO idempotency_keys (key, fingerprint, in_flight, created_at, expires_at, holder)
+             VALUES (?1, ?2, 1, ?3, ?4, ?5)
              ON CONFLICT(key) DO UPDATE SET fingerprint = excluded.fingerprint, in_flight = 1,
-                status = NULL, location = NULL, body = NULL,
+                status = NULL, location = NULL, body = NULL, holder = excluded.holder,
                 created_at = excluded.created_at, expires_at = excluded.expires_at
              WHERE idempotency_keys.expires_at <= ?3 AND idempotency_keys.in_flight = 0
              RETURNING key",
@@ -234,7 +337,8 @@ impl Store {
         .bind(key)
         .bind(fingerprint)
         .bind(now)
-        .bind(now + ttl.as_millis() as i64)
+        .bind(now.saturating_add(ttl.as_millis() as i64))
+        .bind(&*self.instance)
         .fetch_optional(&self.writer)
         .await?;
         if claimed.is_some() {
@@ -308,6 +412,7 @@ impl Store {
     pub async fn insert_order(
         &self,
         id: &str,
+        owner: &str,
         opportunity_id: &str,
         state: State,
         quote: &str,
@@ -320,8 +425,8 @@ impl Store {
         let now = now_ms();
         let inserted = sqlx::query(
             "INSERT INTO orders (id, opportunity_id, state, quote, validated, violations, reason,
-                correlation_id, next_attempt_at, lease_until, received_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                correlation_id, next_attempt_at, lease_until, received_at, updated_at, owner, lease_owner)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              RETURNING *",
         )
         .bind(id)
@@ -336,6 +441,8 @@ impl Store {
         .bind(lease.map_or(0, |l| now + l.as_millis() as i64))
         .bind(now)
         .bind(now)
+        .bind(owner)
+        .bind(if lease.is_some() { &*self.instance } else { "" })
         .fetch_one(&self.writer)
         .await;
         match inserted {
@@ -360,7 +467,8 @@ impl Store {
                 validated = COALESCE(?, validated), violations = COALESCE(?, violations),
                 next_attempt_at = COALESCE(?, next_attempt_at),
                 attempts = CASE WHEN ? THEN 0 ELSE attempts + ? END,
-                lease_until = CASE WHEN ? THEN lease_until ELSE 0 END
+                lease_until = CASE WHEN ? THEN lease_until ELSE 0 END,
+                lease_owner = CASE WHEN ? THEN lease_owner ELSE '' END
              WHERE id = ? AND state = ?",
         )
         .bind(to.as_str())
@@ -374,6 +482,7 @@ impl Store {
         .bind(change.reset_attempts)
         .bind(change.count_attempt as i64)
         .bind(change.keep_lease)
+        .bind(change.keep_lease)
         .bind(id)
         .bind(from.as_str())
         .execute(&self.writer)
@@ -386,13 +495,14 @@ impl Store {
     pub async fn claim_due(&self, limit: i64, lease: Duration) -> Result<Vec<OrderRecord>, StoreError> {
         let now = now_ms();
         let rows = sqlx::query(
-            "UPDATE orders SET lease_until = ?
+            "UPDATE orders SET lease_until = ?, lease_owner = ?
              WHERE id IN (SELECT id FROM orders
                           WHERE state IN ('received', 'validated', 'submitted', 'pending')
                           AND next_attempt_at <= ? AND lease_until < ? ORDER BY next_attempt_at LIMIT ?)
              RETURNING *",
         )
         .bind(now + lease.as_millis() as i64)
+        .bind(&*self.instance)
         .bind(now)
         .bind(now)
         .bind(limit)
@@ -438,7 +548,8 @@ impl Store {
 
     pub async fn history(&self, id: &str) -> Result<Vec<Transition>, StoreError> {
         let rows = sqlx::query(
-            "SELECT at, from_state, to_state, reason FROM transitions WHERE order_id = ? ORDER BY seq",
+            "SELECT at, from_state, to_state, reason, repeats, last_at FROM transitions
+             WHERE order_id = ? ORDER BY seq",
         )
         .bind(id)
         .fetch_all(&self.reader)
@@ -450,6 +561,8 @@ impl Store {
                     from: r.try_get("from_state")?,
                     to: r.try_get("to_state")?,
                     reason: r.try_get("reason")?,
+                    repeats: r.try_get("repeats")?,
+                    last_at: r.try_get("last_at")?,
                 })
             })
             .collect()
@@ -470,7 +583,7 @@ mod tests {
 
     async fn store() -> (Store, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        (Store::open(&dir.path().join("data/orders.db")).await.unwrap(), dir)
+        (Store::open(&dir.path().join("data/orders.db"), Synchronous::Full).await.unwrap(), dir)
     }
 
     #[tokio::test]
@@ -503,7 +616,11 @@ mod tests {
         let (s, _dir) = store().await;
         let insert = |id: &'static str, state: State| {
             let s = s.clone();
-            async move { s.insert_order(id, "OPP-1", state, "{}", true, None, "c", "why", None).await.unwrap() }
+            async move {
+                s.insert_order(id, "keys/crm", "OPP-1", state, "{}", true, None, "c", "why", None)
+                    .await
+                    .unwrap()
+            }
         };
         assert_eq!(insert("a", State::Rejected).await.unwrap().state, State::Rejected);
         assert!(insert("b", State::Validated).await.is_some(), "a rejected order does not block");
@@ -540,15 +657,140 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn due_orders_are_leased_once_and_released_by_recovery() {
+    async fn due_orders_are_leased_once_and_only_leases_of_stopped_processes_are_taken_back() {
         let (s, _dir) = store().await;
-        s.insert_order("a", "OPP-A", State::Pending, "{}", true, None, "c", "why", None).await.unwrap();
-        s.insert_order("b", "OPP-B", State::Accepted, "{}", true, None, "c", "why", None).await.unwrap();
         let lease = Duration::from_secs(60);
-        let due: Vec<String> = s.claim_due(10, lease).await.unwrap().into_iter().map(|o| o.id).collect();
+        let settle = Duration::from_secs(30);
+        let gone = s.clone().as_process("1:1");
+        gone.insert_order("a", "k/c", "OPP-A", State::Pending, "{}", true, None, "c", "why", None)
+            .await
+            .unwrap();
+        gone.insert_order("b", "k/c", "OPP-B", State::Accepted, "{}", true, None, "c", "why", None)
+            .await
+            .unwrap();
+        let due: Vec<String> = gone.claim_due(10, lease).await.unwrap().into_iter().map(|o| o.id).collect();
         assert_eq!(due, ["a"], "only deliverable orders");
         assert!(s.claim_due(10, lease).await.unwrap().is_empty(), "a leased order is not handed out twice");
-        assert_eq!(s.recover().await.unwrap(), 1);
-        assert_eq!(s.claim_due(10, lease).await.unwrap().len(), 1, "after a restart it is due again");
+
+        // Another process that still runs (the old one during a graceful upgrade) keeps its lease.
+        let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let running = instance::name_of(sleeper.id()).expect("the child runs");
+        let live = s.clone().as_process(&running);
+        live.insert_order("c", "k/c", "OPP-C", State::Pending, "{}", true, None, "c", "why", None)
+            .await
+            .unwrap();
+        assert_eq!(live.claim_due(10, lease).await.unwrap().len(), 1);
+        assert_eq!(s.recover(settle).await.unwrap(), 1, "only the stopped process's lease");
+        let due: Vec<String> = s.claim_due(10, lease).await.unwrap().into_iter().map(|o| o.id).collect();
+        assert_eq!(due, ["a"], "the running process's order stays with it");
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
+        assert_eq!(s.recover(settle).await.unwrap(), 1, "its lease is taken back once it is gone");
+    }
+
+    #[tokio::test]
+    async fn a_stopped_process_mid_submission_is_retried_only_after_its_request_settles() {
+        let (s, _dir) = store().await;
+        let gone = s.clone().as_process("1:1");
+        gone.insert_order(
+            "a",
+            "k/c",
+            "OPP-A",
+            State::Validated,
+            "{}",
+            true,
+            None,
+            "c",
+            "why",
+            Some(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+        let begin = Change {
+            reason: "delivery attempt 1",
+            count_attempt: true,
+            keep_lease: true,
+            ..Default::default()
+        };
+        assert!(gone.transition("a", State::Validated, State::Submitted, begin).await.unwrap());
+        assert_eq!(s.recover(Duration::from_secs(30)).await.unwrap(), 1);
+        assert!(
+            s.claim_due(10, Duration::from_secs(60)).await.unwrap().is_empty(),
+            "its last request may still be under way"
+        );
+        let order = s.order("a").await.unwrap().unwrap();
+        assert!(order.next_attempt_at >= order.updated_at + 30_000);
+    }
+
+    #[tokio::test]
+    async fn in_flight_keys_of_stopped_processes_are_released_and_live_ones_kept() {
+        let (s, _dir) = store().await;
+        let ttl = Duration::from_secs(60);
+        let gone = s.clone().as_process("1:1");
+        assert_eq!(gone.claim_key("k1", "f", ttl).await.unwrap(), KeyState::Claimed);
+        assert_eq!(s.claim_key("k2", "f", ttl).await.unwrap(), KeyState::Claimed);
+        s.recover(Duration::ZERO).await.unwrap();
+        assert_eq!(
+            s.claim_key("k1", "f", ttl).await.unwrap(),
+            KeyState::Claimed,
+            "the stopped process's key is free"
+        );
+        assert_eq!(s.claim_key("k2", "f", ttl).await.unwrap(), KeyState::InFlight, "this process's is not");
+    }
+
+    #[tokio::test]
+    async fn a_repeated_state_is_one_history_entry_with_a_count() {
+        let (s, _dir) = store().await;
+        s.insert_order("a", "k/c", "OPP-A", State::Received, "{}", false, None, "c", "received", None)
+            .await
+            .unwrap();
+        let reasons: Vec<String> = (1..=5).map(|n| format!("retry {n}")).collect();
+        let wait = |n: usize| Change { reason: &reasons[n - 1], count_attempt: true, ..Default::default() };
+        assert!(s.transition("a", State::Received, State::Pending, wait(1)).await.unwrap());
+        for n in 2..=5 {
+            assert!(s.transition("a", State::Pending, State::Pending, wait(n)).await.unwrap());
+        }
+        let history = s.history("a").await.unwrap();
+        assert_eq!(history.len(), 2, "received, then pending once: {history:?}");
+        assert_eq!((history[1].repeats, history[1].reason.as_str()), (4, "retry 5"));
+        assert!(history[1].last_at.is_some());
+        assert_eq!(s.order("a").await.unwrap().unwrap().attempts, 5);
+    }
+
+    #[tokio::test]
+    async fn acknowledged_orders_are_on_disk_by_default() {
+        let (s, _dir) = store().await;
+        assert_eq!(s.synchronous_level().await.unwrap(), 2, "FULL");
+        let dir = tempfile::tempdir().unwrap();
+        let normal = Store::open(&dir.path().join("n.db"), Synchronous::Normal).await.unwrap();
+        assert_eq!(normal.synchronous_level().await.unwrap(), 1, "NORMAL when configured");
+    }
+
+    #[tokio::test]
+    async fn a_store_of_the_previous_version_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let options = SqliteConnectOptions::new().filename(&path).create_if_missing(true);
+            let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+            for statement in SCHEMA {
+                sqlx::query(*statement).execute(&pool).await.unwrap();
+            }
+            sqlx::query(
+                "INSERT INTO orders (id, opportunity_id, state, quote, validated, correlation_id,
+                    next_attempt_at, lease_until, received_at, updated_at, reason)
+                 VALUES ('old', 'OPP', 'pending', '{}', 1, 'c', 0, 99999999999999, 0, 0, 'why')",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        let s = Store::open(&path, Synchronous::Full).await.unwrap();
+        let order = s.order("old").await.unwrap().unwrap();
+        assert_eq!(order.owner, "", "orders of the previous version have no owner");
+        assert_eq!(s.recover(Duration::ZERO).await.unwrap(), 1, "its lease names no process: taken back");
+        drop(s);
+        let again = Store::open(&path, Synchronous::Full).await.unwrap();
+        assert!(again.order("old").await.unwrap().is_some(), "migrations run once");
     }
 }

@@ -21,6 +21,12 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
     // Authentication: the first policy whose credential is present decides.
     // No allocation per request: the route's policies are walked in place.
     if let Some(first) = route.policies.iter().find(|p| p.authenticates()) {
+        let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let limiter = ctx.config.auth_failures.clone().zip(client_ip);
+        if let Some(retry_after) = limiter.as_ref().and_then(|(l, ip)| l.refused(*ip)) {
+            metrics.auth_failures.with_label_values(&[first.name(), "throttled"]).inc();
+            return Err(GatewayError::AuthThrottled { retry_after });
+        }
         let headers = &session.req_header().headers;
         let mut outcome: Option<(&str, Result<Consumer, AuthFailure>)> = None;
         for policy in route.policies.iter() {
@@ -53,6 +59,9 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
             }
             Err(reason) => {
                 metrics.auth_failures.with_label_values(&[policy_name, reason.as_str()]).inc();
+                if let Some((l, ip)) = &limiter {
+                    l.record(*ip);
+                }
                 return Err(GatewayError::Unauthenticated {
                     reason,
                     challenge: challenge(&route.policies, reason),
@@ -65,7 +74,8 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
     for policy in &route.policies {
         let Policy::RateLimit(limit) = policy.as_ref() else { continue };
         let (name, tier) = match &ctx.consumer {
-            Some(c) => (c.name.to_string(), c.tier.clone()),
+            // Quotas belong to (authentication policy, consumer), like orders and keys.
+            Some(c) => (c.id.to_string(), c.tier.clone()),
             None => {
                 let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string());
                 (format!("anonymous:{}", ip.unwrap_or_default()), Arc::from("anonymous"))
@@ -89,7 +99,7 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
 pub async fn acquire_erp_permit(ctx: &mut Ctx) -> Result<(), GatewayError> {
     let Some(route) = ctx.route.clone() else { return Ok(()) };
     if let (Some(budget), Some(class)) = (route.upstream.budget.as_ref(), route.erp_class.as_ref()) {
-        match budget.budget.acquire(class).await {
+        match budget.budget.acquire(class, ctx.consumer.as_ref().map(|c| &c.id)).await {
             Ok(permit) => ctx.permit = Some(permit),
             Err(refusal) => {
                 let upstream = route.upstream.name.clone();

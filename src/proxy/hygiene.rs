@@ -1,4 +1,6 @@
-//! Header hygiene: hop-by-hop headers (RFC 9110 §7.6.1) are not forwarded in either direction.
+//! Header hygiene: hop-by-hop headers (RFC 9110 §7.6.1) are not forwarded in either direction,
+//! and credentials stay on their side: the caller's (`Authorization`, API keys, cookies) never go
+//! upstream, the gateway's ERP session (cookies, challenges, CSRF tokens) never reaches callers.
 
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::Result;
@@ -6,6 +8,37 @@ use pingora::Result;
 /// Always hop-by-hop, whether or not `Connection` lists them. `Transfer-Encoding` is left to
 /// pingora, which re-frames bodies itself.
 const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
+
+/// Response headers of the upstream's own session with the gateway: the ERP's cookies and
+/// challenges belong to the gateway's credential, not to the caller (a route may pass some of
+/// them with `pass_headers.response`).
+pub const UPSTREAM_SESSION_HEADERS: &[&str] = &[
+    "set-cookie",
+    "set-cookie2",
+    "www-authenticate",
+    "proxy-authenticate",
+    "authentication-info",
+    "proxy-authentication-info",
+    "x-csrf-token",
+    "x-xsrf-token",
+];
+
+/// Remove the caller's credentials: `Authorization` always, and the route's list (cookies, the
+/// headers API-key policies read).
+pub fn strip_caller_credentials(req: &mut RequestHeader, also: &[http::HeaderName]) {
+    req.remove_header(&http::header::AUTHORIZATION);
+    req.remove_header("proxy-authorization");
+    for name in also {
+        req.remove_header(name);
+    }
+}
+
+/// Remove the upstream session headers the route does not pass.
+pub fn strip_upstream_session(resp: &mut ResponseHeader, names: &[http::HeaderName]) {
+    for name in names {
+        resp.remove_header(name);
+    }
+}
 
 /// Header names listed in `Connection` (besides the fixed set), lowercased. Allocates only when
 /// `Connection` lists something, which almost no request does.
@@ -67,6 +100,30 @@ mod tests {
         }
         assert!(req.headers.get("transfer-encoding").is_some());
         assert!(req.headers.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn credentials_stay_on_their_side() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for (n, v) in [("authorization", "Bearer x"), ("x-api-key", "k"), ("cookie", "a=1"), ("x-kept", "1")]
+        {
+            req.insert_header(n, v).unwrap();
+        }
+        let also = [http::HeaderName::from_static("x-api-key"), http::HeaderName::from_static("cookie")];
+        strip_caller_credentials(&mut req, &also);
+        for gone in ["authorization", "x-api-key", "cookie"] {
+            assert!(req.headers.get(gone).is_none(), "{gone} must not go upstream");
+        }
+        assert!(req.headers.get("x-kept").is_some());
+
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        for n in UPSTREAM_SESSION_HEADERS {
+            resp.insert_header(*n, "v").unwrap();
+        }
+        let names: Vec<http::HeaderName> =
+            UPSTREAM_SESSION_HEADERS.iter().map(|n| http::HeaderName::from_static(n)).collect();
+        strip_upstream_session(&mut resp, &names);
+        assert_eq!(resp.headers.len(), 0);
     }
 
     #[test]

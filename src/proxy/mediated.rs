@@ -27,6 +27,9 @@ pub async fn exchange(session: &mut Session, ctx: &mut Ctx) -> Result<(), Gatewa
     let mediation = route.mediation().ok_or(GatewayError::Internal)?;
     let upstream = route.upstream.name.as_str();
 
+    if mediation.reads_request_body() {
+        require_json(session)?;
+    }
     let body = read_request_body(session, route.max_body_bytes).await?;
     let upstream_body = mediate_request(session, ctx, mediation, body).await?;
 
@@ -45,6 +48,34 @@ pub async fn exchange(session: &mut Session, ctx: &mut Ctx) -> Result<(), Gatewa
     let (body, transformed) = mediate_response(ctx, mediation, status, body).await?;
     respond(session, ctx, status, &headers, body, transformed).await;
     Ok(())
+}
+
+/// A body the gateway parses must say it is JSON (`application/json` or `application/*+json`):
+/// anything else is a 415 before the body is read. A request without a body passes.
+pub(super) fn require_json(session: &Session) -> Result<(), GatewayError> {
+    let req = session.req_header();
+    let has_body = req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0");
+    if !has_body {
+        return Ok(());
+    }
+    let found = req
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let essence = found.as_deref().map(|f| f.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    let json = essence
+        .as_deref()
+        .is_some_and(|e| e == "application/json" || (e.starts_with("application/") && e.ends_with("+json")));
+    if json {
+        Ok(())
+    } else {
+        Err(GatewayError::UnsupportedMediaType { found: found.map(|f| f.chars().take(100).collect()) })
+    }
 }
 
 pub(super) async fn read_request_body(session: &mut Session, limit: u64) -> Result<Bytes, GatewayError> {
@@ -310,6 +341,9 @@ async fn respond(
         let _ = head.append_header(name.clone(), value.clone());
     }
     hygiene::strip_hop_by_hop_response(&mut head);
+    if let Some(route) = ctx.route.as_ref() {
+        hygiene::strip_upstream_session(&mut head, &route.strip_response);
+    }
     if transformed {
         let _ = head.insert_header(http::header::CONTENT_TYPE, "application/json; charset=utf-8");
     }

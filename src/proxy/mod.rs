@@ -2,8 +2,10 @@
 //! header rules to [`hygiene`], policies to [`crate::policy`], errors to [`crate::error`].
 
 mod admission;
+pub mod framing;
 pub mod hygiene;
 mod mediated;
+pub mod normalize;
 mod process;
 pub mod router;
 
@@ -57,6 +59,37 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// Route the request (404, 405 or 413 problems otherwise); records route, upstream path and
+    /// deadline in the context.
+    fn route(&self, session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        let req = session.req_header();
+        let host =
+            req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.host());
+        let path = ctx.path(session);
+        let Some(found) = ctx.config.router.find(host, req.method.as_str(), path, req.uri.query()) else {
+            let allowed = ctx.config.router.allowed_methods(host, path);
+            return Err(if allowed.is_empty() {
+                GatewayError::RouteNotFound { method: req.method.to_string(), path: path.to_string() }
+            } else {
+                GatewayError::MethodNotAllowed { method: req.method.to_string(), allowed }
+            });
+        };
+        let route = found.route;
+        ctx.upstream_path = found.upstream_path;
+        let declared = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let limit = route.max_body_bytes;
+        ctx.deadline = route.total_timeout.map(|t| ctx.start + t);
+        ctx.route = Some(route);
+        if declared.is_some_and(|len| len > limit) {
+            return Err(GatewayError::BodyTooLarge { limit });
+        }
+        Ok(())
+    }
+
     pub fn new(
         config: Arc<ArcSwap<Config>>,
         metrics: Arc<Metrics>,
@@ -79,6 +112,8 @@ pub struct Ctx {
     start: Instant,
     correlation: Correlation,
     route: Option<Arc<CompiledRoute>>,
+    /// The request path after normalization, when it differs from the raw one.
+    normalized_path: Option<String>,
     upstream_path: String,
     deadline: Option<Instant>,
     body_bytes: u64,
@@ -107,6 +142,37 @@ impl Ctx {
     fn upstream_name(&self) -> String {
         self.route.as_ref().map(|r| r.upstream.name.clone()).unwrap_or_default()
     }
+
+    /// The path routing used: normalized when normalization changed it.
+    fn path<'a>(&'a self, session: &'a Session) -> &'a str {
+        self.normalized_path.as_deref().unwrap_or_else(|| session.req_header().uri.path())
+    }
+}
+
+/// Refuse what the gateway will not guess about: ambiguous framing and paths that normalize
+/// outside what they say. Records the normalized path in the context.
+fn check_request(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
+    if let Some(h1) = session.as_http1() {
+        framing::check(&h1.get_headers_raw_bytes())
+            .map_err(|detail| GatewayError::BadRequest { detail: detail.into() })?;
+    }
+    let method = &session.req_header().method;
+    if method == http::Method::CONNECT || method == http::Method::TRACE {
+        // The gateway tunnels nothing and reflects nothing.
+        return Err(GatewayError::MethodNotAllowed {
+            method: method.to_string(),
+            allowed: ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"].map(String::from).to_vec(),
+        });
+    }
+    let raw = session.req_header().uri.path();
+    match normalize::normalize(raw) {
+        Ok(std::borrow::Cow::Borrowed(_)) => Ok(()),
+        Ok(std::borrow::Cow::Owned(path)) => {
+            ctx.normalized_path = Some(path);
+            Ok(())
+        }
+        Err(refusal) => Err(GatewayError::BadRequest { detail: refusal.describe().into() }),
+    }
 }
 
 #[async_trait]
@@ -127,6 +193,7 @@ impl ProxyHttp for Gateway {
             start: Instant::now(),
             correlation: Correlation::default(),
             route: None,
+            normalized_path: None,
             upstream_path: String::new(),
             deadline: None,
             body_bytes: 0,
@@ -149,71 +216,56 @@ impl ProxyHttp for Gateway {
             req.headers.get(CORRELATION_HEADER).map(|v| v.as_bytes()),
             req.headers.get(TRACEPARENT_HEADER).map(|v| v.as_bytes()),
         );
-        let host =
-            req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri.host());
-        let found = ctx.config.router.find(host, req.method.as_str(), req.uri.path(), req.uri.query());
-        let Some(found) = found else {
-            let allowed = ctx.config.router.allowed_methods(host, req.uri.path());
-            let err = if allowed.is_empty() {
-                GatewayError::RouteNotFound {
-                    method: req.method.to_string(),
-                    path: req.uri.path().to_string(),
-                }
-            } else {
-                GatewayError::MethodNotAllowed { method: req.method.to_string(), allowed }
-            };
+        if let Err(err) = check_request(session, ctx) {
+            // Nothing after an ambiguous request can be trusted to be where it seems.
+            session.set_keepalive(None);
             respond_problem(session, ctx, &err).await?;
             return Ok(true);
-        };
-        let route = found.route;
-        ctx.upstream_path = found.upstream_path;
-        let declared = req
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let limit = route.max_body_bytes;
-        ctx.deadline = route.total_timeout.map(|t| ctx.start + t);
-        ctx.route = Some(route);
-        if declared.is_some_and(|len| len > limit) {
-            // The body is left unread, so this connection cannot carry another request.
-            session.set_keepalive(None);
-            respond_problem(session, ctx, &GatewayError::BodyTooLarge { limit }).await?;
+        }
+        if let Err(err) = self.route(session, ctx) {
+            if matches!(err, GatewayError::BodyTooLarge { .. }) {
+                // The body is left unread, so this connection cannot carry another request.
+                session.set_keepalive(None);
+            }
+            respond_problem(session, ctx, &err).await?;
             return Ok(true);
         }
         if let Err(err) = admission::admit(session, ctx).await {
             respond_problem(session, ctx, &err).await?;
             return Ok(true);
         }
-        if let Some(endpoint) = ctx.route.as_ref().and_then(|r| r.process) {
-            let result = match &self.process {
-                Some(service) => process::serve(session, ctx, endpoint, service).await,
+        let local = ctx.route.as_ref().map(|r| (r.process, r.mediation().is_some()));
+        let result = match local {
+            Some((Some(endpoint), _)) => match &self.process {
+                Some(service) => {
+                    let correlation = ctx.correlation.correlation_id.clone();
+                    crate::error::contain_panic(&correlation, process::serve(session, ctx, endpoint, service))
+                        .await
+                }
                 // Config checks refuse process routes without a `process:` block; a reload
                 // that adds one needs a restart to start the service.
                 None => Err(GatewayError::Internal),
-            };
-            if let Err(err) = result {
-                if session.response_written().is_none() {
-                    respond_problem(session, ctx, &err).await?;
-                }
-            }
-            return Ok(true);
-        }
-        if ctx.route.as_ref().is_some_and(|r| r.mediation().is_some()) {
+            },
             // Mediated routes are answered in-process: the body is checked and transformed
             // before any byte reaches the ERP, the response before any byte reaches the caller.
-            if let Err(err) = mediated::exchange(session, ctx).await {
-                if session.response_written().is_none() {
-                    respond_problem(session, ctx, &err).await?;
-                }
+            Some((None, true)) => {
+                let correlation = ctx.correlation.correlation_id.clone();
+                crate::error::contain_panic(&correlation, mediated::exchange(session, ctx)).await
             }
-            return Ok(true);
+            _ => {
+                if let Err(err) = admission::acquire_erp_permit(ctx).await {
+                    respond_problem(session, ctx, &err).await?;
+                    return Ok(true);
+                }
+                return Ok(false);
+            }
+        };
+        if let Err(err) = result {
+            if session.response_written().is_none() {
+                respond_problem(session, ctx, &err).await?;
+            }
         }
-        if let Err(err) = admission::acquire_erp_permit(ctx).await {
-            respond_problem(session, ctx, &err).await?;
-            return Ok(true);
-        }
-        Ok(false)
+        Ok(true)
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -288,6 +340,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         hygiene::strip_hop_by_hop_response(upstream_response);
+        if let Some(route) = ctx.route.as_ref() {
+            hygiene::strip_upstream_session(upstream_response, &route.strip_response);
+        }
         add_correlation_headers(upstream_response, &ctx.correlation)?;
         add_ratelimit_headers(upstream_response, ctx)?;
         if let Some(route) = ctx.route.as_ref() {
@@ -338,6 +393,9 @@ impl ProxyHttp for Gateway {
             // Headers are out; the only signal left is closing the connection.
             return FailToProxy { error_code: err.status(), can_reuse_downstream: false };
         }
+        // The connection is not reused after a failed exchange: say so in the answer
+        // (`Connection: close`), or a client may send its next request into the closing socket.
+        session.set_keepalive(None);
         let code = respond_problem(session, ctx, &err).await.unwrap_or(0);
         FailToProxy { error_code: code, can_reuse_downstream: false }
     }
@@ -383,9 +441,8 @@ fn prepare_upstream_request(
         .map_err(|_| Error::explain(ErrorType::InternalError, "rewritten path is not a valid URI"))?;
     req.set_uri(uri);
     hygiene::strip_hop_by_hop_request(req);
-    // The caller's credential is for the gateway, never for the ERP.
-    req.remove_header(&http::header::AUTHORIZATION);
-    req.remove_header("proxy-authorization");
+    // The caller's credentials are for the gateway, never for the ERP.
+    hygiene::strip_caller_credentials(req, &route.strip_request);
     req.insert_header(http::header::HOST, route.upstream.host_header.clone())?;
     if let Some((name, value)) = &route.upstream.credential {
         req.insert_header(name.clone(), value.clone())?;
@@ -439,8 +496,7 @@ fn report_upstream_status(
     let retry_after = retry_after.and_then(|v| v.to_str().ok()).and_then(throttle::parse_retry_after);
     let status_signal = budget.overload_signals.iter().any(|(s, body)| *s == status && body.is_none());
     if status == 429 || status == 503 || status_signal {
-        permit.budget().report(throttle::Outcome::Overload(retry_after));
-        let pause = retry_after.unwrap_or(Duration::from_secs(1));
+        let pause = permit.budget().report(throttle::Outcome::Overload(retry_after));
         return Some(GatewayError::ErpOverloaded {
             upstream: route.upstream.name.clone(),
             retry_after: admission::ceil_secs(pause),

@@ -2,10 +2,13 @@
 //! scopes, rate limits) has run like on any route; the ERP is reached only through the
 //! process's adapter, under the same budget.
 
-use super::{mediated::read_request_body, write_local_response, Ctx};
+use super::{
+    mediated::{read_request_body, require_json},
+    write_local_response, Ctx,
+};
 use crate::config::spec::ProcessEndpoint;
 use crate::error::GatewayError;
-use crate::process::service::{QuoteToOrder, Reply};
+use crate::process::service::{Caller, QuoteToOrder, Reply, READ_ALL_SCOPE};
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::Session;
@@ -22,19 +25,26 @@ pub async fn serve(
     service: &Arc<QuoteToOrder>,
 ) -> Result<(), GatewayError> {
     let route = ctx.route.clone().ok_or(GatewayError::Internal)?;
+    // Orders, keys and quotas belong to (authentication policy, consumer).
+    let caller = match &ctx.consumer {
+        Some(c) => {
+            Caller { owner: c.id.to_string(), reads_all: c.scopes.iter().any(|s| s == READ_ALL_SCOPE) }
+        }
+        None => Caller { owner: "anonymous".into(), reads_all: false },
+    };
     let reply = match endpoint {
         ProcessEndpoint::QuoteToOrder => {
+            require_json(session)?;
             let body = read_request_body(session, route.max_body_bytes).await?;
             let key = session.req_header().headers.get("idempotency-key").map(|v| v.as_bytes().to_vec());
             // Keys are per consumer: two consumers may pick the same key without colliding.
-            let scope = ctx.consumer.as_ref().map_or("anonymous", |c| &*c.name).to_string();
-            service.submit(key.as_deref(), &scope, &body, &ctx.correlation.correlation_id).await?
+            service.submit(key.as_deref(), &caller, &body, &ctx.correlation.correlation_id).await?
         }
         ProcessEndpoint::Order => {
-            let path = session.req_header().uri.path().to_string();
+            let path = ctx.path(session).to_string();
             let captures = route.path.matches(&path).unwrap_or_default();
             let id = route.path.param_names().iter().position(|n| n == "id").and_then(|i| captures.get(i));
-            service.order(id.copied().unwrap_or_default()).await?
+            service.order(id.copied().unwrap_or_default(), &caller).await?
         }
         ProcessEndpoint::Orders => {
             let query = session.req_header().uri.query().unwrap_or_default();
@@ -45,7 +55,7 @@ pub async fn serve(
                 .ok_or_else(|| GatewayError::BadRequest {
                     detail: "Give the opportunity to look up as `?opportunityId=…`".into(),
                 })?;
-            service.orders_for(&opportunity).await?
+            service.orders_for(&opportunity, &caller).await?
         }
         ProcessEndpoint::Openapi => {
             Reply { status: 200, location: None, body: OPENAPI.as_bytes().to_vec(), replayed: false }

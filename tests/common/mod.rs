@@ -1,6 +1,7 @@
 //! Test harness: the real `causeway` binary on loopback, in front of the real sandbox.
 #![allow(dead_code)]
 
+pub mod origin;
 pub mod process;
 
 use causeway::erp::sandbox::{LimitsSpec, Sandbox, SandboxConfig};
@@ -109,6 +110,8 @@ pub struct GatewayOptions {
     pub policy_files: Vec<(String, String)>,
     /// Appended to `causeway.yaml` (top-level blocks such as `process:`).
     pub main_extra: String,
+    /// Extra lines under `listen:` (indented two spaces), e.g. `  client_header_timeout_ms: 1000`.
+    pub listen_extra: String,
 }
 
 /// Routes used by most tests: a rewrite onto the sandbox company, a small body limit, a short deadline.
@@ -118,21 +121,25 @@ pub fn default_routes() -> String {
         r#"routes:
   - name: erp-read
     match: {{ methods: [GET], path: "/erp/v2/{{*rest}}" }}
+    public: true
     upstream: bc
     rewrite: "/api/v2.0/companies({company})/{{rest}}"
     timeouts: {{ total_ms: 800 }}
     policies: [strip-cookie]
   - name: erp-write
     match: {{ methods: [POST, PATCH], path: "/erp/v2/{{*rest}}" }}
+    public: true
     upstream: bc
     rewrite: "/api/v2.0/companies({company})/{{rest}}"
     max_body_bytes: 1024
   - name: item-by-id
     match: {{ methods: [GET], path: "/erp/v2/items/{{id}}" }}
+    public: true
     upstream: bc
     rewrite: "/api/v2.0/companies({company})/items({{id}})"
   - name: partner-host
     match: {{ host: partner.example, path: "/partner/companies" }}
+    public: true
     upstream: bc
     rewrite: /api/v2.0/companies
 "#
@@ -155,6 +162,7 @@ impl GatewayOptions {
             shipped_mediation: false,
             policy_files: Vec::new(),
             main_extra: String::new(),
+            listen_extra: String::new(),
         }
     }
 }
@@ -165,7 +173,7 @@ pub fn write_config(dir: &Path, opts: &GatewayOptions, ports: (u16, u16, u16)) {
   proxy: 127.0.0.1:{}
   admin: 127.0.0.1:{}
   metrics: 127.0.0.1:{}
-threads: 1
+{}threads: 1
 shutdown_grace_seconds: {}
 health_probe_seconds: 1
 upstreams:
@@ -182,6 +190,7 @@ upstreams:
         ports.0,
         ports.1,
         ports.2,
+        opts.listen_extra,
         opts.grace_seconds,
         opts.upstream_url,
         opts.upstream_extra,
@@ -220,10 +229,16 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 fn spawn_gateway(dir: &Path, env: &[(String, String)]) -> Child {
+    spawn_serve(dir, env, &[])
+}
+
+/// `causeway serve -c dir` with `extra` arguments (`-u` for a graceful upgrade).
+fn spawn_serve(dir: &Path, env: &[(String, String)], extra: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gateway.log")).unwrap();
     Command::new(binary())
         .args(["serve", "-c"])
         .arg(dir)
+        .args(extra)
         .env("CAUSEWAY_TEST_UPSTREAM_TOKEN", UPSTREAM_TOKEN)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(log.try_clone().unwrap())
@@ -262,6 +277,22 @@ impl TestGateway {
         let _ = self.child.wait();
         self.child = spawn_gateway(self.dir.path(), &self.env);
         self.wait_listening().await;
+    }
+
+    /// A graceful upgrade: start a new process with `-u` on the same configuration, store and
+    /// ports, then SIGQUIT the old one, which hands its listeners over and drains. Returns the
+    /// old process (still draining).
+    pub async fn upgrade(&mut self) -> Child {
+        let next = spawn_serve(self.dir.path(), &self.env, &["-u"]);
+        // The new process asks the old one for its sockets once it is up.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let old = std::mem::replace(&mut self.child, next);
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(old.id() as i32, libc::SIGQUIT);
+        }
+        self.wait_listening().await;
+        old
     }
 
     async fn wait_listening(&self) {

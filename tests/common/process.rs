@@ -35,6 +35,19 @@ pub fn process_options(upstream_url: String, process: &str) -> GatewayOptions {
     o
 }
 
+/// [`process_options`] for the Business Central sandbox's company with `delivery` settings
+/// (a YAML flow mapping such as [`FAST`]).
+pub fn sandbox_options(upstream_url: String, delivery: &str) -> GatewayOptions {
+    process_options(
+        upstream_url,
+        &format!("  erp: bc\n  company: {}\n  delivery: {delivery}\n", data::COMPANY_ID),
+    )
+}
+
+/// Delivery settings that retry quickly.
+pub const FAST: &str =
+    "{ max_attempts: 50, backoff_initial_ms: 100, backoff_max_ms: 1000, inline_wait_ms: 3000 }";
+
 /// The unit price of `item` in the sandbox's `region` price list.
 pub fn price(region: &str, item: &str) -> f64 {
     data::price_list_lines(&data::items())

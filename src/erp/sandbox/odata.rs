@@ -66,22 +66,50 @@ fn parse_target(path: &str) -> Option<(Target<'_>, bool)> {
     Some((target, custom))
 }
 
-/// `field eq 'value'` clauses joined by `and`.
-fn parse_filter(filter: &str) -> Result<Vec<(String, String)>, String> {
-    let mut clauses = Vec::new();
-    for clause in filter.split(" and ") {
-        let clause = clause.trim();
-        let (field, value) = clause.split_once(" eq ").ok_or_else(|| {
-            format!("unsupported $filter clause `{clause}`: only `field eq value` joined by `and`")
-        })?;
-        let value = value.trim();
-        let value = match value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
-            Some(quoted) => quoted.replace("''", "'"),
-            None => value.to_string(),
-        };
-        clauses.push((field.trim().to_string(), value));
+/// One `$filter`: alternatives joined by `or`, each a set of `field eq 'value'` clauses joined
+/// by `and` (`and` binds tighter, as in OData). Quoted values may hold the words `and`/`or`.
+type Filter = Vec<Vec<(String, String)>>;
+
+/// Split `text` at ` <word> ` outside single-quoted literals.
+fn split_outside_quotes<'a>(text: &'a str, word: &str) -> Vec<&'a str> {
+    let sep = format!(" {word} ");
+    let (mut parts, mut start, mut quoted) = (Vec::new(), 0, false);
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\'' {
+            quoted = !quoted;
+        } else if !quoted && text[i..].starts_with(&sep) {
+            parts.push(&text[start..i]);
+            i += sep.len();
+            start = i;
+            continue;
+        }
+        i += 1;
     }
-    Ok(clauses)
+    parts.push(&text[start..]);
+    parts
+}
+
+fn parse_filter(filter: &str) -> Result<Filter, String> {
+    let mut alternatives = Vec::new();
+    for alternative in split_outside_quotes(filter, "or") {
+        let mut clauses = Vec::new();
+        for clause in split_outside_quotes(alternative, "and") {
+            let clause = clause.trim();
+            let (field, value) = clause.split_once(" eq ").ok_or_else(|| {
+                format!("unsupported $filter clause `{clause}`: only `field eq value` joined by `and` / `or`")
+            })?;
+            let value = value.trim();
+            let value = match value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+                Some(quoted) => quoted.replace("''", "'"),
+                None => value.to_string(),
+            };
+            clauses.push((field.trim().to_string(), value));
+        }
+        alternatives.push(clauses);
+    }
+    Ok(alternatives)
 }
 
 fn value_matches(v: &Value, wanted: &str) -> bool {
@@ -94,7 +122,7 @@ fn value_matches(v: &Value, wanted: &str) -> bool {
 }
 
 struct Query {
-    filter: Vec<(String, String)>,
+    filter: Filter,
     top: Option<usize>,
     skip: usize,
     expand_lines: bool,
@@ -121,7 +149,12 @@ fn parse_query(uri: &Uri) -> Result<Query, String> {
 fn list(items: &[Value], q: &Query) -> Response {
     let filtered: Vec<Value> = items
         .iter()
-        .filter(|item| q.filter.iter().all(|(f, v)| item.get(f).is_some_and(|x| value_matches(x, v))))
+        .filter(|item| {
+            q.filter.is_empty()
+                || q.filter
+                    .iter()
+                    .any(|all| all.iter().all(|(f, v)| item.get(f).is_some_and(|x| value_matches(x, v))))
+        })
         .skip(q.skip)
         .take(q.top.unwrap_or(usize::MAX))
         .map(|item| shape(item, q.expand_lines))
@@ -512,9 +545,17 @@ mod tests {
     fn filters() {
         assert_eq!(
             parse_filter("number eq 'C10000' and blocked eq ''").unwrap(),
-            vec![("number".into(), "C10000".into()), ("blocked".into(), "".into())]
+            vec![vec![("number".into(), "C10000".into()), ("blocked".into(), "".into())]]
         );
-        assert_eq!(parse_filter("displayName eq 'O''Neil'").unwrap()[0].1, "O'Neil");
+        assert_eq!(parse_filter("displayName eq 'O''Neil'").unwrap()[0][0].1, "O'Neil");
         assert!(parse_filter("number gt 5").is_err());
+        assert_eq!(
+            parse_filter("number eq 'a' or number eq 'b and c' or number eq 'x or y'").unwrap(),
+            vec![
+                vec![("number".into(), "a".into())],
+                vec![("number".into(), "b and c".into())],
+                vec![("number".into(), "x or y".into())]
+            ]
+        );
     }
 }

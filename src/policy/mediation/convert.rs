@@ -65,7 +65,7 @@ impl Conversion {
                         v
                     ));
                 }
-                Ok(Value::String(format_date(ms.div_euclid(86_400_000))))
+                Ok(Value::String(format_date(ms)))
             }
             Conversion::OdataToDatetime => Ok(Value::String(format_datetime(parse_odata_date(v)?))),
             Conversion::ToString => match v {
@@ -162,7 +162,7 @@ fn parse_odata_date(v: &Value) -> Result<i64, String> {
     let digits_end = inner.char_indices().skip(1).find(|(_, c)| *c == '+' || *c == '-').map(|(i, _)| i);
     let (ms, offset) = digits_end.map_or((inner, ""), |i| inner.split_at(i));
     let offset_ok =
-        offset.is_empty() || (offset.len() == 5 && offset[1..].bytes().all(|b| b.is_ascii_digit()));
+        offset.is_empty() || (offset.len() == 5 && offset.bytes().skip(1).all(|b| b.is_ascii_digit()));
     if !offset_ok {
         return Err(format!("`{s}`: the offset must be +hhmm or -hhmm"));
     }
@@ -174,112 +174,52 @@ fn parse_odata_date(v: &Value) -> Result<i64, String> {
     Ok(ms)
 }
 
-/// RFC 3339 `full-date` or `date-time` → milliseconds since the epoch (UTC).
+/// RFC 3339 `full-date` or `date-time` → milliseconds since the epoch (UTC). Parsed by the
+/// `time` crate; OData dates hold milliseconds, so a finer fraction is refused, not cut.
 pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
+    use time::format_description::well_known::Rfc3339;
     let bad = || format!("`{s}` is not an RFC 3339 date (YYYY-MM-DD) or date-time (YYYY-MM-DDThh:mm:ssZ)");
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
-        let part = s.get(r).ok_or_else(bad)?;
-        if part.is_empty() || !part.bytes().all(|c| c.is_ascii_digit()) {
-            return Err(bad());
+    // Well-formed text naming a day or a time that does not exist says so.
+    let explain = |e: time::error::Parse| {
+        use time::error::{Parse, ParseFromDescription};
+        match e {
+            Parse::TryFromParsed(_) => format!("`{s}`: no such day"),
+            Parse::ParseFromDescription(ParseFromDescription::InvalidComponent(c)) => match c {
+                "day" | "month" | "year" => format!("`{s}`: no such day"),
+                "hour" | "minute" | "second" => format!("`{s}`: no such time of day"),
+                _ => bad(),
+            },
+            _ => bad(),
         }
-        part.parse().map_err(|_| bad())
     };
-    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
-        return Err(bad());
+    let nanos = if s.len() == 10 {
+        let format = time::macros::format_description!("[year]-[month]-[day]");
+        time::Date::parse(s, format).map_err(explain)?.midnight().assume_utc().unix_timestamp_nanos()
+    } else {
+        time::OffsetDateTime::parse(s, &Rfc3339).map_err(explain)?.unix_timestamp_nanos()
+    };
+    if nanos % 1_000_000 != 0 {
+        return Err(format!("`{s}`: OData dates hold milliseconds; finer fractions would be lost"));
     }
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    if !(1..=12).contains(&m) || d < 1 || d > days_in_month(y, m) {
-        return Err(format!("`{s}`: no such day"));
-    }
-    let mut ms = days_from_civil(y, m, d) * 86_400_000;
-    if b.len() == 10 {
-        return Ok(ms);
-    }
-    if b.len() < 20 || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':' {
-        return Err(bad());
-    }
-    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if hh > 23 || mm > 59 || ss > 59 {
-        return Err(format!("`{s}`: no such time of day"));
-    }
-    ms += (hh * 3600 + mm * 60 + ss) * 1000;
-    let mut rest = &s[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(bad());
-        }
-        let millis: String = frac[..digits].chars().chain("00".chars()).take(3).collect();
-        if frac[3.min(digits)..digits].bytes().any(|c| c != b'0') {
-            return Err(format!("`{s}`: OData dates hold milliseconds; finer fractions would be lost"));
-        }
-        ms += millis.parse::<i64>().map_err(|_| bad())?;
-        rest = &frac[digits..];
-    }
-    match rest {
-        "Z" | "z" => Ok(ms),
-        _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") && &rest[3..4] == ":" => {
-            let oh = num(s.len() - 5..s.len() - 3)?;
-            let om = num(s.len() - 2..s.len())?;
-            if oh > 23 || om > 59 {
-                return Err(bad());
-            }
-            let offset = (oh * 60 + om) * 60_000;
-            Ok(if rest.starts_with('+') { ms - offset } else { ms + offset })
-        }
-        _ => Err(bad()),
-    }
+    i64::try_from(nanos / 1_000_000).map_err(|_| bad())
 }
 
-fn is_leap(y: i64) -> bool {
-    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
+fn datetime(ms: i64) -> time::OffsetDateTime {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-fn days_in_month(y: i64, m: i64) -> i64 {
-    match m {
-        2 if is_leap(y) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
+fn format_date(ms: i64) -> String {
+    let d = datetime(ms).date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
-/// Days since 1970-01-01 (H. Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-fn format_date(days: i64) -> String {
-    let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// Unix milliseconds as an RFC 3339 UTC timestamp.
+/// Unix milliseconds as an RFC 3339 UTC timestamp (milliseconds shown only when not zero).
 pub fn format_datetime(ms: i64) -> String {
-    let days = ms.div_euclid(86_400_000);
-    let rem = ms.rem_euclid(86_400_000);
-    let (h, mi, s, milli) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);
+    let t = datetime(ms);
+    let milli = t.millisecond();
     let frac = if milli == 0 { String::new() } else { format!(".{milli:03}") };
-    format!("{}T{h:02}:{mi:02}:{s:02}{frac}Z", format_date(days))
+    format!("{}T{:02}:{:02}:{:02}{frac}Z", format_date(ms), t.hour(), t.minute(), t.second())
 }
 
 #[cfg(test)]
@@ -355,7 +295,8 @@ mod tests {
             json!("/Date(1709164800000)/")
         );
         assert!(conv(Conversion::OdataToDate, json!("/Date(1546992000001)/")).is_err(), "time of day");
-        assert!(conv(Conversion::DateToOdata, json!("2023-02-29")).is_err(), "not a leap year");
+        let no_day = conv(Conversion::DateToOdata, json!("2023-02-29")).unwrap_err();
+        assert!(no_day.contains("no such day"), "not a leap year: {no_day}");
         assert!(conv(Conversion::DateToOdata, json!("2026-13-01")).is_err());
         assert!(conv(Conversion::DateToOdata, json!("2026-11-27T25:00:00Z")).is_err());
         assert!(conv(Conversion::DateToOdata, json!("2026-11-27T10:00:00.1234Z")).is_err(), "sub-ms lost");
@@ -366,11 +307,37 @@ mod tests {
     }
 
     #[test]
-    fn every_day_of_four_centuries_round_trips() {
-        for days in (-146_097 * 2)..(146_097 * 2) {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
+    fn non_ascii_and_odd_text_is_refused_never_a_panic() {
+        for bad in [
+            "2026-12-01T00:00:00éabcd",
+            "2026-12-01T00:00:00é",
+            "2026-12-01Té0:00:00Z",
+            "2026-1é-01",
+            "éééééééééé",
+            "2026-12-01T00:00:00.ééZ",
+            "2026-12-01T00:00:00+0é:00",
+            "２０２６-12-01",
+            "2026-12-01T00:00:00\u{0}Z",
+            "",
+            "+10000-01-01",
+        ] {
+            assert!(parse_rfc3339(bad).is_err(), "{bad:?} must be refused");
+            assert!(conv(Conversion::DateToOdata, json!(bad)).is_err());
         }
+        assert!(conv(Conversion::OdataToDate, json!("/Date(1é)/")).is_err());
+        assert!(conv(Conversion::OdataToDate, json!("/Date(1+é000)/")).is_err());
+    }
+
+    #[test]
+    fn every_day_of_four_centuries_round_trips_through_text() {
+        for days in (-146_097 * 2)..(146_097 * 2) {
+            let ms = days * 86_400_000;
+            if !(-62_167_219_200_000..=253_402_300_799_999).contains(&ms) {
+                continue;
+            }
+            assert_eq!(parse_rfc3339(&format_date(ms)).unwrap(), ms);
+        }
+        assert_eq!(format_datetime(1_795_771_800_250), "2026-11-27T09:30:00.250Z");
     }
 
     #[test]
