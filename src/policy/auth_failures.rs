@@ -5,7 +5,7 @@
 //! and at most `MAX_ADDRESSES` are tracked.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,10 @@ pub struct FailureLimiter {
     max_failures: u32,
     window: Duration,
     addresses: moka::sync::Cache<IpAddr, Arc<Window>>,
+    /// When the last failure was recorded (ms after `epoch`; 0: never): with none in the last
+    /// window, no address can be refused and the lookup is skipped (the common case).
+    last_failure_ms: AtomicU64,
+    epoch: Instant,
 }
 
 impl std::fmt::Debug for FailureLimiter {
@@ -34,6 +38,8 @@ impl FailureLimiter {
             max_failures,
             window,
             addresses: moka::sync::Cache::builder().max_capacity(MAX_ADDRESSES).time_to_live(window).build(),
+            last_failure_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
@@ -43,6 +49,10 @@ impl FailureLimiter {
 
     /// Seconds until `ip` may try again, when it used up its failures.
     pub fn refused(&self, ip: IpAddr) -> Option<u64> {
+        let last = self.last_failure_ms.load(Ordering::Relaxed);
+        if last == 0 || self.epoch.elapsed().as_millis() as u64 > last + self.window.as_millis() as u64 {
+            return None;
+        }
         let w = self.addresses.get(&ip)?;
         if w.failures.load(Ordering::Relaxed) < self.max_failures {
             return None;
@@ -53,6 +63,8 @@ impl FailureLimiter {
 
     /// Count one failed authentication of `ip`.
     pub fn record(&self, ip: IpAddr) {
+        let now_ms = (self.epoch.elapsed().as_millis() as u64).max(1);
+        self.last_failure_ms.store(now_ms, Ordering::Relaxed);
         let w = self
             .addresses
             .get_with(ip, || Arc::new(Window { started: Instant::now(), failures: AtomicU32::new(0) }));

@@ -33,8 +33,12 @@ pub fn strip_caller_credentials(req: &mut RequestHeader, also: &[http::HeaderNam
     }
 }
 
-/// Remove the upstream session headers the route does not pass.
+/// Remove the upstream session headers the route does not pass. One pass over the response's
+/// few headers; a removal only when one is there (rare).
 pub fn strip_upstream_session(resp: &mut ResponseHeader, names: &[http::HeaderName]) {
+    if !resp.headers.keys().any(|k| names.contains(k)) {
+        return;
+    }
     for name in names {
         resp.remove_header(name);
     }

@@ -423,6 +423,7 @@ impl ProxyHttp for Gateway {
             .str("correlation_id", &ctx.correlation.correlation_id)
             .str("trace_id", &ctx.correlation.trace_id)
             .write();
+        crate::observe::allocator::collect_if_due();
     }
 }
 
