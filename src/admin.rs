@@ -2,6 +2,7 @@
 //! on its own, and the background probe that decides readiness.
 
 use crate::config::Config;
+use crate::error::GatewayError;
 use crate::observe::metrics::Metrics;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -64,18 +65,19 @@ pub struct AdminApp {
     pub process: Option<Arc<crate::process::service::QuoteToOrder>>,
 }
 
-fn problem(status: u16, slug: &str, title: &str, detail: &str, instance: Option<&str>) -> Response<Vec<u8>> {
-    let mut body = json!({
-        "type": format!("{}{slug}", crate::error::PROBLEM_BASE),
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "correlation_id": uuid::Uuid::now_v7().to_string(),
-    });
-    if let Some(i) = instance {
-        body["instance"] = json!(i);
+/// A problem answer of an operations listener: rendered by the one builder, with a correlation
+/// id minted for it (these listeners take none from the caller).
+fn problem(err: &GatewayError, instance: &str) -> Response<Vec<u8>> {
+    let correlation_id = uuid::Uuid::now_v7().to_string();
+    let p = err.to_problem(instance, &correlation_id);
+    let mut resp = Response::builder()
+        .status(p.status)
+        .header(http::header::CONTENT_LENGTH, p.body.len())
+        .header(crate::observe::correlation::CORRELATION_HEADER, correlation_id.as_str());
+    for (name, value) in &p.headers {
+        resp = resp.header(*name, value.as_str());
     }
-    json_response(status, "application/problem+json", body.to_string().into_bytes())
+    resp.body(p.body.to_vec()).expect("problem parts are valid")
 }
 
 #[async_trait]
@@ -86,14 +88,10 @@ impl ServeHttp for AdminApp {
             "/healthz" => json_response(200, "application/json", br#"{"status":"ok"}"#.to_vec()),
             "/readyz" => {
                 let (ready, mut body) = self.health.readiness(&self.config.load());
-                body["status"] = json!(if ready { "ready" } else { "not ready" });
                 if !ready {
-                    body["type"] = json!(format!("{}not-ready", crate::error::PROBLEM_BASE));
-                    body["title"] = json!("Not ready");
-                    body["status"] = json!(503);
-                    body["detail"] = json!("An upstream did not answer the last reachability probe; see `upstreams`. Traffic to it would fail with 502.");
-                    return json_response(503, "application/problem+json", body.to_string().into_bytes());
+                    return problem(&GatewayError::NotReady { upstreams: body["upstreams"].take() }, &path);
                 }
+                body["status"] = json!("ready");
                 json_response(200, "application/json", body.to_string().into_bytes())
             }
             "/admin/reload" if session.req_header().method == http::Method::POST => {
@@ -106,16 +104,12 @@ impl ServeHttp for AdminApp {
                         "application/json",
                         json!({"status": "reloaded", "config": summary}).to_string().into_bytes(),
                     ),
-                    Err(diagnostics) => {
-                        let body = json!({
-                            "type": format!("{}invalid-configuration", crate::error::PROBLEM_BASE),
-                            "title": "Configuration rejected",
-                            "status": 422,
-                            "detail": "The new configuration is invalid; the previous one keeps serving. Fix the files listed in `diagnostics`.",
-                            "diagnostics": diagnostics.lines().collect::<Vec<_>>(),
-                        });
-                        json_response(422, "application/problem+json", body.to_string().into_bytes())
-                    }
+                    Err(diagnostics) => problem(
+                        &GatewayError::InvalidConfiguration {
+                            diagnostics: diagnostics.lines().map(String::from).collect(),
+                        },
+                        &path,
+                    ),
                 }
             }
             p if p.starts_with("/admin/dead-letters") => {
@@ -130,7 +124,7 @@ impl ServeHttp for AdminApp {
                 }
                 self.budgets(session, p)
             }
-            _ => not_found(&path),
+            _ => problem(&GatewayError::UnknownOperationsPath { listener: "admin" }, &path),
         }
     }
 }
@@ -153,7 +147,11 @@ impl AdminApp {
                 json_response(200, "application/json", json!({ "value": list }).to_string().into_bytes())
             }
             (false, [name]) => match budget_of(name) {
-                Some(b) => json_response(200, "application/json", json!(b.budget.snapshot()).to_string().into_bytes()),
+                Some(b) => json_response(
+                    200,
+                    "application/json",
+                    json!(b.budget.snapshot()).to_string().into_bytes(),
+                ),
                 None => no_budget(name, path),
             },
             (true, [name, "resume"]) => match budget_of(name) {
@@ -168,22 +166,16 @@ impl AdminApp {
                 }
                 None => no_budget(name, path),
             },
-            _ => problem(
-                404,
-                "route-not-found",
-                "Not found",
-                "Budgets: GET /admin/budgets, GET /admin/budgets/{upstream}, POST /admin/budgets/{upstream}/resume.",
-                Some(path),
-            ),
+            _ => problem(&GatewayError::UnknownOperationsPath { listener: "admin" }, path),
         }
     }
 
     /// `None` when the admin token was presented as a bearer credential, else the problem
     /// to answer with.
     fn refusal(&self, session: &ServerSession, what: &str) -> Option<Response<Vec<u8>>> {
+        let path = session.req_header().uri.path();
         let Some(token) = &self.admin_token else {
-            let detail = format!("Set CAUSEWAY_ADMIN_TOKEN to enable {what}.");
-            return Some(problem(403, "admin-disabled", "Admin API disabled", &detail, None));
+            return Some(problem(&GatewayError::AdminDisabled { what: what.into() }, path));
         };
         let presented = session
             .req_header()
@@ -194,37 +186,22 @@ impl AdminApp {
         if presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
             return None;
         }
-        let mut resp = problem(
-            401,
-            "unauthenticated",
-            "Authentication required",
-            "Send Authorization: Bearer <CAUSEWAY_ADMIN_TOKEN>.",
-            None,
-        );
-        resp.headers_mut().insert(
-            http::header::WWW_AUTHENTICATE,
-            http::HeaderValue::from_static("Bearer realm=\"causeway-admin\""),
-        );
-        Some(resp)
+        let unauthenticated = GatewayError::Unauthenticated {
+            reason: if presented.is_some() { "bad_admin_token" } else { "missing" },
+            description: "the admin API takes Authorization: Bearer <CAUSEWAY_ADMIN_TOKEN>",
+            challenge: "Bearer realm=\"causeway-admin\"".into(),
+        };
+        Some(problem(&unauthenticated, path))
     }
 
     /// `GET /admin/dead-letters`, `POST /admin/dead-letters/replay` (all) and
     /// `POST /admin/dead-letters/{id}/replay`.
     async fn dead_letters(&self, session: &ServerSession, path: &str) -> Response<Vec<u8>> {
         let Some(service) = &self.process else {
-            let detail = "causeway.yaml has no `process:` block, so there are no orders.";
-            return problem(404, "process-disabled", "Process APIs not configured", detail, Some(path));
+            return problem(&GatewayError::ProcessDisabled, path);
         };
         let post = session.req_header().method == http::Method::POST;
-        let unavailable = |e: crate::process::store::StoreError| {
-            problem(
-                503,
-                "store-unavailable",
-                "Order store unavailable",
-                &format!("{e}. Retry later."),
-                Some(path),
-            )
-        };
+        let unavailable = |e: crate::process::store::StoreError| problem(&GatewayError::from(e), path);
         let segments: Vec<&str> = path.trim_start_matches("/admin/dead-letters").split('/').skip(1).collect();
         match (post, segments.as_slice()) {
             (false, []) => match service.dead_letters(1000).await {
@@ -243,39 +220,20 @@ impl AdminApp {
                         .to_string()
                         .into_bytes(),
                 ),
-                Ok(false) => problem(
-                    409,
-                    "not-dead-lettered",
-                    "Order is not dead-lettered",
-                    "Only dead-lettered orders can be replayed; GET /admin/dead-letters lists them.",
-                    Some(path),
-                ),
+                Ok(false) => problem(&GatewayError::NotDeadLettered { id: id.to_string() }, path),
                 Err(e) => unavailable(e),
             },
-            _ => problem(
-                404,
-                "route-not-found",
-                "Not found",
-                "Dead letters: GET /admin/dead-letters, POST /admin/dead-letters/replay, POST /admin/dead-letters/{id}/replay.",
-                Some(path),
-            ),
+            _ => problem(&GatewayError::UnknownOperationsPath { listener: "admin" }, path),
         }
     }
 }
 
 fn no_budget(name: &str, path: &str) -> Response<Vec<u8>> {
-    let detail = format!("No upstream `{name}` with a budget; GET /admin/budgets lists them.");
-    problem(404, "budget-not-found", "No such ERP budget", &detail, Some(path))
+    problem(&GatewayError::BudgetNotFound { upstream: name.to_string() }, path)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn not_found(path: &str) -> Response<Vec<u8>> {
-    let detail =
-        "This listener serves /healthz and /readyz (metrics are on the metrics listener at /metrics).";
-    problem(404, "route-not-found", "Not found", detail, Some(path))
 }
 
 pub struct MetricsApp {
@@ -288,7 +246,7 @@ impl ServeHttp for MetricsApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         if path != "/metrics" {
-            return not_found(&path);
+            return problem(&GatewayError::UnknownOperationsPath { listener: "metrics" }, &path);
         }
         // Gauges of what time changes by itself are brought up to date when they are read.
         for upstream in self.config.load().upstreams.values() {

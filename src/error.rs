@@ -1,7 +1,9 @@
-//! The one error type of the request path and its RFC 9457 rendering.
+//! The one error type of everything a caller can be told, and its RFC 9457 rendering.
 //!
-//! Layers return a [`GatewayError`]; only [`GatewayError::to_problem`] decides what the caller
-//! sees. Rendering never logs: the access log records the outcome.
+//! Layers return a [`GatewayError`] — the proxy's routes, the process APIs and the admin listener
+//! alike; [`GatewayError::to_problem`] renders it with the one builder ([`ProblemBuilder`]), which
+//! pingora's own error answers use too. Rendering never logs: the access log records the outcome.
+//! This module imports no domain type: domains convert into it.
 
 use bytes::Bytes;
 use serde_json::json;
@@ -25,8 +27,9 @@ pub enum GatewayError {
     UpstreamProtocol { upstream: String },
     #[error("bad request: {detail}")]
     BadRequest { detail: String },
-    #[error("unauthenticated: {}", reason.as_str())]
-    Unauthenticated { reason: crate::policy::auth::AuthFailure, challenge: String },
+    /// `reason` is a stable code (a metrics label too), `description` says it in words.
+    #[error("unauthenticated: {reason}")]
+    Unauthenticated { reason: &'static str, description: &'static str, challenge: String },
     #[error("missing scopes {missing:?}")]
     Forbidden { missing: Vec<String> },
     #[error("rate limited")]
@@ -64,7 +67,7 @@ pub enum GatewayError {
     #[error("opportunity {opportunity_id} is `{stage}`, not Closed Won")]
     OpportunityNotWon { opportunity_id: String, stage: String },
     #[error("{} quote rule violation(s)", violations.len())]
-    QuoteRejected { violations: Vec<crate::process::rules::RuleViolation> },
+    QuoteRejected { violations: Vec<RuleBreach> },
     #[error("the ERP rejected the order: {message}")]
     ErpRejected { upstream: String, message: String },
     #[error("order {id} not found")]
@@ -77,6 +80,20 @@ pub enum GatewayError {
     AuthThrottled { retry_after: u64 },
     #[error("opportunity {opportunity_id} already has an order of another consumer")]
     OpportunityTaken { opportunity_id: String },
+    #[error("the admin API is disabled")]
+    AdminDisabled { what: String },
+    #[error("configuration rejected")]
+    InvalidConfiguration { diagnostics: Vec<String> },
+    #[error("process APIs not configured")]
+    ProcessDisabled,
+    #[error("order {id} is not dead-lettered")]
+    NotDeadLettered { id: String },
+    #[error("no budget for upstream {upstream}")]
+    BudgetNotFound { upstream: String },
+    #[error("no such path on this listener")]
+    UnknownOperationsPath { listener: &'static str },
+    #[error("not ready")]
+    NotReady { upstreams: serde_json::Value },
     #[error("internal error")]
     Internal,
 }
@@ -92,11 +109,75 @@ pub struct Violation {
     pub message: String,
 }
 
-/// A rendered problem: status, body and the `type` slug (for logs and metrics).
+/// A business rule a request broke (the process APIs' rules), as the caller reads it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RuleBreach {
+    /// JSON pointer into the request.
+    pub pointer: String,
+    /// Stable code, e.g. `customer.blocked`.
+    pub code: &'static str,
+    pub message: String,
+    /// What the caller can do about it.
+    pub remedy: String,
+}
+
+/// The media type of every problem.
+pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
+
+/// A rendered problem: status, body, the headers it needs (content type, `cache-control`, and
+/// `WWW-Authenticate`, `Retry-After` or `Allow` where the status calls for one) and the `type`
+/// slug (for logs and metrics). Every listener writes these as they are.
 pub struct Problem {
     pub status: u16,
     pub slug: &'static str,
     pub body: Bytes,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Builds every problem body: `type`, `title`, `status`, `detail`, `instance` (when known),
+/// `correlation_id`, and members of its own.
+pub struct ProblemBuilder {
+    status: u16,
+    slug: &'static str,
+    body: serde_json::Map<String, serde_json::Value>,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl ProblemBuilder {
+    pub fn new(status: u16, slug: &'static str, title: &str, detail: &str, correlation_id: &str) -> Self {
+        let mut body = serde_json::Map::new();
+        body.insert("type".into(), json!(format!("{PROBLEM_BASE}{slug}")));
+        body.insert("title".into(), json!(title));
+        body.insert("status".into(), json!(status));
+        body.insert("detail".into(), json!(detail));
+        body.insert("correlation_id".into(), json!(correlation_id));
+        let headers =
+            vec![("content-type", PROBLEM_CONTENT_TYPE.to_string()), ("cache-control", "no-store".into())];
+        ProblemBuilder { status, slug, body, headers }
+    }
+
+    /// The request path the problem is about (left out when unknown or empty).
+    pub fn instance(mut self, instance: &str) -> Self {
+        if !instance.is_empty() {
+            self.body.insert("instance".into(), json!(instance));
+        }
+        self
+    }
+
+    pub fn member(mut self, name: &str, value: serde_json::Value) -> Self {
+        self.body.insert(name.into(), value);
+        self
+    }
+
+    pub fn header(mut self, name: &'static str, value: String) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    pub fn build(self) -> Problem {
+        let body = Bytes::from(serde_json::Value::Object(self.body).to_string());
+        Problem { status: self.status, slug: self.slug, body, headers: self.headers }
+    }
 }
 
 impl GatewayError {
@@ -115,6 +196,13 @@ impl GatewayError {
             | GatewayError::TransformTooLarge { .. } => 500,
             GatewayError::TransformBusy => 503,
             GatewayError::Internal => 500,
+            GatewayError::AdminDisabled { .. } => 403,
+            GatewayError::InvalidConfiguration { .. } => 422,
+            GatewayError::ProcessDisabled
+            | GatewayError::BudgetNotFound { .. }
+            | GatewayError::UnknownOperationsPath { .. } => 404,
+            GatewayError::NotDeadLettered { .. } => 409,
+            GatewayError::NotReady { .. } => 503,
             GatewayError::UnsupportedMediaType { .. } => 415,
             GatewayError::AuthThrottled { .. } => 429,
             GatewayError::OpportunityTaken { .. } => 409,
@@ -136,7 +224,7 @@ impl GatewayError {
     }
 
     /// Headers the status requires besides the body: `WWW-Authenticate`, `Retry-After`.
-    pub fn headers(&self) -> Vec<(&'static str, String)> {
+    fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
             GatewayError::Unauthenticated { challenge, .. } => vec![("www-authenticate", challenge.clone())],
             GatewayError::RateLimited { retry_after }
@@ -172,6 +260,13 @@ impl GatewayError {
             }
             GatewayError::BadRequest { .. } => ("bad-request", "The request is malformed"),
             GatewayError::Internal => ("internal", "Internal gateway error"),
+            GatewayError::AdminDisabled { .. } => ("admin-disabled", "Admin API disabled"),
+            GatewayError::InvalidConfiguration { .. } => ("invalid-configuration", "Configuration rejected"),
+            GatewayError::ProcessDisabled => ("process-disabled", "Process APIs not configured"),
+            GatewayError::NotDeadLettered { .. } => ("not-dead-lettered", "Order is not dead-lettered"),
+            GatewayError::BudgetNotFound { .. } => ("budget-not-found", "No such ERP budget"),
+            GatewayError::UnknownOperationsPath { .. } => ("route-not-found", "Not found"),
+            GatewayError::NotReady { .. } => ("not-ready", "Not ready"),
             GatewayError::UnsupportedMediaType { .. } => {
                 ("unsupported-media-type", "The request body must be JSON")
             }
@@ -255,6 +350,20 @@ impl GatewayError {
             ),
             GatewayError::BadRequest { detail } => format!("{detail}. Correct the request and send it again."),
             GatewayError::Internal => "The gateway failed unexpectedly. Retry; if it persists, report the correlation id.".into(),
+            GatewayError::AdminDisabled { what } => format!("Set CAUSEWAY_ADMIN_TOKEN to enable {what}."),
+            GatewayError::InvalidConfiguration { .. } => "The new configuration is invalid; the previous one keeps serving. Fix the files listed in `diagnostics`.".into(),
+            GatewayError::ProcessDisabled => "causeway.yaml has no `process:` block, so there are no orders.".into(),
+            GatewayError::NotDeadLettered { id } => format!(
+                "Order `{id}` is not dead-lettered; only dead-lettered orders can be replayed. GET /admin/dead-letters lists them."
+            ),
+            GatewayError::BudgetNotFound { upstream } => {
+                format!("No upstream `{upstream}` with a budget; GET /admin/budgets lists them.")
+            }
+            GatewayError::UnknownOperationsPath { listener } => match *listener {
+                "metrics" => "This listener serves /metrics only.".into(),
+                _ => "This listener serves /healthz, /readyz, /admin/reload, /admin/budgets[/{upstream}[/resume]] and /admin/dead-letters[/{id}]/replay.".into(),
+            },
+            GatewayError::NotReady { .. } => "An upstream did not answer the last reachability probe; see `upstreams`. Traffic to it would fail with 502.".into(),
             GatewayError::UnsupportedMediaType { found } => format!(
                 "This route reads a JSON body, but the request's Content-Type is {}. Send the body with Content-Type: application/json.",
                 found.as_deref().map_or("missing".to_string(), |f| format!("`{f}`"))
@@ -310,9 +419,8 @@ impl GatewayError {
             GatewayError::StoreUnavailable { detail } => format!(
                 "The gateway could not record the order ({detail}). Nothing was sent to the ERP; retry with the same Idempotency-Key."
             ),
-            GatewayError::Unauthenticated { reason, .. } => format!(
-                "Authentication failed: {}. Send a valid bearer token or API key as this route requires.",
-                reason.describe()
+            GatewayError::Unauthenticated { description, .. } => format!(
+                "Authentication failed: {description}. Send a valid bearer token or API key as this route requires."
             ),
             GatewayError::Forbidden { missing } => format!(
                 "The credential is valid but lacks the scope(s) {}. Ask for a token or key that grants them.",
@@ -333,29 +441,29 @@ impl GatewayError {
         }
     }
 
-    /// The RFC 9457 body, with the correlation id so the caller can quote it.
+    /// The RFC 9457 problem, with the correlation id so the caller can quote it.
     pub fn to_problem(&self, instance: &str, correlation_id: &str) -> Problem {
         let (slug, title) = self.slug_title();
-        let status = self.status();
-        let mut body = json!({
-            "type": format!("{PROBLEM_BASE}{slug}"),
-            "title": title,
-            "status": status,
-            "detail": self.detail(),
-            "instance": instance,
-            "correlation_id": correlation_id,
-        });
-        match self {
-            GatewayError::BodyTooLarge { limit } => body["max_body_bytes"] = json!(limit),
-            GatewayError::Forbidden { missing } => body["missing_scopes"] = json!(missing),
-            GatewayError::Unauthenticated { reason, .. } => body["reason"] = json!(reason.as_str()),
-            GatewayError::ValidationFailed { violations } => body["errors"] = json!(violations),
-            GatewayError::RequestUnmappable { pointer, .. } => body["pointer"] = json!(pointer),
-            GatewayError::QuoteRejected { violations } => body["violations"] = json!(violations),
-            GatewayError::ErpRejected { message, .. } => body["erp_message"] = json!(message),
-            _ => {}
+        let mut p = ProblemBuilder::new(self.status(), slug, title, &self.detail(), correlation_id)
+            .instance(instance);
+        p = match self {
+            GatewayError::BodyTooLarge { limit } => p.member("max_body_bytes", json!(limit)),
+            GatewayError::Forbidden { missing } => p.member("missing_scopes", json!(missing)),
+            GatewayError::Unauthenticated { reason, .. } => p.member("reason", json!(reason)),
+            GatewayError::ValidationFailed { violations } => p.member("errors", json!(violations)),
+            GatewayError::RequestUnmappable { pointer, .. } => p.member("pointer", json!(pointer)),
+            GatewayError::QuoteRejected { violations } => p.member("violations", json!(violations)),
+            GatewayError::ErpRejected { message, .. } => p.member("erp_message", json!(message)),
+            GatewayError::InvalidConfiguration { diagnostics } => p.member("diagnostics", json!(diagnostics)),
+            GatewayError::NotReady { upstreams } => {
+                p.member("upstreams", upstreams.clone()).member("config", json!("loaded"))
+            }
+            _ => p,
+        };
+        for (name, value) in self.headers() {
+            p = p.header(name, value);
         }
-        Problem { status, slug, body: Bytes::from(body.to_string()) }
+        p.build()
     }
 }
 
@@ -411,14 +519,9 @@ pub fn pingora_error_body(status: u16) -> Option<(&'static str, Bytes)> {
         ),
         _ => ("internal", "Internal gateway error", "The gateway failed unexpectedly. Retry; if it persists, report the correlation id."),
     };
-    let body = json!({
-        "type": format!("{PROBLEM_BASE}{slug}"),
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "correlation_id": uuid::Uuid::now_v7().to_string(),
-    });
-    Some(("application/problem+json", Bytes::from(body.to_string())))
+    let correlation_id = uuid::Uuid::now_v7().to_string();
+    let problem = ProblemBuilder::new(status, slug, title, detail, &correlation_id).build();
+    Some((PROBLEM_CONTENT_TYPE, problem.body))
 }
 
 #[cfg(test)]
@@ -436,6 +539,157 @@ mod tests {
         assert_eq!(v["correlation_id"], "abc");
         assert_eq!(v["max_body_bytes"], 10);
         assert!(v["detail"].as_str().unwrap().contains("at most 10 bytes"));
+    }
+
+    /// One of every variant; the match below has no wildcard, so a new variant must be added here.
+    fn every_variant() -> Vec<GatewayError> {
+        let s = || "x".to_string();
+        let all = vec![
+            GatewayError::RouteNotFound { method: "GET".into(), path: "/x".into() },
+            GatewayError::MethodNotAllowed { method: "PUT".into(), allowed: vec!["GET".into()] },
+            GatewayError::BodyTooLarge { limit: 10 },
+            GatewayError::UpstreamUnreachable { upstream: s() },
+            GatewayError::UpstreamTimeout { upstream: s() },
+            GatewayError::UpstreamProtocol { upstream: s() },
+            GatewayError::BadRequest { detail: s() },
+            GatewayError::Unauthenticated {
+                reason: "missing",
+                description: "none",
+                challenge: "Bearer".into(),
+            },
+            GatewayError::Forbidden { missing: vec![s()] },
+            GatewayError::RateLimited { retry_after: 1 },
+            GatewayError::ErpBusy { upstream: s(), retry_after: 1 },
+            GatewayError::ErpCircuitOpen { upstream: s(), retry_after: 1 },
+            GatewayError::ErpOverloaded { upstream: s(), retry_after: 1 },
+            GatewayError::InvalidJson { detail: s() },
+            GatewayError::ValidationFailed { violations: vec![] },
+            GatewayError::RequestUnmappable { pointer: s(), detail: s() },
+            GatewayError::ResponseUnmappable { upstream: s(), pointer: s(), detail: s() },
+            GatewayError::TransformFailed { direction: "request", detail: s() },
+            GatewayError::TransformTimeout { direction: "request", limit_ms: 1 },
+            GatewayError::TransformTooLarge { direction: "request", limit: 1 },
+            GatewayError::TransformBusy,
+            GatewayError::IdempotencyKeyMissing,
+            GatewayError::IdempotencyKeyInvalid { detail: s() },
+            GatewayError::IdempotencyKeyInFlight,
+            GatewayError::IdempotencyKeyReused,
+            GatewayError::OpportunityNotWon { opportunity_id: s(), stage: s() },
+            GatewayError::QuoteRejected { violations: vec![] },
+            GatewayError::ErpRejected { upstream: s(), message: s() },
+            GatewayError::OrderNotFound { id: s() },
+            GatewayError::StoreUnavailable { detail: s() },
+            GatewayError::UnsupportedMediaType { found: None },
+            GatewayError::AuthThrottled { retry_after: 1 },
+            GatewayError::OpportunityTaken { opportunity_id: s() },
+            GatewayError::AdminDisabled { what: s() },
+            GatewayError::InvalidConfiguration { diagnostics: vec![] },
+            GatewayError::ProcessDisabled,
+            GatewayError::NotDeadLettered { id: s() },
+            GatewayError::BudgetNotFound { upstream: s() },
+            GatewayError::UnknownOperationsPath { listener: "admin" },
+            GatewayError::NotReady { upstreams: json!({}) },
+            GatewayError::Internal,
+        ];
+        for e in &all {
+            match e {
+                GatewayError::RouteNotFound { .. }
+                | GatewayError::MethodNotAllowed { .. }
+                | GatewayError::BodyTooLarge { .. }
+                | GatewayError::UpstreamUnreachable { .. }
+                | GatewayError::UpstreamTimeout { .. }
+                | GatewayError::UpstreamProtocol { .. }
+                | GatewayError::BadRequest { .. }
+                | GatewayError::Unauthenticated { .. }
+                | GatewayError::Forbidden { .. }
+                | GatewayError::RateLimited { .. }
+                | GatewayError::ErpBusy { .. }
+                | GatewayError::ErpCircuitOpen { .. }
+                | GatewayError::ErpOverloaded { .. }
+                | GatewayError::InvalidJson { .. }
+                | GatewayError::ValidationFailed { .. }
+                | GatewayError::RequestUnmappable { .. }
+                | GatewayError::ResponseUnmappable { .. }
+                | GatewayError::TransformFailed { .. }
+                | GatewayError::TransformTimeout { .. }
+                | GatewayError::TransformTooLarge { .. }
+                | GatewayError::TransformBusy
+                | GatewayError::IdempotencyKeyMissing
+                | GatewayError::IdempotencyKeyInvalid { .. }
+                | GatewayError::IdempotencyKeyInFlight
+                | GatewayError::IdempotencyKeyReused
+                | GatewayError::OpportunityNotWon { .. }
+                | GatewayError::QuoteRejected { .. }
+                | GatewayError::ErpRejected { .. }
+                | GatewayError::OrderNotFound { .. }
+                | GatewayError::StoreUnavailable { .. }
+                | GatewayError::UnsupportedMediaType { .. }
+                | GatewayError::AuthThrottled { .. }
+                | GatewayError::OpportunityTaken { .. }
+                | GatewayError::AdminDisabled { .. }
+                | GatewayError::InvalidConfiguration { .. }
+                | GatewayError::ProcessDisabled
+                | GatewayError::NotDeadLettered { .. }
+                | GatewayError::BudgetNotFound { .. }
+                | GatewayError::UnknownOperationsPath { .. }
+                | GatewayError::NotReady { .. }
+                | GatewayError::Internal => {}
+            }
+        }
+        all
+    }
+
+    /// The problem types the README's "Problems" section names.
+    fn documented_slugs(members: &std::collections::BTreeSet<String>) -> std::collections::BTreeSet<String> {
+        let readme = include_str!("../README.md");
+        let start = readme.find("### Problems").expect("README has a Problems section");
+        let section = &readme[start..];
+        let section = &section[..section[4..].find("\n## ").map_or(section.len(), |e| e + 4)];
+        section
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+            .filter(|t| !members.contains(*t))
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn every_problem_is_built_by_the_one_builder_and_documented() {
+        let mut produced = std::collections::BTreeSet::new();
+        // Body member names also appear in backticks in the README; they are not types.
+        let mut members = std::collections::BTreeSet::new();
+        for e in every_variant() {
+            let p = e.to_problem("/x", "corr-1");
+            assert_eq!(p.status, e.status());
+            let body: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+            members.extend(body.as_object().unwrap().keys().cloned());
+            assert_eq!(body["type"], format!("{PROBLEM_BASE}{}", p.slug), "{e:?}");
+            assert_eq!(body["status"], p.status);
+            assert_eq!(body["correlation_id"], "corr-1");
+            assert_eq!(body["instance"], "/x");
+            for member in ["title", "detail"] {
+                assert!(body[member].as_str().is_some_and(|t| !t.is_empty()), "{e:?}: {member}");
+            }
+            assert!(p.headers.contains(&("content-type", PROBLEM_CONTENT_TYPE.to_string())), "{e:?}");
+            assert!(p.headers.contains(&("cache-control", "no-store".to_string())), "{e:?}");
+            produced.insert(p.slug.to_string());
+        }
+        for status in [400, 405, 408, 413, 431, 500, 502] {
+            let (content_type, body) = pingora_error_body(status).unwrap();
+            assert_eq!(content_type, PROBLEM_CONTENT_TYPE);
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["status"], status);
+            assert!(body["correlation_id"].as_str().is_some_and(|c| c.len() == 36));
+            let slug = body["type"].as_str().unwrap().trim_start_matches(PROBLEM_BASE).to_string();
+            produced.insert(slug);
+        }
+        let documented = documented_slugs(&members);
+        let undocumented: Vec<_> = produced.difference(&documented).collect();
+        let unproduced: Vec<_> = documented.difference(&produced).collect();
+        assert!(undocumented.is_empty(), "problem types missing from the README: {undocumented:?}");
+        assert!(unproduced.is_empty(), "README names types nothing produces: {unproduced:?}");
     }
 
     #[test]

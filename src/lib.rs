@@ -12,4 +12,7 @@ pub mod policy;
 pub mod process;
 pub mod proxy;
 pub mod reload;
+pub mod route;
+#[cfg(feature = "sandbox")]
+pub mod sandbox;
 pub mod server;

@@ -35,6 +35,7 @@ enum Command {
         config: PathBuf,
     },
     /// Run only the built-in ERP sandbox (Business Central API v2.0 subset).
+    #[cfg(feature = "sandbox")]
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:8085")]
         listen: String,
@@ -87,6 +88,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        #[cfg(feature = "sandbox")]
         Command::Sandbox {
             listen,
             token,
@@ -96,7 +98,7 @@ fn main() -> ExitCode {
             queue,
             latency_ms,
         } => {
-            use causeway::erp::sandbox::{LimitsSpec, Sandbox, SandboxConfig};
+            use causeway::sandbox::{LimitsSpec, Sandbox, SandboxConfig};
             let limits = LimitsSpec {
                 window_requests,
                 window_seconds,

@@ -3,7 +3,6 @@
 
 use crate::admin::{AdminApp, Health, MetricsApp, UpstreamProbe};
 use crate::config::{self, Config, SharedState};
-use crate::erp::sandbox::{self, SandboxConfig};
 use crate::observe::{logging, metrics::Metrics};
 use crate::process::service::QuoteToOrder;
 use crate::proxy::{Gateway, InFlight};
@@ -137,16 +136,24 @@ pub fn init_process() {
 /// The quote-to-order service, when configured. The store is opened once here so a bad path
 /// fails at start, not on the first order.
 fn start_process(config: &Arc<ArcSwap<Config>>) -> anyhow::Result<Option<Arc<QuoteToOrder>>> {
+    use crate::process::store::{OrderStore, SqliteStore};
     let Some(settings) = config.load().process.clone() else { return Ok(None) };
-    let path = settings.store_path.clone();
+    let (path, synchronous) = (settings.store_path.clone(), settings.synchronous);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(crate::process::store::Store::open(&path, settings.synchronous))
+        .block_on(SqliteStore::open(&path, synchronous))
         .with_context(|| format!("opening the order store {}", path.display()))?;
-    let service =
-        QuoteToOrder::new(config.clone(), settings).map_err(|e| anyhow::anyhow!("process APIs: {e}"))?;
-    Ok(Some(service))
+    let adapter = crate::erp::adapter_for(&config.load(), &settings)
+        .map_err(|e| anyhow::anyhow!("process APIs: {e}"))?;
+    let open_store: crate::process::service::OpenStore = Box::new(move || {
+        let path = path.clone();
+        Box::pin(async move {
+            let store = SqliteStore::open(&path, synchronous).await?;
+            Ok(Arc::new(store) as Arc<dyn OrderStore>)
+        })
+    });
+    Ok(Some(QuoteToOrder::new(config.clone(), settings, adapter, open_store)))
 }
 
 /// Delivers pending orders to the ERP in the background.
@@ -159,7 +166,19 @@ impl pingora::services::background::BackgroundService for DeliveryWorker {
     }
 }
 
+#[cfg(not(feature = "sandbox"))]
+fn start_sandbox(config: &Config, _upgrade: bool) -> anyhow::Result<Option<String>> {
+    match &config.sandbox {
+        None => Ok(None),
+        Some(_) => anyhow::bail!(
+            "causeway.yaml has a `sandbox:` block, but this build has no ERP sandbox (built without the `sandbox` feature); remove the block and point the upstream at the ERP"
+        ),
+    }
+}
+
+#[cfg(feature = "sandbox")]
 fn start_sandbox(config: &Config, upgrade: bool) -> anyhow::Result<Option<String>> {
+    use crate::sandbox::{self, SandboxConfig};
     let Some(s) = &config.sandbox else { return Ok(None) };
     let settings = SandboxConfig { token: s.token.clone(), limits: s.limits.clone() };
     match sandbox::spawn(&s.listen, settings) {

@@ -4,8 +4,9 @@
 
 mod common;
 
-use causeway::erp::adapter::{AdapterError, BusinessCentral};
-use causeway::erp::sandbox::data::COMPANY_ID;
+use causeway::erp::business_central::BusinessCentral;
+use causeway::erp::AdapterError;
+use causeway::sandbox::data::COMPANY_ID;
 use common::process::good_quote;
 use common::*;
 use serde_json::json;

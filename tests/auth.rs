@@ -4,7 +4,7 @@
 mod common;
 
 use axum::routing::get;
-use causeway::erp::sandbox::{data::COMPANY_ID, LimitsSpec};
+use causeway::sandbox::{data::COMPANY_ID, LimitsSpec};
 use common::*;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};

@@ -2,7 +2,7 @@
 
 mod common;
 
-use causeway::erp::sandbox::{data::COMPANY_ID, LimitsSpec};
+use causeway::sandbox::{data::COMPANY_ID, LimitsSpec};
 use common::*;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -405,4 +405,81 @@ async fn sigterm_drains_in_flight_requests_closes_idle_ones_and_refuses_new_conn
     };
     assert!(exit.success(), "{exit:?}");
     assert!(gw.log().contains("drained; exiting"));
+}
+
+/// The shipped configuration with its `sandbox:` block removed and `upstreams.bc.url` pointed at
+/// an ERP elsewhere (a sandbox outside the gateway's process, standing in for a tenant) serves
+/// its routes against that ERP, with the credential from the environment, and starts no sandbox.
+#[tokio::test]
+async fn the_shipped_configuration_without_its_sandbox_runs_against_an_external_erp() {
+    let erp = TestSandbox::start(LimitsSpec::default()).await;
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["routes", "policies"] {
+        copy_dir(&repo.join(sub), &dir.path().join(sub));
+    }
+    let (proxy, admin, metrics) = (free_port(), free_port(), free_port());
+    let shipped = std::fs::read_to_string(repo.join("causeway.yaml")).unwrap();
+    let start = shipped.find("\nsandbox:").expect("the shipped file has a sandbox block");
+    let end = start + 1 + shipped[start + 1..].find("\n\n").unwrap();
+    let main = format!("{}{}", &shipped[..start], &shipped[end..])
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{proxy}"))
+        .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin}"))
+        .replace("127.0.0.1:9091", &format!("127.0.0.1:{metrics}"))
+        .replace("url: http://127.0.0.1:8085", &format!("url: {}", erp.url()))
+        .replace("path: data/causeway.db", &format!("path: {}", dir.path().join("orders.db").display()));
+    assert!(!main.contains("sandbox:") && main.contains(&erp.url()), "{main}");
+    std::fs::write(dir.path().join("causeway.yaml"), &main).unwrap();
+
+    let check = std::process::Command::new(binary()).args(["check", "-c"]).arg(dir.path()).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+    let mut child = std::process::Command::new(binary())
+        .args(["serve", "-c"])
+        .arg(dir.path())
+        .env("CAUSEWAY_BC_TOKEN", UPSTREAM_TOKEN)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let resp = loop {
+        let r = client
+            .get(format!("http://127.0.0.1:{proxy}/erp/v2/customers?$top=1"))
+            .header("x-api-key", "demo-erp-read-key")
+            .send()
+            .await;
+        match r {
+            Ok(r) => break r,
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("the gateway never answered: {e}"),
+        }
+    };
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200, "{body}\n{log}");
+    assert_eq!(body["value"].as_array().map(Vec::len), Some(1), "{body}");
+    let seen = last_request(&erp.received().await).clone();
+    assert_eq!(seen["headers"]["authorization"], format!("Bearer {UPSTREAM_TOKEN}"), "{seen}");
+    assert!(
+        log.contains("causeway: proxy on") && !log.contains("ERP sandbox"),
+        "no sandbox was started: {log}"
+    );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
 }

@@ -5,8 +5,8 @@
 
 mod common;
 
-use causeway::erp::sandbox::data::COMPANY_ID;
-use causeway::erp::sandbox::LimitsSpec;
+use causeway::sandbox::data::COMPANY_ID;
+use causeway::sandbox::LimitsSpec;
 use common::origin::{ok_response, raw_request, RawOrigin};
 use common::*;
 use serde_json::Value;

@@ -135,7 +135,7 @@ fn bc_lists_map_every_element_and_an_empty_list() {
 
 #[test]
 fn bc_customers_and_items_map_from_the_sandbox_master_data() {
-    let customers = causeway::erp::sandbox::data::customers();
+    let customers = causeway::sandbox::data::customers();
     let blocked =
         customers.iter().find(|c| c["blocked"] == "All").expect("the sandbox has a blocked customer");
     let out = response("canonical-customer-bc", blocked.clone());
@@ -146,7 +146,7 @@ fn bc_customers_and_items_map_from_the_sandbox_master_data() {
     let open = customers.iter().find(|c| c["blocked"] == "").expect("an open customer");
     assert_eq!(response("canonical-customer-bc", open.clone())["blocked"], "none");
 
-    let items = causeway::erp::sandbox::data::items();
+    let items = causeway::sandbox::data::items();
     let list = response("canonical-item-list-bc", json!({"value": items}));
     assert_eq!(list["items"].as_array().map(Vec::len), Some(items.len()));
     assert_eq!(list["items"][0]["name"], items[0]["displayName"]);

@@ -3,12 +3,12 @@
 
 mod common;
 
-use causeway::erp::sandbox::LimitsSpec;
+use causeway::sandbox::LimitsSpec;
 use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-const COMPANY: &str = causeway::erp::sandbox::data::COMPANY_ID;
+const COMPANY: &str = causeway::sandbox::data::COMPANY_ID;
 
 fn routes() -> String {
     format!(

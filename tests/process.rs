@@ -4,8 +4,8 @@
 
 mod common;
 
-use causeway::erp::sandbox::data::COMPANY_ID;
-use causeway::erp::sandbox::LimitsSpec;
+use causeway::sandbox::data::COMPANY_ID;
+use causeway::sandbox::LimitsSpec;
 use common::process::*;
 use common::*;
 use serde_json::{json, Value};
@@ -158,16 +158,14 @@ async fn each_rule_alone_refuses_the_quote_with_exactly_its_violation() {
     let sandbox = TestSandbox::start(Default::default()).await;
     let gw = TestGateway::start(options(&sandbox, FAST)).await;
     let client = reqwest::Client::new();
-    let blocked_item =
-        causeway::erp::sandbox::data::items().into_iter().find(|i| i["blocked"] == true).unwrap();
+    let blocked_item = causeway::sandbox::data::items().into_iter().find(|i| i["blocked"] == true).unwrap();
     let blocked_item = blocked_item["number"].as_str().unwrap().to_string();
-    let us_only = causeway::erp::sandbox::data::items()
-        .into_iter()
-        .find(|i| i["itemCategoryCode"] == "US-ONLY")
-        .unwrap()["number"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let us_only =
+        causeway::sandbox::data::items().into_iter().find(|i| i["itemCategoryCode"] == "US-ONLY").unwrap()
+            ["number"]
+            .as_str()
+            .unwrap()
+            .to_string();
     type Case = (&'static str, &'static str, Box<dyn Fn(&mut Value)>);
     let cases: Vec<Case> = vec![
         ("/customer/number", "customer.not_found", Box::new(|q| q["customer"]["number"] = json!("C99999"))),
@@ -625,4 +623,59 @@ async fn the_openapi_document_is_served_and_matches_the_shipped_schemas() {
         obj.remove("$id");
         assert_eq!(served["components"]["schemas"][component], schema, "{component} drifted from {file}");
     }
+}
+
+/// Quote-to-order's ERP calls are judged like proxied traffic: a configured vendor overload
+/// marker (here the sandbox's forced 400, as NetSuite's `SSS_REQUEST_LIMIT_EXCEEDED` would be)
+/// pauses the ERP's budget, is never taken for a business rejection, and the order still goes
+/// through once the ERP recovers.
+#[tokio::test]
+async fn a_vendor_overload_marker_in_an_erp_answer_pauses_the_budget_for_quote_to_order() {
+    let sandbox = TestSandbox::start(LimitsSpec::default()).await;
+    let mut o = options(&sandbox, FAST);
+    o.upstream_extra = o.upstream_extra.replace(
+        "default_class: interactive }",
+        "default_class: interactive, backoff_initial_ms: 6000, backoff_max_ms: 6000, overload_signals: [{ status: 400, body_contains: \"\\\"code\\\":\\\"Forced\\\"\" }] }",
+    );
+    let gw = TestGateway::start(o).await;
+    let client = reqwest::Client::new();
+    sandbox.set_limits(&LimitsSpec { force_status: Some(400), ..LimitsSpec::default() }).await;
+
+    let resp = submit(&client, &gw, "overload-marker-1", &quote("OPP-OVERLOAD-1")).await;
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap();
+    assert!(status == 202 || status == 503, "the ERP asked to wait; not a rejection: {status} {body}");
+    assert!(!body.contains("erp-rejected"), "{body}");
+
+    let budget: Value = client
+        .get(gw.admin("/admin/budgets/bc"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let paused = budget["paused_for_ms"].as_u64().unwrap();
+    assert!(paused > 0 && paused <= 6_000, "the budget is paused by the marker: {budget}");
+    let metrics = reqwest::get(gw.metrics_url()).await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(r#"causeway_erp_pauses_total{reason="backoff",upstream="bc"} 1"#),
+        "one pause, counted: {}",
+        metrics.lines().filter(|l| l.contains("erp_pauses")).collect::<Vec<_>>().join("\n")
+    );
+    // Paused means paused: nothing more reached the sandbox while it lasts.
+    let forced = sandbox.stats().await["forced_responses"].as_u64().unwrap();
+    assert_eq!(forced, 1, "{}", sandbox.stats().await);
+
+    sandbox.set_limits(&LimitsSpec::default()).await;
+    let location = submit_until_acknowledged(
+        &client,
+        &gw.url("/process/v1/quote-to-order"),
+        "overload-marker-1",
+        &quote("OPP-OVERLOAD-1"),
+    )
+    .await;
+    let order = wait_state(&client, &gw, &location, "accepted", Duration::from_secs(30)).await;
+    assert_eq!(erp_orders(&sandbox.url()).await.get("OPP-OVERLOAD-1"), Some(&1), "{order:#}");
 }

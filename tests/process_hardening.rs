@@ -5,8 +5,8 @@
 
 mod common;
 
-use causeway::erp::sandbox::data;
-use causeway::erp::sandbox::LimitsSpec;
+use causeway::sandbox::data;
+use causeway::sandbox::LimitsSpec;
 use common::process::*;
 use common::*;
 use serde_json::{json, Value};

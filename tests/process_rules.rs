@@ -5,10 +5,10 @@
 mod common;
 
 use causeway::config::Config;
-use causeway::erp::sandbox::data;
 use causeway::policy::Policy;
 use causeway::process::model::{Approval, Customer, Product, Quote, QuoteLine};
 use causeway::process::rules::{MasterData, Rules};
+use causeway::sandbox::data;
 use common::process::{good_quote, price};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -256,9 +256,9 @@ fn every_canonical_schema_compiles_and_the_quote_schema_matches_the_rust_type() 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/schemas/canonical");
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
-        causeway::policy::mediation::schema::Schema::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        causeway::config::policies::load_schema(&path).unwrap_or_else(|e| panic!("{e}"));
     }
-    let schema = causeway::policy::mediation::schema::Schema::load(&dir.join("quote.json")).unwrap();
+    let schema = causeway::config::policies::load_schema(&dir.join("quote.json")).unwrap();
     let mut quote = good_quote("006Dn000004ZqXcIAK");
     quote.approvals.push(Approval { reference: "APPR-1".into(), approver: Some("cfo@example.com".into()) });
     let as_json = serde_json::to_value(&quote).unwrap();
@@ -275,8 +275,7 @@ fn the_sales_order_schemas_match_their_rust_types() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/schemas/canonical");
     let create = good_quote("006Dn000004ZqXcIAK").to_sales_order("C10000");
     let create_json = serde_json::to_value(&create).unwrap();
-    let schema =
-        causeway::policy::mediation::schema::Schema::load(&dir.join("sales-order-create.json")).unwrap();
+    let schema = causeway::config::policies::load_schema(&dir.join("sales-order-create.json")).unwrap();
     assert_eq!(schema.violations("body", &create_json), vec![], "{create_json}");
     assert_eq!(create_json["externalReference"], "006Dn000004ZqXcIAK");
     let order = SalesOrder {
@@ -293,7 +292,7 @@ fn the_sales_order_schemas_match_their_rust_types() {
         lines: create.lines.clone(),
     };
     let order_json = serde_json::to_value(&order).unwrap();
-    let schema = causeway::policy::mediation::schema::Schema::load(&dir.join("sales-order.json")).unwrap();
+    let schema = causeway::config::policies::load_schema(&dir.join("sales-order.json")).unwrap();
     assert_eq!(schema.violations("body", &order_json), vec![], "{order_json}");
     assert_eq!(serde_json::from_value::<SalesOrder>(order_json).unwrap(), order);
 }
@@ -327,7 +326,7 @@ fn the_invoice_and_payment_status_schemas_match_their_rust_types() {
         ("invoice.json", serde_json::to_value(&invoice).unwrap()),
         ("payment-status.json", serde_json::to_value(&payment).unwrap()),
     ] {
-        let schema = causeway::policy::mediation::schema::Schema::load(&dir.join(file)).unwrap();
+        let schema = causeway::config::policies::load_schema(&dir.join(file)).unwrap();
         assert_eq!(schema.violations("body", &value), vec![], "{file}: {value}");
         let mut broken = value.clone();
         broken["status"] = json!("settled");

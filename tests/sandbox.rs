@@ -2,7 +2,7 @@
 
 mod common;
 
-use causeway::erp::sandbox::{data::COMPANY_ID, LimitsSpec};
+use causeway::sandbox::{data::COMPANY_ID, LimitsSpec};
 use common::{TestSandbox, UPSTREAM_TOKEN};
 use serde_json::json;
 use std::time::Duration;

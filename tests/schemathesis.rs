@@ -37,7 +37,7 @@ fn schemathesis() -> Option<PathBuf> {
 async fn schemathesis_finds_no_server_error_and_no_response_outside_the_document() {
     let Some(st) = tokio::task::spawn_blocking(schemathesis).await.unwrap() else { return };
     let sandbox = TestSandbox::start(Default::default()).await;
-    let company = causeway::erp::sandbox::data::COMPANY_ID;
+    let company = causeway::sandbox::data::COMPANY_ID;
     let mut opts =
         common::process::process_options(sandbox.url(), &format!("  erp: bc\n  company: {company}\n"));
     // The shipped quota: its 429s are part of the document too.

@@ -2,7 +2,7 @@
 
 mod common;
 
-use causeway::erp::sandbox::{data::COMPANY_ID, LimitsSpec};
+use causeway::sandbox::{data::COMPANY_ID, LimitsSpec};
 use common::*;
 use std::time::{Duration, Instant};
 

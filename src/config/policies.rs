@@ -24,8 +24,8 @@ pub fn compile(
     match spec {
         PolicySpec::Headers { name, request, response } => Ok(Policy::Headers(headers::HeaderPolicy {
             name: name.clone(),
-            request: headers::CompiledOps::compile(request)?,
-            response: headers::CompiledOps::compile(response)?,
+            request: headers::CompiledOps::compile(&request.set, &request.remove)?,
+            response: headers::CompiledOps::compile(&response.set, &response.remove)?,
         })),
         PolicySpec::Jwt(jwt) => compile_jwt(jwt, dir, env, state).map(Policy::Jwt),
         PolicySpec::Mediation(m) => compile_mediation(m, &dir.join("policies")).map(Policy::Mediation),
@@ -151,6 +151,7 @@ fn compile_jwt(
             .max_capacity(spec.cache_entries)
             .time_to_live(Duration::from_secs(3600))
             .build(),
+        clock: crate::policy::auth::system_clock,
     })
 }
 
@@ -158,7 +159,7 @@ fn compile_jwt(
 /// to `policies/`.
 fn compile_mediation(spec: &MediationSpec, dir: &Path) -> Result<mediation::MediationPolicy, String> {
     let schema = |file: &Option<String>| -> Result<Option<Schema>, String> {
-        file.as_ref().map(|f| Schema::load(&inside(dir, f)?)).transpose()
+        file.as_ref().map(|f| load_schema(&inside(dir, f)?)).transpose()
     };
     let transform = |map: &Option<String>, jq: &Option<String>, jq_file: &Option<String>| {
         let table = match map {
@@ -223,6 +224,14 @@ fn compile_mediation(spec: &MediationSpec, dir: &Path) -> Result<mediation::Medi
             max_output_bytes: spec.max_output_bytes,
         },
     })
+}
+
+/// A JSON Schema file, read and compiled.
+pub fn load_schema(path: &Path) -> Result<Schema, String> {
+    let text = read_bounded(path).map_err(|e| format!("schema {e}"))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("schema {}:{}:{}: not JSON: {e}", path.display(), e.line(), e.column()))?;
+    Schema::compile(&value, &path.display().to_string())
 }
 
 fn read_table(path: &Path) -> Result<table::TableSpec, String> {

@@ -12,9 +12,10 @@
 //! Every JSON-RPC call takes a permit from the upstream's budget and reports its outcome, like
 //! the Business Central adapter.
 
-use super::adapter::{classes, exchange, split_cached, AdapterError, ErpAdapter, ErpOrder, MASTER_DATA_TTL};
+use super::exchange::{classes, exchange, split_cached, MASTER_DATA_TTL};
 use crate::config::{TrytonSettings, Upstream};
 use crate::policy::throttle::Class;
+use crate::process::adapter::{AdapterError, ErpAdapter, ErpOrder};
 use crate::process::model::{Address, Credit, Customer, Product, Quote};
 use crate::process::rules::MasterData;
 use serde_json::{json, Value};

@@ -93,6 +93,8 @@ struct Claims {
     #[serde(default)]
     exp: Option<u64>,
     #[serde(default)]
+    nbf: Option<u64>,
+    #[serde(default)]
     scope: Option<ScopeClaim>,
     #[serde(default)]
     scp: Option<ScopeClaim>,
@@ -113,6 +115,9 @@ pub struct JwtPolicy {
     pub max_token_bytes: usize,
     /// Verified tokens → consumer, kid, expiry; bounded, so steady traffic skips signature checks.
     pub cache: moka::sync::Cache<Arc<str>, Arc<CachedToken>>,
+    /// Seconds since the epoch that `exp` and `nbf` are checked against ([`system_clock`]; a
+    /// test sets the time instead of waiting for it).
+    pub clock: fn() -> u64,
 }
 
 pub struct CachedToken {
@@ -121,7 +126,8 @@ pub struct CachedToken {
     exp: u64,
 }
 
-fn now_secs() -> u64 {
+/// The wall clock, in seconds since the epoch.
+pub fn system_clock() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -145,7 +151,7 @@ impl JwtPolicy {
         }
         self.keys.refresh_if_due();
         if let Some(hit) = self.cache.get(token) {
-            let alive = hit.exp + self.leeway.as_secs() > now_secs();
+            let alive = hit.exp.saturating_add(self.leeway.as_secs()) > (self.clock)();
             let key_still_published = hit.kid.as_deref().is_none_or(|k| self.keys.has(k));
             if alive && key_still_published {
                 return Ok(hit.consumer.clone());
@@ -176,7 +182,9 @@ impl JwtPolicy {
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&self.audiences);
         validation.leeway = self.leeway.as_secs();
-        validation.validate_nbf = true;
+        // Time is checked below, on this policy's clock.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind::*;
@@ -191,6 +199,13 @@ impl JwtPolicy {
             }
         })?;
         let claims = data.claims;
+        let (now, leeway) = ((self.clock)(), self.leeway.as_secs());
+        if claims.exp.is_none_or(|exp| exp.saturating_add(leeway) < now) {
+            return Err(AuthFailure::Expired);
+        }
+        if claims.nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+            return Err(AuthFailure::NotYetValid);
+        }
         let mut scopes: Vec<String> = Vec::new();
         for claim in [claims.scope, claims.scp].into_iter().flatten() {
             match claim {
@@ -276,5 +291,59 @@ mod tests {
             missing_scopes(&["erp.read".into(), "erp.write".into()], &consumer),
             vec!["erp.write".to_string()]
         );
+    }
+
+    // The test's clock: seconds since the epoch, set by the test.
+    static NOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    fn test_clock() -> u64 {
+        NOW.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn hs256_policy() -> JwtPolicy {
+        JwtPolicy {
+            name: "jwt".into(),
+            issuer: "https://idp.test".into(),
+            audiences: vec!["causeway".into()],
+            leeway: Duration::from_secs(30),
+            algorithms: vec![Algorithm::HS256],
+            hs256: Some(DecodingKey::from_secret(b"test-secret")),
+            keys: crate::policy::jwks::KeySource::Static(HashMap::new()),
+            tier_claim: "tier".into(),
+            default_tier: "standard".into(),
+            max_token_bytes: 8192,
+            cache: moka::sync::Cache::builder().max_capacity(100).build(),
+            clock: test_clock,
+        }
+    }
+
+    fn token(claims: serde_json::Value) -> String {
+        init_crypto();
+        let key = jsonwebtoken::EncodingKey::from_secret(b"test-secret");
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), &claims, &key).unwrap()
+    }
+
+    /// Expiry and not-before are checked on the policy's clock, leeway included, for fresh and
+    /// cached tokens alike: the test moves time instead of sleeping through it.
+    #[tokio::test]
+    async fn exp_and_nbf_follow_the_policys_clock() {
+        let set = |t: u64| NOW.store(t, std::sync::atomic::Ordering::SeqCst);
+        let policy = hs256_policy();
+        let t = token(serde_json::json!({
+            "iss": "https://idp.test", "aud": "causeway", "sub": "crm",
+            "nbf": 1_000_000, "exp": 1_000_600,
+        }));
+        set(1_000_000 - 31);
+        assert_eq!(policy.verify(&t).await.unwrap_err(), AuthFailure::NotYetValid);
+        set(1_000_000 - 30);
+        assert_eq!(&*policy.verify(&t).await.unwrap().name, "crm");
+        // Cached now; still alive through the leeway, refused after it.
+        set(1_000_600 + 29);
+        assert!(policy.verify(&t).await.is_ok());
+        set(1_000_600 + 31);
+        assert_eq!(policy.verify(&t).await.unwrap_err(), AuthFailure::Expired);
+        // A token without `exp` is never accepted.
+        let no_exp = token(serde_json::json!({"iss": "https://idp.test", "aud": "causeway", "sub": "crm"}));
+        set(1_000_000);
+        assert!(policy.verify(&no_exp).await.is_err());
     }
 }

@@ -1,6 +1,5 @@
 //! `kind: headers`: set or remove headers on the upstream request and on the response.
 
-use crate::config::spec::HeaderOps;
 use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
@@ -17,6 +16,20 @@ pub struct CompiledOps {
     remove: Vec<HeaderName>,
 }
 
+/// Response headers of the upstream's own session with the gateway: the ERP's cookies and
+/// challenges belong to the gateway's credential, not to the caller (a route may pass some of
+/// them with `pass_headers.response`).
+pub const UPSTREAM_SESSION_HEADERS: &[&str] = &[
+    "set-cookie",
+    "set-cookie2",
+    "www-authenticate",
+    "proxy-authenticate",
+    "authentication-info",
+    "proxy-authentication-info",
+    "x-csrf-token",
+    "x-xsrf-token",
+];
+
 /// Headers a policy may not touch: the gateway owns them (framing, credentials, correlation).
 const RESERVED: &[&str] = &[
     "host",
@@ -29,15 +42,19 @@ const RESERVED: &[&str] = &[
 ];
 
 impl CompiledOps {
-    pub fn compile(ops: &HeaderOps) -> Result<Self, String> {
+    /// From a policy's `set` (name → value) and `remove` lists.
+    pub fn compile<'a>(
+        set: impl IntoIterator<Item = (&'a String, &'a String)>,
+        remove: &[String],
+    ) -> Result<Self, String> {
         let mut out = CompiledOps::default();
-        for (name, value) in &ops.set {
+        for (name, value) in set {
             let n = parse_name(name)?;
             let v = HeaderValue::from_str(value)
                 .map_err(|_| format!("header `{name}` has a value that is not a valid header value"))?;
             out.set.push((n, v));
         }
-        for name in &ops.remove {
+        for name in remove {
             out.remove.push(parse_name(name)?);
         }
         Ok(out)
@@ -79,11 +96,8 @@ mod tests {
 
     #[test]
     fn sets_and_removes() {
-        let ops = HeaderOps {
-            set: BTreeMap::from([("x-erp-api".to_string(), "v2".to_string())]),
-            remove: vec!["x-internal".into()],
-        };
-        let c = CompiledOps::compile(&ops).unwrap();
+        let set = BTreeMap::from([("x-erp-api".to_string(), "v2".to_string())]);
+        let c = CompiledOps::compile(&set, &["x-internal".into()]).unwrap();
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.insert_header("x-internal", "1").unwrap();
         c.apply_request(&mut req);
@@ -93,9 +107,11 @@ mod tests {
 
     #[test]
     fn reserved_and_invalid_headers_are_refused() {
-        let bad = HeaderOps { set: BTreeMap::new(), remove: vec!["Authorization".into()] };
-        assert!(CompiledOps::compile(&bad).unwrap_err().contains("managed by the gateway"));
-        let bad = HeaderOps { set: BTreeMap::from([("bad name".into(), "x".into())]), remove: vec![] };
-        assert!(CompiledOps::compile(&bad).is_err());
+        let none = BTreeMap::new();
+        assert!(CompiledOps::compile(&none, &["Authorization".into()])
+            .unwrap_err()
+            .contains("managed by the gateway"));
+        let bad = BTreeMap::from([("bad name".to_string(), "x".to_string())]);
+        assert!(CompiledOps::compile(&bad, &[]).is_err());
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod auth_failures;
+pub mod budget;
 pub mod headers;
 pub mod jwks;
 pub mod mediation;

@@ -15,19 +15,21 @@ use std::time::Duration;
 const MAX_KEYS: usize = 100_000;
 const CLEANUP_EVERY: u64 = 4096;
 
-/// One tier's quota: `requests` per `window`, plus `burst` above it.
-pub struct TierLimiter {
+/// One tier's quota: `requests` per `window`, plus `burst` above it. The clock is governor's
+/// real one; tests give it a fake one they advance (`governor::clock::FakeRelativeClock`).
+pub struct TierLimiter<C: Clock = DefaultClock> {
     pub tier: Arc<str>,
     pub requests: u32,
     pub window: Duration,
     pub burst: u32,
     /// `RateLimit-Policy` value, built once.
     policy_header: String,
-    limiter: RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>,
+    limiter: RateLimiter<String, DefaultKeyedStateStore<String>, C, StateInformationMiddleware>,
+    clock: C,
     decisions: AtomicU64,
 }
 
-impl std::fmt::Debug for TierLimiter {
+impl<C: Clock> std::fmt::Debug for TierLimiter<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "TierLimiter({} {}/{:?}+{})", self.tier, self.requests, self.window, self.burst)
     }
@@ -35,6 +37,18 @@ impl std::fmt::Debug for TierLimiter {
 
 impl TierLimiter {
     pub fn new(tier: &str, requests: u32, window: Duration, burst: u32) -> Result<Self, String> {
+        Self::with_clock(tier, requests, window, burst, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> TierLimiter<C> {
+    pub fn with_clock(
+        tier: &str,
+        requests: u32,
+        window: Duration,
+        burst: u32,
+        clock: C,
+    ) -> Result<Self, String> {
         let requests_nz = NonZeroU32::new(requests).ok_or("requests must be at least 1")?;
         let period = window / requests_nz.get();
         let capacity = NonZeroU32::new(requests.saturating_add(burst)).ok_or("capacity overflow")?;
@@ -47,7 +61,13 @@ impl TierLimiter {
             requests,
             window,
             burst,
-            limiter: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+            limiter:
+                RateLimiter::<String, DefaultKeyedStateStore<String>, C, StateInformationMiddleware>::new(
+                    quota,
+                    DefaultKeyedStateStore::default(),
+                    clock.clone(),
+                ),
+            clock,
             decisions: AtomicU64::new(0),
         })
     }
@@ -72,7 +92,7 @@ impl TierLimiter {
                 Decision::Allowed { policy, limit: format!("\"{}\";r={};t={}", self.tier, remaining, reset) }
             }
             Err(not_until) => {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                let wait = not_until.wait_time_from(self.clock.now());
                 let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 Decision::Limited {
                     policy,
@@ -128,5 +148,25 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(t.check("b".into()), Decision::Allowed { .. }), "another key is unaffected");
+    }
+
+    #[test]
+    fn a_used_up_quota_refills_as_time_passes_on_a_controllable_clock() {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let t = TierLimiter::with_clock("bulk", 60, Duration::from_secs(60), 0, clock.clone()).unwrap();
+        let allowed = (0..100).filter(|_| matches!(t.check("k".into()), Decision::Allowed { .. })).count();
+        assert_eq!(allowed, 60, "the window's quota at once");
+        match t.check("k".into()) {
+            Decision::Limited { retry_after, .. } => {
+                assert_eq!(retry_after, 1, "one request per second refills")
+            }
+            other => panic!("{other:?}"),
+        }
+        clock.advance(Duration::from_secs(1));
+        assert!(matches!(t.check("k".into()), Decision::Allowed { .. }), "a second later, one more");
+        assert!(matches!(t.check("k".into()), Decision::Limited { .. }));
+        clock.advance(Duration::from_secs(60));
+        let allowed = (0..100).filter(|_| matches!(t.check("k".into()), Decision::Allowed { .. })).count();
+        assert_eq!(allowed, 60, "a whole window later, the whole quota");
     }
 }

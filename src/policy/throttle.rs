@@ -7,117 +7,17 @@
 //! of the window and of the concurrency, so it cannot starve the others. Permits release on drop,
 //! so every path (success, error, client gone, timeout) gives the slot back.
 
+// The port's vocabulary, so `throttle::Class` and the like keep naming it.
+pub use super::budget::*;
+
 use crate::observe::metrics::Metrics;
 use parking_lot::Mutex;
-use rand::Rng;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+// tokio's clock: tests pause and advance it (`start_paused`) instead of sleeping.
 use tokio::sync::oneshot;
-
-/// A priority class as compiled from the budget spec.
-#[derive(Debug, Clone)]
-pub struct Class {
-    pub name: Arc<str>,
-    /// Lower runs first.
-    pub priority: u8,
-    pub max_wait: Duration,
-}
-
-impl Class {
-    /// For upstreams without a budget: a class that is never queued.
-    pub fn unlimited() -> Class {
-        Class { name: Arc::from("unlimited"), priority: 0, max_wait: Duration::from_secs(0) }
-    }
-}
-
-impl PartialEq for Class {
-    fn eq(&self, other: &Self) -> bool {
-        (&self.name, self.priority, self.max_wait) == (&other.name, other.priority, other.max_wait)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct BudgetParams {
-    pub window_requests: u32,
-    pub window: Duration,
-    /// Added to the window before a slot frees, so network jitter between the gateway's clock and
-    /// the ERP's cannot make the ERP count more than its limit.
-    pub window_margin: Duration,
-    pub max_concurrent: u32,
-    pub queue: usize,
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
-    pub circuit_failures: u32,
-    pub circuit_open: Duration,
-    /// Cap on one pause, whatever the ERP's `Retry-After` says.
-    pub max_pause: Duration,
-    /// Largest share of the window and of the concurrency one consumer may hold (1: no cap).
-    pub max_share: f64,
-}
-
-impl BudgetParams {
-    /// (in flight, per window) one consumer may hold; `None` when shares are off.
-    fn consumer_caps(&self) -> Option<(u32, usize)> {
-        (self.max_share < 1.0).then(|| {
-            let share = |n: u32| ((f64::from(n) * self.max_share).floor() as u32).max(1);
-            (share(self.max_concurrent), share(self.window_requests) as usize)
-        })
-    }
-}
-
-// Who a request is made for: set around in-process ERP calls (process APIs, deliveries) so
-// the adapter's permits count toward that consumer's share.
-tokio::task_local! {
-    static CONSUMER: Arc<str>;
-}
-
-/// Run `f` with its ERP permits counted toward `consumer`.
-pub async fn on_behalf_of<F: std::future::Future>(consumer: Arc<str>, f: F) -> F::Output {
-    CONSUMER.scope(consumer, f).await
-}
-
-/// The consumer set by [`on_behalf_of`] for the current task.
-pub fn current_consumer() -> Option<Arc<str>> {
-    CONSUMER.try_with(|c| c.clone()).ok()
-}
-
-/// What `GET /admin/budgets` shows of a budget.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Snapshot {
-    pub upstream: String,
-    /// Milliseconds left of an overload pause (0: not paused).
-    pub paused_for_ms: u64,
-    pub in_flight: u32,
-    pub max_concurrent: u32,
-    pub queued: usize,
-    pub queue: usize,
-    pub admitted_in_window: usize,
-    pub window_requests: u32,
-    pub window_seconds: u64,
-    pub circuit: &'static str,
-    pub max_pause_seconds: u64,
-    pub max_share: f64,
-}
-
-/// Why a request did not get a permit.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Refusal {
-    /// Waited up to the class deadline (or the queue was full).
-    Busy { retry_after: Duration },
-    /// The circuit breaker is open.
-    CircuitOpen { retry_after: Duration },
-}
-
-/// What the ERP's answer means for the budget.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Success,
-    /// 429/503 or a configured vendor signal; `None` when the ERP gave no Retry-After.
-    Overload(Option<Duration>),
-    /// Connect error, timeout, other 5xx.
-    Failure,
-}
+use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Circuit {
@@ -153,8 +53,11 @@ struct State {
     consumers: HashMap<Arc<str>, ConsumerUse>,
 }
 
+/// The in-memory budget: one process's view of an ERP's limits.
 pub struct Budget {
     pub upstream: String,
+    /// Itself, for the permits and wake-up timers it hands out.
+    me: Weak<Budget>,
     params: Mutex<BudgetParams>,
     state: Mutex<State>,
     /// Metric handles resolved once: label lookups are not free on the request path.
@@ -170,28 +73,9 @@ impl std::fmt::Debug for Budget {
     }
 }
 
-/// A slot in the budget; dropping it releases the concurrency slot.
-pub struct Permit {
-    budget: Arc<Budget>,
-    probe: bool,
-    consumer: Option<Arc<str>>,
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        self.budget.release(self.probe, self.consumer.take());
-    }
-}
-
-impl Permit {
-    pub fn budget(&self) -> &Arc<Budget> {
-        &self.budget
-    }
-}
-
 /// Removes a waiter that gave up (deadline or dropped request) from the queue.
 struct WaitGuard<'a> {
-    budget: &'a Arc<Budget>,
+    budget: &'a Budget,
     key: (u8, u64),
 }
 
@@ -209,7 +93,8 @@ impl Drop for WaitGuard<'_> {
 impl Budget {
     pub fn new(upstream: &str, params: BudgetParams) -> Arc<Self> {
         let m = Metrics::global();
-        Arc::new(Budget {
+        Arc::new_cyclic(|me| Budget {
+            me: me.clone(),
             in_flight_gauge: m.erp_in_flight.with_label_values(&[upstream]),
             queue_gauge: m.erp_queue_depth.with_label_values(&[upstream]),
             circuit_gauge: m.erp_circuit_state.with_label_values(&[upstream]),
@@ -230,91 +115,8 @@ impl Budget {
         })
     }
 
-    pub fn params(&self) -> BudgetParams {
-        self.params.lock().clone()
-    }
-
-    /// New limits apply from now on; in-flight accounting and the window carry over (reload).
-    /// A pause longer than the new `max_pause` is shortened to it.
-    pub fn set_params(self: &Arc<Self>, params: BudgetParams) {
-        {
-            let mut s = self.state.lock();
-            let latest = Instant::now().checked_add(params.max_pause);
-            if let (Some(paused), Some(latest)) = (s.paused_until, latest) {
-                if paused > latest {
-                    s.paused_until = Some(latest);
-                }
-            }
-        }
-        *self.params.lock() = params;
-        self.dispatch();
-    }
-
-    /// End an overload pause now (an operator's decision: `POST /admin/budgets/{upstream}/resume`).
-    /// Returns how much of the pause was left.
-    pub fn resume(self: &Arc<Self>) -> Duration {
-        let left = {
-            let mut s = self.state.lock();
-            let left = s.paused_until.map_or(Duration::ZERO, |p| p.saturating_duration_since(Instant::now()));
-            s.paused_until = None;
-            s.consecutive_overloads = 0;
-            left
-        };
-        tracing::warn!(upstream = %self.upstream, left_ms = left.as_millis() as u64, "ERP budget pause ended by an operator");
-        self.publish_pause();
-        self.dispatch();
-        left
-    }
-
-    /// The pause left, in seconds, on the gauge (called when metrics are scraped).
-    pub fn publish_pause(&self) {
-        let left = self
-            .state
-            .lock()
-            .paused_until
-            .map_or(0.0, |p| p.saturating_duration_since(Instant::now()).as_secs_f64());
-        self.pause_gauge.set(left);
-    }
-
-    pub fn snapshot(&self) -> Snapshot {
-        let params = self.params();
-        let mut s = self.state.lock();
-        let now = Instant::now();
-        let horizon = params.window + params.window_margin;
-        while s.admitted.front().is_some_and(|t| now.duration_since(*t) >= horizon) {
-            s.admitted.pop_front();
-        }
-        Snapshot {
-            upstream: self.upstream.clone(),
-            paused_for_ms: s.paused_until.map_or(0, |p| p.saturating_duration_since(now).as_millis() as u64),
-            in_flight: s.in_flight,
-            max_concurrent: params.max_concurrent,
-            queued: s.waiters.len(),
-            queue: params.queue,
-            admitted_in_window: s.admitted.len(),
-            window_requests: params.window_requests,
-            window_seconds: params.window.as_secs(),
-            circuit: match s.circuit {
-                Circuit::Closed { .. } => "closed",
-                Circuit::HalfOpen { .. } => "half_open",
-                Circuit::Open { .. } => "open",
-            },
-            max_pause_seconds: params.max_pause.as_secs(),
-            max_share: params.max_share,
-        }
-    }
-
-    pub fn in_flight(&self) -> u32 {
-        self.state.lock().in_flight
-    }
-
-    /// Take a permit for `class`, waiting up to its deadline. `consumer` is who the request is
-    /// for (its share is capped when `max_share` < 1); `None` for traffic of no consumer.
-    pub async fn acquire(
-        self: &Arc<Self>,
-        class: &Class,
-        consumer: Option<&Arc<str>>,
-    ) -> Result<Permit, Refusal> {
+    /// The permit of [`ErpBudget::acquire`].
+    async fn acquire_permit(&self, class: &Class, consumer: Option<&Arc<str>>) -> Result<Permit, Refusal> {
         let started = Instant::now();
         let metrics = Metrics::global();
         let labels = [self.upstream.as_str(), &*class.name];
@@ -367,7 +169,7 @@ impl Budget {
                 drop(s);
                 metrics.erp_admitted.with_label_values(&labels).inc();
                 metrics.erp_wait.with_label_values(&labels).observe(0.0);
-                return Ok(Permit { budget: self.clone(), probe, consumer });
+                return Ok(self.permit(Lease { probe, consumer }));
             }
             if s.waiters.len() >= params.queue {
                 metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "queue_full"]).inc();
@@ -387,13 +189,13 @@ impl Budget {
             self.dispatch();
         }
         let guard = WaitGuard { budget: self, key };
-        let waited = tokio::time::timeout_at((started + class.max_wait).into(), rx).await;
+        let waited = tokio::time::timeout_at(started + class.max_wait, rx).await;
         drop(guard);
         match waited {
             Ok(Ok(())) => {
                 metrics.erp_admitted.with_label_values(&labels).inc();
                 metrics.erp_wait.with_label_values(&labels).observe(started.elapsed().as_secs_f64());
-                Ok(Permit { budget: self.clone(), probe: false, consumer })
+                Ok(self.permit(Lease { probe: false, consumer }))
             }
             _ => {
                 metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "deadline"]).inc();
@@ -404,58 +206,13 @@ impl Budget {
         }
     }
 
-    /// Report how the ERP answered a request made under a permit. Returns the pause an overload
-    /// caused (the ERP's `Retry-After` or a backoff, capped at `max_pause`), zero otherwise.
-    pub fn report(self: &Arc<Self>, outcome: Outcome) -> Duration {
-        let params = self.params();
-        let metrics = Metrics::global();
-        let mut s = self.state.lock();
-        let now = Instant::now();
-        let mut applied = Duration::ZERO;
-        match outcome {
-            Outcome::Success => {
-                s.consecutive_overloads = 0;
-                s.circuit = Circuit::Closed { failures: 0 };
-            }
-            Outcome::Overload(retry_after) => {
-                let asked = retry_after.unwrap_or_else(|| {
-                    backoff(params.backoff_initial, params.backoff_max, s.consecutive_overloads)
-                });
-                // An ERP's answer never stops traffic for longer than the operator allows.
-                let pause = asked.min(params.max_pause);
-                if pause < asked {
-                    tracing::warn!(upstream = %self.upstream, asked_s = asked.as_secs(), max_pause_s = params.max_pause.as_secs(), "ERP asked for a pause longer than max_pause_seconds; capped");
-                }
-                s.consecutive_overloads = s.consecutive_overloads.saturating_add(1);
-                let until = now.checked_add(pause).unwrap_or(now);
-                if s.paused_until.is_none_or(|p| p < until) {
-                    s.paused_until = Some(until);
-                }
-                applied = pause;
-                let reason = if retry_after.is_some() { "retry_after" } else { "backoff" };
-                metrics.erp_pauses.with_label_values(&[self.upstream.as_str(), reason]).inc();
-                self.pause_gauge.set(pause.as_secs_f64());
-                tracing::warn!(upstream = %self.upstream, pause_ms = pause.as_millis() as u64, "ERP overload signal: budget paused");
-            }
-            Outcome::Failure => {
-                s.circuit = match s.circuit {
-                    Circuit::Closed { failures } if failures + 1 >= params.circuit_failures => {
-                        tracing::warn!(upstream = %self.upstream, "circuit opened after consecutive failures");
-                        Circuit::Open { until: now + params.circuit_open }
-                    }
-                    Circuit::Closed { failures } => Circuit::Closed { failures: failures + 1 },
-                    Circuit::HalfOpen { .. } | Circuit::Open { .. } => {
-                        Circuit::Open { until: now + params.circuit_open }
-                    }
-                };
-            }
-        }
-        self.publish_circuit(&s);
-        self.arm_timer(&mut s, &params, now);
-        applied
+    fn permit(&self, lease: Lease) -> Permit {
+        let me: Arc<dyn ErpBudget> =
+            self.me.upgrade().expect("a budget hands out permits only while it lives");
+        Permit::new(me, lease)
     }
 
-    fn release(self: &Arc<Self>, probe: bool, consumer: Option<Arc<str>>) {
+    fn release_lease(&self, Lease { probe, consumer }: Lease) {
         {
             let mut s = self.state.lock();
             s.in_flight = s.in_flight.saturating_sub(1);
@@ -475,7 +232,7 @@ impl Budget {
 
     /// Hand slots to waiters, best class first, while the budget allows. A waiter whose
     /// consumer holds its whole share is passed over until its share frees.
-    fn dispatch(self: &Arc<Self>) {
+    fn dispatch(&self) {
         let params = self.params();
         let mut s = self.state.lock();
         let now = Instant::now();
@@ -567,7 +324,7 @@ impl Budget {
     }
 
     /// Waiters blocked by the window or a pause need a wake-up when time frees a slot.
-    fn arm_timer(self: &Arc<Self>, s: &mut State, p: &BudgetParams, now: Instant) {
+    fn arm_timer(&self, s: &mut State, p: &BudgetParams, now: Instant) {
         if s.waiters.is_empty() {
             return;
         }
@@ -593,11 +350,13 @@ impl Budget {
             return;
         }
         s.timer_at = Some(wake);
-        let me = self.clone();
+        let me = self.me.clone();
         tokio::spawn(async move {
-            tokio::time::sleep_until(wake.into()).await;
-            me.state.lock().timer_at = None;
-            me.dispatch();
+            tokio::time::sleep_until(wake).await;
+            if let Some(me) = me.upgrade() {
+                me.state.lock().timer_at = None;
+                me.dispatch();
+            }
         });
     }
 
@@ -615,23 +374,147 @@ impl Budget {
     }
 }
 
-/// `Retry-After` as seconds or an HTTP date.
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+impl ErpBudget for Budget {
+    fn params(&self) -> BudgetParams {
+        self.params.lock().clone()
     }
-    let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
-}
 
-/// `initial` doubled `doublings` times, capped at `max`, with jitter over the upper half so
-/// clients backing off from one event do not return together. Shared by the ERP budget's pauses
-/// and the order delivery worker's retries.
-pub fn backoff(initial: Duration, max: Duration, doublings: u32) -> Duration {
-    let cap = initial.saturating_mul(1u32 << doublings.min(20)).min(max);
-    let half = cap / 2;
-    half + Duration::from_millis(rand::rng().random_range(0..=half.as_millis() as u64))
+    /// New limits apply from now on; in-flight accounting and the window carry over (reload).
+    /// A pause longer than the new `max_pause` is shortened to it.
+    fn set_params(&self, params: BudgetParams) {
+        {
+            let mut s = self.state.lock();
+            let latest = Instant::now().checked_add(params.max_pause);
+            if let (Some(paused), Some(latest)) = (s.paused_until, latest) {
+                if paused > latest {
+                    s.paused_until = Some(latest);
+                }
+            }
+        }
+        *self.params.lock() = params;
+        self.dispatch();
+    }
+
+    /// End an overload pause now (an operator's decision: `POST /admin/budgets/{upstream}/resume`).
+    /// Returns how much of the pause was left.
+    fn resume(&self) -> Duration {
+        let left = {
+            let mut s = self.state.lock();
+            let left = s.paused_until.map_or(Duration::ZERO, |p| p.saturating_duration_since(Instant::now()));
+            s.paused_until = None;
+            s.consecutive_overloads = 0;
+            left
+        };
+        tracing::warn!(upstream = %self.upstream, left_ms = left.as_millis() as u64, "ERP budget pause ended by an operator");
+        self.publish_pause();
+        self.dispatch();
+        left
+    }
+
+    /// The pause left, in seconds, on the gauge (called when metrics are scraped).
+    fn publish_pause(&self) {
+        let left = self
+            .state
+            .lock()
+            .paused_until
+            .map_or(0.0, |p| p.saturating_duration_since(Instant::now()).as_secs_f64());
+        self.pause_gauge.set(left);
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let params = self.params();
+        let mut s = self.state.lock();
+        let now = Instant::now();
+        let horizon = params.window + params.window_margin;
+        while s.admitted.front().is_some_and(|t| now.duration_since(*t) >= horizon) {
+            s.admitted.pop_front();
+        }
+        Snapshot {
+            upstream: self.upstream.clone(),
+            paused_for_ms: s.paused_until.map_or(0, |p| p.saturating_duration_since(now).as_millis() as u64),
+            in_flight: s.in_flight,
+            max_concurrent: params.max_concurrent,
+            queued: s.waiters.len(),
+            queue: params.queue,
+            admitted_in_window: s.admitted.len(),
+            window_requests: params.window_requests,
+            window_seconds: params.window.as_secs(),
+            circuit: match s.circuit {
+                Circuit::Closed { .. } => "closed",
+                Circuit::HalfOpen { .. } => "half_open",
+                Circuit::Open { .. } => "open",
+            },
+            max_pause_seconds: params.max_pause.as_secs(),
+            max_share: params.max_share,
+        }
+    }
+
+    fn in_flight(&self) -> u32 {
+        self.state.lock().in_flight
+    }
+
+    fn acquire<'a>(&'a self, class: &'a Class, consumer: Option<&'a Arc<str>>) -> PermitFuture<'a> {
+        Box::pin(self.acquire_permit(class, consumer))
+    }
+
+    fn upstream(&self) -> &str {
+        &self.upstream
+    }
+
+    fn release(&self, lease: Lease) {
+        self.release_lease(lease);
+    }
+
+    /// Report how the ERP answered a request made under a permit. Returns the pause an overload
+    /// caused (the ERP's `Retry-After` or a backoff, capped at `max_pause`), zero otherwise.
+    fn report(&self, outcome: Outcome) -> Duration {
+        let params = self.params();
+        let metrics = Metrics::global();
+        let mut s = self.state.lock();
+        let now = Instant::now();
+        let mut applied = Duration::ZERO;
+        match outcome {
+            Outcome::Success => {
+                s.consecutive_overloads = 0;
+                s.circuit = Circuit::Closed { failures: 0 };
+            }
+            Outcome::Overload(retry_after) => {
+                let asked = retry_after.unwrap_or_else(|| {
+                    backoff(params.backoff_initial, params.backoff_max, s.consecutive_overloads)
+                });
+                // An ERP's answer never stops traffic for longer than the operator allows.
+                let pause = asked.min(params.max_pause);
+                if pause < asked {
+                    tracing::warn!(upstream = %self.upstream, asked_s = asked.as_secs(), max_pause_s = params.max_pause.as_secs(), "ERP asked for a pause longer than max_pause_seconds; capped");
+                }
+                s.consecutive_overloads = s.consecutive_overloads.saturating_add(1);
+                let until = now.checked_add(pause).unwrap_or(now);
+                if s.paused_until.is_none_or(|p| p < until) {
+                    s.paused_until = Some(until);
+                }
+                applied = pause;
+                let reason = if retry_after.is_some() { "retry_after" } else { "backoff" };
+                metrics.erp_pauses.with_label_values(&[self.upstream.as_str(), reason]).inc();
+                self.pause_gauge.set(pause.as_secs_f64());
+                tracing::warn!(upstream = %self.upstream, pause_ms = pause.as_millis() as u64, "ERP overload signal: budget paused");
+            }
+            Outcome::Failure => {
+                s.circuit = match s.circuit {
+                    Circuit::Closed { failures } if failures + 1 >= params.circuit_failures => {
+                        tracing::warn!(upstream = %self.upstream, "circuit opened after consecutive failures");
+                        Circuit::Open { until: now + params.circuit_open }
+                    }
+                    Circuit::Closed { failures } => Circuit::Closed { failures: failures + 1 },
+                    Circuit::HalfOpen { .. } | Circuit::Open { .. } => {
+                        Circuit::Open { until: now + params.circuit_open }
+                    }
+                };
+            }
+        }
+        self.publish_circuit(&s);
+        self.arm_timer(&mut s, &params, now);
+        applied
+    }
 }
 
 #[cfg(test)]
@@ -670,7 +553,7 @@ mod tests {
         Class { name: name.into(), priority, max_wait: Duration::from_millis(wait_ms) }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn concurrency_cap_and_release_on_drop() {
         let b = Budget::new("t1", params(100, 2));
         let c = class("interactive", 1, 50);
@@ -684,7 +567,7 @@ mod tests {
         assert!(b.acquire(&c, None).await.is_ok(), "a dropped permit frees its slot");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn higher_class_goes_first() {
         let b = Budget::new("t2", params(100, 1));
         let held = b.acquire(&class("w", 0, 1000), None).await.unwrap();
@@ -707,7 +590,7 @@ mod tests {
         assert!(w <= k, "the write queued later but was admitted first");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn window_limits_and_overload_pauses() {
         let b = Budget::new("t3", params(3, 10));
         let c = class("i", 1, 1000);
@@ -723,7 +606,7 @@ mod tests {
         assert!(t.elapsed() >= Duration::from_millis(280), "nothing admitted during the pause");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn circuit_opens_then_probes() {
         let b = Budget::new("t4", params(100, 10));
         let c = class("i", 1, 10);
@@ -738,7 +621,7 @@ mod tests {
         assert!(b.acquire(&c, None).await.is_ok(), "closed again after a successful probe");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_erp_pause_is_capped_at_max_pause_and_an_operator_can_end_it() {
         let mut p = params(100, 10);
         p.max_pause = Duration::from_millis(200);
@@ -762,7 +645,7 @@ mod tests {
         assert!(t.elapsed() < Duration::from_millis(50), "resumed at once");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn lowering_max_pause_shortens_a_running_pause() {
         let b = Budget::new("t6", params(100, 10));
         b.report(Outcome::Overload(Some(Duration::from_secs(250))));
@@ -772,7 +655,7 @@ mod tests {
         assert!(b.snapshot().paused_for_ms <= 30);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn one_consumer_holds_at_most_its_share() {
         let mut p = params(100, 4);
         p.max_share = 0.5;
@@ -799,7 +682,7 @@ mod tests {
         drop(b.acquire(&c, Some(&other)).await.expect("the other half of the window"));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_waiter_over_its_share_does_not_block_the_queue() {
         let mut p = params(100, 2);
         p.max_share = 0.5;
@@ -824,6 +707,20 @@ mod tests {
         assert!(admitted.is_ok(), "the hog, over its share, did not hold up the other consumer");
         drop(first);
         assert!(queued_hog.await.unwrap(), "and the hog gets its turn once under its share");
+    }
+
+    #[test]
+    fn one_judge_for_every_answer_with_vendor_signals() {
+        let signals = vec![(400, Some("SSS_REQUEST_LIMIT_EXCEEDED".to_string())), (509, None)];
+        assert_eq!(judge(429, Some(b"7"), &signals).0, Outcome::Overload(Some(Duration::from_secs(7))));
+        assert_eq!(judge(503, None, &signals).0, Outcome::Overload(None));
+        assert_eq!(judge(509, None, &signals).0, Outcome::Overload(None), "a vendor status");
+        assert_eq!(judge(500, None, &signals), (Outcome::Failure, vec![]));
+        assert_eq!(judge(200, None, &signals), (Outcome::Success, vec![]));
+        let (outcome, markers) = judge(400, None, &signals);
+        assert_eq!(outcome, Outcome::Success);
+        assert!(body_signals_overload(&markers, br#"{"error":{"code":"SSS_REQUEST_LIMIT_EXCEEDED"}}"#));
+        assert!(!body_signals_overload(&markers, br#"{"error":{"code":"INVALID_FLD_VALUE"}}"#));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! store ([`store`]), idempotency ([`idempotency`]) and the service with its delivery worker
 //! ([`service`]).
 
+pub mod adapter;
 pub mod idempotency;
 pub mod instance;
 pub mod intake;
@@ -13,3 +14,6 @@ pub mod rules;
 pub mod service;
 pub mod state;
 pub mod store;
+
+#[cfg(test)]
+mod service_tests;

@@ -6,14 +6,14 @@
 //! up by its external reference before every create, so a crash at any point neither loses an
 //! acknowledged order nor creates a second one.
 
+use super::adapter::{AdapterError, ErpAdapter};
 use super::idempotency;
 use super::intake;
 use super::metrics::ProcessMetrics;
 use super::model::Quote;
 use super::state::State;
-use super::store::{now_ms, Change, KeyState, OrderRecord, Store, StoreError, Transition};
-use crate::config::{AdapterSettings, Config, ProcessSettings};
-use crate::erp::adapter::{AdapterError, BusinessCentral, ErpAdapter};
+use super::store::{Change, KeyState, NewOrder, OrderRecord, OrderStore, StoreError, Transition};
+use crate::config::{Config, ProcessSettings};
 use crate::error::GatewayError;
 use crate::policy::mediation::convert::format_datetime;
 use crate::policy::throttle;
@@ -60,11 +60,20 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// upgrade, the new process finds them this soon).
 const RECOVER_INTERVAL: Duration = Duration::from_secs(2);
 
+/// Opens the order store on first use, in the runtime that first needs it (a connection pool
+/// belongs to a runtime; the gateway's services run in several).
+pub type OpenStore = Box<
+    dyn Fn() -> futures_util::future::BoxFuture<'static, Result<Arc<dyn OrderStore>, StoreError>>
+        + Send
+        + Sync,
+>;
+
 pub struct QuoteToOrder {
     config: Arc<ArcSwap<Config>>,
     settings: ProcessSettings,
     adapter: Box<dyn ErpAdapter>,
-    store: tokio::sync::OnceCell<Store>,
+    open_store: OpenStore,
+    store: tokio::sync::OnceCell<Arc<dyn OrderStore>>,
     wake: tokio::sync::Notify,
     /// How long an ERP request of a process that died may still be under way (the upstream's
     /// connect and read timeouts): an order it was submitting is retried only after that.
@@ -85,48 +94,45 @@ enum Delivered {
 }
 
 impl QuoteToOrder {
-    pub fn new(config: Arc<ArcSwap<Config>>, settings: ProcessSettings) -> Result<Arc<QuoteToOrder>, String> {
+    /// The service on `adapter` (the ERP port, built for the configured dialect) and the store
+    /// `open_store` opens.
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        settings: ProcessSettings,
+        adapter: Box<dyn ErpAdapter>,
+        open_store: OpenStore,
+    ) -> Arc<QuoteToOrder> {
         let loaded = config.load();
-        let adapter: Box<dyn ErpAdapter> = match &settings.adapter {
-            AdapterSettings::BusinessCentral { company } => {
-                Box::new(BusinessCentral::new(&loaded, &settings.erp, company)?)
-            }
-            AdapterSettings::Tryton(t) => {
-                let upstream = loaded
-                    .upstreams
-                    .get(&settings.erp)
-                    .cloned()
-                    .ok_or_else(|| format!("no upstream `{}`", settings.erp))?;
-                Box::new(crate::erp::tryton::Tryton::new(upstream, t.clone()))
-            }
-        };
         let settle = loaded
             .upstreams
             .get(&settings.erp)
             .map_or(Duration::from_secs(32), |u| u.connect_timeout + u.read_timeout);
-        Ok(Arc::new(QuoteToOrder {
+        Arc::new(QuoteToOrder {
             config,
             settings,
             adapter,
+            open_store,
             store: tokio::sync::OnceCell::new(),
             wake: tokio::sync::Notify::new(),
             settle,
-        }))
+        })
     }
 
     /// The store, opened on first use; opening also takes back what a process that is gone
     /// left leased (a killed one; not the old process of a graceful upgrade, still running).
-    pub async fn store(&self) -> Result<&Store, StoreError> {
-        self.store
+    pub async fn store(&self) -> Result<&dyn OrderStore, StoreError> {
+        let store = self
+            .store
             .get_or_try_init(|| async {
-                let store = Store::open(&self.settings.store_path, self.settings.synchronous).await?;
-                self.recover(&store).await?;
-                Ok(store)
+                let store = (self.open_store)().await?;
+                self.recover(store.as_ref()).await?;
+                Ok::<_, StoreError>(store)
             })
-            .await
+            .await?;
+        Ok(store.as_ref())
     }
 
-    async fn recover(&self, store: &Store) -> Result<(), StoreError> {
+    async fn recover(&self, store: &dyn OrderStore) -> Result<(), StoreError> {
         let released = store.recover(self.settle).await?;
         if released > 0 {
             tracing::info!(
@@ -204,7 +210,7 @@ impl QuoteToOrder {
 
     async fn submit_claimed(
         self: &Arc<Self>,
-        store: &Store,
+        store: &dyn OrderStore,
         quote: Quote,
         owner: &str,
         correlation_id: &str,
@@ -240,18 +246,18 @@ impl QuoteToOrder {
             let codes: Vec<&str> = violations.iter().map(|v| v.code).collect();
             let reason = format!("refused by the rules: {}", codes.join(", "));
             store
-                .insert_order(
-                    &id,
+                .insert_order(NewOrder {
+                    id: &id,
                     owner,
-                    &quote.opportunity_id,
-                    State::Rejected,
-                    &quote_text,
-                    false,
-                    Some(&text),
+                    opportunity_id: &quote.opportunity_id,
+                    state: State::Rejected,
+                    quote: &quote_text,
+                    validated: false,
+                    violations: Some(&text),
                     correlation_id,
-                    &reason,
-                    None,
-                )
+                    reason: &reason,
+                    lease: None,
+                })
                 .await?;
             metrics.orders.with_label_values(&["rejected"]).inc();
             for code in codes {
@@ -265,18 +271,18 @@ impl QuoteToOrder {
             ("received; the ERP's master data is unreachable, validation deferred", None)
         };
         let inserted = store
-            .insert_order(
-                &id,
+            .insert_order(NewOrder {
+                id: &id,
                 owner,
-                &quote.opportunity_id,
+                opportunity_id: &quote.opportunity_id,
                 state,
-                &quote_text,
+                quote: &quote_text,
                 validated,
-                None,
+                violations: None,
                 correlation_id,
                 reason,
                 lease,
-            )
+            })
             .await?;
         let Some(record) = inserted else {
             // Another key for the same opportunity won the race.
@@ -313,7 +319,7 @@ impl QuoteToOrder {
     /// order); another consumer is told the opportunity is taken, and nothing of that order.
     async fn existing_order(
         &self,
-        store: &Store,
+        store: &dyn OrderStore,
         existing: OrderRecord,
         owner: &str,
     ) -> Result<Reply, GatewayError> {
@@ -325,7 +331,12 @@ impl QuoteToOrder {
     }
 
     /// The order as JSON with `status`; `Location` names it.
-    async fn reply(&self, store: &Store, order: &OrderRecord, status: u16) -> Result<Reply, GatewayError> {
+    async fn reply(
+        &self,
+        store: &dyn OrderStore,
+        order: &OrderRecord,
+        status: u16,
+    ) -> Result<Reply, GatewayError> {
         let history = store.history(&order.id).await?;
         let body = serde_json::to_vec(&order_view(order, &history)).map_err(|_| GatewayError::Internal)?;
         Ok(Reply { status, location: Some(format!("{ORDERS_PATH}{}", order.id)), body, replayed: false })
@@ -385,7 +396,7 @@ impl QuoteToOrder {
         let change = Change {
             reason: "replayed by an operator",
             validated: Some(false),
-            next_attempt_at: Some(now_ms()),
+            next_attempt_at: Some(store.now()),
             reset_attempts: true,
             ..Default::default()
         };
@@ -506,7 +517,7 @@ impl QuoteToOrder {
                     Change { reason: &reason, erp_order: Some((&erp.id, &erp.number)), ..Default::default() };
                 store.transition(&order.id, State::Submitted, State::Accepted, change).await?;
                 metrics.orders.with_label_values(&["accepted"]).inc();
-                let seconds = (now_ms() - order.received_at).max(0) as f64 / 1000.0;
+                let seconds = (store.now() - order.received_at).max(0) as f64 / 1000.0;
                 metrics.accept_latency.with_label_values(&[self.settings.erp.as_str()]).observe(seconds);
                 Ok(Delivered::State(State::Accepted))
             }
@@ -530,7 +541,7 @@ impl QuoteToOrder {
     /// reached `submitted`); otherwise it is counted here.
     async fn retry_later(
         &self,
-        store: &Store,
+        store: &dyn OrderStore,
         order: &OrderRecord,
         from: State,
         error: &str,
@@ -552,7 +563,7 @@ impl QuoteToOrder {
         let reason = format!("waiting for the ERP, retry in {} ms: {error}", delay.as_millis());
         let change = Change {
             reason: &reason,
-            next_attempt_at: Some(now_ms() + delay.as_millis() as i64),
+            next_attempt_at: Some(store.now() + delay.as_millis() as i64),
             count_attempt: !counted,
             ..Default::default()
         };
@@ -600,36 +611,43 @@ impl QuoteToOrder {
                     tracing::warn!(error = %e, "cannot purge expired idempotency keys");
                 }
             }
-            let due = match store.claim_due(WORKER_BATCH, self.settings.lease).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read due orders");
-                    Vec::new()
-                }
-            };
-            if due.is_empty() {
+            if self.deliver_due().await == 0 {
                 tokio::select! {
                     _ = tokio::time::sleep(WORKER_POLL) => {}
                     _ = self.wake.notified() => {}
                     _ = shutdown.changed() => return,
                 }
-                continue;
             }
-            let mut batch = tokio::task::JoinSet::new();
-            for order in due {
-                let this = self.clone();
-                let owner: Arc<str> = Arc::from(order.owner.as_str());
-                batch.spawn(throttle::on_behalf_of(owner, async move {
-                    if let Err(e) = this.deliver(order, None).await {
-                        tracing::error!(error = %e, "order delivery could not be recorded; it will be retried");
-                    }
-                }));
-            }
-            while batch.join_next().await.is_some() {}
         }
     }
 
-    async fn refresh_gauges(&self, store: &Store) {
+    /// One round of the worker: lease the orders that are due and deliver them (each for the
+    /// consumer that submitted it). Returns how many were due.
+    pub async fn deliver_due(self: &Arc<Self>) -> usize {
+        let Ok(store) = self.store().await else { return 0 };
+        let due = match store.claim_due(WORKER_BATCH, self.settings.lease).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read due orders");
+                return 0;
+            }
+        };
+        let count = due.len();
+        let mut batch = tokio::task::JoinSet::new();
+        for order in due {
+            let this = self.clone();
+            let owner: Arc<str> = Arc::from(order.owner.as_str());
+            batch.spawn(throttle::on_behalf_of(owner, async move {
+                if let Err(e) = this.deliver(order, None).await {
+                    tracing::error!(error = %e, "order delivery could not be recorded; it will be retried");
+                }
+            }));
+        }
+        while batch.join_next().await.is_some() {}
+        count
+    }
+
+    async fn refresh_gauges(&self, store: &dyn OrderStore) {
         if let Ok(counts) = store.count_by_state().await {
             let gauge = &ProcessMetrics::global().orders_in_state;
             for s in State::ALL {

@@ -63,7 +63,8 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
                     l.record(*ip);
                 }
                 return Err(GatewayError::Unauthenticated {
-                    reason,
+                    reason: reason.as_str(),
+                    description: reason.describe(),
                     challenge: challenge(&route.policies, reason),
                 });
             }

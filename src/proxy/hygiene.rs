@@ -9,19 +9,7 @@ use pingora::Result;
 /// pingora, which re-frames bodies itself.
 const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
 
-/// Response headers of the upstream's own session with the gateway: the ERP's cookies and
-/// challenges belong to the gateway's credential, not to the caller (a route may pass some of
-/// them with `pass_headers.response`).
-pub const UPSTREAM_SESSION_HEADERS: &[&str] = &[
-    "set-cookie",
-    "set-cookie2",
-    "www-authenticate",
-    "proxy-authenticate",
-    "authentication-info",
-    "proxy-authentication-info",
-    "x-csrf-token",
-    "x-xsrf-token",
-];
+pub use crate::policy::headers::UPSTREAM_SESSION_HEADERS;
 
 /// Remove the caller's credentials: `Authorization` always, and the route's list (cookies, the
 /// headers API-key policies read).

@@ -2,12 +2,18 @@
 //! header rules to [`hygiene`], policies to [`crate::policy`], errors to [`crate::error`].
 
 mod admission;
+mod checks;
 pub mod framing;
 pub mod hygiene;
 mod mediated;
 pub mod normalize;
 mod process;
-pub mod router;
+mod respond;
+mod upstream;
+
+use checks::check_request;
+use respond::{add_correlation_headers, add_ratelimit_headers, respond_problem, write_local_response};
+use upstream::{classify, prepare_upstream_request, report_upstream_status, scan_for_overload};
 
 pub use process::OPENAPI;
 
@@ -23,7 +29,7 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
-use pingora::{Error, ErrorSource, ErrorType};
+use pingora::{Error, ErrorType};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,7 +64,49 @@ pub struct Gateway {
     process: Option<Arc<crate::process::service::QuoteToOrder>>,
 }
 
+/// How [`Gateway::dispatch`] left a request.
+enum Answer {
+    /// pingora proxies it to its upstream.
+    Proxy,
+    /// It was answered here.
+    Local,
+}
+
 impl Gateway {
+    /// Check, route and admit the request, then answer it in-process (process and mediated
+    /// routes) or hand it to pingora to proxy.
+    async fn dispatch(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Answer, GatewayError> {
+        // Nothing after an ambiguous request can be trusted to be where it seems.
+        check_request(session, ctx).inspect_err(|_| session.set_keepalive(None))?;
+        self.route(session, ctx).inspect_err(|err| {
+            if matches!(err, GatewayError::BodyTooLarge { .. }) {
+                // The body is left unread, so this connection cannot carry another request.
+                session.set_keepalive(None);
+            }
+        })?;
+        admission::admit(session, ctx).await?;
+        let correlation = ctx.correlation.correlation_id.clone();
+        match ctx.route.as_ref().map(|r| (r.process, r.mediation().is_some())) {
+            Some((Some(endpoint), _)) => {
+                // Config checks refuse process routes without a `process:` block; a reload that
+                // adds one needs a restart to start the service.
+                let service = self.process.as_ref().ok_or(GatewayError::Internal)?;
+                crate::error::contain_panic(&correlation, process::serve(session, ctx, endpoint, service))
+                    .await?;
+            }
+            // Mediated routes are answered in-process: the body is checked and transformed before
+            // any byte reaches the ERP, the response before any byte reaches the caller.
+            Some((None, true)) => {
+                crate::error::contain_panic(&correlation, mediated::exchange(session, ctx)).await?
+            }
+            _ => {
+                admission::acquire_erp_permit(ctx).await?;
+                return Ok(Answer::Proxy);
+            }
+        }
+        Ok(Answer::Local)
+    }
+
     /// Route the request (404, 405 or 413 problems otherwise); records route, upstream path and
     /// deadline in the context.
     fn route(&self, session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
@@ -149,32 +197,6 @@ impl Ctx {
     }
 }
 
-/// Refuse what the gateway will not guess about: ambiguous framing and paths that normalize
-/// outside what they say. Records the normalized path in the context.
-fn check_request(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
-    if let Some(h1) = session.as_http1() {
-        framing::check(&h1.get_headers_raw_bytes())
-            .map_err(|detail| GatewayError::BadRequest { detail: detail.into() })?;
-    }
-    let method = &session.req_header().method;
-    if method == http::Method::CONNECT || method == http::Method::TRACE {
-        // The gateway tunnels nothing and reflects nothing.
-        return Err(GatewayError::MethodNotAllowed {
-            method: method.to_string(),
-            allowed: ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"].map(String::from).to_vec(),
-        });
-    }
-    let raw = session.req_header().uri.path();
-    match normalize::normalize(raw) {
-        Ok(std::borrow::Cow::Borrowed(_)) => Ok(()),
-        Ok(std::borrow::Cow::Owned(path)) => {
-            ctx.normalized_path = Some(path);
-            Ok(())
-        }
-        Err(refusal) => Err(GatewayError::BadRequest { detail: refusal.describe().into() }),
-    }
-}
-
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
@@ -216,56 +238,16 @@ impl ProxyHttp for Gateway {
             req.headers.get(CORRELATION_HEADER).map(|v| v.as_bytes()),
             req.headers.get(TRACEPARENT_HEADER).map(|v| v.as_bytes()),
         );
-        if let Err(err) = check_request(session, ctx) {
-            // Nothing after an ambiguous request can be trusted to be where it seems.
-            session.set_keepalive(None);
-            respond_problem(session, ctx, &err).await?;
-            return Ok(true);
-        }
-        if let Err(err) = self.route(session, ctx) {
-            if matches!(err, GatewayError::BodyTooLarge { .. }) {
-                // The body is left unread, so this connection cannot carry another request.
-                session.set_keepalive(None);
-            }
-            respond_problem(session, ctx, &err).await?;
-            return Ok(true);
-        }
-        if let Err(err) = admission::admit(session, ctx).await {
-            respond_problem(session, ctx, &err).await?;
-            return Ok(true);
-        }
-        let local = ctx.route.as_ref().map(|r| (r.process, r.mediation().is_some()));
-        let result = match local {
-            Some((Some(endpoint), _)) => match &self.process {
-                Some(service) => {
-                    let correlation = ctx.correlation.correlation_id.clone();
-                    crate::error::contain_panic(&correlation, process::serve(session, ctx, endpoint, service))
-                        .await
-                }
-                // Config checks refuse process routes without a `process:` block; a reload
-                // that adds one needs a restart to start the service.
-                None => Err(GatewayError::Internal),
-            },
-            // Mediated routes are answered in-process: the body is checked and transformed
-            // before any byte reaches the ERP, the response before any byte reaches the caller.
-            Some((None, true)) => {
-                let correlation = ctx.correlation.correlation_id.clone();
-                crate::error::contain_panic(&correlation, mediated::exchange(session, ctx)).await
-            }
-            _ => {
-                if let Err(err) = admission::acquire_erp_permit(ctx).await {
+        match self.dispatch(session, ctx).await {
+            Ok(Answer::Proxy) => Ok(false),
+            Ok(Answer::Local) => Ok(true),
+            Err(err) => {
+                if session.response_written().is_none() {
                     respond_problem(session, ctx, &err).await?;
-                    return Ok(true);
                 }
-                return Ok(false);
-            }
-        };
-        if let Err(err) = result {
-            if session.response_written().is_none() {
-                respond_problem(session, ctx, &err).await?;
+                Ok(true)
             }
         }
-        Ok(true)
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -427,158 +409,5 @@ impl ProxyHttp for Gateway {
     }
 }
 
-/// The request as the ERP sees it: rewritten path, no hop-by-hop headers, no caller credential,
-/// the upstream's own credential, correlation and forwarding headers, then the route's header
-/// policies. Shared by the proxied and the in-process (mediated) paths.
-fn prepare_upstream_request(
-    req: &mut RequestHeader,
-    ctx: &Ctx,
-    client_ip: Option<std::net::IpAddr>,
-) -> Result<()> {
-    let Some(route) = ctx.route.as_ref() else { return Ok(()) };
-    let uri: http::Uri = ctx
-        .upstream_path
-        .parse()
-        .map_err(|_| Error::explain(ErrorType::InternalError, "rewritten path is not a valid URI"))?;
-    req.set_uri(uri);
-    hygiene::strip_hop_by_hop_request(req);
-    // The caller's credentials are for the gateway, never for the ERP.
-    hygiene::strip_caller_credentials(req, &route.strip_request);
-    req.insert_header(http::header::HOST, route.upstream.host_header.clone())?;
-    if let Some((name, value)) = &route.upstream.credential {
-        req.insert_header(name.clone(), value.clone())?;
-    }
-    req.insert_header(CORRELATION_HEADER, ctx.correlation.correlation_id.as_str())?;
-    req.insert_header(TRACEPARENT_HEADER, ctx.correlation.traceparent())?;
-    if let Some(ip) = client_ip {
-        hygiene::append_forwarded_for(req, ip)?;
-    }
-    for policy in &route.policies {
-        policy.on_upstream_request(req);
-    }
-    Ok(())
-}
-
-/// Map a pingora error to what the caller is told; `None` when the caller is gone.
-fn classify(e: &Error, upstream: String) -> Option<GatewayError> {
-    use ErrorType::*;
-    match (e.etype(), e.esource()) {
-        (HTTPStatus(413), _) => None,
-        (ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout, ErrorSource::Upstream) => {
-            Some(GatewayError::UpstreamTimeout { upstream })
-        }
-        (ConnectTimedout, _) => Some(GatewayError::UpstreamTimeout { upstream }),
-        (
-            ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure | InvalidCert
-            | HandshakeError | SocketError | BindError | ConnectProxyFailure,
-            _,
-        ) => Some(GatewayError::UpstreamUnreachable { upstream }),
-        (_, ErrorSource::Upstream) => Some(GatewayError::UpstreamProtocol { upstream }),
-        (
-            ReadError | WriteError | ConnectionClosed | ReadTimedout | WriteTimedout,
-            ErrorSource::Downstream,
-        ) => None,
-        (_, ErrorSource::Downstream) => {
-            Some(GatewayError::BadRequest { detail: "The request could not be read".into() })
-        }
-        _ => Some(GatewayError::Internal),
-    }
-}
-
-/// Report the ERP's answer to its budget. An overload answer (429, 503 or a vendor status signal)
-/// pauses the budget and becomes the caller's 503; body signals are armed for the body scan.
-fn report_upstream_status(
-    ctx: &mut Ctx,
-    status: u16,
-    retry_after: Option<&http::HeaderValue>,
-) -> Option<GatewayError> {
-    let (Some(permit), Some(route)) = (ctx.permit.as_ref(), ctx.route.as_ref()) else { return None };
-    let budget = route.upstream.budget.as_ref()?;
-    let retry_after = retry_after.and_then(|v| v.to_str().ok()).and_then(throttle::parse_retry_after);
-    let status_signal = budget.overload_signals.iter().any(|(s, body)| *s == status && body.is_none());
-    if status == 429 || status == 503 || status_signal {
-        let pause = permit.budget().report(throttle::Outcome::Overload(retry_after));
-        return Some(GatewayError::ErpOverloaded {
-            upstream: route.upstream.name.clone(),
-            retry_after: admission::ceil_secs(pause),
-        });
-    }
-    ctx.overload_markers = budget
-        .overload_signals
-        .iter()
-        .filter(|(s, _)| *s == status)
-        .filter_map(|(_, body)| body.clone())
-        .collect();
-    let outcome = if status >= 500 { throttle::Outcome::Failure } else { throttle::Outcome::Success };
-    permit.budget().report(outcome);
-    None
-}
-
-/// Look for a vendor's overload marker in the first 64 KiB of a response body.
-fn scan_for_overload(ctx: &mut Ctx, chunk: Option<&[u8]>, end_of_stream: bool) {
-    const SCAN_LIMIT: usize = 64 * 1024;
-    if let Some(chunk) = chunk {
-        let room = SCAN_LIMIT.saturating_sub(ctx.scanned.len());
-        ctx.scanned.extend_from_slice(&chunk[..chunk.len().min(room)]);
-    }
-    let text = String::from_utf8_lossy(&ctx.scanned);
-    let hit = ctx.overload_markers.iter().any(|m| text.contains(m.as_str()));
-    if hit || end_of_stream || ctx.scanned.len() >= SCAN_LIMIT {
-        if hit {
-            if let Some(permit) = ctx.permit.as_ref() {
-                permit.budget().report(throttle::Outcome::Overload(None));
-            }
-        }
-        ctx.overload_markers.clear();
-        ctx.scanned = Vec::new();
-    }
-}
-
-fn add_ratelimit_headers(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
-    if let Some((policy, limit)) = &ctx.ratelimit_headers {
-        resp.insert_header("ratelimit-policy", policy.as_str())?;
-        resp.insert_header("ratelimit", limit.as_str())?;
-    }
-    Ok(())
-}
-
-/// Finish a response the gateway answers itself (mediated and process routes): correlation and
-/// rate-limit headers, the route's response header rules, then header and body.
-async fn write_local_response(session: &mut Session, ctx: &Ctx, mut head: ResponseHeader, body: Bytes) {
-    let _ = add_correlation_headers(&mut head, &ctx.correlation);
-    let _ = add_ratelimit_headers(&mut head, ctx);
-    if let Some(route) = ctx.route.as_ref() {
-        for policy in &route.policies {
-            policy.on_response(&mut head);
-        }
-    }
-    // A write error means the caller went away: nobody is left to tell.
-    if session.write_response_header(Box::new(head), false).await.is_ok() {
-        let _ = session.write_response_body(Some(body), true).await;
-    }
-}
-
-fn add_correlation_headers(resp: &mut ResponseHeader, c: &Correlation) -> Result<()> {
-    resp.insert_header(CORRELATION_HEADER, c.correlation_id.as_str())?;
-    resp.insert_header(TRACEPARENT_HEADER, c.traceparent())?;
-    Ok(())
-}
-
-/// Answer locally with an RFC 9457 body. Local answers skip `response_filter`, so the
-/// correlation headers are added here too. Returns the status sent.
-async fn respond_problem(session: &mut Session, ctx: &mut Ctx, err: &GatewayError) -> Result<u16> {
-    let problem = err.to_problem(session.req_header().uri.path(), &ctx.correlation.correlation_id);
-    let mut resp = ResponseHeader::build(problem.status, Some(6))?;
-    resp.insert_header(http::header::CONTENT_TYPE, "application/problem+json")?;
-    resp.insert_header(http::header::CONTENT_LENGTH, problem.body.len())?;
-    resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-    add_correlation_headers(&mut resp, &ctx.correlation)?;
-    add_ratelimit_headers(&mut resp, ctx)?;
-    for (name, value) in err.headers() {
-        resp.insert_header(name, value)?;
-    }
-    ctx.problem = Some(problem.slug);
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(problem.body), true).await?;
-    Ok(problem.status)
-}
+#[cfg(test)]
+mod dispatch_tests;

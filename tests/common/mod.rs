@@ -4,7 +4,7 @@
 pub mod origin;
 pub mod process;
 
-use causeway::erp::sandbox::{LimitsSpec, Sandbox, SandboxConfig};
+use causeway::sandbox::{LimitsSpec, Sandbox, SandboxConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -116,7 +116,7 @@ pub struct GatewayOptions {
 
 /// Routes used by most tests: a rewrite onto the sandbox company, a small body limit, a short deadline.
 pub fn default_routes() -> String {
-    let company = causeway::erp::sandbox::data::COMPANY_ID;
+    let company = causeway::sandbox::data::COMPANY_ID;
     format!(
         r#"routes:
   - name: erp-read

@@ -1,8 +1,8 @@
 //! Calls to the quote-to-order API shared by the sandbox and the Tryton suites.
 
 use super::{GatewayOptions, TestGateway};
-use causeway::erp::sandbox::data;
 use causeway::process::model::{Contract, CustomerRef, Quote, QuoteLine};
+use causeway::sandbox::data;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 

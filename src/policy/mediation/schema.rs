@@ -3,7 +3,6 @@
 
 use crate::error::Violation;
 use serde_json::Value;
-use std::path::Path;
 
 /// At most this many violations are reported: enough to fix a document, bounded for the caller.
 pub const MAX_VIOLATIONS: usize = 100;
@@ -20,13 +19,6 @@ impl std::fmt::Debug for Schema {
 }
 
 impl Schema {
-    pub fn load(path: &Path) -> Result<Schema, String> {
-        let text = crate::config::policies::read_bounded(path).map_err(|e| format!("schema {e}"))?;
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|e| format!("schema {}:{}:{}: not JSON: {e}", path.display(), e.line(), e.column()))?;
-        Schema::compile(&value, &path.display().to_string())
-    }
-
     pub fn compile(value: &Value, file: &str) -> Result<Schema, String> {
         let validator = jsonschema::options()
             .with_draft(jsonschema::Draft::Draft202012)

@@ -2,50 +2,13 @@
 //! and a concurrency limit (N processed at once plus a short queue). Both answer 429.
 
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Limits and fault injection; settable in `causeway.yaml` and at run time (`PUT /sandbox/settings`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsSpec {
-    /// Requests admitted per sliding window (Business Central: 6,000 per 5 minutes).
-    pub window_requests: u32,
-    pub window_seconds: u64,
-    /// Requests processed at once (Business Central: 5).
-    pub max_concurrent: u32,
-    /// Requests that may wait for a processing slot (Business Central: 95).
-    pub queue: u32,
-    /// Added to every API request.
-    pub latency_ms: u64,
-    /// Up to this much more, uniformly.
-    pub latency_jitter_ms: u64,
-    /// Fraction (0..1) of API requests answered 503 after admission.
-    pub failure_rate: f64,
-    /// When set, every API request is answered with this status (e.g. 503 for an outage).
-    pub force_status: Option<u16>,
-    /// `Retry-After` seconds sent with a forced 429/503; none when absent.
-    pub force_retry_after_seconds: Option<u64>,
-}
-
-impl Default for LimitsSpec {
-    fn default() -> Self {
-        LimitsSpec {
-            window_requests: 6000,
-            window_seconds: 300,
-            max_concurrent: 5,
-            queue: 95,
-            latency_ms: 0,
-            latency_jitter_ms: 0,
-            failure_rate: 0.0,
-            force_status: None,
-            force_retry_after_seconds: None,
-        }
-    }
-}
+pub use crate::config::spec::SandboxLimits as LimitsSpec;
 
 /// Why a request was refused with 429, and when to come back.
 #[derive(Debug, Clone, Copy, PartialEq)]

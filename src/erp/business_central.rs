@@ -1,154 +1,20 @@
-//! The ERP adapter of the process APIs: master-data lookups, find-by-external-reference and
-//! create, in canonical shapes. Business Central (the sandbox's dialect) is the first; field
-//! shapes come from the shipped mediation mappings, not from code.
-//!
-//! Every call takes a permit from the upstream's shared budget, like proxied traffic, and reports
-//! the outcome to it, so the process APIs can never push the ERP past its limits. Master data is
-//! cached (bounded, with a TTL); concurrent lookups of one key make one ERP call.
+//! The Business Central API v2.0 adapter of the process APIs (the sandbox's dialect): master-data
+//! lookups, find-by-external-reference and create, in canonical shapes. Field shapes come from the
+//! shipped mediation mappings, not from code. Every call goes through the upstream's budget
+//! ([`super::exchange`]); master data is cached (bounded, with a TTL), concurrent lookups of one
+//! key make one ERP call.
 
+use super::exchange::{classes, exchange, master_cache, split_cached, MASTER_DATA_TTL};
 use crate::config::{Config, Upstream};
 use crate::policy::mediation::{MediationPolicy, Transform};
-use crate::policy::throttle::{Class, Outcome, Refusal};
+use crate::policy::throttle::Class;
 use crate::policy::Policy;
+use crate::process::adapter::{AdapterError, ErpAdapter, ErpOrder};
 use crate::process::model::{Customer, Product, Quote};
 use crate::process::rules::MasterData;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
-
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum AdapterError {
-    /// Transient: unreachable, timed out, throttled, 5xx, or the budget refused. Retry later.
-    #[error("ERP unavailable: {0}")]
-    Unavailable(String),
-    /// The ERP refused the request for a business reason (4xx): retrying will not help.
-    #[error("ERP rejected the request ({status}): {message}")]
-    Rejected { status: u16, message: String },
-    /// The ERP answered something the mapping cannot read.
-    #[error("ERP answer unreadable: {0}")]
-    Protocol(String),
-}
-
-/// What the process APIs need from an ERP, whatever its dialect. Every call goes through the
-/// ERP's budget; `create_order_once` looks the order up by its external reference first.
-#[async_trait::async_trait]
-pub trait ErpAdapter: Send + Sync {
-    /// Everything the quote rules need about `quote`, from the cache or the ERP.
-    async fn master_data(&self, quote: &Quote) -> Result<MasterData, AdapterError>;
-    /// Create the order (a canonical sales order) unless the ERP already holds one with its
-    /// external reference: then that one is returned.
-    async fn create_order_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError>;
-    /// Drop cached master data of `quote` (an operator's replay after fixing it in the ERP).
-    async fn forget(&self, quote: &Quote);
-}
-
-/// Take a permit from the upstream's budget (none when it has no budget).
-pub async fn permit(
-    upstream: &Upstream,
-    class: &Class,
-) -> Result<Option<crate::policy::throttle::Permit>, AdapterError> {
-    match upstream.budget.as_ref() {
-        Some(b) => b
-            .budget
-            .acquire(class, crate::policy::throttle::current_consumer().as_ref())
-            .await
-            .map(Some)
-            .map_err(|r| {
-                AdapterError::Unavailable(match r {
-                    Refusal::Busy { .. } => "the ERP budget is exhausted".into(),
-                    Refusal::CircuitOpen { .. } => "the ERP circuit is open".into(),
-                })
-            }),
-        None => Ok(None),
-    }
-}
-
-/// Send `request` under a permit from the upstream's budget and report the outcome to it: 429
-/// and 503 are overload (with `Retry-After`), other 5xx and transport errors are failures; both
-/// are `Unavailable` to the caller. Any other status comes back with its body.
-pub async fn exchange(
-    upstream: &Upstream,
-    class: &Class,
-    request: reqwest::RequestBuilder,
-) -> Result<(u16, bytes::Bytes), AdapterError> {
-    let permit = permit(upstream, class).await?;
-    let report = |o: Outcome| {
-        if let Some(p) = &permit {
-            p.budget().report(o);
-        }
-    };
-    let response = match request.timeout(upstream.connect_timeout + upstream.read_timeout).send().await {
-        Ok(r) => r,
-        Err(e) => {
-            report(Outcome::Failure);
-            return Err(AdapterError::Unavailable(e.to_string()));
-        }
-    };
-    let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::policy::throttle::parse_retry_after);
-    let body = response.bytes().await.map_err(|e| {
-        report(Outcome::Failure);
-        AdapterError::Unavailable(e.to_string())
-    })?;
-    match status {
-        429 | 503 => {
-            report(Outcome::Overload(retry_after));
-            Err(AdapterError::Unavailable(format!("{} answered {status}", upstream.name)))
-        }
-        500.. => {
-            report(Outcome::Failure);
-            Err(AdapterError::Unavailable(format!("{} answered {status}", upstream.name)))
-        }
-        _ => {
-            report(Outcome::Success);
-            Ok((status, body))
-        }
-    }
-}
-
-/// `keys` (each once) split into what `cache` holds, found (known-absent ones left out), and
-/// what it does not hold yet: those are fetched together.
-pub async fn split_cached<'k, V: Clone + Send + Sync + 'static>(
-    cache: &moka::future::Cache<String, Option<V>>,
-    keys: &[&'k str],
-) -> (HashMap<String, V>, Vec<&'k str>) {
-    let mut found = HashMap::new();
-    let mut missing: Vec<&str> = Vec::new();
-    for key in keys {
-        match cache.get(*key).await {
-            Some(Some(v)) => {
-                found.insert(key.to_string(), v);
-            }
-            Some(None) => {}
-            None if !missing.contains(key) => missing.push(key),
-            None => {}
-        }
-    }
-    (found, missing)
-}
-
-/// Budget classes for lookups (interactive) and writes.
-pub fn classes(up: &Upstream) -> (Class, Class) {
-    let class = |name: &str| up.budget.as_ref().and_then(|b| b.classes.get(name).cloned());
-    let default_class = up.budget.as_ref().map(|b| b.default_class.clone());
-    (
-        class("interactive").or(default_class.clone()).unwrap_or_else(Class::unlimited),
-        class("write").or(default_class).unwrap_or_else(Class::unlimited),
-    )
-}
-
-/// An order as the ERP holds it, in the canonical shape (`canonical-sales-order-bc`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ErpOrder {
-    pub id: String,
-    pub number: String,
-    pub canonical: Value,
-}
 
 /// Business Central API v2.0 for one company.
 pub struct BusinessCentral {
@@ -168,16 +34,8 @@ pub struct BusinessCentral {
     prices: moka::future::Cache<String, Arc<HashMap<String, f64>>>,
 }
 
-/// Master data is kept this long: long enough to spare the ERP's budget on bursts of quotes,
-/// short enough that a fixed customer record is seen within minutes.
-pub const MASTER_DATA_TTL: Duration = Duration::from_secs(120);
-const MASTER_DATA_ENTRIES: u64 = 10_000;
 /// Item numbers per filtered lookup (`number eq 'a' or number eq 'b' …`), short of URL limits.
 const BATCH: usize = 50;
-
-fn master_cache<V: Clone + Send + Sync + 'static>() -> moka::future::Cache<String, V> {
-    moka::future::Cache::builder().max_capacity(MASTER_DATA_ENTRIES).time_to_live(MASTER_DATA_TTL).build()
-}
 
 fn mediation(p: &Policy) -> &MediationPolicy {
     match p {

@@ -1,5 +1,5 @@
-//! The durable side of the process APIs: orders with their state machine and timestamped
-//! transitions, and idempotency keys with their stored responses, in one SQLite file (WAL).
+//! The order store in one SQLite file (WAL): orders with their timestamped transitions, and
+//! idempotency keys with their stored responses.
 //!
 //! One node owns the file; during a graceful upgrade two processes share it for a moment, so
 //! every lease and in-flight key records the process that holds it ([`instance`]), and recovery
@@ -9,10 +9,10 @@
 //! is one statement where it can be (the history is written by triggers): every statement is a
 //! round trip to the connection's thread, and those hops are most of an order's cost.
 
-use super::instance;
-use super::state::State;
+use super::{now_ms, Change, KeyState, NewOrder, OrderRecord, OrderStore, StoreError, Transition};
 use crate::config::spec::Synchronous;
-use serde::Serialize;
+use crate::process::instance;
+use crate::process::state::State;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -21,9 +21,10 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Milliseconds since the Unix epoch: the store's clock.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError(e.to_string())
+    }
 }
 
 const SCHEMA: &[&str] = &[
@@ -101,82 +102,8 @@ const MIGRATIONS: &[&[&str]] = &[&[
     "CREATE INDEX IF NOT EXISTS orders_lease_owner ON orders(lease_owner) WHERE lease_until > 0",
 ]];
 
-#[derive(Debug, thiserror::Error)]
-#[error("order store: {0}")]
-pub struct StoreError(String);
-
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        StoreError(e.to_string())
-    }
-}
-
-/// An order record.
-#[derive(Debug, Clone)]
-pub struct OrderRecord {
-    pub id: String,
-    pub opportunity_id: String,
-    pub state: State,
-    /// The canonical quote, as JSON text.
-    pub quote: String,
-    /// The rules have passed (false when the ERP was unreachable at submission).
-    pub validated: bool,
-    pub erp_order_id: Option<String>,
-    pub erp_order_number: Option<String>,
-    pub reason: Option<String>,
-    /// Rule violations (JSON array) when the rules refused the order.
-    pub violations: Option<String>,
-    pub correlation_id: String,
-    pub attempts: i64,
-    pub next_attempt_at: i64,
-    pub received_at: i64,
-    pub updated_at: i64,
-    /// The consumer that submitted it (`policy/consumer`); empty for orders of older versions.
-    pub owner: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Transition {
-    pub at: i64,
-    pub from: Option<String>,
-    pub to: String,
-    /// The latest reason, when the change repeated.
-    pub reason: String,
-    /// How many more times the order was put in this state again (retries).
-    pub repeats: i64,
-    pub last_at: Option<i64>,
-}
-
-/// What an idempotency key holds.
-#[derive(Debug, Clone, PartialEq)]
-pub enum KeyState {
-    /// First use: the caller owns the key until it finishes or releases it.
-    Claimed,
-    /// The first request with this key has not finished.
-    InFlight,
-    /// The key was used with another payload.
-    Mismatch,
-    /// Finished: replay this response.
-    Done { status: u16, location: Option<String>, body: Vec<u8> },
-}
-
-/// What changes with a transition, besides the state.
-#[derive(Debug, Default)]
-pub struct Change<'a> {
-    pub reason: &'a str,
-    pub erp_order: Option<(&'a str, &'a str)>,
-    pub validated: Option<bool>,
-    pub violations: Option<&'a str>,
-    pub next_attempt_at: Option<i64>,
-    pub count_attempt: bool,
-    /// Reset the attempt counter (an operator's replay).
-    pub reset_attempts: bool,
-    /// Keep the delivery lease (the order stays with its current deliverer).
-    pub keep_lease: bool,
-}
-
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     /// This process, as named on the leases and keys it holds.
@@ -220,9 +147,9 @@ async fn migrate(writer: &SqlitePool) -> Result<(), StoreError> {
     Ok(())
 }
 
-impl Store {
+impl SqliteStore {
     /// Open (creating it and its directory when missing) and bring the schema up to date.
-    pub async fn open(path: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
+    pub async fn open(path: &Path, synchronous: Synchronous) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
@@ -253,12 +180,12 @@ impl Store {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Store { writer, reader, instance: instance::current().into() })
+        Ok(SqliteStore { writer, reader, instance: instance::current().into() })
     }
 
     /// This store as used by another process named `instance` (`pid:start`): for tests and
     /// tools that act for a process that is gone or another that runs.
-    pub fn as_process(mut self, instance: &str) -> Store {
+    pub fn as_process(mut self, instance: &str) -> SqliteStore {
         self.instance = instance.into();
         self
     }
@@ -268,12 +195,15 @@ impl Store {
         let row = sqlx::query("PRAGMA synchronous").fetch_one(&self.writer).await?;
         Ok(row.try_get::<i64, _>(0)?)
     }
+}
 
+#[async_trait::async_trait]
+impl OrderStore for SqliteStore {
     /// Take back what a process that is gone left behind: its delivery leases (an order it was
     /// submitting is retried only after `settle`, the longest its last ERP request could still
     /// be under way) and its in-flight idempotency keys. What a live process holds (the old one
     /// during a graceful upgrade) is left alone. Returns how many orders were released.
-    pub async fn recover(&self, settle: Duration) -> Result<u64, StoreError> {
+    async fn recover(&self, settle: Duration) -> Result<u64, StoreError> {
         let holders: Vec<String> = sqlx::query(
             "SELECT DISTINCT lease_owner FROM orders WHERE lease_until > 0
                  AND state IN ('received', 'validated', 'submitted', 'pending')",
@@ -314,16 +244,9 @@ impl Store {
         Ok(released)
     }
 
-    // --- idempotency keys ---
-
     /// Claim `key` for a request with `fingerprint`, or say why not. One statement claims a new
     /// or expired key; only a key in use costs a second one.
-    pub async fn claim_key(
-        &self,
-        key: &str,
-        fingerprint: &str,
-        ttl: Duration,
-    ) -> Result<KeyState, StoreError> {
+    async fn claim_key(&self, key: &str, fingerprint: &str, ttl: Duration) -> Result<KeyState, StoreError> {
         let now = now_ms();
         let claimed = sqlx::query(
             "INSERT INTO idempotency_keys (key, fingerprint, in_flight, created_at, expires_at, holder)
@@ -367,7 +290,7 @@ impl Store {
     }
 
     /// Store the response of a claimed key for replay.
-    pub async fn complete_key(
+    async fn complete_key(
         &self,
         key: &str,
         status: u16,
@@ -387,7 +310,7 @@ impl Store {
     }
 
     /// Forget a claimed key: the request ended in a way the caller should simply retry or fix.
-    pub async fn release_key(&self, key: &str) -> Result<(), StoreError> {
+    async fn release_key(&self, key: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM idempotency_keys WHERE key = ? AND in_flight = 1")
             .bind(key)
             .execute(&self.writer)
@@ -396,7 +319,7 @@ impl Store {
     }
 
     /// Drop expired keys; returns how many.
-    pub async fn purge_expired_keys(&self) -> Result<u64, StoreError> {
+    async fn purge_expired_keys(&self) -> Result<u64, StoreError> {
         Ok(sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= ? AND in_flight = 0")
             .bind(now_ms())
             .execute(&self.writer)
@@ -404,24 +327,19 @@ impl Store {
             .rows_affected())
     }
 
-    // --- orders ---
-
-    /// Insert a new order in `state` (its first transition is recorded with it). `Ok(None)`
-    /// when the opportunity already has a live order ([`Store::live_order_for`] finds it).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn insert_order(
-        &self,
-        id: &str,
-        owner: &str,
-        opportunity_id: &str,
-        state: State,
-        quote: &str,
-        validated: bool,
-        violations: Option<&str>,
-        correlation_id: &str,
-        reason: &str,
-        lease: Option<Duration>,
-    ) -> Result<Option<OrderRecord>, StoreError> {
+    async fn insert_order(&self, order: NewOrder<'_>) -> Result<Option<OrderRecord>, StoreError> {
+        let NewOrder {
+            id,
+            owner,
+            opportunity_id,
+            state,
+            quote,
+            validated,
+            violations,
+            correlation_id,
+            reason,
+            lease,
+        } = order;
         let now = now_ms();
         let inserted = sqlx::query(
             "INSERT INTO orders (id, opportunity_id, state, quote, validated, violations, reason,
@@ -454,7 +372,7 @@ impl Store {
 
     /// Move an order from `from` to `to`; `false` when it is no longer in `from` (someone else
     /// moved it), in which case nothing changes.
-    pub async fn transition(
+    async fn transition(
         &self,
         id: &str,
         from: State,
@@ -492,7 +410,7 @@ impl Store {
     }
 
     /// Lease up to `limit` orders that are due for delivery.
-    pub async fn claim_due(&self, limit: i64, lease: Duration) -> Result<Vec<OrderRecord>, StoreError> {
+    async fn claim_due(&self, limit: i64, lease: Duration) -> Result<Vec<OrderRecord>, StoreError> {
         let now = now_ms();
         let rows = sqlx::query(
             "UPDATE orders SET lease_until = ?, lease_owner = ?
@@ -511,14 +429,14 @@ impl Store {
         rows.iter().map(row_to_order).collect()
     }
 
-    pub async fn order(&self, id: &str) -> Result<Option<OrderRecord>, StoreError> {
+    async fn order(&self, id: &str) -> Result<Option<OrderRecord>, StoreError> {
         let row =
             sqlx::query("SELECT * FROM orders WHERE id = ?").bind(id).fetch_optional(&self.reader).await?;
         row.as_ref().map(row_to_order).transpose()
     }
 
     /// The opportunity's live (not rejected) order.
-    pub async fn live_order_for(&self, opportunity_id: &str) -> Result<Option<OrderRecord>, StoreError> {
+    async fn live_order_for(&self, opportunity_id: &str) -> Result<Option<OrderRecord>, StoreError> {
         // The writer: a caller that just lost the insert race must see the winner's row.
         let row = sqlx::query("SELECT * FROM orders WHERE opportunity_id = ? AND state <> 'rejected'")
             .bind(opportunity_id)
@@ -528,7 +446,7 @@ impl Store {
     }
 
     /// Every order of an opportunity, newest first.
-    pub async fn orders_for(&self, opportunity_id: &str) -> Result<Vec<OrderRecord>, StoreError> {
+    async fn orders_for(&self, opportunity_id: &str) -> Result<Vec<OrderRecord>, StoreError> {
         let rows =
             sqlx::query("SELECT * FROM orders WHERE opportunity_id = ? ORDER BY received_at DESC, id DESC")
                 .bind(opportunity_id)
@@ -537,7 +455,7 @@ impl Store {
         rows.iter().map(row_to_order).collect()
     }
 
-    pub async fn in_state(&self, state: State, limit: i64) -> Result<Vec<OrderRecord>, StoreError> {
+    async fn in_state(&self, state: State, limit: i64) -> Result<Vec<OrderRecord>, StoreError> {
         let rows = sqlx::query("SELECT * FROM orders WHERE state = ? ORDER BY updated_at LIMIT ?")
             .bind(state.as_str())
             .bind(limit)
@@ -546,7 +464,7 @@ impl Store {
         rows.iter().map(row_to_order).collect()
     }
 
-    pub async fn history(&self, id: &str) -> Result<Vec<Transition>, StoreError> {
+    async fn history(&self, id: &str) -> Result<Vec<Transition>, StoreError> {
         let rows = sqlx::query(
             "SELECT at, from_state, to_state, reason, repeats, last_at FROM transitions
              WHERE order_id = ? ORDER BY seq",
@@ -569,7 +487,7 @@ impl Store {
     }
 
     /// Orders per state, for the gauges.
-    pub async fn count_by_state(&self) -> Result<Vec<(String, i64)>, StoreError> {
+    async fn count_by_state(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM orders GROUP BY state")
             .fetch_all(&self.reader)
             .await?;
@@ -581,9 +499,32 @@ impl Store {
 mod tests {
     use super::*;
 
-    async fn store() -> (Store, tempfile::TempDir) {
+    fn new_order<'a>(
+        id: &'a str,
+        owner: &'a str,
+        opportunity_id: &'a str,
+        state: State,
+        validated: bool,
+        reason: &'a str,
+        lease: Option<Duration>,
+    ) -> NewOrder<'a> {
+        NewOrder {
+            id,
+            owner,
+            opportunity_id,
+            state,
+            quote: "{}",
+            validated,
+            violations: None,
+            correlation_id: "c",
+            reason,
+            lease,
+        }
+    }
+
+    async fn store() -> (SqliteStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        (Store::open(&dir.path().join("data/orders.db"), Synchronous::Full).await.unwrap(), dir)
+        (SqliteStore::open(&dir.path().join("data/orders.db"), Synchronous::Full).await.unwrap(), dir)
     }
 
     #[tokio::test]
@@ -617,9 +558,7 @@ mod tests {
         let insert = |id: &'static str, state: State| {
             let s = s.clone();
             async move {
-                s.insert_order(id, "keys/crm", "OPP-1", state, "{}", true, None, "c", "why", None)
-                    .await
-                    .unwrap()
+                s.insert_order(new_order(id, "keys/crm", "OPP-1", state, true, "why", None)).await.unwrap()
             }
         };
         assert_eq!(insert("a", State::Rejected).await.unwrap().state, State::Rejected);
@@ -662,12 +601,8 @@ mod tests {
         let lease = Duration::from_secs(60);
         let settle = Duration::from_secs(30);
         let gone = s.clone().as_process("1:1");
-        gone.insert_order("a", "k/c", "OPP-A", State::Pending, "{}", true, None, "c", "why", None)
-            .await
-            .unwrap();
-        gone.insert_order("b", "k/c", "OPP-B", State::Accepted, "{}", true, None, "c", "why", None)
-            .await
-            .unwrap();
+        gone.insert_order(new_order("a", "k/c", "OPP-A", State::Pending, true, "why", None)).await.unwrap();
+        gone.insert_order(new_order("b", "k/c", "OPP-B", State::Accepted, true, "why", None)).await.unwrap();
         let due: Vec<String> = gone.claim_due(10, lease).await.unwrap().into_iter().map(|o| o.id).collect();
         assert_eq!(due, ["a"], "only deliverable orders");
         assert!(s.claim_due(10, lease).await.unwrap().is_empty(), "a leased order is not handed out twice");
@@ -676,9 +611,7 @@ mod tests {
         let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         let running = instance::name_of(sleeper.id()).expect("the child runs");
         let live = s.clone().as_process(&running);
-        live.insert_order("c", "k/c", "OPP-C", State::Pending, "{}", true, None, "c", "why", None)
-            .await
-            .unwrap();
+        live.insert_order(new_order("c", "k/c", "OPP-C", State::Pending, true, "why", None)).await.unwrap();
         assert_eq!(live.claim_due(10, lease).await.unwrap().len(), 1);
         assert_eq!(s.recover(settle).await.unwrap(), 1, "only the stopped process's lease");
         let due: Vec<String> = s.claim_due(10, lease).await.unwrap().into_iter().map(|o| o.id).collect();
@@ -692,18 +625,15 @@ mod tests {
     async fn a_stopped_process_mid_submission_is_retried_only_after_its_request_settles() {
         let (s, _dir) = store().await;
         let gone = s.clone().as_process("1:1");
-        gone.insert_order(
+        gone.insert_order(new_order(
             "a",
             "k/c",
             "OPP-A",
             State::Validated,
-            "{}",
             true,
-            None,
-            "c",
             "why",
             Some(Duration::from_secs(60)),
-        )
+        ))
         .await
         .unwrap();
         let begin = Change {
@@ -741,7 +671,7 @@ mod tests {
     #[tokio::test]
     async fn a_repeated_state_is_one_history_entry_with_a_count() {
         let (s, _dir) = store().await;
-        s.insert_order("a", "k/c", "OPP-A", State::Received, "{}", false, None, "c", "received", None)
+        s.insert_order(new_order("a", "k/c", "OPP-A", State::Received, false, "received", None))
             .await
             .unwrap();
         let reasons: Vec<String> = (1..=5).map(|n| format!("retry {n}")).collect();
@@ -762,7 +692,7 @@ mod tests {
         let (s, _dir) = store().await;
         assert_eq!(s.synchronous_level().await.unwrap(), 2, "FULL");
         let dir = tempfile::tempdir().unwrap();
-        let normal = Store::open(&dir.path().join("n.db"), Synchronous::Normal).await.unwrap();
+        let normal = SqliteStore::open(&dir.path().join("n.db"), Synchronous::Normal).await.unwrap();
         assert_eq!(normal.synchronous_level().await.unwrap(), 1, "NORMAL when configured");
     }
 
@@ -785,12 +715,12 @@ mod tests {
             .await
             .unwrap();
         }
-        let s = Store::open(&path, Synchronous::Full).await.unwrap();
+        let s = SqliteStore::open(&path, Synchronous::Full).await.unwrap();
         let order = s.order("old").await.unwrap().unwrap();
         assert_eq!(order.owner, "", "orders of the previous version have no owner");
         assert_eq!(s.recover(Duration::ZERO).await.unwrap(), 1, "its lease names no process: taken back");
         drop(s);
-        let again = Store::open(&path, Synchronous::Full).await.unwrap();
+        let again = SqliteStore::open(&path, Synchronous::Full).await.unwrap();
         assert!(again.order("old").await.unwrap().is_some(), "migrations run once");
     }
 }

@@ -1,0 +1,193 @@
+//! `process:` of causeway.yaml compiled: which ERP the process APIs write to, with which adapter,
+//! how delivery retries; and `policies/process/`, the quote rules.
+
+use super::{env, parse_file, rules, spec, yaml_files, CompiledRoute, Diagnostics, Upstream};
+use crate::config::spec::{MainSpec, Synchronous};
+use crate::policy::Policy;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `process:` of `causeway.yaml`, compiled.
+#[derive(Debug, Clone)]
+pub struct ProcessSettings {
+    pub erp: String,
+    pub adapter: AdapterSettings,
+    pub store_path: PathBuf,
+    pub synchronous: Synchronous,
+    pub key_ttl: Duration,
+    pub max_lines: usize,
+    pub max_attempts: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub inline_wait: Duration,
+    pub lease: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum AdapterSettings {
+    BusinessCentral { company: String },
+    Tryton(TrytonSettings),
+}
+
+#[derive(Debug, Clone)]
+pub struct TrytonSettings {
+    pub database: String,
+    pub login: String,
+    pub password: String,
+    pub company: i64,
+}
+
+/// Mediation policies the quote-to-order process needs (`policies/mediation.yaml`).
+pub const PROCESS_POLICIES: &[&str] = &["canonical-quote", "salesforce-opportunity-to-quote"];
+/// ... and those the Business Central adapter maps with.
+pub const BC_ADAPTER_POLICIES: &[&str] = &[
+    "canonical-customer-bc",
+    "canonical-item-bc",
+    "canonical-sales-order-create-bc",
+    "canonical-sales-order-bc",
+];
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn compile_process(
+    file: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    main: &MainSpec,
+    (store_path, synchronous): (&Path, Synchronous),
+    upstreams: &BTreeMap<String, Arc<Upstream>>,
+    policies: &HashMap<String, Arc<Policy>>,
+    rules: &Option<rules::Rules>,
+    routes: &[Arc<CompiledRoute>],
+    diags: &mut Diagnostics,
+) -> Option<ProcessSettings> {
+    let Some(spec) = &main.process else {
+        if let Some(route) = routes.iter().find(|r| r.process.is_some()) {
+            diags.file(
+                file,
+                format!(
+                    "route `{}` is a process endpoint, but causeway.yaml has no `process:` block",
+                    route.name
+                ),
+            );
+        }
+        return None;
+    };
+    if !upstreams.contains_key(&spec.erp.value) {
+        diags.at(file, &spec.erp, format!("process.erp: no upstream `{}`", spec.erp.value));
+    }
+    let adapter = match (spec.adapter, &spec.company, &spec.tryton) {
+        (spec::AdapterKind::BusinessCentral, Some(company), _) => {
+            Some(AdapterSettings::BusinessCentral { company: company.clone() })
+        }
+        (spec::AdapterKind::Tryton, _, Some(t)) => match env::expand(&t.password.value, env) {
+            Ok(password) => Some(AdapterSettings::Tryton(TrytonSettings {
+                database: t.database.clone(),
+                login: t.login.clone(),
+                password,
+                company: t.company,
+            })),
+            Err(e) => {
+                diags.at(file, &t.password, format!("process.tryton.password: {e}"));
+                None
+            }
+        },
+        (spec::AdapterKind::BusinessCentral, None, _) => {
+            diags.at(
+                file,
+                &spec.erp,
+                "process: the business-central adapter needs `company` (the company id)",
+            );
+            None
+        }
+        (spec::AdapterKind::Tryton, _, None) => {
+            diags.at(
+                file,
+                &spec.erp,
+                "process: the tryton adapter needs a `tryton:` block (database, login, password)",
+            );
+            None
+        }
+    };
+    let needed: Vec<&str> = match spec.adapter {
+        spec::AdapterKind::BusinessCentral => {
+            PROCESS_POLICIES.iter().chain(BC_ADAPTER_POLICIES).copied().collect()
+        }
+        spec::AdapterKind::Tryton => PROCESS_POLICIES.to_vec(),
+    };
+    let missing: Vec<&str> = needed
+        .into_iter()
+        .filter(|name| !policies.get(*name).is_some_and(|p| matches!(p.as_ref(), Policy::Mediation(_))))
+        .collect();
+    if !missing.is_empty() {
+        diags.at(
+            file,
+            &spec.erp,
+            format!("process: the mediation policies {} are missing from policies/", missing.join(", ")),
+        );
+    }
+    if rules.is_none() {
+        diags.at(file, &spec.erp, "process: policies/process/ (the quote rules) is missing");
+    }
+    let d = &spec.delivery;
+    if d.max_attempts == 0 || d.backoff_initial_ms == 0 || d.backoff_max_ms < d.backoff_initial_ms {
+        diags.at(
+            file,
+            &spec.erp,
+            "process.delivery: max_attempts and backoff_initial_ms must be at least 1, backoff_max_ms at least backoff_initial_ms",
+        );
+    }
+    if spec.idempotency_key_ttl_hours == 0 {
+        diags.at(file, &spec.erp, "process.idempotency_key_ttl_hours must be at least 1");
+    }
+    if spec.max_lines == 0 || spec.max_lines > 2000 {
+        diags.at(file, &spec.erp, "process.max_lines must be between 1 and 2000");
+    }
+    let ms = Duration::from_millis;
+    Some(ProcessSettings {
+        erp: spec.erp.value.clone(),
+        adapter: adapter?,
+        store_path: store_path.to_path_buf(),
+        synchronous,
+        key_ttl: Duration::from_secs(spec.idempotency_key_ttl_hours.saturating_mul(3600)),
+        max_lines: spec.max_lines,
+        max_attempts: d.max_attempts,
+        backoff_initial: ms(d.backoff_initial_ms),
+        backoff_max: ms(d.backoff_max_ms),
+        inline_wait: ms(d.inline_wait_ms),
+        lease: ms(d.lease_ms.max(1000)),
+    })
+}
+
+/// `policies/process/`: one file a concern, all of them required once the directory exists.
+pub(super) fn load_process_rules(dir: &Path, diags: &mut Diagnostics) -> Option<rules::Rules> {
+    use rules::{Rules, FILES};
+    if !dir.is_dir() {
+        return None;
+    }
+    for file in yaml_files(dir, diags) {
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !FILES.contains(&name) {
+            diags.file(&file, format!("not a process rules file; expected one of {}", FILES.join(", ")));
+        }
+    }
+    let customer = parse_file(&dir.join("customer.yaml"), diags);
+    let products = parse_file(&dir.join("products.yaml"), diags);
+    let tax = parse_file::<rules::TaxRules>(&dir.join("tax.yaml"), diags);
+    let contract = parse_file::<rules::ContractRules>(&dir.join("contract.yaml"), diags);
+    let pricing = parse_file(&dir.join("pricing.yaml"), diags);
+    let (Some(customer), Some(products), Some(tax), Some(contract), Some(pricing)) =
+        (customer, products, tax, contract, pricing)
+    else {
+        return None;
+    };
+    for region in contract.currencies.keys().chain(contract.payment_terms.keys()) {
+        if !tax.regions.contains_key(region) {
+            diags.file(
+                &dir.join("contract.yaml"),
+                format!("region `{region}` has no tax treatment in tax.yaml"),
+            );
+        }
+    }
+    Some(Rules { customer, products, tax, contract, pricing })
+}

@@ -1,0 +1,216 @@
+//! `upstreams:` of causeway.yaml compiled: addresses resolved once, credentials expanded from the
+//! environment, the ERP budget with its classes and overload signals.
+
+use super::{env, Diagnostics, SharedState};
+use crate::config::spec::{BudgetSpec, CredentialSpec, MainSpec, UpstreamSpec};
+use crate::policy::budget::{BudgetParams, Class, ErpBudget};
+use http::{HeaderName, HeaderValue, Uri};
+use serde_saphyr::Spanned;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// An upstream ERP instance, ready to build pingora peers from.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    /// Resolved once at load time: no DNS on the request path (a reload re-resolves).
+    pub address: std::net::SocketAddr,
+    pub tls: bool,
+    pub sni: String,
+    /// `Host` header sent upstream.
+    pub host_header: HeaderValue,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub credential: Option<(HeaderName, HeaderValue)>,
+    pub budget: Option<UpstreamBudget>,
+    /// `scheme://authority` for in-process calls (mediated routes).
+    pub base_url: String,
+    /// Pooled client for in-process calls, built on first use (pinned to `address`).
+    pub client: std::sync::OnceLock<Option<reqwest::Client>>,
+}
+
+impl Upstream {
+    /// The in-process HTTP client: pooled connections, the upstream's connect and read timeouts,
+    /// DNS resolved at load time like the proxy's peers.
+    /// `None` only when no TLS provider is installed (a startup bug, reported as a 500).
+    pub fn client(&self) -> Option<&reqwest::Client> {
+        let client = self.client.get_or_init(|| {
+            let host = self.sni.clone();
+            reqwest::Client::builder()
+                .resolve(&host, self.address)
+                .connect_timeout(self.connect_timeout)
+                .read_timeout(self.read_timeout)
+                .pool_idle_timeout(self.idle_timeout)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .ok()
+        });
+        client.as_ref()
+    }
+}
+
+/// An upstream's throttle: the shared budget, its classes and the overload signals to watch for.
+#[derive(Debug)]
+pub struct UpstreamBudget {
+    pub budget: Arc<dyn ErpBudget>,
+    pub classes: HashMap<String, Class>,
+    pub default_class: Class,
+    /// (status, body substring): `None` means the status alone signals overload.
+    pub overload_signals: Vec<(u16, Option<String>)>,
+}
+
+pub(super) fn compile_upstreams(
+    file: &Path,
+    main: &MainSpec,
+    env: &dyn Fn(&str) -> Option<String>,
+    state: &SharedState,
+    diags: &mut Diagnostics,
+) -> BTreeMap<String, Arc<Upstream>> {
+    let mut out = BTreeMap::new();
+    for (name, spanned) in &main.upstreams {
+        let spec = &spanned.value;
+        match compile_upstream(name, spec, env, state) {
+            Ok(u) => {
+                out.insert(name.clone(), Arc::new(u));
+            }
+            Err((span_line, msg)) => {
+                let span = span_line.unwrap_or(&spec.url);
+                diags.at(file, span, format!("upstream `{name}`: {msg}"));
+            }
+        }
+    }
+    out
+}
+
+type SpannedErr<'a> = (Option<&'a Spanned<String>>, String);
+
+fn compile_budget(upstream: &str, spec: &BudgetSpec, state: &SharedState) -> Result<UpstreamBudget, String> {
+    if spec.window_requests == 0 || spec.window_seconds == 0 || spec.max_concurrent == 0 {
+        return Err("budget: window_requests, window_seconds and max_concurrent must be at least 1".into());
+    }
+    if spec.max_pause_seconds == 0 {
+        return Err("budget: max_pause_seconds must be at least 1".into());
+    }
+    if !(spec.max_share > 0.0 && spec.max_share <= 1.0) {
+        return Err(format!("budget: max_share must be above 0 and at most 1, not {}", spec.max_share));
+    }
+    let classes: HashMap<String, Class> = spec
+        .classes
+        .iter()
+        .map(|(n, c)| {
+            (
+                n.clone(),
+                Class {
+                    name: Arc::from(n.as_str()),
+                    priority: c.priority,
+                    max_wait: Duration::from_millis(c.max_wait_ms),
+                },
+            )
+        })
+        .collect();
+    let default_class = classes
+        .get(&spec.default_class)
+        .cloned()
+        .ok_or_else(|| format!("budget: default_class `{}` is not one of the classes", spec.default_class))?;
+    let params = BudgetParams {
+        window_requests: spec.window_requests,
+        window: Duration::from_secs(spec.window_seconds),
+        window_margin: Duration::from_millis(spec.window_margin_ms),
+        max_concurrent: spec.max_concurrent,
+        queue: spec.queue,
+        backoff_initial: Duration::from_millis(spec.backoff_initial_ms.max(1)),
+        backoff_max: Duration::from_millis(spec.backoff_max_ms.max(spec.backoff_initial_ms.max(1))),
+        circuit_failures: spec.circuit_failures.max(1),
+        circuit_open: Duration::from_secs(spec.circuit_open_seconds),
+        max_pause: Duration::from_secs(spec.max_pause_seconds),
+        max_share: spec.max_share,
+    };
+    Ok(UpstreamBudget {
+        budget: state.budget(upstream, params),
+        classes,
+        default_class,
+        overload_signals: spec.overload_signals.iter().map(|s| (s.status, s.body_contains.clone())).collect(),
+    })
+}
+
+fn compile_upstream<'a>(
+    name: &str,
+    spec: &'a UpstreamSpec,
+    env: &dyn Fn(&str) -> Option<String>,
+    state: &SharedState,
+) -> Result<Upstream, SpannedErr<'a>> {
+    let uri: Uri =
+        spec.url.value.parse().map_err(|_| (None, format!("`{}` is not a URL", spec.url.value)))?;
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err((None, "url must start with http:// or https://".into())),
+    };
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err((None, "url must not have a path or query; routes rewrite paths".into()));
+    }
+    let host = uri.host().ok_or((None, "url has no host".to_string()))?.to_string();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let address = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| (None, format!("cannot resolve host `{host}`")))?;
+    let authority = uri.authority().map(|a| a.as_str().to_string()).unwrap_or_else(|| host.clone());
+    let credential = match &spec.credentials {
+        None => None,
+        Some(c) => Some(compile_credential(c, env)?),
+    };
+    let budget = match &spec.budget {
+        Some(b) => Some(compile_budget(name, b, state).map_err(|e| (None, e))?),
+        None => None,
+    };
+    let ms = Duration::from_millis;
+    Ok(Upstream {
+        budget,
+        name: name.to_string(),
+        address,
+        tls,
+        sni: host,
+        host_header: HeaderValue::from_str(&authority).map_err(|_| (None, "invalid host".to_string()))?,
+        connect_timeout: ms(spec.connect_timeout_ms),
+        read_timeout: ms(spec.read_timeout_ms),
+        write_timeout: ms(spec.write_timeout_ms),
+        idle_timeout: Duration::from_secs(spec.pool_idle_seconds),
+        credential,
+        base_url: format!("{}://{authority}", if tls { "https" } else { "http" }),
+        client: std::sync::OnceLock::new(),
+    })
+}
+
+fn compile_credential<'a>(
+    spec: &'a CredentialSpec,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(HeaderName, HeaderValue), SpannedErr<'a>> {
+    let expand = |s: &'a Spanned<String>| {
+        env::expand(&s.value, env).map_err(|e| (Some(s), format!("credentials: {e}")))
+    };
+    let (name, value, span) = match spec {
+        CredentialSpec::Bearer { token } => {
+            (http::header::AUTHORIZATION, format!("Bearer {}", expand(token)?), token)
+        }
+        CredentialSpec::Basic { username, password } => {
+            use base64::Engine;
+            let pair = format!("{}:{}", expand(username)?, expand(password)?);
+            let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+            (http::header::AUTHORIZATION, format!("Basic {encoded}"), password)
+        }
+        CredentialSpec::Header { name, value } => {
+            let n = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| (Some(value), format!("credentials: `{name}` is not a header name")))?;
+            (n, expand(value)?, value)
+        }
+    };
+    let mut value = HeaderValue::from_str(&value)
+        .map_err(|_| (Some(span), "credentials: value is not a valid header value".to_string()))?;
+    value.set_sensitive(true);
+    Ok((name, value))
+}

@@ -1,0 +1,129 @@
+//! What every adapter shares: one budgeted exchange with the ERP (a permit from the upstream's
+//! budget, the request, the outcome reported back), the budget classes adapters use, and the
+//! master-data caches.
+
+use crate::config::Upstream;
+use crate::policy::throttle::{body_signals_overload, judge, Class, Outcome, Refusal};
+use crate::process::adapter::AdapterError;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Master data is kept this long: long enough to spare the ERP's budget on bursts of quotes,
+/// short enough that a fixed customer record is seen within minutes.
+pub const MASTER_DATA_TTL: Duration = Duration::from_secs(120);
+const MASTER_DATA_ENTRIES: u64 = 10_000;
+
+/// A bounded master-data cache with the TTL above.
+pub fn master_cache<V: Clone + Send + Sync + 'static>() -> moka::future::Cache<String, V> {
+    moka::future::Cache::builder().max_capacity(MASTER_DATA_ENTRIES).time_to_live(MASTER_DATA_TTL).build()
+}
+
+/// Take a permit from the upstream's budget (none when it has no budget).
+pub async fn permit(
+    upstream: &Upstream,
+    class: &Class,
+) -> Result<Option<crate::policy::throttle::Permit>, AdapterError> {
+    match upstream.budget.as_ref() {
+        Some(b) => b
+            .budget
+            .acquire(class, crate::policy::throttle::current_consumer().as_ref())
+            .await
+            .map(Some)
+            .map_err(|r| {
+                AdapterError::Unavailable(match r {
+                    Refusal::Busy { .. } => "the ERP budget is exhausted".into(),
+                    Refusal::CircuitOpen { .. } => "the ERP circuit is open".into(),
+                })
+            }),
+        None => Ok(None),
+    }
+}
+
+/// Largest ERP answer an adapter reads.
+pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
+/// Send `request` under a permit from the upstream's budget and report the outcome to it, judged
+/// like every answer that reaches the ERP ([`crate::policy::throttle::judge`], vendor overload
+/// signals included): an overload or a failure is `Unavailable` to the caller; any other status
+/// comes back with its body (at most [`MAX_ANSWER_BYTES`]).
+pub async fn exchange(
+    upstream: &Upstream,
+    class: &Class,
+    request: reqwest::RequestBuilder,
+) -> Result<(u16, bytes::Bytes), AdapterError> {
+    let permit = permit(upstream, class).await?;
+    let report = |o: Outcome| {
+        if let Some(p) = &permit {
+            p.budget().report(o);
+        }
+    };
+    let mut response = match request.timeout(upstream.connect_timeout + upstream.read_timeout).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            report(Outcome::Failure);
+            return Err(AdapterError::Unavailable(e.to_string()));
+        }
+    };
+    let status = response.status().as_u16();
+    let signals = upstream.budget.as_ref().map_or(&[][..], |b| &b.overload_signals[..]);
+    let retry_after = response.headers().get(http::header::RETRY_AFTER).map(|v| v.as_bytes().to_vec());
+    let (mut outcome, markers) = judge(status, retry_after.as_deref(), signals);
+    let mut body = bytes::BytesMut::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_ANSWER_BYTES => body.extend_from_slice(&chunk),
+            Ok(Some(_)) => {
+                report(Outcome::Failure);
+                return Err(AdapterError::Protocol(format!(
+                    "{} answered more than {MAX_ANSWER_BYTES} bytes",
+                    upstream.name
+                )));
+            }
+            Ok(None) => break,
+            Err(e) => {
+                report(Outcome::Failure);
+                return Err(AdapterError::Unavailable(e.to_string()));
+            }
+        }
+    }
+    if body_signals_overload(&markers, &body) {
+        outcome = Outcome::Overload(None);
+    }
+    let unavailable = !matches!(outcome, Outcome::Success);
+    report(outcome);
+    if unavailable {
+        return Err(AdapterError::Unavailable(format!("{} answered {status}", upstream.name)));
+    }
+    Ok((status, body.freeze()))
+}
+
+/// `keys` (each once) split into what `cache` holds, found (known-absent ones left out), and
+/// what it does not hold yet: those are fetched together.
+pub async fn split_cached<'k, V: Clone + Send + Sync + 'static>(
+    cache: &moka::future::Cache<String, Option<V>>,
+    keys: &[&'k str],
+) -> (HashMap<String, V>, Vec<&'k str>) {
+    let mut found = HashMap::new();
+    let mut missing: Vec<&str> = Vec::new();
+    for key in keys {
+        match cache.get(*key).await {
+            Some(Some(v)) => {
+                found.insert(key.to_string(), v);
+            }
+            Some(None) => {}
+            None if !missing.contains(key) => missing.push(key),
+            None => {}
+        }
+    }
+    (found, missing)
+}
+
+/// Budget classes for lookups (interactive) and writes.
+pub fn classes(up: &Upstream) -> (Class, Class) {
+    let class = |name: &str| up.budget.as_ref().and_then(|b| b.classes.get(name).cloned());
+    let default_class = up.budget.as_ref().map(|b| b.default_class.clone());
+    (
+        class("interactive").or(default_class.clone()).unwrap_or_else(Class::unlimited),
+        class("write").or(default_class).unwrap_or_else(Class::unlimited),
+    )
+}

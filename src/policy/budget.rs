@@ -1,0 +1,228 @@
+//! The ERP budget port: what every path that reaches an ERP asks of its budget (a permit,
+//! released on drop; the outcome of the ERP's answer), and the vocabulary shared by its
+//! implementations: the in-memory [`super::throttle::Budget`] today, a shared one (Redis) for
+//! replicas next. Also the one place that judges an ERP answer ([`judge`]).
+
+use rand::Rng;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The budget of one ERP upstream, shared by every route, consumer and in-process caller.
+pub trait ErpBudget: Send + Sync + std::fmt::Debug {
+    fn upstream(&self) -> &str;
+    fn params(&self) -> BudgetParams;
+    /// New limits apply from now on; what is in flight and the window carry over (reload).
+    fn set_params(&self, params: BudgetParams);
+    /// Take a permit for `class`, waiting up to its deadline. `consumer` is who the request is
+    /// for (its share is capped when `max_share` < 1); `None` for traffic of no consumer.
+    fn acquire<'a>(&'a self, class: &'a Class, consumer: Option<&'a Arc<str>>) -> PermitFuture<'a>;
+    /// How the ERP answered a request made under a permit. Returns the pause an overload caused
+    /// (the ERP's `Retry-After` or a backoff, capped at `max_pause`), zero otherwise.
+    fn report(&self, outcome: Outcome) -> Duration;
+    /// Give back what a permit held (called by [`Permit`]'s drop).
+    fn release(&self, lease: Lease);
+    /// End an overload pause now (an operator's decision); returns how much of it was left.
+    fn resume(&self) -> Duration;
+    /// What `GET /admin/budgets` shows.
+    fn snapshot(&self) -> Snapshot;
+    /// Refresh the pause-left gauge (called when metrics are scraped).
+    fn publish_pause(&self);
+    fn in_flight(&self) -> u32;
+}
+
+pub type PermitFuture<'a> = Pin<Box<dyn Future<Output = Result<Permit, Refusal>> + Send + 'a>>;
+
+/// What a permit holds of its budget, given back on release.
+#[derive(Debug, Default)]
+pub struct Lease {
+    /// The circuit breaker's half-open probe.
+    pub probe: bool,
+    /// The consumer whose share the permit counts toward.
+    pub consumer: Option<Arc<str>>,
+}
+
+/// A slot in a budget; dropping it releases the slot, however the request ends.
+pub struct Permit {
+    budget: Arc<dyn ErpBudget>,
+    lease: Option<Lease>,
+}
+
+impl Permit {
+    pub fn new(budget: Arc<dyn ErpBudget>, lease: Lease) -> Permit {
+        Permit { budget, lease: Some(lease) }
+    }
+
+    pub fn budget(&self) -> &Arc<dyn ErpBudget> {
+        &self.budget
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.budget.release(lease);
+        }
+    }
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Permit({})", self.budget.upstream())
+    }
+}
+
+/// A priority class as compiled from the budget spec.
+#[derive(Debug, Clone)]
+pub struct Class {
+    pub name: Arc<str>,
+    /// Lower runs first.
+    pub priority: u8,
+    pub max_wait: Duration,
+}
+
+impl Class {
+    /// For upstreams without a budget: a class that is never queued.
+    pub fn unlimited() -> Class {
+        Class { name: Arc::from("unlimited"), priority: 0, max_wait: Duration::from_secs(0) }
+    }
+}
+
+impl PartialEq for Class {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.name, self.priority, self.max_wait) == (&other.name, other.priority, other.max_wait)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetParams {
+    pub window_requests: u32,
+    pub window: Duration,
+    /// Added to the window before a slot frees, so network jitter between the gateway's clock and
+    /// the ERP's cannot make the ERP count more than its limit.
+    pub window_margin: Duration,
+    pub max_concurrent: u32,
+    pub queue: usize,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub circuit_failures: u32,
+    pub circuit_open: Duration,
+    /// Cap on one pause, whatever the ERP's `Retry-After` says.
+    pub max_pause: Duration,
+    /// Largest share of the window and of the concurrency one consumer may hold (1: no cap).
+    pub max_share: f64,
+}
+
+impl BudgetParams {
+    /// (in flight, per window) one consumer may hold; `None` when shares are off.
+    pub fn consumer_caps(&self) -> Option<(u32, usize)> {
+        (self.max_share < 1.0).then(|| {
+            let share = |n: u32| ((f64::from(n) * self.max_share).floor() as u32).max(1);
+            (share(self.max_concurrent), share(self.window_requests) as usize)
+        })
+    }
+}
+
+// Who a request is made for: set around in-process ERP calls (process APIs, deliveries) so
+// the adapter's permits count toward that consumer's share.
+tokio::task_local! {
+    static CONSUMER: Arc<str>;
+}
+
+/// Run `f` with its ERP permits counted toward `consumer`.
+pub async fn on_behalf_of<F: std::future::Future>(consumer: Arc<str>, f: F) -> F::Output {
+    CONSUMER.scope(consumer, f).await
+}
+
+/// The consumer set by [`on_behalf_of`] for the current task.
+pub fn current_consumer() -> Option<Arc<str>> {
+    CONSUMER.try_with(|c| c.clone()).ok()
+}
+
+/// What `GET /admin/budgets` shows of a budget.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Snapshot {
+    pub upstream: String,
+    /// Milliseconds left of an overload pause (0: not paused).
+    pub paused_for_ms: u64,
+    pub in_flight: u32,
+    pub max_concurrent: u32,
+    pub queued: usize,
+    pub queue: usize,
+    pub admitted_in_window: usize,
+    pub window_requests: u32,
+    pub window_seconds: u64,
+    pub circuit: &'static str,
+    pub max_pause_seconds: u64,
+    pub max_share: f64,
+}
+
+/// Why a request did not get a permit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// Waited up to the class deadline (or the queue was full).
+    Busy { retry_after: Duration },
+    /// The circuit breaker is open.
+    CircuitOpen { retry_after: Duration },
+}
+
+/// What the ERP's answer means for the budget.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Success,
+    /// 429/503 or a configured vendor signal; `None` when the ERP gave no Retry-After.
+    Overload(Option<Duration>),
+    /// Connect error, timeout, other 5xx.
+    Failure,
+}
+
+/// An ERP's overload signals besides 429 and 503 (`overload_signals`): a status that alone
+/// means overload (`None`), or a status whose body holds a marker (NetSuite's 400 with
+/// `SSS_REQUEST_LIMIT_EXCEEDED`).
+pub type OverloadSignals = [(u16, Option<String>)];
+
+/// How much of a body is looked at for a marker.
+pub const MARKER_SCAN_BYTES: usize = 64 * 1024;
+
+/// What an ERP's answer means for its budget, from its status and `Retry-After`: the outcome,
+/// and the body markers still to look for when the status alone does not say. The one place
+/// that decides it, for proxied and mediated routes and the process APIs' adapters alike.
+pub fn judge(status: u16, retry_after: Option<&[u8]>, signals: &OverloadSignals) -> (Outcome, Vec<String>) {
+    let status_signal = signals.iter().any(|(s, body)| *s == status && body.is_none());
+    if status == 429 || status == 503 || status_signal {
+        let wait = retry_after.and_then(|v| std::str::from_utf8(v).ok()).and_then(parse_retry_after);
+        return (Outcome::Overload(wait), Vec::new());
+    }
+    let markers = signals.iter().filter(|(s, _)| *s == status).filter_map(|(_, body)| body.clone()).collect();
+    let outcome = if status >= 500 { Outcome::Failure } else { Outcome::Success };
+    (outcome, markers)
+}
+
+/// Whether the start of `body` holds one of `markers`.
+pub fn body_signals_overload(markers: &[String], body: &[u8]) -> bool {
+    if markers.is_empty() {
+        return false;
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(MARKER_SCAN_BYTES)]);
+    markers.iter().any(|m| text.contains(m.as_str()))
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+/// `initial` doubled `doublings` times, capped at `max`, with jitter over the upper half so
+/// clients backing off from one event do not return together. Shared by the ERP budget's pauses
+/// and the order delivery worker's retries.
+pub fn backoff(initial: Duration, max: Duration, doublings: u32) -> Duration {
+    let cap = initial.saturating_mul(1u32 << doublings.min(20)).min(max);
+    let half = cap / 2;
+    half + Duration::from_millis(rand::rng().random_range(0..=half.as_millis() as u64))
+}
