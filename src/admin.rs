@@ -201,7 +201,10 @@ impl AdminApp {
             return problem(&GatewayError::ProcessDisabled, path);
         };
         let post = session.req_header().method == http::Method::POST;
-        let unavailable = |e: crate::process::store::StoreError| problem(&GatewayError::from(e), path);
+        let unavailable = |e: crate::process::store::StoreError| {
+            tracing::error!(error = %e, "order store failure on the admin API");
+            problem(&GatewayError::StoreUnavailableToOperator { detail: e.to_string() }, path)
+        };
         let segments: Vec<&str> = path.trim_start_matches("/admin/dead-letters").split('/').skip(1).collect();
         match (post, segments.as_slice()) {
             (false, []) => match service.dead_letters(1000).await {

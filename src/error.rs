@@ -74,6 +74,9 @@ pub enum GatewayError {
     OrderNotFound { id: String },
     #[error("order store unavailable: {detail}")]
     StoreUnavailable { detail: String },
+    /// The store failed an operator's read or replay (admin listener): nothing changed.
+    #[error("order store unavailable to the admin API: {detail}")]
+    StoreUnavailableToOperator { detail: String },
     #[error("unsupported media type {found:?}")]
     UnsupportedMediaType { found: Option<String> },
     #[error("too many failed authentications from this address")]
@@ -213,7 +216,7 @@ impl GatewayError {
             | GatewayError::QuoteRejected { .. }
             | GatewayError::ErpRejected { .. } => 422,
             GatewayError::OrderNotFound { .. } => 404,
-            GatewayError::StoreUnavailable { .. } => 503,
+            GatewayError::StoreUnavailable { .. } | GatewayError::StoreUnavailableToOperator { .. } => 503,
             GatewayError::Unauthenticated { .. } => 401,
             GatewayError::Forbidden { .. } => 403,
             GatewayError::RateLimited { .. } => 429,
@@ -312,7 +315,7 @@ impl GatewayError {
             GatewayError::QuoteRejected { .. } => ("quote-rejected", "The quote breaks the order rules"),
             GatewayError::ErpRejected { .. } => ("erp-rejected", "The ERP refused the order"),
             GatewayError::OrderNotFound { .. } => ("order-not-found", "No such order"),
-            GatewayError::StoreUnavailable { .. } => {
+            GatewayError::StoreUnavailable { .. } | GatewayError::StoreUnavailableToOperator { .. } => {
                 ("store-unavailable", "The order store is temporarily unavailable")
             }
             GatewayError::Unauthenticated { .. } => ("unauthenticated", "Authentication required"),
@@ -418,6 +421,9 @@ impl GatewayError {
             ),
             GatewayError::StoreUnavailable { detail } => format!(
                 "The gateway could not record the order ({detail}). Nothing was sent to the ERP; retry with the same Idempotency-Key."
+            ),
+            GatewayError::StoreUnavailableToOperator { detail } => format!(
+                "The order store could not be read or changed ({detail}); nothing changed. Retry; if it persists, check the store's disk and the gateway's log."
             ),
             GatewayError::Unauthenticated { description, .. } => format!(
                 "Authentication failed: {description}. Send a valid bearer token or API key as this route requires."
@@ -579,6 +585,7 @@ mod tests {
             GatewayError::ErpRejected { upstream: s(), message: s() },
             GatewayError::OrderNotFound { id: s() },
             GatewayError::StoreUnavailable { detail: s() },
+            GatewayError::StoreUnavailableToOperator { detail: s() },
             GatewayError::UnsupportedMediaType { found: None },
             GatewayError::AuthThrottled { retry_after: 1 },
             GatewayError::OpportunityTaken { opportunity_id: s() },
@@ -623,6 +630,7 @@ mod tests {
                 | GatewayError::ErpRejected { .. }
                 | GatewayError::OrderNotFound { .. }
                 | GatewayError::StoreUnavailable { .. }
+                | GatewayError::StoreUnavailableToOperator { .. }
                 | GatewayError::UnsupportedMediaType { .. }
                 | GatewayError::AuthThrottled { .. }
                 | GatewayError::OpportunityTaken { .. }

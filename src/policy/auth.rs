@@ -78,6 +78,12 @@ impl AuthFailure {
     }
 }
 
+/// RFC 7519's NumericDate: seconds, which may carry a fraction (kept to the whole second).
+fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let value: Option<f64> = Deserialize::deserialize(d)?;
+    Ok(value.map(|v| if v.is_finite() && v > 0.0 { v.min(u64::MAX as f64) as u64 } else { 0 }))
+}
+
 /// Scopes as IdPs send them: `scope: "a b"` or `scp: ["a", "b"]`.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -90,9 +96,9 @@ enum ScopeClaim {
 struct Claims {
     #[serde(default)]
     sub: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "numeric_date")]
     exp: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "numeric_date")]
     nbf: Option<u64>,
     #[serde(default)]
     scope: Option<ScopeClaim>,
@@ -341,6 +347,12 @@ mod tests {
         assert!(policy.verify(&t).await.is_ok());
         set(1_000_600 + 31);
         assert_eq!(policy.verify(&t).await.unwrap_err(), AuthFailure::Expired);
+        // NumericDates may carry a fraction (RFC 7519 §2).
+        let fractional = token(serde_json::json!({
+            "iss": "https://idp.test", "aud": "causeway", "sub": "crm", "nbf": 999_999.5, "exp": 1_000_600.25,
+        }));
+        set(1_000_000);
+        assert!(policy.verify(&fractional).await.is_ok());
         // A token without `exp` is never accepted.
         let no_exp = token(serde_json::json!({"iss": "https://idp.test", "aud": "causeway", "sub": "crm"}));
         set(1_000_000);
