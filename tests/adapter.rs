@@ -105,3 +105,37 @@ async fn an_unreachable_erp_is_a_transient_failure() {
         other => panic!("expected Unavailable, got {other:?}"),
     }
 }
+
+/// A step the ERP refuses with 429 is sent again once the budget's pause (the ERP's
+/// `Retry-After`) is over, inside the same call: the lookup succeeds instead of failing the
+/// whole attempt, and the ERP saw the refused request once.
+#[tokio::test]
+async fn a_step_refused_with_429_is_retried_after_the_pause_within_the_same_call() {
+    let sandbox = TestSandbox::start(Default::default()).await;
+    let (bc, _config) = adapter(&sandbox).await;
+    sandbox
+        .set_limits(&causeway::sandbox::LimitsSpec {
+            force_status: Some(429),
+            force_retry_after_seconds: Some(1),
+            ..Default::default()
+        })
+        .await;
+    let clear = {
+        let url = sandbox.url();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            reqwest::Client::new()
+                .put(format!("{url}/sandbox/settings"))
+                .json(&causeway::sandbox::LimitsSpec::default())
+                .send()
+                .await
+                .unwrap();
+        })
+    };
+    let started = std::time::Instant::now();
+    let customer = bc.customer("C10000").await.expect("the lookup waits out the pause and succeeds");
+    clear.await.unwrap();
+    assert_eq!(customer.expect("C10000 exists").name, "Adatum Handels GmbH");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900), "{:?}", started.elapsed());
+    assert_eq!(sandbox.stats().await["forced_responses"], 1, "one refused request, then the retry");
+}

@@ -679,3 +679,40 @@ async fn a_vendor_overload_marker_in_an_erp_answer_pauses_the_budget_for_quote_t
     let order = wait_state(&client, &gw, &location, "accepted", Duration::from_secs(30)).await;
     assert_eq!(erp_orders(&sandbox.url()).await.get("OPP-OVERLOAD-1"), Some(&1), "{order:#}");
 }
+
+/// `causeway_process_orders{state}` follows the store: after creation, a pending order, its
+/// delivery, a refusal, and a restart (loaded from the store, not from memory).
+#[tokio::test]
+async fn the_order_state_gauge_follows_the_store_through_transitions_and_a_restart() {
+    let sandbox = TestSandbox::start(LimitsSpec::default()).await;
+    let delivery = "{ max_attempts: 50, backoff_initial_ms: 200, backoff_max_ms: 500, inline_wait_ms: 500 }";
+    let mut gw = TestGateway::start(options(&sandbox, delivery)).await;
+    let client = reqwest::Client::new();
+    let gauge = |state: &str, n: u32| format!("causeway_process_orders{{state=\"{state}\"}} {n}\n");
+    let within = Duration::from_secs(5);
+
+    for i in 0..2 {
+        let resp = submit(&client, &gw, &format!("gauge-{i}"), &quote(&format!("OPP-GAUGE-{i}"))).await;
+        assert_eq!(resp.status(), 201, "{}", gw.log());
+    }
+    gw.wait_for_metric(&gauge("accepted", 2), within).await;
+
+    sandbox.set_limits(&LimitsSpec { force_status: Some(503), ..LimitsSpec::default() }).await;
+    let resp = submit(&client, &gw, "gauge-pending", &quote("OPP-GAUGE-P")).await;
+    assert_eq!(resp.status(), 202, "{}", gw.log());
+    gw.wait_for_metric(&gauge("pending", 1), within).await;
+    sandbox.set_limits(&LimitsSpec::default()).await;
+    gw.wait_for_metric(&gauge("accepted", 3), Duration::from_secs(20)).await;
+    gw.wait_for_metric(&gauge("pending", 0), within).await;
+
+    let resp = submit(&client, &gw, "gauge-rejected", &five_broken_rules(quote("OPP-GAUGE-R"))).await;
+    assert_eq!(resp.status(), 422);
+    gw.wait_for_metric(&gauge("rejected", 1), within).await;
+
+    gw.kill_and_restart().await;
+    for (state, n) in
+        [("accepted", 3), ("rejected", 1), ("pending", 0), ("received", 0), ("dead_lettered", 0)]
+    {
+        gw.wait_for_metric(&gauge(state, n), within).await;
+    }
+}

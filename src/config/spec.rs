@@ -148,6 +148,26 @@ pub struct BudgetSpec {
     /// consumer may hold, so one consumer cannot starve the others; 1 means no cap.
     #[serde(default = "default_max_share")]
     pub max_share: f64,
+    /// `smooth`: spread the window's requests evenly (one per window ÷ window_requests), for
+    /// ERPs behind a spike arrest or a leaky bucket; `off` (default): as fast as the window and
+    /// the concurrency allow, right for sliding windows such as Business Central's.
+    #[serde(default)]
+    pub pacing: PacingSpec,
+    /// With `pacing: smooth`, how many requests may go back to back after a quiet spell.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum PacingSpec {
+    #[default]
+    Off,
+    Smooth,
+}
+
+fn default_burst() -> u32 {
+    1
 }
 
 #[derive(Debug, Deserialize, Clone)]

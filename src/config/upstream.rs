@@ -2,8 +2,8 @@
 //! environment, the ERP budget with its classes and overload signals.
 
 use super::{env, Diagnostics, SharedState};
-use crate::config::spec::{BudgetSpec, CredentialSpec, MainSpec, UpstreamSpec};
-use crate::policy::budget::{BudgetParams, Class, ErpBudget};
+use crate::config::spec::{BudgetSpec, CredentialSpec, MainSpec, PacingSpec, UpstreamSpec};
+use crate::policy::budget::{BudgetParams, Class, ErpBudget, Pacing};
 use http::{HeaderName, HeaderValue, Uri};
 use serde_saphyr::Spanned;
 use std::collections::{BTreeMap, HashMap};
@@ -95,6 +95,12 @@ fn compile_budget(upstream: &str, spec: &BudgetSpec, state: &SharedState) -> Res
     if spec.max_pause_seconds == 0 {
         return Err("budget: max_pause_seconds must be at least 1".into());
     }
+    if spec.burst == 0 || spec.burst > spec.window_requests {
+        return Err(format!(
+            "budget: burst must be between 1 and window_requests ({}), not {}",
+            spec.window_requests, spec.burst
+        ));
+    }
     if !(spec.max_share > 0.0 && spec.max_share <= 1.0) {
         return Err(format!("budget: max_share must be above 0 and at most 1, not {}", spec.max_share));
     }
@@ -128,6 +134,10 @@ fn compile_budget(upstream: &str, spec: &BudgetSpec, state: &SharedState) -> Res
         circuit_open: Duration::from_secs(spec.circuit_open_seconds),
         max_pause: Duration::from_secs(spec.max_pause_seconds),
         max_share: spec.max_share,
+        pacing: (spec.pacing == PacingSpec::Smooth).then(|| Pacing {
+            interval: Duration::from_secs(spec.window_seconds) / spec.window_requests,
+            burst: spec.burst,
+        }),
     };
     Ok(UpstreamBudget {
         budget: state.budget(upstream, params),

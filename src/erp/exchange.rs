@@ -42,15 +42,55 @@ pub async fn permit(
 /// Largest ERP answer an adapter reads.
 pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 
+/// How often one step is sent again after the ERP asked to wait, within one attempt.
+pub const OVERLOAD_RETRIES: u32 = 5;
+
 /// Send `request` under a permit from the upstream's budget and report the outcome to it, judged
 /// like every answer that reaches the ERP ([`crate::policy::throttle::judge`], vendor overload
-/// signals included): an overload or a failure is `Unavailable` to the caller; any other status
+/// signals included). An overload answer is the ERP asking to wait: the budget pauses, and the
+/// same step is sent again once it admits (up to [`OVERLOAD_RETRIES`] times, each wait bounded by
+/// the class's deadline), so a delivery of several calls is not failed by one refused step. A
+/// failure, or an overload that outlasts that, is `Unavailable` to the caller; any other status
 /// comes back with its body (at most [`MAX_ANSWER_BYTES`]).
 pub async fn exchange(
     upstream: &Upstream,
     class: &Class,
     request: reqwest::RequestBuilder,
 ) -> Result<(u16, bytes::Bytes), AdapterError> {
+    let mut overloads = 0;
+    loop {
+        let step = request
+            .try_clone()
+            .ok_or_else(|| AdapterError::Protocol("the request body cannot be sent twice".into()))?;
+        match exchange_once(upstream, class, step).await {
+            // Without a budget nothing paces the retry: the caller's own backoff has to.
+            Err(Step::Overloaded(_)) if overloads < OVERLOAD_RETRIES && upstream.budget.is_some() => {
+                overloads += 1
+            }
+            Err(Step::Overloaded(message)) => return Err(AdapterError::Unavailable(message)),
+            Err(Step::Failed(e)) => return Err(e),
+            Ok(answer) => return Ok(answer),
+        }
+    }
+}
+
+enum Step {
+    /// The ERP asked to wait (429, 503 or a vendor signal); the budget is paused.
+    Overloaded(String),
+    Failed(AdapterError),
+}
+
+impl From<AdapterError> for Step {
+    fn from(e: AdapterError) -> Self {
+        Step::Failed(e)
+    }
+}
+
+async fn exchange_once(
+    upstream: &Upstream,
+    class: &Class,
+    request: reqwest::RequestBuilder,
+) -> Result<(u16, bytes::Bytes), Step> {
     let permit = permit(upstream, class).await?;
     let report = |o: Outcome| {
         if let Some(p) = &permit {
@@ -61,7 +101,7 @@ pub async fn exchange(
         Ok(r) => r,
         Err(e) => {
             report(Outcome::Failure);
-            return Err(AdapterError::Unavailable(e.to_string()));
+            return Err(AdapterError::Unavailable(e.to_string()).into());
         }
     };
     let status = response.status().as_u16();
@@ -73,26 +113,34 @@ pub async fn exchange(
         match response.chunk().await {
             Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_ANSWER_BYTES => body.extend_from_slice(&chunk),
             Ok(Some(_)) => {
-                report(Outcome::Failure);
+                // The ERP answered, with more than an adapter takes: judged by its status, not
+                // counted as the ERP's failure toward the circuit.
+                report(outcome.clone());
                 return Err(AdapterError::Protocol(format!(
                     "{} answered more than {MAX_ANSWER_BYTES} bytes",
                     upstream.name
-                )));
+                ))
+                .into());
             }
             Ok(None) => break,
             Err(e) => {
                 report(Outcome::Failure);
-                return Err(AdapterError::Unavailable(e.to_string()));
+                return Err(AdapterError::Unavailable(e.to_string()).into());
             }
         }
     }
     if body_signals_overload(&markers, &body) {
         outcome = Outcome::Overload(None);
     }
-    let unavailable = !matches!(outcome, Outcome::Success);
+    let overloaded = matches!(outcome, Outcome::Overload(_));
+    let failed = matches!(outcome, Outcome::Failure);
     report(outcome);
-    if unavailable {
-        return Err(AdapterError::Unavailable(format!("{} answered {status}", upstream.name)));
+    let message = format!("{} answered {status}", upstream.name);
+    if overloaded {
+        return Err(Step::Overloaded(message));
+    }
+    if failed {
+        return Err(AdapterError::Unavailable(message).into());
     }
     Ok((status, body.freeze()))
 }

@@ -112,6 +112,19 @@ pub struct BudgetParams {
     pub max_pause: Duration,
     /// Largest share of the window and of the concurrency one consumer may hold (1: no cap).
     pub max_share: f64,
+    /// Spread the window's requests evenly (`pacing: smooth`); `None`: as fast as the window
+    /// and the concurrency allow.
+    pub pacing: Option<Pacing>,
+}
+
+/// Even spacing of admissions, for ERPs behind a spike arrest or a leaky bucket, which refuse
+/// a second request that comes too soon after the first even when the window has room.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pacing {
+    /// One request per `interval` (the window divided by its requests)...
+    pub interval: Duration,
+    /// ...with up to `burst` admitted back to back after a quiet spell (1: none).
+    pub burst: u32,
 }
 
 impl BudgetParams {
@@ -156,6 +169,11 @@ pub struct Snapshot {
     pub circuit: &'static str,
     pub max_pause_seconds: u64,
     pub max_share: f64,
+    /// `smooth` or `off`.
+    pub pacing: &'static str,
+    /// Milliseconds between paced admissions (0 when pacing is off).
+    pub pacing_interval_ms: u64,
+    pub burst: u32,
 }
 
 /// Why a request did not get a permit.

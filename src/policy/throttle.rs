@@ -12,7 +12,7 @@ pub use super::budget::*;
 
 use crate::observe::metrics::Metrics;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 // tokio's clock: tests pause and advance it (`start_paused`) instead of sleeping.
@@ -51,6 +51,11 @@ struct State {
     circuit: Circuit,
     timer_at: Option<Instant>,
     consumers: HashMap<Arc<str>, ConsumerUse>,
+    /// With pacing: when the next request conforms with no burst left (GCRA's theoretical
+    /// arrival time); earlier by `burst - 1` intervals it may still go.
+    paced_at: Option<Instant>,
+    /// Waiters a slot was sent to that have not taken it yet.
+    handed: HashSet<WaitKey>,
 }
 
 /// The in-memory budget: one process's view of an ERP's limits.
@@ -73,20 +78,34 @@ impl std::fmt::Debug for Budget {
     }
 }
 
-/// Removes a waiter that gave up (deadline or dropped request) from the queue.
+/// Removes a waiter that gave up (deadline or dropped request) from the queue, and gives back
+/// a slot that was sent to it but never taken (the client went away, or the deadline struck as
+/// the slot came).
 struct WaitGuard<'a> {
     budget: &'a Budget,
-    key: (u8, u64),
+    key: WaitKey,
+    consumer: Option<Arc<str>>,
+    /// The slot became a permit.
+    granted: bool,
 }
 
 impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
         let mut s = self.budget.state.lock();
         s.waiters.remove(&self.key);
-        Metrics::global()
-            .erp_queue_depth
-            .with_label_values(&[self.budget.upstream.as_str()])
-            .set(s.waiters.len() as i64);
+        let untaken = s.handed.remove(&self.key) && !self.granted;
+        if untaken {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            if let Some(used) = self.consumer.as_ref().and_then(|c| s.consumers.get_mut(c)) {
+                used.in_flight = used.in_flight.saturating_sub(1);
+            }
+            self.budget.publish(&s);
+        }
+        self.budget.queue_gauge.set(s.waiters.len() as i64);
+        drop(s);
+        if untaken {
+            self.budget.dispatch();
+        }
     }
 }
 
@@ -111,6 +130,8 @@ impl Budget {
                 circuit: Circuit::Closed { failures: 0 },
                 timer_at: None,
                 consumers: HashMap::new(),
+                paced_at: None,
+                handed: HashSet::new(),
             }),
         })
     }
@@ -188,8 +209,9 @@ impl Budget {
         if shares {
             self.dispatch();
         }
-        let guard = WaitGuard { budget: self, key };
+        let mut guard = WaitGuard { budget: self, key, consumer: consumer.clone(), granted: false };
         let waited = tokio::time::timeout_at(started + class.max_wait, rx).await;
+        guard.granted = matches!(waited, Ok(Ok(())));
         drop(guard);
         match waited {
             Ok(Ok(())) => {
@@ -246,11 +268,13 @@ impl Budget {
                     Self::consumer_may(&mut s, &params, now, consumer.as_ref())
                 })
             };
-            let Some(waiter) = next.and_then(|k| s.waiters.remove(&k)) else { break };
+            let Some((key, waiter)) = next.and_then(|k| s.waiters.remove(&k).map(|w| (k, w))) else { break };
             Self::account(&mut s, now, waiter.consumer.as_ref(), &params);
             if waiter.tx.send(()).is_err() {
                 // The waiter is gone: undo.
-                Self::unaccount(&mut s, waiter.consumer.as_ref());
+                Self::unaccount(&mut s, waiter.consumer.as_ref(), &params);
+            } else {
+                s.handed.insert(key);
             }
         }
         Metrics::global()
@@ -269,7 +293,17 @@ impl Budget {
         while s.admitted.front().is_some_and(|t| now.duration_since(*t) >= horizon) {
             s.admitted.pop_front();
         }
-        s.in_flight < p.max_concurrent && (s.admitted.len() as u32) < p.window_requests
+        s.in_flight < p.max_concurrent
+            && (s.admitted.len() as u32) < p.window_requests
+            && Self::paced_from(s, p).is_none_or(|at| at <= now)
+    }
+
+    /// With pacing, the earliest time the next request may go.
+    fn paced_from(s: &State, p: &BudgetParams) -> Option<Instant> {
+        let pacing = p.pacing?;
+        let tat = s.paced_at?;
+        let burst_ahead = pacing.interval.saturating_mul(pacing.burst.saturating_sub(1));
+        Some(tat.checked_sub(burst_ahead).unwrap_or(tat))
     }
 
     /// Whether `consumer` is under its share (always, when shares are off or it is nobody's).
@@ -286,6 +320,9 @@ impl Budget {
     fn account(s: &mut State, now: Instant, consumer: Option<&Arc<str>>, p: &BudgetParams) {
         s.in_flight += 1;
         s.admitted.push_back(now);
+        if let Some(pacing) = p.pacing {
+            s.paced_at = Some(s.paced_at.map_or(now, |t| t.max(now)) + pacing.interval);
+        }
         if let (Some(c), Some(_)) = (consumer, p.consumer_caps()) {
             let used = s.consumers.entry(c.clone()).or_default();
             used.in_flight += 1;
@@ -300,9 +337,12 @@ impl Budget {
         }
     }
 
-    fn unaccount(s: &mut State, consumer: Option<&Arc<str>>) {
+    fn unaccount(s: &mut State, consumer: Option<&Arc<str>>, p: &BudgetParams) {
         s.in_flight -= 1;
         s.admitted.pop_back();
+        if let (Some(pacing), Some(t)) = (p.pacing, s.paced_at) {
+            s.paced_at = t.checked_sub(pacing.interval);
+        }
         if let Some(used) = consumer.and_then(|c| s.consumers.get_mut(c)) {
             used.in_flight = used.in_flight.saturating_sub(1);
             used.admitted.pop_back();
@@ -320,6 +360,9 @@ impl Budget {
                 at = at.max(*oldest + p.window + p.window_margin);
             }
         }
+        if let Some(paced) = Self::paced_from(s, p) {
+            at = at.max(paced);
+        }
         at - now
     }
 
@@ -333,6 +376,8 @@ impl Budget {
             wake = Some(paused);
         } else if s.admitted.len() as u32 >= p.window_requests {
             wake = s.admitted.front().map(|t| *t + p.window + p.window_margin);
+        } else if let Some(paced) = Self::paced_from(s, p).filter(|t| *t > now) {
+            wake = Some(paced);
         } else if p.consumer_caps().is_some() {
             // Waiters held back by their consumer's window share wake when it slides.
             let horizon = p.window + p.window_margin;
@@ -446,6 +491,9 @@ impl ErpBudget for Budget {
             },
             max_pause_seconds: params.max_pause.as_secs(),
             max_share: params.max_share,
+            pacing: if params.pacing.is_some() { "smooth" } else { "off" },
+            pacing_interval_ms: params.pacing.map_or(0, |p| p.interval.as_millis() as u64),
+            burst: params.pacing.map_or(0, |p| p.burst),
         }
     }
 
@@ -546,11 +594,78 @@ mod tests {
             circuit_open: Duration::from_millis(200),
             max_pause: Duration::from_secs(300),
             max_share: 1.0,
+            pacing: None,
         }
     }
 
     fn class(name: &str, priority: u8, wait_ms: u64) -> Class {
         Class { name: name.into(), priority, max_wait: Duration::from_millis(wait_ms) }
+    }
+
+    /// `pacing: smooth` spaces admissions by window ÷ requests, waiters included, and lets
+    /// `burst` go back to back after a quiet spell; the window's count is never exceeded.
+    #[tokio::test(start_paused = true)]
+    async fn smooth_pacing_spaces_admissions_evenly_with_a_burst_after_quiet() {
+        let mut p = params(4, 10);
+        p.window = Duration::from_secs(1);
+        p.pacing = Some(Pacing { interval: Duration::from_millis(250), burst: 1 });
+        let b = Budget::new("paced", p.clone());
+        let c = class("i", 1, 5_000);
+        let start = Instant::now();
+        let mut waiting = Vec::new();
+        for _ in 0..8 {
+            let (b, c) = (b.clone(), c.clone());
+            waiting.push(tokio::spawn(async move {
+                let permit = b.acquire(&c, None).await.unwrap();
+                drop(permit);
+                Instant::now()
+            }));
+        }
+        let mut at = Vec::new();
+        for w in waiting {
+            at.push(w.await.unwrap().duration_since(start).as_millis() as u64);
+        }
+        at.sort();
+        // 4 per second, one every 250 ms: never two within an interval, never more than 4 in
+        // any second.
+        for pair in at.windows(2) {
+            assert!(pair[1] - pair[0] >= 250, "admitted at {at:?}");
+        }
+        assert!(at[7] >= 1_750 && at[7] < 2_100, "eight requests take under 2.1 s: {at:?}");
+
+        // A burst of 2 after a quiet spell: two at once, then paced again.
+        p.pacing = Some(Pacing { interval: Duration::from_millis(250), burst: 2 });
+        let b = Budget::new("burst", p);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let t = Instant::now();
+        drop(b.acquire(&c, None).await.unwrap());
+        drop(b.acquire(&c, None).await.unwrap());
+        assert_eq!(t.elapsed(), Duration::ZERO, "the burst goes at once");
+        drop(b.acquire(&c, None).await.unwrap());
+        assert!(t.elapsed() >= Duration::from_millis(250), "then the pace: {:?}", t.elapsed());
+        assert_eq!(b.snapshot().pacing, "smooth");
+        assert_eq!(b.snapshot().pacing_interval_ms, 250);
+    }
+
+    /// A slot sent to a waiter that goes away before taking it (its client hung up) comes back.
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_handed_to_a_waiter_that_left_is_given_back() {
+        let b = Budget::new("handed", params(100, 1));
+        let c = class("i", 1, 1_000);
+        let held = b.acquire(&c, None).await.unwrap();
+        let waiter = {
+            let (b, c) = (b.clone(), c.clone());
+            tokio::spawn(async move { b.acquire(&c, None).await.is_ok() })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(b.snapshot().queued, 1);
+        drop(held); // the slot is sent to the waiter...
+        waiter.abort(); // ...which is gone before it runs
+        let _ = waiter.await;
+        assert_eq!(b.in_flight(), 0, "the untaken slot came back");
+        let t = Instant::now();
+        assert!(b.acquire(&c, None).await.is_ok());
+        assert_eq!(t.elapsed(), Duration::ZERO, "and the next request takes it at once");
     }
 
     #[tokio::test(start_paused = true)]

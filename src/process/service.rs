@@ -587,7 +587,22 @@ impl QuoteToOrder {
                 }
             }
         };
-        let mut gauges = tokio::time::Instant::now();
+        // The order-state gauges follow the store on their own beat: a delivery round can take
+        // minutes under a throttled ERP, and they must not wait for it (they read 0 until then).
+        let _gauges = AbortOnDrop(tokio::spawn({
+            let (this, mut shutdown) = (self.clone(), shutdown.clone());
+            async move {
+                loop {
+                    if let Ok(store) = this.store().await {
+                        this.refresh_gauges(store).await;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }));
         let mut purge = tokio::time::Instant::now();
         let mut recovered = tokio::time::Instant::now();
         loop {
@@ -600,10 +615,6 @@ impl QuoteToOrder {
                 if let Err(e) = self.recover(store).await {
                     tracing::warn!(error = %e, "cannot take back leases of stopped processes");
                 }
-            }
-            if gauges.elapsed() >= GAUGE_INTERVAL {
-                gauges = tokio::time::Instant::now();
-                self.refresh_gauges(store).await;
             }
             if purge.elapsed() >= PURGE_INTERVAL {
                 purge = tokio::time::Instant::now();
@@ -655,6 +666,15 @@ impl QuoteToOrder {
                 gauge.with_label_values(&[s.as_str()]).set(n);
             }
         }
+    }
+}
+
+/// Ends a background task when its owner ends, however it returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
