@@ -156,6 +156,10 @@ pub struct BudgetSpec {
     /// With `pacing: smooth`, how many requests may go back to back after a quiet spell.
     #[serde(default = "default_burst")]
     pub burst: u32,
+    /// Adapt to the ERP: an overload signal halves the effective rate and concurrency; answers
+    /// without one win them back step by step, never above the values above.
+    #[serde(default)]
+    pub adaptive: bool,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq)]

@@ -138,6 +138,7 @@ fn compile_budget(upstream: &str, spec: &BudgetSpec, state: &SharedState) -> Res
             interval: Duration::from_secs(spec.window_seconds) / spec.window_requests,
             burst: spec.burst,
         }),
+        adaptive: spec.adaptive,
     };
     Ok(UpstreamBudget {
         budget: state.budget(upstream, params),

@@ -29,11 +29,9 @@ pub async fn permit(
             .acquire(class, crate::policy::throttle::current_consumer().as_ref())
             .await
             .map(Some)
-            .map_err(|r| {
-                AdapterError::Unavailable(match r {
-                    Refusal::Busy { .. } => "the ERP budget is exhausted".into(),
-                    Refusal::CircuitOpen { .. } => "the ERP circuit is open".into(),
-                })
+            .map_err(|r| match r {
+                Refusal::Busy { .. } => AdapterError::Unavailable("the ERP budget is exhausted".into()),
+                Refusal::CircuitOpen { .. } => AdapterError::Unavailable("the ERP circuit is open".into()),
             }),
         None => Ok(None),
     }
@@ -47,11 +45,12 @@ pub const OVERLOAD_RETRIES: u32 = 5;
 
 /// Send `request` under a permit from the upstream's budget and report the outcome to it, judged
 /// like every answer that reaches the ERP ([`crate::policy::throttle::judge`], vendor overload
-/// signals included). An overload answer is the ERP asking to wait: the budget pauses, and the
-/// same step is sent again once it admits (up to [`OVERLOAD_RETRIES`] times, each wait bounded by
-/// the class's deadline), so a delivery of several calls is not failed by one refused step. A
-/// failure, or an overload that outlasts that, is `Unavailable` to the caller; any other status
-/// comes back with its body (at most [`MAX_ANSWER_BYTES`]).
+/// signals included). A 429, an answer with `Retry-After` or a vendor overload signal is the ERP
+/// asking to wait: the budget pauses, and the same step is sent again once it admits (up to
+/// [`OVERLOAD_RETRIES`] times, each wait bounded by the class's deadline), so a delivery of several
+/// calls is not failed by one refused step; if the ERP still asks, `Throttled`. A failure (a bare
+/// 503 included: an outage) or a budget that cannot admit in time is `Unavailable`; any other
+/// status comes back with its body (at most [`MAX_ANSWER_BYTES`]).
 pub async fn exchange(
     upstream: &Upstream,
     class: &Class,
@@ -67,7 +66,7 @@ pub async fn exchange(
             Err(Step::Overloaded(_)) if overloads < OVERLOAD_RETRIES && upstream.budget.is_some() => {
                 overloads += 1
             }
-            Err(Step::Overloaded(message)) => return Err(AdapterError::Unavailable(message)),
+            Err(Step::Overloaded(message)) => return Err(AdapterError::Throttled(message)),
             Err(Step::Failed(e)) => return Err(e),
             Ok(answer) => return Ok(answer),
         }
@@ -75,7 +74,8 @@ pub async fn exchange(
 }
 
 enum Step {
-    /// The ERP asked to wait (429, 503 or a vendor signal); the budget is paused.
+    /// The ERP asked to wait (429, a `Retry-After`, a vendor signal); the budget is paused.
+    /// A bare 503 is an outage, not a request to wait: it fails the attempt like a 500.
     Overloaded(String),
     Failed(AdapterError),
 }
@@ -132,11 +132,11 @@ async fn exchange_once(
     if body_signals_overload(&markers, &body) {
         outcome = Outcome::Overload(None);
     }
-    let overloaded = matches!(outcome, Outcome::Overload(_));
-    let failed = matches!(outcome, Outcome::Failure);
+    let asked_to_wait = matches!(outcome, Outcome::Overload(_)) && (status != 503 || retry_after.is_some());
+    let failed = !asked_to_wait && !matches!(outcome, Outcome::Success);
     report(outcome);
     let message = format!("{} answered {status}", upstream.name);
-    if overloaded {
+    if asked_to_wait {
         return Err(Step::Overloaded(message));
     }
     if failed {

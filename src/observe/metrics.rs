@@ -22,6 +22,7 @@ pub struct Metrics {
     pub erp_pauses: IntCounterVec,
     pub erp_circuit_state: prometheus::IntGaugeVec,
     pub erp_pause_seconds: prometheus::GaugeVec,
+    pub erp_effective_limit: prometheus::IntGaugeVec,
     pub header_deadline_closed: prometheus::IntCounter,
     requests: IntCounterVec,
     duration: HistogramVec,
@@ -115,6 +116,14 @@ impl Metrics {
             &["upstream"],
         )
         .expect("valid metric");
+        let erp_effective_limit = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "causeway_erp_effective_limit",
+                "ERP budget limits in force (limit: max_concurrent, window_requests); below the configured ones while the adaptive limit holds them down",
+            ),
+            &["upstream", "limit"],
+        )
+        .expect("valid metric");
         let header_deadline_closed = prometheus::IntCounter::new(
             "causeway_header_deadline_closed_total",
             "Client connections closed because their request header did not arrive within client_header_timeout_ms",
@@ -149,6 +158,7 @@ impl Metrics {
             Box::new(erp_pauses.clone()),
             Box::new(erp_circuit_state.clone()),
             Box::new(erp_pause_seconds.clone()),
+            Box::new(erp_effective_limit.clone()),
             Box::new(header_deadline_closed.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
@@ -170,6 +180,7 @@ impl Metrics {
             erp_pauses,
             erp_circuit_state,
             erp_pause_seconds,
+            erp_effective_limit,
             header_deadline_closed,
             requests,
             duration,

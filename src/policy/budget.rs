@@ -115,6 +115,9 @@ pub struct BudgetParams {
     /// Spread the window's requests evenly (`pacing: smooth`); `None`: as fast as the window
     /// and the concurrency allow.
     pub pacing: Option<Pacing>,
+    /// Adapt to the ERP: overload signals halve the effective rate and concurrency, answers
+    /// without one win them back step by step, never above the configured values.
+    pub adaptive: bool,
 }
 
 /// Even spacing of admissions, for ERPs behind a spike arrest or a leaky bucket, which refuse
@@ -153,6 +156,27 @@ pub fn current_consumer() -> Option<Arc<str>> {
     CONSUMER.try_with(|c| c.clone()).ok()
 }
 
+// Work nobody waits for (the delivery worker's rounds): it queues behind every request a caller
+// waits for, whatever its class, so background deliveries never starve a caller's lookups.
+tokio::task_local! {
+    static BACKGROUND: ();
+}
+
+/// Run `f` as background work: its permits queue after all of callers' requests.
+pub async fn in_background<F: std::future::Future>(f: F) -> F::Output {
+    BACKGROUND.scope((), f).await
+}
+
+/// The queue priority of `class` for the current task: background work after every class of
+/// foreground work, in the same order among itself.
+pub fn queue_priority(class: &Class) -> u8 {
+    if BACKGROUND.try_with(|_| ()).is_ok() {
+        class.priority.saturating_add(128)
+    } else {
+        class.priority.min(127)
+    }
+}
+
 /// What `GET /admin/budgets` shows of a budget.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Snapshot {
@@ -174,6 +198,10 @@ pub struct Snapshot {
     /// Milliseconds between paced admissions (0 when pacing is off).
     pub pacing_interval_ms: u64,
     pub burst: u32,
+    pub adaptive: bool,
+    /// The limits in force now (below the configured ones after overload, when adaptive).
+    pub effective_max_concurrent: u32,
+    pub effective_window_requests: u32,
 }
 
 /// Why a request did not get a permit.

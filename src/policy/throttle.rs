@@ -56,6 +56,10 @@ struct State {
     paced_at: Option<Instant>,
     /// Waiters a slot was sent to that have not taken it yet.
     handed: HashSet<WaitKey>,
+    /// Adaptive limits in force (concurrency, window requests); `None`: the configured ones.
+    effective: Option<(u32, u32)>,
+    /// Answers without an overload since the last step up of the adaptive limits.
+    good_answers: u32,
 }
 
 /// The in-memory budget: one process's view of an ERP's limits.
@@ -70,6 +74,8 @@ pub struct Budget {
     queue_gauge: prometheus::IntGauge,
     circuit_gauge: prometheus::IntGauge,
     pause_gauge: prometheus::Gauge,
+    concurrency_limit_gauge: prometheus::IntGauge,
+    window_limit_gauge: prometheus::IntGauge,
 }
 
 impl std::fmt::Debug for Budget {
@@ -112,12 +118,14 @@ impl Drop for WaitGuard<'_> {
 impl Budget {
     pub fn new(upstream: &str, params: BudgetParams) -> Arc<Self> {
         let m = Metrics::global();
-        Arc::new_cyclic(|me| Budget {
+        let budget = Arc::new_cyclic(|me| Budget {
             me: me.clone(),
             in_flight_gauge: m.erp_in_flight.with_label_values(&[upstream]),
             queue_gauge: m.erp_queue_depth.with_label_values(&[upstream]),
             circuit_gauge: m.erp_circuit_state.with_label_values(&[upstream]),
             pause_gauge: m.erp_pause_seconds.with_label_values(&[upstream]),
+            concurrency_limit_gauge: m.erp_effective_limit.with_label_values(&[upstream, "max_concurrent"]),
+            window_limit_gauge: m.erp_effective_limit.with_label_values(&[upstream, "window_requests"]),
             upstream: upstream.to_string(),
             params: Mutex::new(params),
             state: Mutex::new(State {
@@ -132,8 +140,13 @@ impl Budget {
                 consumers: HashMap::new(),
                 paced_at: None,
                 handed: HashSet::new(),
+                effective: None,
+                good_answers: 0,
             }),
-        })
+        });
+        let params = budget.params();
+        budget.publish_limits(&budget.state.lock(), &params);
+        budget
     }
 
     /// The permit of [`ErpBudget::acquire`].
@@ -175,7 +188,8 @@ impl Budget {
                 }
             }
             // Nobody of the same or a higher class may be overtaken.
-            let ahead = s.waiters.keys().next().is_some_and(|(p, _)| *p <= class.priority);
+            let priority = queue_priority(class);
+            let ahead = s.waiters.keys().next().is_some_and(|(p, _)| *p <= priority);
             let admissible = Self::can_admit(&mut s, &params, now)
                 && Self::consumer_may(&mut s, &params, now, consumer.as_ref());
             if probe && !admissible {
@@ -198,7 +212,7 @@ impl Budget {
             }
             let (tx, rx) = oneshot::channel();
             s.seq += 1;
-            let key = (class.priority, s.seq);
+            let key = (priority, s.seq);
             s.waiters.insert(key, Waiter { tx, consumer: consumer.clone() });
             self.queue_gauge.set(s.waiters.len() as i64);
             self.arm_timer(&mut s, &params, now);
@@ -293,16 +307,72 @@ impl Budget {
         while s.admitted.front().is_some_and(|t| now.duration_since(*t) >= horizon) {
             s.admitted.pop_front();
         }
-        s.in_flight < p.max_concurrent
-            && (s.admitted.len() as u32) < p.window_requests
+        let (max_concurrent, window_requests) = Self::limits(s, p);
+        s.in_flight < max_concurrent
+            && (s.admitted.len() as u32) < window_requests
             && Self::paced_from(s, p).is_none_or(|at| at <= now)
+    }
+
+    /// (max_concurrent, window_requests) in force: the configured ones, or the adaptive limits.
+    fn limits(s: &State, p: &BudgetParams) -> (u32, u32) {
+        match s.effective {
+            Some((c, w)) if p.adaptive => (c.min(p.max_concurrent), w.min(p.window_requests)),
+            _ => (p.max_concurrent, p.window_requests),
+        }
+    }
+
+    /// With pacing, the time between admissions: the window over the requests in force.
+    fn pace_interval(s: &State, p: &BudgetParams) -> Option<Duration> {
+        let pacing = p.pacing?;
+        let (_, window_requests) = Self::limits(s, p);
+        Some(if window_requests < p.window_requests {
+            p.window / window_requests.max(1)
+        } else {
+            pacing.interval
+        })
+    }
+
+    /// The adaptive limits after an answer: halved on overload, one step back up per
+    /// `max_concurrent` answers without one (multiplicative decrease, additive increase).
+    fn adapt(&self, s: &mut State, p: &BudgetParams, outcome: &Outcome, now: Instant) {
+        if !p.adaptive {
+            return;
+        }
+        let (c, w) = Self::limits(s, p);
+        match outcome {
+            // Requests in flight when the ERP first pushed back answer the same: one decrease
+            // per pause, not one per answer.
+            Outcome::Overload(_) if s.paused_until.is_some_and(|t| t > now) => {}
+            Outcome::Overload(_) => {
+                s.good_answers = 0;
+                s.effective = Some(((c / 2).max(1), (w / 2).max(1)));
+                tracing::warn!(upstream = %self.upstream, max_concurrent = (c / 2).max(1), window_requests = (w / 2).max(1), "adaptive ERP limit lowered after an overload signal");
+            }
+            Outcome::Success if s.effective.is_some() => {
+                s.good_answers += 1;
+                if s.good_answers >= c {
+                    s.good_answers = 0;
+                    let step = (p.window_requests / 10).max(1);
+                    let up = ((c + 1).min(p.max_concurrent), w.saturating_add(step).min(p.window_requests));
+                    s.effective = (up != (p.max_concurrent, p.window_requests)).then_some(up);
+                }
+            }
+            _ => {}
+        }
+        self.publish_limits(s, p);
+    }
+
+    fn publish_limits(&self, s: &State, p: &BudgetParams) {
+        let (c, w) = Self::limits(s, p);
+        self.concurrency_limit_gauge.set(i64::from(c));
+        self.window_limit_gauge.set(i64::from(w));
     }
 
     /// With pacing, the earliest time the next request may go.
     fn paced_from(s: &State, p: &BudgetParams) -> Option<Instant> {
         let pacing = p.pacing?;
         let tat = s.paced_at?;
-        let burst_ahead = pacing.interval.saturating_mul(pacing.burst.saturating_sub(1));
+        let burst_ahead = Self::pace_interval(s, p)?.saturating_mul(pacing.burst.saturating_sub(1));
         Some(tat.checked_sub(burst_ahead).unwrap_or(tat))
     }
 
@@ -320,8 +390,8 @@ impl Budget {
     fn account(s: &mut State, now: Instant, consumer: Option<&Arc<str>>, p: &BudgetParams) {
         s.in_flight += 1;
         s.admitted.push_back(now);
-        if let Some(pacing) = p.pacing {
-            s.paced_at = Some(s.paced_at.map_or(now, |t| t.max(now)) + pacing.interval);
+        if let Some(interval) = Self::pace_interval(s, p) {
+            s.paced_at = Some(s.paced_at.map_or(now, |t| t.max(now)) + interval);
         }
         if let (Some(c), Some(_)) = (consumer, p.consumer_caps()) {
             let used = s.consumers.entry(c.clone()).or_default();
@@ -340,8 +410,8 @@ impl Budget {
     fn unaccount(s: &mut State, consumer: Option<&Arc<str>>, p: &BudgetParams) {
         s.in_flight -= 1;
         s.admitted.pop_back();
-        if let (Some(pacing), Some(t)) = (p.pacing, s.paced_at) {
-            s.paced_at = t.checked_sub(pacing.interval);
+        if let (Some(interval), Some(t)) = (Self::pace_interval(s, p), s.paced_at) {
+            s.paced_at = t.checked_sub(interval);
         }
         if let Some(used) = consumer.and_then(|c| s.consumers.get_mut(c)) {
             used.in_flight = used.in_flight.saturating_sub(1);
@@ -355,7 +425,7 @@ impl Budget {
         if let Some(paused) = s.paused_until.filter(|t| *t > now) {
             at = at.max(paused);
         }
-        if s.admitted.len() as u32 >= p.window_requests {
+        if s.admitted.len() as u32 >= Self::limits(s, p).1 {
             if let Some(oldest) = s.admitted.front() {
                 at = at.max(*oldest + p.window + p.window_margin);
             }
@@ -374,7 +444,7 @@ impl Budget {
         let mut wake = None;
         if let Some(paused) = s.paused_until.filter(|t| *t > now) {
             wake = Some(paused);
-        } else if s.admitted.len() as u32 >= p.window_requests {
+        } else if s.admitted.len() as u32 >= Self::limits(s, p).1 {
             wake = s.admitted.front().map(|t| *t + p.window + p.window_margin);
         } else if let Some(paced) = Self::paced_from(s, p).filter(|t| *t > now) {
             wake = Some(paced);
@@ -436,7 +506,8 @@ impl ErpBudget for Budget {
                 }
             }
         }
-        *self.params.lock() = params;
+        *self.params.lock() = params.clone();
+        self.publish_limits(&self.state.lock(), &params);
         self.dispatch();
     }
 
@@ -479,6 +550,9 @@ impl ErpBudget for Budget {
             paused_for_ms: s.paused_until.map_or(0, |p| p.saturating_duration_since(now).as_millis() as u64),
             in_flight: s.in_flight,
             max_concurrent: params.max_concurrent,
+            effective_max_concurrent: Self::limits(&s, &params).0,
+            effective_window_requests: Self::limits(&s, &params).1,
+            adaptive: params.adaptive,
             queued: s.waiters.len(),
             queue: params.queue,
             admitted_in_window: s.admitted.len(),
@@ -521,6 +595,7 @@ impl ErpBudget for Budget {
         let mut s = self.state.lock();
         let now = Instant::now();
         let mut applied = Duration::ZERO;
+        self.adapt(&mut s, &params, &outcome, now);
         match outcome {
             Outcome::Success => {
                 s.consecutive_overloads = 0;
@@ -595,6 +670,7 @@ mod tests {
             max_pause: Duration::from_secs(300),
             max_share: 1.0,
             pacing: None,
+            adaptive: false,
         }
     }
 
@@ -666,6 +742,78 @@ mod tests {
         let t = Instant::now();
         assert!(b.acquire(&c, None).await.is_ok());
         assert_eq!(t.elapsed(), Duration::ZERO, "and the next request takes it at once");
+    }
+
+    /// Background work (the delivery worker) queues behind a caller's request of any class:
+    /// a background write waiting first still lets a caller's lookup through first.
+    #[tokio::test(start_paused = true)]
+    async fn a_callers_request_goes_before_background_work_of_any_class() {
+        let b = Budget::new("callers-first", params(100, 1));
+        let (write, lookup) = (class("write", 0, 5_000), class("interactive", 1, 5_000));
+        let held = b.acquire(&lookup, None).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let background = {
+            let (b, c, order) = (b.clone(), write.clone(), order.clone());
+            tokio::spawn(in_background(async move {
+                let _p = b.acquire(&c, None).await.unwrap();
+                order.lock().push("background write");
+            }))
+        };
+        tokio::task::yield_now().await;
+        let caller = {
+            let (b, c, order) = (b.clone(), lookup.clone(), order.clone());
+            tokio::spawn(async move {
+                let _p = b.acquire(&c, None).await.unwrap();
+                order.lock().push("caller lookup");
+            })
+        };
+        tokio::task::yield_now().await;
+        drop(held);
+        caller.await.unwrap();
+        background.await.unwrap();
+        assert_eq!(*order.lock(), vec!["caller lookup", "background write"]);
+    }
+
+    /// Adaptive limits: an overload halves rate and concurrency once per pause; answers without
+    /// one win them back additively up to the configured values, never above.
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_limits_halve_on_overload_and_recover_additively() {
+        let mut p = params(80, 8);
+        p.adaptive = true;
+        let b = Budget::new("adaptive", p);
+        let limits = |b: &Budget| {
+            let s = b.snapshot();
+            (s.effective_max_concurrent, s.effective_window_requests)
+        };
+        assert_eq!(limits(&b), (8, 80));
+        b.report(Outcome::Overload(Some(Duration::from_millis(100))));
+        assert_eq!(limits(&b), (4, 40));
+        b.report(Outcome::Overload(Some(Duration::from_millis(100))));
+        assert_eq!(limits(&b), (4, 40), "answers of the same push-back count once");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let c = class("i", 1, 1_000);
+        let held: Vec<_> = take_permits(&b, &c, 4).await;
+        assert!(
+            matches!(b.acquire(&class("now", 1, 0), None).await, Err(Refusal::Busy { .. })),
+            "only the effective concurrency is admitted"
+        );
+        drop(held);
+        for _ in 0..4 {
+            b.report(Outcome::Success);
+        }
+        assert_eq!(limits(&b), (5, 48), "one step up after a round of good answers");
+        for _ in 0..200 {
+            b.report(Outcome::Success);
+        }
+        assert_eq!(limits(&b), (8, 80), "back to the configured limits, not above");
+    }
+
+    async fn take_permits(b: &Arc<Budget>, c: &Class, n: usize) -> Vec<Permit> {
+        let mut permits = Vec::new();
+        for _ in 0..n {
+            permits.push(b.acquire(c, None).await.unwrap());
+        }
+        permits
     }
 
     #[tokio::test(start_paused = true)]

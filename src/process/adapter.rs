@@ -11,6 +11,10 @@ pub enum AdapterError {
     /// Transient: unreachable, timed out, throttled, 5xx, or the budget refused. Retry later.
     #[error("ERP unavailable: {0}")]
     Unavailable(String),
+    /// The ERP asked to wait (429, 503, a vendor overload signal) or its budget could not admit
+    /// the call in time: retry when the budget admits again. Never a failure of the order.
+    #[error("ERP asked to wait: {0}")]
+    Throttled(String),
     /// The ERP refused the request for a business reason (4xx): retrying will not help.
     #[error("ERP rejected the request ({status}): {message}")]
     Rejected { status: u16, message: String },

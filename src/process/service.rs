@@ -147,6 +147,11 @@ impl QuoteToOrder {
     /// Handle `POST /process/v1/quote-to-order`. Keys, the opportunity's order and the quota
     /// belong to `caller`. A panic anywhere in here is a 500 problem with the key released,
     /// never a dropped connection with the key left in flight.
+    /// How long a caller waits at most (`delivery.inline_wait_ms`).
+    pub fn inline_wait(&self) -> Duration {
+        self.settings.inline_wait
+    }
+
     pub async fn submit(
         self: &Arc<Self>,
         key_header: Option<&[u8]>,
@@ -154,6 +159,8 @@ impl QuoteToOrder {
         body: &[u8],
         correlation_id: &str,
     ) -> Result<Reply, GatewayError> {
+        // The caller's whole wait, lookups and the first delivery attempt included.
+        let deadline = tokio::time::Instant::now() + self.settings.inline_wait;
         let key = match key_header {
             None => return Err(GatewayError::IdempotencyKeyMissing),
             Some(h) => {
@@ -177,7 +184,7 @@ impl QuoteToOrder {
             }
         }
         let owner: Arc<str> = Arc::from(caller.owner.as_str());
-        let claimed = self.submit_claimed(store, quote, &caller.owner, correlation_id);
+        let claimed = self.submit_claimed(store, quote, &caller.owner, correlation_id, deadline);
         let outcome =
             crate::error::contain_panic(correlation_id, throttle::on_behalf_of(owner, claimed)).await;
         // Only answers that stand are kept for replay; a refusal or a failure releases the key
@@ -214,6 +221,7 @@ impl QuoteToOrder {
         quote: Quote,
         owner: &str,
         correlation_id: &str,
+        deadline: tokio::time::Instant,
     ) -> Result<Reply, GatewayError> {
         let metrics = ProcessMetrics::global();
         if let Some(existing) = store.live_order_for(&quote.opportunity_id).await? {
@@ -221,9 +229,9 @@ impl QuoteToOrder {
         }
         let quote_text = serde_json::to_string(&quote).map_err(|_| GatewayError::Internal)?;
         let id = uuid::Uuid::now_v7().to_string();
-        // The caller waits at most `inline_wait` for master data too; a slow ERP means the
-        // rules run later, in the worker.
-        let master = tokio::time::timeout(self.settings.inline_wait, self.adapter.master_data(&quote))
+        // Master data comes out of the caller's `inline_wait` too; a slow ERP means the rules
+        // run later, in the worker.
+        let master = tokio::time::timeout_at(deadline, self.adapter.master_data(&quote))
             .await
             .unwrap_or_else(|_| Err(AdapterError::Unavailable("master data lookup timed out".into())));
         let (state, validated, violations) = match master {
@@ -303,7 +311,7 @@ impl QuoteToOrder {
         let attempt = tokio::spawn(throttle::on_behalf_of(on_behalf, async move {
             this.deliver(record, Some(&flag)).await
         }));
-        let delivered = tokio::time::timeout(self.settings.inline_wait, attempt).await;
+        let delivered = tokio::time::timeout_at(deadline, attempt).await;
         waiting.store(false, Ordering::Release);
         let record = store.order(&id).await?.ok_or(GatewayError::Internal)?;
         match delivered {
@@ -447,6 +455,9 @@ impl QuoteToOrder {
                 .await
                 .unwrap_or_else(|_| Err(AdapterError::Unavailable("master data lookup timed out".into())));
             match master {
+                Err(AdapterError::Throttled(why)) => {
+                    return self.wait_for_erp(store, &order, state, &why, false).await;
+                }
                 // A failed lookup is an attempt like any: it counts toward max_attempts and
                 // backs off.
                 Err(e) => {
@@ -530,10 +541,39 @@ impl QuoteToOrder {
                 metrics.rejections.with_label_values(&["erp"]).inc();
                 Ok(if to == State::Rejected { Delivered::ErpRejected(message) } else { Delivered::State(to) })
             }
+            Err(AdapterError::Throttled(why)) => {
+                self.wait_for_erp(store, &order, State::Submitted, &why, true).await
+            }
             Err(e) => {
                 self.retry_later(store, &order, State::Submitted, &e.to_string(), true, Duration::ZERO).await
             }
         }
+    }
+
+    /// The ERP asked to wait, or its budget could not admit the call in time: try again after
+    /// the first backoff step (the budget paces the ERP itself). Not a failure of the order: the
+    /// attempt is not counted (`counted`: it was when it began, so it is taken back), and
+    /// `max_attempts` never dead-letters an order for it.
+    async fn wait_for_erp(
+        &self,
+        store: &dyn OrderStore,
+        order: &OrderRecord,
+        from: State,
+        why: &str,
+        counted: bool,
+    ) -> Result<Delivered, StoreError> {
+        let delay = throttle::backoff(self.settings.backoff_initial, self.settings.backoff_max, 0);
+        let reason = format!("the ERP asked to wait, retry in {} ms: {why}", delay.as_millis());
+        let change = Change {
+            reason: &reason,
+            next_attempt_at: Some(store.now() + delay.as_millis() as i64),
+            uncount_attempt: counted,
+            ..Default::default()
+        };
+        if store.transition(&order.id, from, State::Pending, change).await? && order.state != State::Pending {
+            ProcessMetrics::global().orders.with_label_values(&["pending"]).inc();
+        }
+        Ok(Delivered::State(State::Pending))
     }
 
     /// Schedule the next attempt with exponential backoff and jitter (at least `min_delay`),
@@ -648,11 +688,11 @@ impl QuoteToOrder {
         for order in due {
             let this = self.clone();
             let owner: Arc<str> = Arc::from(order.owner.as_str());
-            batch.spawn(throttle::on_behalf_of(owner, async move {
+            batch.spawn(throttle::on_behalf_of(owner, throttle::in_background(async move {
                 if let Err(e) = this.deliver(order, None).await {
                     tracing::error!(error = %e, "order delivery could not be recorded; it will be retried");
                 }
-            }));
+            })));
         }
         while batch.join_next().await.is_some() {}
         count

@@ -28,6 +28,8 @@ struct FakeErp {
     created: Mutex<Vec<Value>>,
     lookups: Mutex<u32>,
     panic_on_lookup: std::sync::atomic::AtomicBool,
+    /// How long each lookup and each create takes (a slow ERP).
+    latency: Mutex<Duration>,
 }
 
 fn master() -> MasterData {
@@ -61,6 +63,8 @@ fn master() -> MasterData {
 impl ErpAdapter for FakeErp {
     async fn master_data(&self, _quote: &Quote) -> Result<MasterData, AdapterError> {
         *self.lookups.lock() += 1;
+        let latency = *self.latency.lock();
+        tokio::time::sleep(latency).await;
         if self.panic_on_lookup.load(std::sync::atomic::Ordering::Relaxed) {
             panic!("the adapter broke");
         }
@@ -71,6 +75,8 @@ impl ErpAdapter for FakeErp {
     }
 
     async fn create_order_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError> {
+        let latency = *self.latency.lock();
+        tokio::time::sleep(latency).await;
         if let Some(e) = self.create_results.lock().pop_front() {
             return Err(e);
         }
@@ -299,4 +305,45 @@ async fn a_store_that_is_down_is_a_503_and_nothing_is_sent() {
     assert!(matches!(submit(&h, "ks", &quote("OPP-S")).await, Err(GatewayError::StoreUnavailable { .. })));
     assert_eq!(*h.erp.lookups.lock(), 0);
     assert!(h.erp.created.lock().is_empty());
+}
+
+/// `inline_wait_ms` bounds the caller's whole wait, master-data lookups included: a slow ERP
+/// (each call 60 % of the bound) gets the caller a 202 at the bound, not after a lookup's worth
+/// of time plus a delivery's, and the order is delivered afterwards. (tokio's paused clock.)
+#[tokio::test(start_paused = true)]
+async fn inline_wait_bounds_the_callers_whole_wait_lookups_included() {
+    let h = harness(5);
+    let bound = h.service.inline_wait();
+    *h.erp.latency.lock() = bound.mul_f64(0.6);
+    let started = tokio::time::Instant::now();
+    let (status, order) = submit(&h, "slow-1", &quote("OPP-SLOW-1")).await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(status, 202, "{order}");
+    assert!(waited <= bound + Duration::from_millis(100), "the caller waited {waited:?}, bound {bound:?}");
+    // The attempt goes on without the caller and creates the order once.
+    tokio::time::sleep(bound * 2).await;
+    assert_eq!(h.erp.created.lock().len(), 1);
+}
+
+/// An ERP that keeps asking to wait (its budget refuses, or it answers 429 past the step
+/// retries) delays the order but never uses up `max_attempts`: the order is delivered once the
+/// ERP admits, however many times it had to wait.
+#[tokio::test]
+async fn the_erp_asking_to_wait_never_counts_toward_max_attempts() {
+    let h = harness(3);
+    let throttled = || AdapterError::Throttled("429 from the ERP".into());
+    h.erp.create_results.lock().extend((0..6).map(|_| throttled()));
+    let (status, order) = submit(&h, "wait-1", &quote("OPP-WAIT-1")).await.unwrap();
+    assert_eq!(status, 202, "{order}");
+    let id = order["id"].as_str().unwrap().to_string();
+    for _ in 0..6 {
+        let record = h.store.order(&id).await.unwrap().unwrap();
+        assert_eq!(record.state, State::Pending, "{record:?}");
+        assert_eq!(record.attempts, 0, "waiting is not an attempt: {record:?}");
+        h.store.advance(Duration::from_secs(2));
+        h.service.deliver_due().await;
+    }
+    let record = h.store.order(&id).await.unwrap().unwrap();
+    assert_eq!(record.state, State::Accepted, "{record:?}");
+    assert_eq!(h.erp.created.lock().len(), 1);
 }

@@ -203,7 +203,11 @@ impl OrderStore for MemoryStore {
         if let Some(at) = change.next_attempt_at {
             r.next_attempt_at = at;
         }
-        r.attempts = if change.reset_attempts { 0 } else { r.attempts + i64::from(change.count_attempt) };
+        r.attempts = if change.reset_attempts {
+            0
+        } else {
+            r.attempts + i64::from(change.count_attempt) - i64::from(change.uncount_attempt)
+        };
         if !change.keep_lease {
             stored.lease_until = 0;
         }

@@ -79,6 +79,8 @@ pub struct Change<'a> {
     pub violations: Option<&'a str>,
     pub next_attempt_at: Option<i64>,
     pub count_attempt: bool,
+    /// Take back the attempt counted when it began: it ended because the ERP asked to wait.
+    pub uncount_attempt: bool,
     /// Reset the attempt counter (an operator's replay).
     pub reset_attempts: bool,
     /// Keep the delivery lease (the order stays with its current deliverer).

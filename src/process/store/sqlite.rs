@@ -398,7 +398,7 @@ impl OrderStore for SqliteStore {
         .bind(change.violations)
         .bind(change.next_attempt_at)
         .bind(change.reset_attempts)
-        .bind(change.count_attempt as i64)
+        .bind(change.count_attempt as i64 - change.uncount_attempt as i64)
         .bind(change.keep_lease)
         .bind(change.keep_lease)
         .bind(id)
