@@ -135,7 +135,11 @@ fn compile_budget(upstream: &str, spec: &BudgetSpec, state: &SharedState) -> Res
         max_pause: Duration::from_secs(spec.max_pause_seconds),
         max_share: spec.max_share,
         pacing: (spec.pacing == PacingSpec::Smooth).then(|| Pacing {
-            interval: Duration::from_secs(spec.window_seconds) / spec.window_requests,
+            // The margin is spread over the window too: jitter must not push two requests closer
+            // together than the ERP's own spacing.
+            interval: (Duration::from_secs(spec.window_seconds)
+                + Duration::from_millis(spec.window_margin_ms))
+                / spec.window_requests,
             burst: spec.burst,
         }),
         adaptive: spec.adaptive,

@@ -19,6 +19,10 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+/// How many windows' worth of good answers the adaptive limits wait, just below the limits
+/// that last met an overload, before probing them again.
+pub const PROBE_AFTER_WINDOWS: u32 = 8;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Circuit {
     Closed { failures: u32 },
@@ -60,6 +64,11 @@ struct State {
     effective: Option<(u32, u32)>,
     /// Answers without an overload since the last step up of the adaptive limits.
     good_answers: u32,
+    /// The limits in force when the ERP last pushed back: the adaptive limits climb back to
+    /// just below them, and probe them again only after a steady spell.
+    ceiling: Option<(u32, u32)>,
+    /// Answers without an overload since the last decrease.
+    steady: u32,
 }
 
 /// The in-memory budget: one process's view of an ERP's limits.
@@ -142,6 +151,8 @@ impl Budget {
                 handed: HashSet::new(),
                 effective: None,
                 good_answers: 0,
+                ceiling: None,
+                steady: 0,
             }),
         });
         let params = budget.params();
@@ -321,22 +332,29 @@ impl Budget {
         }
     }
 
-    /// With pacing, the time between admissions: the window over the requests in force.
+    /// With pacing, the time between admissions: the window (and its margin) over the requests
+    /// in force.
     fn pace_interval(s: &State, p: &BudgetParams) -> Option<Duration> {
         let pacing = p.pacing?;
         let (_, window_requests) = Self::limits(s, p);
         Some(if window_requests < p.window_requests {
-            p.window / window_requests.max(1)
+            (p.window + p.window_margin) / window_requests.max(1)
         } else {
             pacing.interval
         })
     }
 
-    /// The adaptive limits after an answer: halved on overload, one step back up per
-    /// `max_concurrent` answers without one (multiplicative decrease, additive increase).
-    fn adapt(&self, s: &mut State, p: &BudgetParams, outcome: &Outcome, now: Instant) {
+    /// The adaptive limits after an answer (multiplicative decrease, additive increase): halved
+    /// on overload, once per pause; one step back up per round of good answers (the concurrency
+    /// in force, or a tenth of the window, whichever is more). The climb stops just below the
+    /// limits that met the last overload and probes them again only after
+    /// [`PROBE_AFTER_WINDOWS`] windows' worth of good answers, so an ERP with a hard limit
+    /// between two steps refuses one request per probe, not one per round. Only answers given
+    /// while the limits hold requests back (waiters queued, or the concurrency all in use) count:
+    /// light traffic proves nothing about a higher limit. Returns whether the limits rose.
+    fn adapt(&self, s: &mut State, p: &BudgetParams, outcome: &Outcome, now: Instant) -> bool {
         if !p.adaptive {
-            return;
+            return false;
         }
         let (c, w) = Self::limits(s, p);
         match outcome {
@@ -345,21 +363,43 @@ impl Budget {
             Outcome::Overload(_) if s.paused_until.is_some_and(|t| t > now) => {}
             Outcome::Overload(_) => {
                 s.good_answers = 0;
+                s.steady = 0;
+                s.ceiling = Some((c, w));
                 s.effective = Some(((c / 2).max(1), (w / 2).max(1)));
                 tracing::warn!(upstream = %self.upstream, max_concurrent = (c / 2).max(1), window_requests = (w / 2).max(1), "adaptive ERP limit lowered after an overload signal");
             }
-            Outcome::Success if s.effective.is_some() => {
+            Outcome::Success if s.effective.is_some() && (!s.waiters.is_empty() || s.in_flight >= c) => {
                 s.good_answers += 1;
-                if s.good_answers >= c {
-                    s.good_answers = 0;
-                    let step = (p.window_requests / 10).max(1);
-                    let up = ((c + 1).min(p.max_concurrent), w.saturating_add(step).min(p.window_requests));
-                    s.effective = (up != (p.max_concurrent, p.window_requests)).then_some(up);
+                s.steady = s.steady.saturating_add(1);
+                if s.good_answers < c.max(w / 10).max(1) {
+                    return false;
+                }
+                s.good_answers = 0;
+                let step = (p.window_requests / 10).max(1);
+                let mut up = ((c + 1).min(p.max_concurrent), w.saturating_add(step).min(p.window_requests));
+                if let Some((ceiling_c, ceiling_w)) = s.ceiling {
+                    if s.steady >= w.saturating_mul(PROBE_AFTER_WINDOWS) {
+                        // Steady long enough: try the limits that failed last time (and beyond).
+                        s.ceiling = None;
+                    } else {
+                        up = (
+                            up.0.min(ceiling_c.saturating_sub(1)).max(c),
+                            up.1.min(ceiling_w.saturating_sub(1)).max(w),
+                        );
+                    }
+                }
+                if up == (p.max_concurrent, p.window_requests) {
+                    s.effective = None;
+                    s.ceiling = None;
+                } else {
+                    s.effective = Some(up);
                 }
             }
             _ => {}
         }
         self.publish_limits(s, p);
+        let (now_c, now_w) = Self::limits(s, p);
+        now_c > c || now_w > w
     }
 
     fn publish_limits(&self, s: &State, p: &BudgetParams) {
@@ -595,7 +635,7 @@ impl ErpBudget for Budget {
         let mut s = self.state.lock();
         let now = Instant::now();
         let mut applied = Duration::ZERO;
-        self.adapt(&mut s, &params, &outcome, now);
+        let raised = self.adapt(&mut s, &params, &outcome, now);
         match outcome {
             Outcome::Success => {
                 s.consecutive_overloads = 0;
@@ -636,6 +676,11 @@ impl ErpBudget for Budget {
         }
         self.publish_circuit(&s);
         self.arm_timer(&mut s, &params, now);
+        drop(s);
+        if raised {
+            // Waiters may fit under the raised limits now.
+            self.dispatch();
+        }
         applied
     }
 }
@@ -774,8 +819,22 @@ mod tests {
         assert_eq!(*order.lock(), vec!["caller lookup", "background write"]);
     }
 
+    /// Answers without an overload while the budget's concurrency is all in use (the answers
+    /// that may raise adaptive limits): permits are taken up to the limit in force, held.
+    async fn busy_successes(b: &Arc<Budget>, held: &mut Vec<Permit>, n: usize) {
+        let busy = class("busy", 0, 600_000);
+        for _ in 0..n {
+            while b.in_flight() < b.snapshot().effective_max_concurrent {
+                held.push(b.acquire(&busy, None).await.unwrap());
+            }
+            b.report(Outcome::Success);
+        }
+    }
+
     /// Adaptive limits: an overload halves rate and concurrency once per pause; answers without
-    /// one win them back additively up to the configured values, never above.
+    /// one, while the limits hold requests back, win them back additively up to just below the
+    /// limits that met the overload; those are probed again only after a steady spell, and the
+    /// climb ends at the configured values. Answers under light load raise nothing.
     #[tokio::test(start_paused = true)]
     async fn adaptive_limits_halve_on_overload_and_recover_additively() {
         let mut p = params(80, 8);
@@ -798,14 +857,51 @@ mod tests {
             "only the effective concurrency is admitted"
         );
         drop(held);
-        for _ in 0..4 {
+        for _ in 0..100 {
             b.report(Outcome::Success);
         }
+        assert_eq!(limits(&b), (4, 40), "answers under light load prove nothing");
+        let mut held = Vec::new();
+        busy_successes(&b, &mut held, 4).await;
         assert_eq!(limits(&b), (5, 48), "one step up after a round of good answers");
-        for _ in 0..200 {
-            b.report(Outcome::Success);
+        busy_successes(&b, &mut held, 100).await;
+        assert_eq!(limits(&b), (7, 79), "the climb stops just below the limits that met the overload");
+        busy_successes(&b, &mut held, 79 * PROBE_AFTER_WINDOWS as usize).await;
+        assert_eq!(limits(&b), (8, 80), "after a steady spell they are probed, never exceeded");
+        busy_successes(&b, &mut held, 1000).await;
+        assert_eq!(limits(&b), (8, 80));
+        assert!(b.snapshot().adaptive);
+    }
+
+    /// When the ERP's real limit lies between two steps, an overload comes once per probe: the
+    /// limits settle just under it instead of sawing up into it every round.
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_limits_settle_below_a_hidden_limit_with_one_overload_per_probe() {
+        let mut p = params(12, 6);
+        p.window = Duration::from_secs(1);
+        p.adaptive = true;
+        let b = Budget::new("hidden-limit", p);
+        let hidden = 5;
+        let (mut good, mut overloads) = (0u32, 0u32);
+        let mut seen = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..2_000 {
+            let w = b.snapshot().effective_window_requests;
+            seen.push(w);
+            if w > hidden {
+                overloads += 1;
+                b.report(Outcome::Overload(Some(Duration::from_millis(10))));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            } else {
+                good += 1;
+                busy_successes(&b, &mut held, 1).await;
+            }
         }
-        assert_eq!(limits(&b), (8, 80), "back to the configured limits, not above");
+        let tail = &seen[200..];
+        assert!(tail.iter().all(|w| (2..=hidden + 1).contains(w)), "settled: {:?}", &tail[..50]);
+        assert!(tail.iter().filter(|w| **w == hidden).count() > tail.len() / 2, "mostly at the limit");
+        let share = f64::from(overloads) / f64::from(good + overloads);
+        assert!(share < 0.05, "{overloads} overloads in {} answers", good + overloads);
     }
 
     async fn take_permits(b: &Arc<Budget>, c: &Class, n: usize) -> Vec<Permit> {
