@@ -30,7 +30,8 @@ pub async fn permit(
             .await
             .map(Some)
             .map_err(|r| match r {
-                Refusal::Busy { .. } => AdapterError::Unavailable("the ERP budget is exhausted".into()),
+                // The gateway's own budget holding the call back is waiting, not an ERP failure.
+                Refusal::Busy { .. } => AdapterError::Throttled("the ERP budget is exhausted".into()),
                 Refusal::CircuitOpen { .. } => AdapterError::Unavailable("the ERP circuit is open".into()),
             }),
         None => Ok(None),
@@ -49,7 +50,8 @@ pub const OVERLOAD_RETRIES: u32 = 5;
 /// asking to wait: the budget pauses, and the same step is sent again once it admits (up to
 /// [`OVERLOAD_RETRIES`] times, each wait bounded by the class's deadline), so a delivery of several
 /// calls is not failed by one refused step; if the ERP still asks, `Throttled`. A failure (a bare
-/// 503 included: an outage) or a budget that cannot admit in time is `Unavailable`; any other
+/// 503 included: an outage) or an open circuit is `Unavailable`; a budget that cannot admit in
+/// time is `Throttled` like the ERP asking to wait; any other
 /// status comes back with its body (at most [`MAX_ANSWER_BYTES`]).
 pub async fn exchange(
     upstream: &Upstream,

@@ -25,6 +25,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use super::intake::{CANONICAL_POLICY, SALESFORCE_POLICY};
+
+/// Of a caller's `inline_wait`, what is kept at the end for recording the answer after the
+/// ERP wait is cut off: the caller hears back within `inline_wait`, not just after it.
+const RECORDING_RESERVE: Duration = Duration::from_millis(50);
+
 /// Where an order is found; the shipped routes serve it.
 pub const ORDERS_PATH: &str = "/process/v1/orders/";
 
@@ -53,8 +58,10 @@ pub struct Reply {
 /// Orders delivered at once by the worker; the ERP budget bounds what reaches the ERP.
 const WORKER_BATCH: i64 = 16;
 const WORKER_POLL: Duration = Duration::from_millis(200);
-/// How often the per-state gauges are recounted, and expired idempotency keys dropped.
+/// How often the per-state gauges are recounted when nothing moves, and at most how often when
+/// orders change state (they are recounted from the store, so they never drift from it).
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+const GAUGE_DEBOUNCE: Duration = Duration::from_millis(50);
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// How often leases of processes that are gone are taken back (after a crash during a graceful
 /// upgrade, the new process finds them this soon).
@@ -75,6 +82,9 @@ pub struct QuoteToOrder {
     open_store: OpenStore,
     store: tokio::sync::OnceCell<Arc<dyn OrderStore>>,
     wake: tokio::sync::Notify,
+    /// An order changed state: the per-state gauges are recounted (at most every
+    /// [`GAUGE_DEBOUNCE`]), besides their [`GAUGE_INTERVAL`] beat.
+    moved: tokio::sync::Notify,
     /// How long an ERP request of a process that died may still be under way (the upstream's
     /// connect and read timeouts): an order it was submitting is retried only after that.
     settle: Duration,
@@ -114,6 +124,7 @@ impl QuoteToOrder {
             open_store,
             store: tokio::sync::OnceCell::new(),
             wake: tokio::sync::Notify::new(),
+            moved: tokio::sync::Notify::new(),
             settle,
         })
     }
@@ -140,6 +151,7 @@ impl QuoteToOrder {
                 "resuming delivery of unfinished orders (left by a process that stopped)"
             );
             self.wake.notify_one();
+            self.moved.notify_one();
         }
         Ok(())
     }
@@ -159,8 +171,10 @@ impl QuoteToOrder {
         body: &[u8],
         correlation_id: &str,
     ) -> Result<Reply, GatewayError> {
-        // The caller's whole wait, lookups and the first delivery attempt included.
-        let deadline = tokio::time::Instant::now() + self.settings.inline_wait;
+        // The caller's whole wait, lookups and the first delivery attempt included; the last
+        // moments of it are kept for recording the answer (the order read back, the key's reply).
+        let reserve = RECORDING_RESERVE.min(self.settings.inline_wait / 10);
+        let deadline = tokio::time::Instant::now() + self.settings.inline_wait - reserve;
         let key = match key_header {
             None => return Err(GatewayError::IdempotencyKeyMissing),
             Some(h) => {
@@ -267,6 +281,7 @@ impl QuoteToOrder {
                     lease: None,
                 })
                 .await?;
+            self.moved.notify_one();
             metrics.orders.with_label_values(&["rejected"]).inc();
             for code in codes {
                 metrics.rejections.with_label_values(&[code]).inc();
@@ -292,6 +307,7 @@ impl QuoteToOrder {
                 lease,
             })
             .await?;
+        self.moved.notify_one();
         let Some(record) = inserted else {
             // Another key for the same opportunity won the race.
             let existing =
@@ -408,7 +424,7 @@ impl QuoteToOrder {
             reset_attempts: true,
             ..Default::default()
         };
-        let moved = store.transition(id, State::DeadLettered, State::Pending, change).await?;
+        let moved = self.transition(store, id, State::DeadLettered, State::Pending, change).await?;
         self.wake.notify_one();
         Ok(moved)
     }
@@ -443,7 +459,7 @@ impl QuoteToOrder {
         let refused = || if someone_waits() { State::Rejected } else { State::DeadLettered };
         let Ok(quote) = serde_json::from_str::<Quote>(&order.quote) else {
             let change = Change { reason: "stored quote unreadable", ..Default::default() };
-            store.transition(&order.id, order.state, State::DeadLettered, change).await?;
+            self.transition(store, &order.id, order.state, State::DeadLettered, change).await?;
             return Ok(Delivered::State(State::DeadLettered));
         };
         let mut state = order.state;
@@ -486,7 +502,7 @@ impl QuoteToOrder {
                         let to = refused();
                         let change =
                             Change { reason: &reason, violations: Some(&text), ..Default::default() };
-                        store.transition(&order.id, state, to, change).await?;
+                        self.transition(store, &order.id, state, to, change).await?;
                         metrics.orders.with_label_values(&[to.as_str()]).inc();
                         for code in codes {
                             metrics.rejections.with_label_values(&[code]).inc();
@@ -499,7 +515,7 @@ impl QuoteToOrder {
                         keep_lease: true,
                         ..Default::default()
                     };
-                    if !store.transition(&order.id, state, State::Validated, change).await? {
+                    if !self.transition(store, &order.id, state, State::Validated, change).await? {
                         return Ok(Delivered::State(state));
                     }
                     state = State::Validated;
@@ -509,7 +525,7 @@ impl QuoteToOrder {
         let attempt = order.attempts + 1;
         let reason = format!("delivery attempt {attempt}");
         let change = Change { reason: &reason, count_attempt: true, keep_lease: true, ..Default::default() };
-        if !store.transition(&order.id, state, State::Submitted, change).await? {
+        if !self.transition(store, &order.id, state, State::Submitted, change).await? {
             return Ok(Delivered::State(state));
         }
         let customer = quote.customer.number.clone().unwrap_or_default();
@@ -526,7 +542,7 @@ impl QuoteToOrder {
                 let reason = format!("the ERP holds order {}", erp.number);
                 let change =
                     Change { reason: &reason, erp_order: Some((&erp.id, &erp.number)), ..Default::default() };
-                store.transition(&order.id, State::Submitted, State::Accepted, change).await?;
+                self.transition(store, &order.id, State::Submitted, State::Accepted, change).await?;
                 metrics.orders.with_label_values(&["accepted"]).inc();
                 let seconds = (store.now() - order.received_at).max(0) as f64 / 1000.0;
                 metrics.accept_latency.with_label_values(&[self.settings.erp.as_str()]).observe(seconds);
@@ -536,7 +552,7 @@ impl QuoteToOrder {
                 let reason = format!("the ERP refused the order ({status}): {message}");
                 let to = refused();
                 let change = Change { reason: &reason, ..Default::default() };
-                store.transition(&order.id, State::Submitted, to, change).await?;
+                self.transition(store, &order.id, State::Submitted, to, change).await?;
                 metrics.orders.with_label_values(&[to.as_str()]).inc();
                 metrics.rejections.with_label_values(&["erp"]).inc();
                 Ok(if to == State::Rejected { Delivered::ErpRejected(message) } else { Delivered::State(to) })
@@ -570,7 +586,9 @@ impl QuoteToOrder {
             uncount_attempt: counted,
             ..Default::default()
         };
-        if store.transition(&order.id, from, State::Pending, change).await? && order.state != State::Pending {
+        if self.transition(store, &order.id, from, State::Pending, change).await?
+            && order.state != State::Pending
+        {
             ProcessMetrics::global().orders.with_label_values(&["pending"]).inc();
         }
         Ok(Delivered::State(State::Pending))
@@ -593,7 +611,7 @@ impl QuoteToOrder {
         if attempts >= i64::from(self.settings.max_attempts) {
             let reason = format!("gave up after {attempts} attempts; last error: {error}");
             let change = Change { reason: &reason, count_attempt: !counted, ..Default::default() };
-            store.transition(&order.id, from, State::DeadLettered, change).await?;
+            self.transition(store, &order.id, from, State::DeadLettered, change).await?;
             metrics.orders.with_label_values(&["dead_lettered"]).inc();
             return Ok(Delivered::State(State::DeadLettered));
         }
@@ -607,7 +625,9 @@ impl QuoteToOrder {
             count_attempt: !counted,
             ..Default::default()
         };
-        if store.transition(&order.id, from, State::Pending, change).await? && order.state != State::Pending {
+        if self.transition(store, &order.id, from, State::Pending, change).await?
+            && order.state != State::Pending
+        {
             metrics.orders.with_label_values(&["pending"]).inc();
         }
         Ok(Delivered::State(State::Pending))
@@ -638,6 +658,7 @@ impl QuoteToOrder {
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+                        _ = this.moved.notified() => tokio::time::sleep(GAUGE_DEBOUNCE).await,
                         _ = shutdown.changed() => return,
                     }
                 }
@@ -696,6 +717,22 @@ impl QuoteToOrder {
         }
         while batch.join_next().await.is_some() {}
         count
+    }
+
+    /// [`OrderStore::transition`], with the gauges told that an order moved.
+    async fn transition(
+        &self,
+        store: &dyn OrderStore,
+        id: &str,
+        from: State,
+        to: State,
+        change: Change<'_>,
+    ) -> Result<bool, StoreError> {
+        let moved = store.transition(id, from, to, change).await?;
+        if moved {
+            self.moved.notify_one();
+        }
+        Ok(moved)
     }
 
     async fn refresh_gauges(&self, store: &dyn OrderStore) {
