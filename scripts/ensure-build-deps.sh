@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian/Ubuntu machine lacks to build Causeway: pingora builds zlib-ng
-# through cmake and a C compiler.
+# through cmake and a C compiler. With --test, also what the tests run beside the gateway:
+# nginx, as the rate limiter in front of the real ERP (tests/tryton.rs); without it those
+# tests are skipped with a message, so failing to install it does not stop the run.
 set -euo pipefail
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
-[ ${#missing[@]} -eq 0 ] && exit 0
-echo "causeway: installing build dependencies: ${missing[*]}" >&2
+optional=()
+if [ "${1:-}" = "--test" ]; then
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || optional+=(nginx-light)
+fi
+[ ${#missing[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo="sudo"
-if command -v apt-get >/dev/null 2>&1; then
-  $sudo apt-get update -qq
+if ! command -v apt-get >/dev/null 2>&1; then
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "causeway: please install ${missing[*]} with your package manager, then retry" >&2
+    exit 1
+  fi
+  echo "causeway: ${optional[*]} not installed: the tests that need it will be skipped" >&2
+  exit 0
+fi
+echo "causeway: installing ${missing[*]} ${optional[*]}" >&2
+$sudo apt-get update -qq || true
+if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
-else
-  echo "causeway: please install ${missing[*]} with your package manager, then retry" >&2
-  exit 1
+fi
+if [ ${#optional[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${optional[@]}" ||
+    echo "causeway: could not install ${optional[*]}: the tests that need it will be skipped" >&2
 fi

@@ -158,6 +158,120 @@ impl Drop for TrytonServer {
     }
 }
 
+/// nginx in front of Tryton, limiting it the way API-management front doors limit ERPs (a spike
+/// arrest): a leaky bucket of 5 requests a second with no burst (`limit_req`), 3 requests at
+/// once (`limit_conn`), every refusal a 429 with `Retry-After: 1`. Its access log is the judge of
+/// how often it refused. Needs nginx (Debian's `nginx-light`; `scripts/test` installs it).
+struct Limiter {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+const LIMITER_RATE: u32 = 5;
+
+impl Limiter {
+    fn start(upstream_port: u16) -> Option<Limiter> {
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists());
+        let Some(nginx) = nginx else {
+            eprintln!("SKIPPED: the limiter tests need nginx (Debian: apt install nginx-light; scripts/test installs it)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let d = dir.path().display();
+        let conf = format!(
+            r#"daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    log_format limiter '$status $request_method';
+    access_log {d}/access.log limiter;
+    limit_req_zone $server_name zone=erp_rate:1m rate={LIMITER_RATE}r/s;
+    limit_conn_zone $server_name zone=erp_conn:1m;
+    upstream tryton {{ server 127.0.0.1:{upstream_port}; keepalive 8; }}
+    server {{
+        listen 127.0.0.1:{port};
+        server_name erp;
+        location / {{
+            limit_req zone=erp_rate;
+            limit_req_status 429;
+            limit_conn erp_conn 3;
+            limit_conn_status 429;
+            error_page 429 = @refused;
+            proxy_pass http://tryton;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+        location @refused {{
+            add_header Retry-After 1 always;
+            default_type application/json;
+            return 429 '{{"error": "rate limit exceeded"}}';
+        }}
+    }}
+}}
+"#
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let limiter = Limiter { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start: {}", limiter.errors());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(limiter)
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn errors(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+
+    /// (ERP requests that reached the limiter, of which it refused with 429).
+    fn answers(&self) -> (usize, usize) {
+        let log = std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
+        let requests: Vec<&str> = log.lines().filter(|l| l.ends_with(" POST")).collect();
+        let refused = requests.iter().filter(|l| l.starts_with("429 ")).count();
+        (requests.len(), refused)
+    }
+}
+
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        // SIGTERM: nginx's master takes its worker down with it.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
 /// Tryton as its administrator sees it: to count sales and to fix master data.
 struct Admin {
     url: String,
@@ -459,4 +573,214 @@ async fn tryton_outage_and_dead_letter_replay() {
     let sales = admin.sales().await;
     assert_eq!(sales.len(), locations.len() + 1);
     assert!(sales.values().all(|s| s.len() == 1 && s[0] == "processing"), "{sales:?}");
+}
+
+/// Gateway options for Tryton behind the limiter: the shipped delivery settings, and `budget`
+/// (a YAML flow mapping's inside) with the shipped classes.
+fn limited_options(tryton: &TrytonServer, limiter: &Limiter, budget: &str) -> GatewayOptions {
+    let mut o = options(
+        tryton,
+        "{ max_attempts: 20, backoff_initial_ms: 1000, backoff_max_ms: 300000, inline_wait_ms: 5000 }",
+    );
+    o.upstream_url = limiter.url();
+    o.upstream_extra = format!(
+        "    budget: {{ {budget}, queue: 1000, classes: {{ write: {{ priority: 0, max_wait_ms: 30000 }}, interactive: {{ priority: 1, max_wait_ms: 5000 }} }}, default_class: interactive }}\n"
+    );
+    o
+}
+
+/// The gateway's effective window (`causeway_erp_effective_limit{limit="window_requests"}`),
+/// sampled every 250 ms until `stop` is set: (when, value); `None` while the gateway is down.
+fn sample_effective_window(
+    gw: &TestGateway,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(Instant, Option<u32>)>> {
+    let url = gw.metrics_url();
+    tokio::spawn(async move {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+        let mut samples = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let text = match client.get(&url).send().await {
+                Ok(r) => r.text().await.ok(),
+                Err(_) => None,
+            };
+            let value = text.and_then(|t| {
+                t.lines()
+                    .find(|l| {
+                        l.starts_with("causeway_erp_effective_limit{")
+                            && l.contains("limit=\"window_requests\"")
+                            && l.contains("upstream=\"bc\"")
+                    })
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .map(|v| v as u32)
+            });
+            samples.push((Instant::now(), value));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        samples
+    })
+}
+
+/// 60 quotes from 10 clients through the gateway to Tryton behind the limiter, the gateway
+/// SIGKILLed after 20 acknowledgements and restarted. Every order must be accepted within
+/// `within` of the first submission, be one sale in Tryton, and no caller may wait longer than
+/// `inline_wait_ms` + 100 ms. Returns the limiter's (requests, 429s), the run and the restart.
+async fn deliver_sixty_through_the_limiter(
+    tryton: &TrytonServer,
+    limiter: &Limiter,
+    gw: &mut TestGateway,
+    within: Duration,
+) -> ((usize, usize), Submitted, Instant) {
+    let admin = Admin::login(tryton).await;
+    let started = Instant::now();
+    let submitted = submit_killing_midway_timed(gw, "TRY-LIMIT-", 60, 10, 20).await;
+    let restarted = submitted.restarted_at;
+    let client = reqwest::Client::new();
+    for (_, location) in &submitted.acknowledged {
+        let left = within.saturating_sub(started.elapsed());
+        wait_state(&client, gw, location, "accepted", left).await;
+    }
+    eprintln!(
+        "limiter run: 60 orders accepted in {:.1} s (killed after {}), longest caller wait {} ms",
+        started.elapsed().as_secs_f64(),
+        submitted.killed_at,
+        submitted.longest_wait.as_millis()
+    );
+    let sales = admin.sales().await;
+    for (opportunity, _) in &submitted.acknowledged {
+        assert_eq!(sales.get(opportunity).map(Vec::len), Some(1), "{opportunity} is one sale in Tryton");
+        assert_eq!(sales[opportunity], ["processing"], "{opportunity} is confirmed in Tryton");
+    }
+    assert!(sales.values().all(|s| s.len() == 1), "no sale twice: {sales:?}");
+    let inline_wait = Duration::from_millis(5000);
+    assert!(
+        submitted.longest_wait <= inline_wait + Duration::from_millis(100),
+        "a caller waited {:?}, more than inline_wait_ms + 100 ms",
+        submitted.longest_wait
+    );
+    (limiter.answers(), submitted, restarted)
+}
+
+/// Issue 13's scenario: Tryton behind a spike arrest of 5 requests a second, 3 at once; the
+/// budget set carefully below it (4 a second, 2 at once) with smooth pacing. Every order is
+/// delivered once within three minutes, and at most 5% of the ERP requests meet a 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tryton_behind_a_spike_arrest_every_order_is_delivered_once_with_few_429s() {
+    let tryton = tryton_or_skip!();
+    let Some(limiter) = Limiter::start(tryton.port) else { return };
+    let budget = "window_requests: 4, window_seconds: 1, window_margin_ms: 50, max_concurrent: 2, pacing: smooth, burst: 1";
+    let mut gw = TestGateway::start(limited_options(&tryton, &limiter, budget)).await;
+    let ((requests, refused), _, _) =
+        deliver_sixty_through_the_limiter(&tryton, &limiter, &mut gw, Duration::from_secs(180)).await;
+    eprintln!("limiter answered {requests} ERP requests, {refused} of them 429");
+    assert!(requests >= 60, "the orders went through the limiter: {requests}");
+    assert!(refused * 20 <= requests, "{refused} of {requests} ERP requests were refused with 429 (over 5%)");
+}
+
+/// The same with the budget three times too high (12 a second, 6 at once) and the adaptive
+/// limit on: every order delivered once, at most 10% 429s, and the effective window settles
+/// within 30 s of each start at or just above the limiter's real rate (the gauge shows it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tryton_behind_a_spike_arrest_an_adaptive_budget_set_too_high_settles_below_it() {
+    let tryton = tryton_or_skip!();
+    let Some(limiter) = Limiter::start(tryton.port) else { return };
+    let budget = "window_requests: 12, window_seconds: 1, window_margin_ms: 50, max_concurrent: 6, pacing: smooth, burst: 1, adaptive: true";
+    let mut gw = TestGateway::start(limited_options(&tryton, &limiter, budget)).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_effective_window(&gw, stop.clone());
+    let first_start = Instant::now();
+    let ((requests, refused), _, restarted) =
+        deliver_sixty_through_the_limiter(&tryton, &limiter, &mut gw, Duration::from_secs(240)).await;
+    // Keep watching a little after the last order: the limit must stay settled.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampler.await.unwrap();
+    eprintln!("limiter answered {requests} ERP requests, {refused} of them 429");
+    assert!(requests >= 60, "the orders went through the limiter: {requests}");
+    assert!(
+        refused * 10 <= requests,
+        "{refused} of {requests} ERP requests were refused with 429 (over 10%)"
+    );
+
+    // Settled: from some point on, every sample is at most one step above the limiter's rate.
+    let settled_below = LIMITER_RATE + 1;
+    for (segment, from, to) in
+        [("first run", first_start, restarted), ("after the restart", restarted, Instant::now())]
+    {
+        let seen: Vec<(Duration, u32)> = samples
+            .iter()
+            .filter(|(at, _)| *at >= from && *at < to)
+            .filter_map(|(at, v)| v.map(|v| (at.duration_since(from), v)))
+            .collect();
+        let last_high = seen.iter().rev().find(|(_, v)| *v > settled_below).map(|(at, _)| *at);
+        let settled_at = last_high.unwrap_or_default();
+        eprintln!(
+            "{segment}: effective window settled after {settled_at:?}: {:?}",
+            seen.iter().map(|(_, v)| v).collect::<Vec<_>>()
+        );
+        assert!(
+            settled_at <= Duration::from_secs(30),
+            "{segment}: the effective limit was still above {settled_below} after {settled_at:?}"
+        );
+        assert!(
+            seen.iter().any(|(at, v)| *at > settled_at && *v <= settled_below),
+            "{segment}: no sample after settling"
+        );
+    }
+}
+
+/// Figures for BENCHMARKS.md, not a check (`scripts/bench limiter` runs it): orders per minute
+/// delivered to Tryton through the limiter, with and without pacing and the adaptive limit,
+/// against the limiter's theoretical maximum for the ERP requests an order took. No kill here:
+/// each configuration gets a fresh limiter and gateway and delivers 60 orders from 10 clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: scripts/bench limiter"]
+async fn limiter_throughput_figures() {
+    let tryton = tryton_or_skip!();
+    let careful = "window_requests: 4, window_seconds: 1, window_margin_ms: 50, max_concurrent: 2";
+    let too_high = "window_requests: 12, window_seconds: 1, window_margin_ms: 50, max_concurrent: 6";
+    let runs = [
+        ("4/s, 2 at once, pacing off", format!("{careful}, pacing: off")),
+        ("4/s, 2 at once, pacing smooth", format!("{careful}, pacing: smooth, burst: 1")),
+        ("12/s, 6 at once, pacing off, adaptive off", format!("{too_high}, pacing: off")),
+        ("12/s, 6 at once, pacing off, adaptive", format!("{too_high}, pacing: off, adaptive: true")),
+        (
+            "12/s, 6 at once, pacing smooth, adaptive",
+            format!("{too_high}, pacing: smooth, burst: 1, adaptive: true"),
+        ),
+    ];
+    println!("limiter: nginx limit_req {LIMITER_RATE} r/s no burst, limit_conn 3, 429 + Retry-After: 1; real Tryton behind it");
+    for (run, (name, budget)) in runs.iter().enumerate() {
+        let Some(limiter) = Limiter::start(tryton.port) else { return };
+        let gw = TestGateway::start(limited_options(&tryton, &limiter, budget)).await;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        let url = gw.url("/process/v1/quote-to-order");
+        let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(10));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            let (client, url, semaphore) = (client.clone(), url.clone(), semaphore.clone());
+            tasks.push(tokio::spawn(async move {
+                let _permit = semaphore.acquire().await.unwrap();
+                let opportunity = format!("TRY-BENCH-{run}-{i:03}");
+                submit_until_acknowledged(&client, &url, &opportunity, &quote(&opportunity)).await
+            }));
+        }
+        for t in tasks {
+            let location = t.await.unwrap();
+            wait_state(&client, &gw, &location, "accepted", Duration::from_secs(600)).await;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let (requests, refused) = limiter.answers();
+        let per_order = (requests - refused) as f64 / 60.0;
+        let achieved = 60.0 * 60.0 / elapsed;
+        let ceiling = f64::from(LIMITER_RATE) * 60.0 / per_order;
+        println!(
+            "{name:<44} 60 orders in {elapsed:>5.1} s = {achieved:>5.1} orders/min; limiter maximum {ceiling:>5.1} \
+             ({:>3.0} %); ERP requests {requests}, {per_order:.2} per order, 429s {refused} ({:.1} %)",
+            100.0 * achieved / ceiling,
+            100.0 * refused as f64 / requests as f64
+        );
+    }
 }

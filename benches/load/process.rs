@@ -8,6 +8,7 @@
 //! (2) ERP budget utilisation when the budget binds: the gateway's budget and the sandbox's
 //!     own limit are the same sliding window; orders arrive faster than the budget allows. Over
 //!     two windows of steady state: sandbox request rate / budget, and the 429s the sandbox sent.
+//!     Twice: pacing off (the default, right for Business Central's window) and `pacing: smooth`.
 
 use super::*;
 use serde_json::Value;
@@ -20,6 +21,8 @@ const GW_202_NORMAL: u16 = 18135;
 const GW_202: u16 = 18122;
 const GW_201: u16 = 18125;
 const GW_BOUND: u16 = 18128;
+const SANDBOX_PACED: u16 = 18140;
+const GW_PACED: u16 = 18143;
 const TOKEN: &str = "bench-sandbox-token";
 const COMPANY: &str = "3f1d8a52-4c1e-4d2a-9b8e-5a3c2b1d0e01";
 
@@ -42,6 +45,7 @@ fn sandbox(port: u16, window_requests: u32, window_seconds: u64) -> Child {
 }
 
 /// A gateway with the shipped process routes, rules and mappings in front of `sandbox`.
+#[allow(clippy::too_many_arguments)]
 fn gateway(
     work: &Path,
     name: &str,
@@ -50,6 +54,7 @@ fn gateway(
     budget: (u32, u64),
     inline_wait_ms: u64,
     synchronous: &str,
+    pacing: &str,
 ) -> Child {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = work.join(name);
@@ -73,7 +78,7 @@ fn gateway(
             "listen: {{ proxy: 127.0.0.1:{port}, admin: 127.0.0.1:{}, metrics: 127.0.0.1:{} }}\n\
              threads: 1\n\
              upstreams:\n  bc:\n    url: http://127.0.0.1:{sandbox}\n    credentials: {{ bearer: {{ token: {TOKEN} }} }}\n\
-             \x20   budget:\n      window_requests: {window_requests}\n      window_seconds: {window_seconds}\n      max_concurrent: 5\n      queue: 100000\n\
+             \x20   budget:\n      window_requests: {window_requests}\n      window_seconds: {window_seconds}\n      window_margin_ms: 100\n      pacing: {pacing}\n      max_concurrent: 5\n      queue: 100000\n\
              \x20     classes: {{ write: {{ priority: 0, max_wait_ms: 600000 }}, interactive: {{ priority: 1, max_wait_ms: 600000 }} }}\n      default_class: interactive\n\
              store: {{ path: data/orders.db, synchronous: {synchronous} }}\n\
              process:\n  erp: bc\n  company: {COMPANY}\n  delivery: {{ inline_wait_ms: {inline_wait_ms}, max_attempts: 1000, backoff_initial_ms: 200, backoff_max_ms: 2000 }}\n",
@@ -152,13 +157,18 @@ pub fn run(procs: &mut Procs, work: &Path) {
     start(procs, "sandbox-fast", sandbox(SANDBOX_FAST, unbound.0, unbound.1), SANDBOX_FAST);
     start(procs, "sandbox-inline", sandbox(SANDBOX_INLINE, unbound.0, unbound.1), SANDBOX_INLINE);
     start(procs, "sandbox-normal", sandbox(SANDBOX_NORMAL, unbound.0, unbound.1), SANDBOX_NORMAL);
-    start(procs, "causeway-202", gateway(work, "gw-202", GW_202, SANDBOX_FAST, unbound, 0, "full"), GW_202);
-    let normal = gateway(work, "gw-202-normal", GW_202_NORMAL, SANDBOX_NORMAL, unbound, 0, "normal");
+    start(
+        procs,
+        "causeway-202",
+        gateway(work, "gw-202", GW_202, SANDBOX_FAST, unbound, 0, "full", "off"),
+        GW_202,
+    );
+    let normal = gateway(work, "gw-202-normal", GW_202_NORMAL, SANDBOX_NORMAL, unbound, 0, "normal", "off");
     start(procs, "causeway-202-normal", normal, GW_202_NORMAL);
     start(
         procs,
         "causeway-201",
-        gateway(work, "gw-201", GW_201, SANDBOX_INLINE, unbound, 5000, "full"),
+        gateway(work, "gw-201", GW_201, SANDBOX_INLINE, unbound, 5000, "full", "off"),
         GW_201,
     );
 
@@ -225,29 +235,51 @@ pub fn run(procs: &mut Procs, work: &Path) {
     // (2) The budget binds: 300 requests per 10 s at the gateway and at the sandbox.
     let (window_requests, window_seconds) =
         (env_num("BENCH_BUDGET_REQUESTS", 300) as u32, env_num("BENCH_BUDGET_SECONDS", 10));
-    start(procs, "sandbox-bound", sandbox(SANDBOX_BOUND, window_requests, window_seconds), SANDBOX_BOUND);
-    start(
-        procs,
-        "causeway-bound",
-        gateway(work, "gw-bound", GW_BOUND, SANDBOX_BOUND, (window_requests, window_seconds), 0, "full"),
-        GW_BOUND,
-    );
     let windows = env_num("BENCH_BUDGET_WINDOWS", 2);
+    for (pacing, sandbox_port, gw_port) in
+        [("off", SANDBOX_BOUND, GW_BOUND), ("smooth", SANDBOX_PACED, GW_PACED)]
+    {
+        let (sandbox_name, gw_name) = if pacing == "off" {
+            ("sandbox-bound", "causeway-bound")
+        } else {
+            ("sandbox-paced", "causeway-paced")
+        };
+        start(procs, sandbox_name, sandbox(sandbox_port, window_requests, window_seconds), sandbox_port);
+        let budget = (window_requests, window_seconds);
+        let gw = gateway(work, gw_name, gw_port, sandbox_port, budget, 0, "full", pacing);
+        start(procs, gw_name, gw, gw_port);
+        budget_utilisation(procs, work, gw_name, gw_port, sandbox_port, budget, windows, pacing);
+    }
+}
+
+/// Orders faster than the budget allows; over `windows` windows after the first, the ERP
+/// requests the sandbox saw against the budget, and its 429s.
+#[allow(clippy::too_many_arguments)]
+fn budget_utilisation(
+    procs: &Procs,
+    work: &Path,
+    gw_name: &str,
+    gw_port: u16,
+    sandbox_port: u16,
+    (window_requests, window_seconds): (u32, u64),
+    windows: u64,
+    pacing: &str,
+) {
     let total = window_seconds * (windows + 1);
     println!(
-        "process (2): budget {window_requests} requests / {window_seconds} s at the gateway and the sandbox; \
-         orders from wrk -c8 for {total} s; measured over {windows} windows after the first"
+        "process (2), pacing {pacing}: budget {window_requests} requests / {window_seconds} s (margin 100 ms) at the \
+         gateway and the sandbox; orders from wrk -c8 for {total} s; measured over {windows} windows after the first"
     );
-    let script = script(work, "BOUND");
-    let pid = procs.pid("causeway-bound");
+    let script = script(work, &format!("BOUND-{pacing}"));
+    let pid = procs.pid(gw_name);
     let load = std::thread::spawn(move || {
-        wrk_with(GW_BOUND, pid, total, 8, None, "/process/v1/quote-to-order", Some(&script))
+        wrk_with(gw_port, pid, total, 8, None, "/process/v1/quote-to-order", Some(&script))
     });
     std::thread::sleep(Duration::from_secs(window_seconds));
-    let before = stats(SANDBOX_BOUND);
+    let before = stats(sandbox_port);
     let started = Instant::now();
     std::thread::sleep(Duration::from_secs(window_seconds * windows));
-    let after = stats(SANDBOX_BOUND);
+    let after = stats(sandbox_port);
     let elapsed = started.elapsed().as_secs_f64();
     let submitted = load.join().unwrap();
     let sent = after["requests_total"].as_f64().unwrap() - before["requests_total"].as_f64().unwrap();

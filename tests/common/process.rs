@@ -163,8 +163,21 @@ pub async fn submit_until_acknowledged(
     key: &str,
     body: &Value,
 ) -> String {
+    submit_until_acknowledged_timed(client, url, key, body).await.0
+}
+
+/// [`submit_until_acknowledged`], also returning the longest the caller waited for an answer
+/// (requests cut off by a lost connection are not answers).
+pub async fn submit_until_acknowledged_timed(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &Value,
+) -> (String, Duration) {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut longest = Duration::ZERO;
     loop {
+        let sent = Instant::now();
         let resp = client
             .post(url)
             .header("x-api-key", KEY)
@@ -172,11 +185,16 @@ pub async fn submit_until_acknowledged(
             .json(body)
             .send()
             .await;
+        if resp.is_ok() {
+            longest = longest.max(sent.elapsed());
+        }
         match resp.map(|r| (r.status().as_u16(), r)) {
             Ok((200..=202, resp)) => {
                 let headers = resp.headers();
                 let location = headers.get("location").or_else(|| headers.get("content-location"));
-                return location.expect("an acknowledged order has a location").to_str().unwrap().to_string();
+                let location =
+                    location.expect("an acknowledged order has a location").to_str().unwrap().to_string();
+                return (location, longest);
             }
             Ok((409, _)) | Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await
@@ -185,6 +203,18 @@ pub async fn submit_until_acknowledged(
             Err(e) => panic!("{key} never acknowledged: {e}"),
         }
     }
+}
+
+/// What [`submit_killing_midway_timed`] saw.
+pub struct Submitted {
+    /// (opportunity, location) of every order, all acknowledged.
+    pub acknowledged: Vec<(String, String)>,
+    /// How many were acknowledged before the kill.
+    pub killed_at: usize,
+    /// The longest any caller waited for an answer.
+    pub longest_wait: Duration,
+    /// When the restarted gateway listened again.
+    pub restarted_at: Instant,
 }
 
 /// `orders` quotes (opportunity ids `{prefix}{i:05}`) from `concurrency` clients that retry until
@@ -198,19 +228,37 @@ pub async fn submit_killing_midway(
     concurrency: usize,
     kill_after: usize,
 ) -> (Vec<(String, String)>, usize) {
+    let s = submit_killing_midway_timed(gw, prefix, orders, concurrency, kill_after).await;
+    (s.acknowledged, s.killed_at)
+}
+
+/// [`submit_killing_midway`], also telling how long callers waited.
+pub async fn submit_killing_midway_timed(
+    gw: &mut TestGateway,
+    prefix: &str,
+    orders: usize,
+    concurrency: usize,
+    kill_after: usize,
+) -> Submitted {
     use std::sync::Arc;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
     let acknowledged = Arc::new(parking_lot::Mutex::new(Vec::<(String, String)>::new()));
+    let longest = Arc::new(parking_lot::Mutex::new(Duration::ZERO));
     let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let url = gw.url("/process/v1/quote-to-order");
     let mut tasks = Vec::new();
     for i in 0..orders {
         let (client, url, ack, sem) = (client.clone(), url.clone(), acknowledged.clone(), semaphore.clone());
+        let longest = longest.clone();
         let opportunity = format!("{prefix}{i:05}");
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.unwrap();
             let key = format!("{opportunity}-key");
-            let location = submit_until_acknowledged(&client, &url, &key, &quote(&opportunity)).await;
+            let (location, waited) =
+                submit_until_acknowledged_timed(&client, &url, &key, &quote(&opportunity)).await;
+            let mut l = longest.lock();
+            *l = (*l).max(waited);
+            drop(l);
             ack.lock().push((opportunity, location));
         }));
     }
@@ -220,11 +268,13 @@ pub async fn submit_killing_midway(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     gw.kill_and_restart().await;
+    let restarted_at = Instant::now();
     let killed_at = acknowledged.lock().len();
     for t in tasks {
         t.await.unwrap();
     }
     let acknowledged = acknowledged.lock().clone();
     assert_eq!(acknowledged.len(), orders, "every order acknowledged, some after the restart");
-    (acknowledged, killed_at)
+    let longest_wait = *longest.lock();
+    Submitted { acknowledged, killed_at, longest_wait, restarted_at }
 }
