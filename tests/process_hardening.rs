@@ -166,7 +166,9 @@ async fn master_data_failures_count_as_attempts_back_off_and_end_in_the_dead_let
         ["received", "pending", "dead_lettered"],
         "one entry per state, not per retry: {dead:#}"
     );
-    assert_eq!(history[1]["repeats"], 2, "{dead:#}");
+    // Two counted failures in `pending`, and any number of waits for the budget, which the
+    // outage's 503s paused: those are not attempts.
+    assert!(history[1]["repeats"].as_u64().unwrap() >= 2, "{dead:#}");
     assert!(dead["reason"].as_str().unwrap().contains("gave up after 4 attempts"), "{dead:#}");
 }
 

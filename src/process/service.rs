@@ -567,9 +567,10 @@ impl QuoteToOrder {
     }
 
     /// The ERP asked to wait, or its budget could not admit the call in time: try again after
-    /// the first backoff step (the budget paces the ERP itself). Not a failure of the order: the
-    /// attempt is not counted (`counted`: it was when it began, so it is taken back), and
-    /// `max_attempts` never dead-letters an order for it.
+    /// the first backoff step, or when the budget's pause ends if that is later (the budget
+    /// paces the ERP itself). Not a failure of the order: the attempt is not counted (`counted`:
+    /// it was when it began, so it is taken back), and `max_attempts` never dead-letters an
+    /// order for it.
     async fn wait_for_erp(
         &self,
         store: &dyn OrderStore,
@@ -578,7 +579,15 @@ impl QuoteToOrder {
         why: &str,
         counted: bool,
     ) -> Result<Delivered, StoreError> {
-        let delay = throttle::backoff(self.settings.backoff_initial, self.settings.backoff_max, 0);
+        let paused = self
+            .config
+            .load()
+            .upstreams
+            .get(&self.settings.erp)
+            .and_then(|u| u.budget.as_ref())
+            .map_or(Duration::ZERO, |b| Duration::from_millis(b.budget.snapshot().paused_for_ms));
+        let delay =
+            throttle::backoff(self.settings.backoff_initial, self.settings.backoff_max, 0).max(paused);
         let reason = format!("the ERP asked to wait, retry in {} ms: {why}", delay.as_millis());
         let change = Change {
             reason: &reason,
