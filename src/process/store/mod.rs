@@ -1,16 +1,36 @@
 //! The durable side of the process APIs, behind a port: orders with their state machine and
 //! timestamped transitions, and idempotency keys with their stored responses. [`OrderStore`] is
 //! what the service needs; [`sqlite::SqliteStore`] keeps it in one SQLite file (the default, one
-//! node), [`memory::MemoryStore`] in memory (unit tests; nothing survives the process).
+//! node), [`postgres::PostgresStore`] in a PostgreSQL database that replicas share (cluster
+//! mode), [`memory::MemoryStore`] in memory (unit tests; nothing survives the process). The
+//! suite in `suite.rs` holds both durable stores to the same assertions.
 
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod suite;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use super::state::State;
+use crate::config::StoreSettings;
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// Open the configured store, bringing its schema up to date (what `causeway migrate` runs).
+pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn OrderStore>, StoreError> {
+    Ok(match settings {
+        StoreSettings::Sqlite { path, synchronous, .. } => {
+            Arc::new(SqliteStore::open(path, *synchronous).await?)
+        }
+        StoreSettings::Postgres { url, pool, acquire_timeout, .. } => {
+            Arc::new(PostgresStore::open(url, *pool, *acquire_timeout).await?)
+        }
+    })
+}
 
 /// Milliseconds since the Unix epoch: the store's clock.
 pub fn now_ms() -> i64 {
