@@ -34,6 +34,12 @@ enum Command {
         #[arg(long, short = 'c', default_value = ".")]
         config: PathBuf,
     },
+    /// Bring the order store's schema (SQLite or PostgreSQL, as configured) up to date, then
+    /// exit; `serve` does the same at start. Safe to run while replicas run.
+    Migrate {
+        #[arg(long, short = 'c', default_value = ".")]
+        config: PathBuf,
+    },
     /// Run only the built-in ERP sandbox (Business Central API v2.0 subset).
     #[cfg(feature = "sandbox")]
     Sandbox {
@@ -88,6 +94,38 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Migrate { config } => {
+            let loaded = match causeway::config::load(&config) {
+                Ok(c) => c,
+                Err(diags) => {
+                    eprint!("{diags}");
+                    eprintln!("{}: {} problem(s) found; nothing migrated", config.display(), diags.0.len());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let Some(process) = loaded.process else {
+                eprintln!("{}: no `process:` block, so no order store to migrate", config.display());
+                return ExitCode::FAILURE;
+            };
+            let store = process.store;
+            let opened = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| {
+                    rt.block_on(causeway::process::store::open(&store)).map_err(|e| e.to_string())
+                });
+            match opened {
+                Ok(_) => {
+                    println!("{}: schema up to date", store.describe());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", store.describe());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         #[cfg(feature = "sandbox")]
         Command::Sandbox {
             listen,

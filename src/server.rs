@@ -136,22 +136,18 @@ pub fn init_process() {
 /// The quote-to-order service, when configured. The store is opened once here so a bad path
 /// fails at start, not on the first order.
 fn start_process(config: &Arc<ArcSwap<Config>>) -> anyhow::Result<Option<Arc<QuoteToOrder>>> {
-    use crate::process::store::{OrderStore, SqliteStore};
     let Some(settings) = config.load().process.clone() else { return Ok(None) };
-    let (path, synchronous) = (settings.store_path.clone(), settings.synchronous);
+    let store = settings.store.clone();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(SqliteStore::open(&path, synchronous))
-        .with_context(|| format!("opening the order store {}", path.display()))?;
+        .block_on(crate::process::store::open(&store))
+        .with_context(|| format!("opening the order store ({})", store.describe()))?;
     let adapter = crate::erp::adapter_for(&config.load(), &settings)
         .map_err(|e| anyhow::anyhow!("process APIs: {e}"))?;
     let open_store: crate::process::service::OpenStore = Box::new(move || {
-        let path = path.clone();
-        Box::pin(async move {
-            let store = SqliteStore::open(&path, synchronous).await?;
-            Ok(Arc::new(store) as Arc<dyn OrderStore>)
-        })
+        let store = store.clone();
+        Box::pin(async move { crate::process::store::open(&store).await })
     });
     Ok(Some(QuoteToOrder::new(config.clone(), settings, adapter, open_store)))
 }

@@ -4,6 +4,7 @@
 //! reports *every* problem with file and line, and otherwise returns an immutable [`Config`]
 //! that the proxy runs on. `causeway check` and `causeway serve` run the same function.
 
+mod cluster;
 mod env;
 pub mod policies;
 mod process;
@@ -13,6 +14,7 @@ pub mod rules;
 pub mod spec;
 mod upstream;
 
+pub use cluster::{ClusterSettings, StoreSettings};
 use process::{compile_process, load_process_rules};
 pub use process::{AdapterSettings, ProcessSettings, TrytonSettings, BC_ADAPTER_POLICIES, PROCESS_POLICIES};
 use routes::load_routes;
@@ -24,6 +26,7 @@ use crate::policy::auth_failures::FailureLimiter;
 use crate::policy::budget::{BudgetParams, ErpBudget};
 use crate::policy::jwks::RemoteJwks;
 use crate::policy::ratelimit::TierLimiter;
+use crate::policy::shared::{RedisLink, SharedBudget};
 use crate::policy::throttle::Budget;
 use crate::policy::Policy;
 pub use router::{RouteMatch, Router};
@@ -95,11 +98,20 @@ pub struct SharedState {
     limiters: parking_lot::Mutex<HashMap<(String, String), Arc<TierLimiter>>>,
     jwks: parking_lot::Mutex<HashMap<String, Arc<RemoteJwks>>>,
     auth_failures: parking_lot::Mutex<Option<Arc<FailureLimiter>>>,
+    /// The Redis link of `cluster.redis`, when replicas share budgets and limits.
+    redis: parking_lot::Mutex<Option<Arc<RedisLink>>>,
 }
 
 impl SharedState {
-    /// The budget of `upstream`, with `params` applied (a reload changes limits in place).
-    pub fn budget(&self, upstream: &str, params: BudgetParams) -> Arc<dyn ErpBudget> {
+    /// The budget of `upstream`, with `params` applied (a reload changes limits in place): in
+    /// memory for one node, in Redis when `cluster.redis` is set (chosen when first built; a
+    /// change of `cluster:` takes a restart).
+    pub fn budget(
+        &self,
+        upstream: &str,
+        params: BudgetParams,
+        fallback: BudgetFallback,
+    ) -> Arc<dyn ErpBudget> {
         let mut budgets = self.budgets.lock();
         if let Some(b) = budgets.get(upstream) {
             if b.params() != params {
@@ -107,8 +119,10 @@ impl SharedState {
             }
             return b.clone();
         }
-        // The in-memory budget; a shared one for replicas goes here, chosen by the spec.
-        let b: Arc<dyn ErpBudget> = Budget::new(upstream, params);
+        let b: Arc<dyn ErpBudget> = match self.redis.lock().clone() {
+            Some(link) => SharedBudget::new(upstream, params, link, fallback),
+            None => Budget::new(upstream, params),
+        };
         budgets.insert(upstream.to_string(), b.clone());
         b
     }
@@ -172,6 +186,8 @@ pub struct Config {
     pub sandbox: Option<SandboxSettings>,
     /// The process APIs' settings, when `causeway.yaml` has a `process:` block.
     pub process: Option<ProcessSettings>,
+    /// Replicas and how they share state (`cluster:`; one node without it).
+    pub cluster: ClusterSettings,
     /// Refuses client addresses that keep failing authentication (`None`: off).
     pub auth_failures: Option<Arc<FailureLimiter>>,
 }
@@ -212,6 +228,16 @@ pub fn load_with_state(
     let mut diags = Diagnostics::default();
     let main_path = dir.join(MAIN_FILE);
     let main: Option<MainSpec> = parse_file(&main_path, &mut diags);
+    let current_link = state.redis.lock().clone();
+    let cluster =
+        main.as_ref().and_then(|m| cluster::compile_cluster(&main_path, m, env, current_link, &mut diags));
+    if let Some(c) = &cluster {
+        let mut link = state.redis.lock();
+        if link.is_none() {
+            *link = c.redis.clone();
+        }
+    }
+    let store = main.as_ref().and_then(|m| cluster::compile_store(&main_path, dir, m, env, &mut diags));
 
     let upstreams =
         main.as_ref().map(|m| compile_upstreams(&main_path, m, env, state, &mut diags)).unwrap_or_default();
@@ -267,12 +293,12 @@ pub fn load_with_state(
     if !diags.0.is_empty() {
         return Err(diags);
     }
-    let store_path = dir.join(&main.store.path);
+    let (Some(store), Some(cluster)) = (store, cluster) else { return Err(diags) };
     let process = compile_process(
         &main_path,
         env,
         &main,
-        (&store_path, main.store.synchronous),
+        &store,
         &upstreams,
         &policies,
         &process_rules,
@@ -305,6 +331,7 @@ pub fn load_with_state(
         process_rules: process_rules.map(Arc::new),
         sandbox,
         process,
+        cluster,
         auth_failures: state.auth_failures(
             main.auth_failures.max_failures,
             Duration::from_secs(main.auth_failures.window_seconds),

@@ -1,11 +1,12 @@
 //! `process:` of causeway.yaml compiled: which ERP the process APIs write to, with which adapter,
 //! how delivery retries; and `policies/process/`, the quote rules.
 
+use super::StoreSettings;
 use super::{env, parse_file, rules, spec, yaml_files, CompiledRoute, Diagnostics, Upstream};
-use crate::config::spec::{MainSpec, Synchronous};
+use crate::config::spec::MainSpec;
 use crate::policy::Policy;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +15,7 @@ use std::time::Duration;
 pub struct ProcessSettings {
     pub erp: String,
     pub adapter: AdapterSettings,
-    pub store_path: PathBuf,
-    pub synchronous: Synchronous,
+    pub store: StoreSettings,
     pub key_ttl: Duration,
     pub max_lines: usize,
     pub max_attempts: u32,
@@ -54,7 +54,7 @@ pub(super) fn compile_process(
     file: &Path,
     env: &dyn Fn(&str) -> Option<String>,
     main: &MainSpec,
-    (store_path, synchronous): (&Path, Synchronous),
+    store: &StoreSettings,
     upstreams: &BTreeMap<String, Arc<Upstream>>,
     policies: &HashMap<String, Arc<Policy>>,
     rules: &Option<rules::Rules>,
@@ -147,8 +147,7 @@ pub(super) fn compile_process(
     Some(ProcessSettings {
         erp: spec.erp.value.clone(),
         adapter: adapter?,
-        store_path: store_path.to_path_buf(),
-        synchronous,
+        store: store.clone(),
         key_ttl: Duration::from_secs(spec.idempotency_key_ttl_hours.saturating_mul(3600)),
         max_lines: spec.max_lines,
         max_attempts: d.max_attempts,

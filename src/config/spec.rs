@@ -31,6 +31,9 @@ pub struct MainSpec {
     pub sandbox: Option<SandboxSpec>,
     #[serde(default)]
     pub store: StoreSpec,
+    /// Several replicas sharing the store and the ERP budgets.
+    #[serde(default)]
+    pub cluster: Option<ClusterSpec>,
     /// The process APIs (quote-to-order): which ERP they write to and how delivery retries.
     #[serde(default)]
     pub process: Option<ProcessSpec>,
@@ -160,6 +163,9 @@ pub struct BudgetSpec {
     /// without one win them back step by step, never above the values above.
     #[serde(default)]
     pub adaptive: bool,
+    /// With `cluster.redis`: what this budget does while Redis is unreachable.
+    #[serde(default)]
+    pub when_redis_unavailable: BudgetFallback,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq)]
@@ -253,18 +259,93 @@ impl Default for SandboxLimits {
 #[serde(deny_unknown_fields)]
 #[serde(default)]
 pub struct StoreSpec {
+    /// `sqlite` (default: one node, one file) or `postgres` (replicas share one database).
+    pub backend: StoreBackend,
     /// SQLite file for idempotency keys and orders (used by the process APIs).
     pub path: String,
     /// When a commit is on disk: `full` (default) before the caller is answered, so an
     /// acknowledged order survives a power loss; `normal` is faster and survives a process
     /// crash, but a power loss can lose the last commits.
     pub synchronous: Synchronous,
+    /// PostgreSQL connection URL (`postgres://user@host:5432/db`), usually `${CAUSEWAY_DATABASE_URL}`.
+    pub url: Option<Spanned<String>>,
+    /// PostgreSQL connections per replica.
+    pub pool: u32,
+    /// How long a request waits for a database connection before it is answered 503
+    /// `store-unavailable` (while the database restarts, say).
+    pub acquire_timeout_ms: u64,
+    /// Orders written per transaction at most under load (group commit); 1 turns it off.
+    pub group_commit: usize,
 }
 
 impl Default for StoreSpec {
     fn default() -> Self {
-        StoreSpec { path: "data/causeway.db".into(), synchronous: Synchronous::Full }
+        StoreSpec {
+            backend: StoreBackend::Sqlite,
+            path: "data/causeway.db".into(),
+            synchronous: Synchronous::Full,
+            url: None,
+            pool: 16,
+            acquire_timeout_ms: 3000,
+            group_commit: 64,
+        }
     }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreBackend {
+    #[default]
+    Sqlite,
+    Postgres,
+}
+
+/// `cluster:`: several replicas behind a load balancer share the store (PostgreSQL) and the ERP
+/// budgets (Redis).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// How many replicas run: with Redis away, `local_share` gives each this share of a budget.
+    pub replicas: Spanned<u32>,
+    pub redis: Option<RedisSpec>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSpec {
+    /// `redis://host:6379/0`, usually `${CAUSEWAY_REDIS_URL}`.
+    pub url: Spanned<String>,
+    /// Prefix of every key, so several gateways (environments) can share one Redis.
+    #[serde(default = "default_redis_prefix")]
+    pub key_prefix: String,
+    /// A permit held by a replica that stopped comes back after this long (live replicas renew
+    /// theirs every third of it).
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// A Redis call that takes longer counts as Redis being unreachable.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_redis_prefix() -> String {
+    "causeway".into()
+}
+fn default_lease_ms() -> u64 {
+    5000
+}
+fn default_redis_timeout_ms() -> u64 {
+    250
+}
+
+/// What a shared ERP budget does while Redis is unreachable.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetFallback {
+    /// Each replica keeps to its share of the budget (budget ÷ replicas) until Redis returns.
+    #[default]
+    LocalShare,
+    /// Refuse ERP requests (503) until Redis returns.
+    Closed,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -145,7 +145,7 @@ fn compile_budget(upstream: &str, spec: &BudgetSpec, state: &SharedState) -> Res
         adaptive: spec.adaptive,
     };
     Ok(UpstreamBudget {
-        budget: state.budget(upstream, params),
+        budget: state.budget(upstream, params, spec.when_redis_unavailable),
         classes,
         default_class,
         overload_signals: spec.overload_signals.iter().map(|s| (s.status, s.body_contains.clone())).collect(),

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub erp_circuit_state: prometheus::IntGaugeVec,
     pub erp_pause_seconds: prometheus::GaugeVec,
     pub erp_effective_limit: prometheus::IntGaugeVec,
+    pub shared_state_mode: prometheus::IntGaugeVec,
+    pub shared_state_switches: IntCounterVec,
+    pub erp_shared_in_flight: prometheus::IntGaugeVec,
     pub header_deadline_closed: prometheus::IntCounter,
     requests: IntCounterVec,
     duration: HistogramVec,
@@ -124,6 +127,23 @@ impl Metrics {
             &["upstream", "limit"],
         )
         .expect("valid metric");
+        let shared_state_mode = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "causeway_shared_state_mode",
+                "Per shared budget or limit (component): 0 shared through Redis, 1 fallback while Redis is unreachable (local_share, closed or open)",
+            ),
+            &["component", "fallback"],
+        )
+        .expect("valid metric");
+        let shared_state_switches = counter(
+            "causeway_shared_state_switches_total",
+            "Switches between shared state in Redis and the fallback, by component and the mode switched to",
+            &["component", "to"],
+        );
+        let erp_shared_in_flight = gauge(
+            "causeway_erp_shared_in_flight",
+            "ERP requests in flight across all replicas (as last seen in Redis), per upstream",
+        );
         let header_deadline_closed = prometheus::IntCounter::new(
             "causeway_header_deadline_closed_total",
             "Client connections closed because their request header did not arrive within client_header_timeout_ms",
@@ -159,6 +179,9 @@ impl Metrics {
             Box::new(erp_circuit_state.clone()),
             Box::new(erp_pause_seconds.clone()),
             Box::new(erp_effective_limit.clone()),
+            Box::new(shared_state_mode.clone()),
+            Box::new(shared_state_switches.clone()),
+            Box::new(erp_shared_in_flight.clone()),
             Box::new(header_deadline_closed.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
@@ -181,6 +204,9 @@ impl Metrics {
             erp_circuit_state,
             erp_pause_seconds,
             erp_effective_limit,
+            shared_state_mode,
+            shared_state_switches,
+            erp_shared_in_flight,
             header_deadline_closed,
             requests,
             duration,

@@ -41,6 +41,8 @@ pub struct Lease {
     pub probe: bool,
     /// The consumer whose share the permit counts toward.
     pub consumer: Option<Arc<str>>,
+    /// The permit's name in a budget shared by replicas (`None`: a local permit).
+    pub shared: Option<Arc<str>>,
 }
 
 /// A slot in a budget; dropping it releases the slot, however the request ends.
@@ -56,6 +58,12 @@ impl Permit {
 
     pub fn budget(&self) -> &Arc<dyn ErpBudget> {
         &self.budget
+    }
+
+    /// What the permit holds, without giving it back: a budget layered on another (the shared
+    /// one on its local stage) re-issues it as its own.
+    pub fn into_lease(mut self) -> Lease {
+        self.lease.take().unwrap_or_default()
     }
 }
 

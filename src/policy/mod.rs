@@ -9,6 +9,7 @@ pub mod headers;
 pub mod jwks;
 pub mod mediation;
 pub mod ratelimit;
+pub mod shared;
 pub mod throttle;
 
 use pingora::http::{RequestHeader, ResponseHeader};

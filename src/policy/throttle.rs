@@ -215,7 +215,7 @@ impl Budget {
                 drop(s);
                 metrics.erp_admitted.with_label_values(&labels).inc();
                 metrics.erp_wait.with_label_values(&labels).observe(0.0);
-                return Ok(self.permit(Lease { probe, consumer }));
+                return Ok(self.permit(Lease { probe, consumer, shared: None }));
             }
             if s.waiters.len() >= params.queue {
                 metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "queue_full"]).inc();
@@ -242,7 +242,7 @@ impl Budget {
             Ok(Ok(())) => {
                 metrics.erp_admitted.with_label_values(&labels).inc();
                 metrics.erp_wait.with_label_values(&labels).observe(started.elapsed().as_secs_f64());
-                Ok(self.permit(Lease { probe: false, consumer }))
+                Ok(self.permit(Lease { probe: false, consumer, shared: None }))
             }
             _ => {
                 metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "deadline"]).inc();
@@ -259,7 +259,7 @@ impl Budget {
         Permit::new(me, lease)
     }
 
-    fn release_lease(&self, Lease { probe, consumer }: Lease) {
+    fn release_lease(&self, Lease { probe, consumer, .. }: Lease) {
         {
             let mut s = self.state.lock();
             s.in_flight = s.in_flight.saturating_sub(1);
@@ -308,6 +308,41 @@ impl Budget {
             .set(s.waiters.len() as i64);
         self.publish(&s);
         self.arm_timer(&mut s, &params, now);
+    }
+
+    /// Give back a permit that was never used (a later stage refused it), with its place in
+    /// the window, so a refusal elsewhere does not spend this budget.
+    pub fn release_unused(&self, lease: Lease) {
+        self.state.lock().admitted.pop_back();
+        self.release_lease(lease);
+    }
+
+    /// Count requests of other replicas against this budget, as last seen in the shared one,
+    /// when it falls back to its local share: `in_flight` held for `held_for` (their holders
+    /// cannot say when they end), `admitted` as if made now (they leave the window no later).
+    pub fn assume_elsewhere(&self, in_flight: u32, admitted: usize, held_for: Duration) {
+        {
+            let mut s = self.state.lock();
+            s.in_flight += in_flight;
+            let now = Instant::now();
+            s.admitted.extend(std::iter::repeat_n(now, admitted));
+            self.publish(&s);
+        }
+        if in_flight == 0 {
+            return;
+        }
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(held_for).await;
+            if let Some(budget) = me.upgrade() {
+                {
+                    let mut s = budget.state.lock();
+                    s.in_flight = s.in_flight.saturating_sub(in_flight);
+                    budget.publish(&s);
+                }
+                budget.dispatch();
+            }
+        });
     }
 
     fn can_admit(s: &mut State, p: &BudgetParams, now: Instant) -> bool {

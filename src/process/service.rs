@@ -63,6 +63,9 @@ const WORKER_POLL: Duration = Duration::from_millis(200);
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 const GAUGE_DEBOUNCE: Duration = Duration::from_millis(50);
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often, and how many times, a key the store could not free is tried again.
+const KEY_RELEASE_EVERY: Duration = Duration::from_millis(500);
+const KEY_RELEASE_RETRIES: u32 = 240;
 /// How often leases of processes that are gone are taken back (after a crash during a graceful
 /// upgrade, the new process finds them this soon).
 const RECOVER_INTERVAL: Duration = Duration::from_secs(2);
@@ -215,12 +218,30 @@ impl QuoteToOrder {
         if !kept {
             // The caller hears the outcome either way. A key that cannot be kept is freed: a
             // retry then finds the order by its opportunity. One that cannot be freed either
-            // is released at the next start.
+            // (the store is away) is freed once the store answers again.
             if let Err(e) = store.release_key(&scoped_key).await {
-                tracing::warn!(error = %e, "cannot release an idempotency key");
+                tracing::warn!(error = %e, "cannot release an idempotency key yet; retrying in the background");
+                self.release_when_possible(scoped_key);
             }
         }
         outcome
+    }
+
+    /// Keep trying to free an idempotency key while the store is away (a database restart), so
+    /// the caller's retry is not told "in flight" until the key is abandoned.
+    fn release_when_possible(&self, key: String) {
+        let Some(store) = self.store.get().cloned() else { return };
+        tokio::spawn(async move {
+            for _ in 0..KEY_RELEASE_RETRIES {
+                tokio::time::sleep(KEY_RELEASE_EVERY).await;
+                if store.release_key(&key).await.is_ok() {
+                    return;
+                }
+            }
+            tracing::error!(
+                "an idempotency key stays in flight until this process restarts or the key is abandoned"
+            );
+        });
     }
 
     /// The body as a canonical quote ([`intake::to_quote`]) on the current configuration.

@@ -1,0 +1,734 @@
+//! State shared by replicas, in Redis (`cluster.redis`): the ERP budgets ([`SharedBudget`]) and
+//! the consumer rate limits ([`super::ratelimit`]'s shared limiter). Every check is one atomic Lua
+//! script, timed by Redis's own clock, so replicas on different hosts agree without synchronised
+//! clocks. When Redis does not answer within `timeout_ms`, each budget and limit switches to its
+//! configured fallback (a metric and a log line on each switch), and back once Redis answers again.
+
+use super::budget::{
+    queue_priority, BudgetParams, Class, ErpBudget, Lease, Outcome, Permit, PermitFuture, Refusal, Snapshot,
+};
+use super::throttle::Budget;
+use crate::config::spec::BudgetFallback;
+use crate::observe::metrics::Metrics;
+use parking_lot::Mutex;
+use redis::aio::ConnectionManager;
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+/// How a replica reaches Redis (`cluster.redis` compiled).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisSettings {
+    pub url: String,
+    pub key_prefix: String,
+    pub lease: Duration,
+    pub timeout: Duration,
+    pub replicas: u32,
+}
+
+/// One connection to Redis for the whole process, driven by a runtime of its own (the
+/// gateway's services each run their own runtimes; this one outlives none of them), and whether
+/// Redis answered last time.
+pub struct RedisLink {
+    settings: RedisSettings,
+    client: redis::Client,
+    conn: OnceLock<ConnectionManager>,
+    reachable: AtomicBool,
+    probing: AtomicBool,
+    /// When Redis last came back (or the link was made).
+    back_since: Mutex<Instant>,
+    /// This replica's name on its permits.
+    replica: String,
+}
+
+impl std::fmt::Debug for RedisLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisLink({})", self.settings.url)
+    }
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("causeway-redis")
+            .enable_all()
+            .build()
+            .expect("a runtime for the Redis connection")
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("redis: {0}")]
+pub struct SharedError(String);
+
+impl RedisLink {
+    /// Parses the URL only: nothing connects until the first check (`causeway check` stays offline).
+    pub fn new(settings: RedisSettings) -> Result<Arc<RedisLink>, String> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| format!("cluster.redis.url `{}`: {e}", settings.url))?;
+        let replica = format!("{}/{}", crate::process::instance::current(), uuid::Uuid::now_v7().simple());
+        // A link that never lost Redis shares from the start.
+        let long_ago = Instant::now().checked_sub(settings.lease).unwrap_or_else(Instant::now);
+        Ok(Arc::new(RedisLink {
+            settings,
+            client,
+            conn: OnceLock::new(),
+            reachable: AtomicBool::new(true),
+            probing: AtomicBool::new(false),
+            back_since: Mutex::new(long_ago),
+            replica,
+        }))
+    }
+
+    pub fn settings(&self) -> &RedisSettings {
+        &self.settings
+    }
+
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Acquire)
+    }
+
+    /// How long Redis has answered since it last came back.
+    pub fn back_for(&self) -> Duration {
+        self.back_since.lock().elapsed()
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut key = self.settings.key_prefix.clone();
+        for p in parts {
+            key.push(':');
+            key.push_str(p);
+        }
+        key
+    }
+
+    fn connection(&self) -> Result<ConnectionManager, SharedError> {
+        if let Some(c) = self.conn.get() {
+            return Ok(c.clone());
+        }
+        let _in_runtime = runtime().enter();
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.settings.timeout))
+            .set_response_timeout(Some(self.settings.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let manager = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            .map_err(|e| SharedError(e.to_string()))?;
+        Ok(self.conn.get_or_init(|| manager).clone())
+    }
+
+    /// Run `call` on the Redis runtime within the timeout; a failure marks Redis unreachable
+    /// and starts probing for its return.
+    pub async fn run<T, F, Fut>(self: &Arc<Self>, call: F) -> Result<T, SharedError>
+    where
+        T: Send + 'static,
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>> + Send + 'static,
+    {
+        let result = match self.connection() {
+            Ok(conn) => {
+                let task = runtime().spawn(call(conn));
+                match tokio::time::timeout(self.settings.timeout, task).await {
+                    Ok(Ok(Ok(v))) => Ok(v),
+                    Ok(Ok(Err(e))) => Err(SharedError(e.to_string())),
+                    Ok(Err(e)) => Err(SharedError(e.to_string())),
+                    Err(_) => Err(SharedError(format!("no answer within {:?}", self.settings.timeout))),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            self.lost(e);
+        }
+        result
+    }
+
+    /// Fire and forget (a release, a renewal): errors only mark Redis unreachable.
+    pub fn spawn<F, Fut>(self: &Arc<Self>, call: F)
+    where
+        F: FnOnce(ConnectionManager) -> Fut + Send + 'static,
+        Fut: Future<Output = redis::RedisResult<()>> + Send + 'static,
+    {
+        let link = self.clone();
+        runtime().spawn(async move {
+            let _ = link.run(call).await;
+        });
+    }
+
+    fn lost(self: &Arc<Self>, error: &SharedError) {
+        if self.reachable.swap(false, Ordering::AcqRel) {
+            tracing::warn!(%error, url = %self.settings.url, "Redis is unreachable: shared budgets and limits fall back to their configured modes");
+        }
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let link = self.clone();
+        runtime().spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Ok(mut conn) = link.connection() else { continue };
+                let ping = tokio::time::timeout(
+                    link.settings.timeout,
+                    redis::cmd("PING").query_async::<String>(&mut conn),
+                )
+                .await;
+                if matches!(ping, Ok(Ok(_))) {
+                    *link.back_since.lock() = Instant::now();
+                    link.probing.store(false, Ordering::Release);
+                    link.reachable.store(true, Ordering::Release);
+                    tracing::info!(url = %link.settings.url, "Redis answers again: shared budgets and limits are shared again");
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Whether a shared component works through Redis or its fallback; logs and counts each switch.
+pub struct ModeWatch {
+    component: String,
+    fallback: &'static str,
+    in_fallback: AtomicBool,
+}
+
+impl ModeWatch {
+    pub fn new(component: String, fallback: &'static str) -> ModeWatch {
+        Metrics::global().shared_state_mode.with_label_values(&[&component, fallback]).set(0);
+        ModeWatch { component, fallback, in_fallback: AtomicBool::new(false) }
+    }
+
+    /// Record the mode now in force; `true` when it just changed.
+    pub fn set(&self, fallback: bool) -> bool {
+        if self.in_fallback.swap(fallback, Ordering::AcqRel) == fallback {
+            return false;
+        }
+        let m = Metrics::global();
+        let to = if fallback { self.fallback } else { "shared" };
+        m.shared_state_mode.with_label_values(&[&self.component, self.fallback]).set(fallback as i64);
+        m.shared_state_switches.with_label_values(&[&self.component, to]).inc();
+        if fallback {
+            tracing::warn!(component = %self.component, mode = to, "shared state unavailable: fallback in force");
+        } else {
+            tracing::info!(component = %self.component, "shared state back: fallback ended");
+        }
+        true
+    }
+
+    pub fn in_fallback(&self) -> bool {
+        self.in_fallback.load(Ordering::Acquire)
+    }
+}
+
+/// Admission to a shared budget: expired permits and window entries leave, waiters that stopped
+/// asking leave the queue; then a request is admitted when nothing pauses the budget, the window
+/// and the concurrency have room, pacing allows, and fewer waiters of a better rank (priority,
+/// then arrival) than the free slots wait anywhere. Returns {admitted, wait ms, in flight, in
+/// window}.
+const ACQUIRE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease, max_c, max_w = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local window, ttl, interval, burst = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
+if #gone > 0 then
+  redis.call('ZREM', KEYS[3], unpack(gone))
+  redis.call('ZREM', KEYS[4], unpack(gone))
+end
+local in_flight = redis.call('ZCARD', KEYS[1])
+local used = redis.call('ZCARD', KEYS[2])
+local wait = 0
+local pause = tonumber(redis.call('GET', KEYS[5]) or '0')
+if pause > now then wait = pause - now end
+if wait == 0 and used >= max_w then
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  wait = math.max(1, tonumber(oldest[2]) + window - now)
+end
+local tat = now
+if interval > 0 then
+  tat = math.max(tonumber(redis.call('GET', KEYS[6]) or '0'), now)
+  local at = tat - (burst - 1) * interval
+  if wait == 0 and at > now then wait = at - now end
+end
+local free = math.min(max_c - in_flight, max_w - used)
+if wait == 0 and free > 0 then
+  local ahead = redis.call('ZCOUNT', KEYS[3], '-inf', '(' .. ARGV[2])
+  if ahead < free then
+    redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+    redis.call('ZADD', KEYS[2], now, ARGV[1])
+    redis.call('ZREM', KEYS[3], ARGV[1])
+    redis.call('ZREM', KEYS[4], ARGV[1])
+    if interval > 0 then
+      redis.call('SET', KEYS[6], tat + interval, 'PX', window + interval * burst)
+    end
+    redis.call('PEXPIRE', KEYS[1], lease * 2)
+    redis.call('PEXPIRE', KEYS[2], window * 2)
+    return {1, 0, in_flight + 1, used + 1}
+  end
+end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[4], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ttl * 4)
+redis.call('PEXPIRE', KEYS[4], ttl * 4)
+return {0, wait, in_flight, used}
+";
+
+/// Extend the leases of the permits this replica holds by ARGV[1] ms (KEYS[1]: permits, KEYS[2]:
+/// window). The first ARGV[2] entries after it are triples (id, age ms, held 0/1) of admissions
+/// made while Redis was away, registered now: in the window as of when they were made, and as
+/// permits while still held. The remaining ids are only renewed (one released meanwhile is not
+/// brought back).
+const RENEW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ms = now + tonumber(ARGV[1])
+local i = 3
+for n = 1, tonumber(ARGV[2]) do
+  redis.call('ZADD', KEYS[2], 'NX', now - tonumber(ARGV[i + 1]), ARGV[i])
+  if ARGV[i + 2] == '1' then
+    redis.call('ZADD', KEYS[1], until_ms, ARGV[i])
+  end
+  i = i + 3
+end
+for j = i, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[j])
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
+return 0
+";
+
+/// Pause every replica's admissions for ARGV[1] ms (a longer pause already set stands).
+const PAUSE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ms = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if until_ms > current then
+  redis.call('SET', KEYS[1], until_ms, 'PX', tonumber(ARGV[1]))
+end
+return 0
+";
+
+/// Lift the shared pause (an operator's resume); returns the milliseconds that were left.
+const RESUME: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+redis.call('DEL', KEYS[1])
+return math.max(0, current - now)
+";
+
+fn script(source: &'static str, cell: &'static OnceLock<redis::Script>) -> &'static redis::Script {
+    cell.get_or_init(|| redis::Script::new(source))
+}
+
+static ACQUIRE_SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+static RENEW_SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+static PAUSE_SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+static RESUME_SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+
+/// Longest sleep between two admission attempts of a waiter that is held back by concurrency
+/// (a slot freed on another replica is not announced).
+const POLL: Duration = Duration::from_millis(15);
+/// A waiter that stops asking this long leaves the shared queue (its replica stopped).
+const WAITER_TTL: Duration = Duration::from_millis(1500);
+
+/// Keys of one shared budget.
+struct Keys {
+    permits: String,
+    window: String,
+    queue: String,
+    queue_alive: String,
+    pause: String,
+    pace: String,
+}
+
+/// An ERP budget shared by replicas. Each request passes two stages: this replica's in-memory
+/// budget (its priority queue, consumer shares, circuit breaker and adaptive limits, with the
+/// full limits) and then the shared admission in Redis, which holds the cluster to the ERP's
+/// window, concurrency, pacing and pauses. While Redis is unreachable the local stage alone
+/// decides, with this replica's share of the limits (`local_share`), or nothing is admitted
+/// (`closed`).
+pub struct SharedBudget {
+    me: Weak<SharedBudget>,
+    local: Arc<Budget>,
+    params: Mutex<BudgetParams>,
+    link: Arc<RedisLink>,
+    fallback: BudgetFallback,
+    mode: ModeWatch,
+    keys: Keys,
+    seq: AtomicU64,
+    /// Shared permits this replica holds, renewed until released.
+    held: Arc<Mutex<HashSet<Arc<str>>>>,
+    /// Admissions made while Redis was away, not yet registered there (window and permits).
+    unshared: Mutex<Vec<(Arc<str>, Instant)>>,
+    renewing: AtomicBool,
+    /// A permit was released here: a local waiter may try again at once.
+    released: tokio::sync::Notify,
+    /// (in flight, in window) across replicas, as last seen.
+    seen: Mutex<(u32, usize)>,
+    shared_in_flight: prometheus::IntGauge,
+}
+
+impl std::fmt::Debug for SharedBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedBudget({})", self.local.upstream)
+    }
+}
+
+/// The limits one replica keeps to while Redis is unreachable: its share, at least one.
+pub fn local_share(params: &BudgetParams, replicas: u32) -> BudgetParams {
+    let replicas = replicas.max(1);
+    BudgetParams {
+        window_requests: (params.window_requests / replicas).max(1),
+        max_concurrent: (params.max_concurrent / replicas).max(1),
+        pacing: params.pacing.map(|p| super::budget::Pacing { interval: p.interval * replicas, burst: 1 }),
+        ..params.clone()
+    }
+}
+
+impl SharedBudget {
+    pub fn new(
+        upstream: &str,
+        params: BudgetParams,
+        link: Arc<RedisLink>,
+        fallback: BudgetFallback,
+    ) -> Arc<SharedBudget> {
+        let k = |part: &str| link.key(&["budget", upstream, part]);
+        let keys = Keys {
+            permits: k("permits"),
+            window: k("window"),
+            queue: k("queue"),
+            queue_alive: k("queue_alive"),
+            pause: k("pause"),
+            pace: k("pace"),
+        };
+        let fallback_name = match fallback {
+            BudgetFallback::LocalShare => "local_share",
+            BudgetFallback::Closed => "closed",
+        };
+        Arc::new_cyclic(|me| SharedBudget {
+            me: me.clone(),
+            local: Budget::new(upstream, params.clone()),
+            params: Mutex::new(params),
+            mode: ModeWatch::new(format!("budget:{upstream}"), fallback_name),
+            link,
+            fallback,
+            keys,
+            seq: AtomicU64::new(0),
+            held: Arc::new(Mutex::new(HashSet::new())),
+            unshared: Mutex::new(Vec::new()),
+            renewing: AtomicBool::new(false),
+            released: tokio::sync::Notify::new(),
+            seen: Mutex::new((0, 0)),
+            shared_in_flight: Metrics::global().erp_shared_in_flight.with_label_values(&[upstream]),
+        })
+    }
+
+    /// Switch between shared and fallback when Redis's reachability changed since the last look.
+    /// Sharing resumes only a lease after Redis answers again: by then every replica has seen
+    /// it back (probes run every 500 ms) and its renewal (every third of a lease) has registered
+    /// what it admitted on its own, so the shared count is whole again.
+    fn follow_redis(&self) {
+        let fallback = !self.link.reachable() || self.link.back_for() < self.link.settings.lease;
+        if !self.mode.set(fallback) {
+            return;
+        }
+        let params = self.params.lock().clone();
+        if fallback {
+            let share = local_share(&params, self.link.settings.replicas);
+            let used = self.seen.lock().1;
+            let unshared: HashSet<Arc<str>> = self.unshared.lock().iter().map(|(id, _)| id.clone()).collect();
+            let mine = self.held.lock().iter().filter(|id| !unshared.contains(*id)).count() as u32;
+            // The others' permits cannot be seen now: count every one they could hold until
+            // their leases would have ended; and the window as last seen, plus one round of
+            // the concurrency admitted since.
+            self.local.set_params(share);
+            self.local.assume_elsewhere(
+                params.max_concurrent.saturating_sub(mine),
+                used + params.max_concurrent as usize,
+                self.link.settings.lease,
+            );
+        } else {
+            self.local.set_params(params);
+        }
+    }
+
+    fn refuse_closed(&self, class: &Class) -> Refusal {
+        Metrics::global()
+            .erp_rejected
+            .with_label_values(&[self.local.upstream.as_str(), &*class.name, "shared_unavailable"])
+            .inc();
+        Refusal::Busy { retry_after: Duration::from_secs(1) }
+    }
+
+    async fn acquire_permit(&self, class: &Class, consumer: Option<&Arc<str>>) -> Result<Permit, Refusal> {
+        let started = Instant::now();
+        let deadline = started + class.max_wait;
+        // Rank in the shared queue: priority first, then arrival (kept over every retry).
+        let arrived = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let rank = (u64::from(queue_priority(class)) << 44) + (arrived & ((1 << 44) - 1));
+        'stage_one: loop {
+            self.follow_redis();
+            if self.mode.in_fallback() && self.fallback == BudgetFallback::Closed {
+                return Err(self.refuse_closed(class));
+            }
+            // A permit of the local stage holds for the mode it was taken in: one taken under
+            // the whole budget must not become an ERP request under this replica's share alone.
+            let taken_in_fallback = self.mode.in_fallback();
+            let local = self.local.acquire(class, consumer).await?;
+            let id: Arc<str> =
+                format!("{}/{}", self.link.replica, self.seq.fetch_add(1, Ordering::Relaxed)).into();
+            loop {
+                // Redis may have gone (or come back) while this request waited.
+                self.follow_redis();
+                if self.mode.in_fallback() {
+                    if self.fallback == BudgetFallback::Closed {
+                        self.leave_queue(&id);
+                        self.local.release_unused(local.into_lease());
+                        return Err(self.refuse_closed(class));
+                    }
+                    if !taken_in_fallback {
+                        self.leave_queue(&id);
+                        self.local.release_unused(local.into_lease());
+                        if Instant::now() >= deadline {
+                            return Err(Refusal::Busy { retry_after: POLL });
+                        }
+                        continue 'stage_one;
+                    }
+                    if self.link.reachable() {
+                        // Redis is back and sharing resumes shortly: admitting on this replica's
+                        // share now could go unseen by a replica that already shares again.
+                        if Instant::now() >= deadline {
+                            self.local.release_unused(local.into_lease());
+                            return Err(Refusal::Busy { retry_after: POLL });
+                        }
+                        tokio::time::sleep(POLL).await;
+                        continue;
+                    }
+                    // Named like a shared permit, so the renewal registers it once Redis is back.
+                    self.held.lock().insert(id.clone());
+                    self.unshared.lock().push((id.clone(), Instant::now()));
+                    self.keep_renewing();
+                    return Ok(self.reissue(local.into_lease(), Some(id)));
+                }
+                let params = self.params.lock().clone();
+                match self.try_admit(&id, rank, &params).await {
+                    // Redis is marked unreachable: the next round takes the fallback.
+                    Err(_) => continue,
+                    Ok((true, _)) => {
+                        self.held.lock().insert(id.clone());
+                        self.keep_renewing();
+                        return Ok(self.reissue(local.into_lease(), Some(id)));
+                    }
+                    Ok((false, wait)) => {
+                        let now = Instant::now();
+                        let left = deadline.saturating_duration_since(now);
+                        if wait > left || left.is_zero() {
+                            self.leave_queue(&id);
+                            self.local.release_unused(local.into_lease());
+                            Metrics::global()
+                                .erp_rejected
+                                .with_label_values(&[self.local.upstream.as_str(), &*class.name, "deadline"])
+                                .inc();
+                            return Err(Refusal::Busy { retry_after: wait.max(POLL) });
+                        }
+                        let nap = if wait.is_zero() { POLL } else { wait.min(left) };
+                        let _ = tokio::time::timeout(nap, self.released.notified()).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One admission attempt: (admitted, how long to wait before the next).
+    async fn try_admit(
+        &self,
+        id: &Arc<str>,
+        rank: u64,
+        p: &BudgetParams,
+    ) -> Result<(bool, Duration), SharedError> {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let mut invocation = script(ACQUIRE, &ACQUIRE_SCRIPT).prepare_invoke();
+        invocation
+            .key(&self.keys.permits)
+            .key(&self.keys.window)
+            .key(&self.keys.queue)
+            .key(&self.keys.queue_alive)
+            .key(&self.keys.pause)
+            .key(&self.keys.pace)
+            .arg(&**id)
+            .arg(rank)
+            .arg(ms(self.link.settings.lease))
+            .arg(p.max_concurrent)
+            .arg(p.window_requests)
+            .arg(ms(p.window + p.window_margin))
+            .arg(ms(WAITER_TTL))
+            .arg(p.pacing.map_or(0, |pace| ms(pace.interval).max(1)))
+            .arg(p.pacing.map_or(1, |pace| pace.burst));
+        let (admitted, wait, in_flight, used): (u8, u64, u32, usize) =
+            self.link.run(move |mut conn| async move { invocation.invoke_async(&mut conn).await }).await?;
+        *self.seen.lock() = (in_flight, used);
+        self.shared_in_flight.set(i64::from(in_flight));
+        Ok((admitted == 1, Duration::from_millis(wait)))
+    }
+
+    fn leave_queue(&self, id: &Arc<str>) {
+        let (queue, alive, id) = (self.keys.queue.clone(), self.keys.queue_alive.clone(), id.to_string());
+        self.link.spawn(move |mut conn| async move {
+            redis::pipe().zrem(&queue, &id).zrem(&alive, &id).query_async::<()>(&mut conn).await
+        });
+    }
+
+    fn reissue(&self, mut lease: Lease, shared: Option<Arc<str>>) -> Permit {
+        lease.shared = shared;
+        let me: Arc<dyn ErpBudget> =
+            self.me.upgrade().expect("a budget hands out permits only while it lives");
+        Permit::new(me, lease)
+    }
+
+    /// Renew this replica's permits every third of the lease while it holds any, so a long
+    /// request keeps its slot and a stopped replica's slots come back after one lease.
+    fn keep_renewing(&self) {
+        if self.renewing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (me, link) = (self.me.clone(), self.link.clone());
+        let (key, window_key) = (self.keys.permits.clone(), self.keys.window.clone());
+        runtime().spawn(async move {
+            let every = link.settings.lease / 3;
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(budget) = me.upgrade() else { return };
+                let ids: Vec<String> = budget.held.lock().iter().map(|i| i.to_string()).collect();
+                if ids.is_empty() && budget.unshared.lock().is_empty() {
+                    budget.renewing.store(false, Ordering::Release);
+                    // A permit taken while this task stopped restarts it.
+                    if budget.held.lock().is_empty() && budget.unshared.lock().is_empty() {
+                        return;
+                    }
+                    budget.renewing.store(true, Ordering::Release);
+                    continue;
+                }
+                if !link.reachable() {
+                    continue;
+                }
+                let params = budget.params();
+                let horizon = params.window + params.window_margin;
+                // Admissions older than the window no longer count anywhere.
+                budget.unshared.lock().retain(|(_, at)| at.elapsed() < horizon);
+                let unshared: Vec<(String, u64)> = budget
+                    .unshared
+                    .lock()
+                    .iter()
+                    .map(|(id, at)| (id.to_string(), at.elapsed().as_millis() as u64))
+                    .collect();
+                let lease_ms = link.settings.lease.as_millis() as u64;
+                let mut invocation = script(RENEW, &RENEW_SCRIPT).prepare_invoke();
+                invocation.key(&key).key(&window_key).arg(lease_ms).arg(unshared.len());
+                for (id, age) in &unshared {
+                    invocation.arg(id).arg(*age).arg(u8::from(ids.contains(id)));
+                }
+                for id in ids.iter().filter(|i| !unshared.iter().any(|(u, _)| u == *i)) {
+                    invocation.arg(id);
+                }
+                let renewed = link
+                    .run(move |mut conn| async move { invocation.invoke_async::<()>(&mut conn).await })
+                    .await;
+                if renewed.is_ok() {
+                    budget
+                        .unshared
+                        .lock()
+                        .retain(|(id, _)| !unshared.iter().any(|(u, _)| u.as_str() == &**id));
+                }
+            }
+        });
+    }
+}
+
+impl ErpBudget for SharedBudget {
+    fn upstream(&self) -> &str {
+        &self.local.upstream
+    }
+
+    fn params(&self) -> BudgetParams {
+        self.params.lock().clone()
+    }
+
+    fn set_params(&self, params: BudgetParams) {
+        *self.params.lock() = params.clone();
+        if self.mode.in_fallback() {
+            self.local.set_params(local_share(&params, self.link.settings.replicas));
+        } else {
+            self.local.set_params(params);
+        }
+    }
+
+    fn acquire<'a>(&'a self, class: &'a Class, consumer: Option<&'a Arc<str>>) -> PermitFuture<'a> {
+        Box::pin(self.acquire_permit(class, consumer))
+    }
+
+    fn report(&self, outcome: Outcome) -> Duration {
+        let pause = self.local.report(outcome);
+        if !pause.is_zero() && !self.mode.in_fallback() {
+            let key = self.keys.pause.clone();
+            let ms = pause.as_millis().max(1) as u64;
+            self.link.spawn(move |mut conn| async move {
+                let mut invocation = script(PAUSE, &PAUSE_SCRIPT).prepare_invoke();
+                invocation.key(&key).arg(ms);
+                invocation.invoke_async::<()>(&mut conn).await
+            });
+        }
+        pause
+    }
+
+    fn release(&self, mut lease: Lease) {
+        if let Some(id) = lease.shared.take() {
+            self.held.lock().remove(&id);
+            let key = self.keys.permits.clone();
+            self.link.spawn(move |mut conn| async move {
+                redis::cmd("ZREM").arg(&key).arg(&*id).query_async::<()>(&mut conn).await
+            });
+        }
+        self.local.release(lease);
+        self.released.notify_waiters();
+    }
+
+    fn resume(&self) -> Duration {
+        let key = self.keys.pause.clone();
+        self.link.spawn(move |mut conn| async move {
+            let mut invocation = script(RESUME, &RESUME_SCRIPT).prepare_invoke();
+            invocation.key(&key);
+            invocation.invoke_async::<()>(&mut conn).await
+        });
+        self.local.resume()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut s = self.local.snapshot();
+        let (in_flight, used) = *self.seen.lock();
+        if !self.mode.in_fallback() {
+            let p = self.params.lock();
+            s.in_flight = in_flight;
+            s.admitted_in_window = used;
+            s.max_concurrent = p.max_concurrent;
+            s.window_requests = p.window_requests;
+        }
+        s
+    }
+
+    fn publish_pause(&self) {
+        self.local.publish_pause();
+    }
+
+    fn in_flight(&self) -> u32 {
+        self.local.in_flight()
+    }
+}
