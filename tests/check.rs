@@ -238,3 +238,62 @@ fn a_jwt_policy_with_a_jwks_url_is_checked_without_a_panic() {
     assert!(ok, "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `cluster:` and `store:` combinations that cannot keep the promises are refused at their line;
+/// the valid one passes without reaching PostgreSQL or Redis (check stays offline).
+#[test]
+fn cluster_mode_combinations_are_checked_with_file_and_line() {
+    let dir = valid_dir();
+    let file = dir.path().join("causeway.yaml");
+    let base = std::fs::read_to_string(&file).unwrap();
+    let budget = "    budget: { window_requests: 10, window_seconds: 1, max_concurrent: 2 }\n";
+    let with = |extra: &str| {
+        let text = base.replace(
+            "        token: ${CAUSEWAY_TEST_UPSTREAM_TOKEN}\n",
+            &format!("        token: ${{CAUSEWAY_TEST_UPSTREAM_TOKEN}}\n{budget}"),
+        );
+        std::fs::write(&file, format!("{text}{extra}")).unwrap();
+        let line = |needle: &str| {
+            std::fs::read_to_string(&file)
+                .unwrap()
+                .lines()
+                .collect::<Vec<_>>()
+                .iter()
+                .rposition(|l| l.contains(needle))
+                .map_or(0, |n| n + 1)
+        };
+        let (ok, err) =
+            check(dir.path(), &[("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t"), ("PGURL", "postgres://db:1/x")]);
+        (ok, err, line("replicas:"), line("url:"))
+    };
+    let (ok, err, replicas, _) = with("cluster:\n  replicas: 3\n");
+    assert!(
+        !ok && err.contains(&format!("causeway.yaml:{replicas}:")) && err.contains("cluster.redis"),
+        "{err}"
+    );
+
+    let (ok, err, _, _) = with("store:\n  backend: postgres\n");
+    assert!(!ok && err.contains("needs `url:`"), "{err}");
+
+    let (ok, err, _, url) = with("store:\n  backend: sqlite\n  url: postgres://x/y\n");
+    assert!(
+        !ok && err.contains(&format!("causeway.yaml:{url}:")) && err.contains("backend: postgres"),
+        "{err}"
+    );
+
+    let (ok, err, _, url) = with("store:\n  backend: postgres\n  url: mysql://x/y\n");
+    assert!(!ok && err.contains(&format!("causeway.yaml:{url}:")), "{err}");
+
+    let (ok, err, _, url) =
+        with("cluster:\n  replicas: 2\n  redis: { url: \"http://127.0.0.1:6379\", lease_ms: 5000 }\n");
+    assert!(!ok && err.contains(&format!("causeway.yaml:{url}:")) && err.contains("redis://"), "{err}");
+
+    let (ok, err, replicas, _) = with("cluster:\n  replicas: 0\n");
+    assert!(!ok && err.contains(&format!("causeway.yaml:{replicas}:")), "{err}");
+
+    // Valid: Redis and PostgreSQL named but never contacted by `check` (nothing listens on them).
+    let (ok, err, _, _) = with(
+        "store:\n  backend: postgres\n  url: ${PGURL}\ncluster:\n  replicas: 3\n  redis: { url: \"redis://127.0.0.1:1\", key_prefix: t }\n",
+    );
+    assert!(ok, "{err}");
+}

@@ -731,3 +731,78 @@ async fn postgres_restarted_under_load_callers_get_store_unavailable_and_nothing
     assert_eq!(stats["duplicate_external_document_numbers"], 0);
     assert_eq!(acknowledged.len(), orders);
 }
+
+/// `requests` reads of one consumer spread over the replicas; (200s, 429s).
+async fn count_quota(replicas: &[TestGateway], requests: usize) -> (usize, usize) {
+    let client = reqwest::Client::new();
+    let (mut ok, mut limited) = (0, 0);
+    for i in 0..requests {
+        let resp = client
+            .get(replicas[i % replicas.len()].url("/process/v1/orders?opportunityId=OPP-QUOTA"))
+            .header("x-api-key", KEY)
+            .send()
+            .await
+            .unwrap();
+        match resp.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                assert!(resp.headers().contains_key("retry-after"), "a 429 says when to come back");
+                limited += 1
+            }
+            other => panic!("{other}: {}", resp.text().await.unwrap()),
+        }
+    }
+    (ok, limited)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_quota_holds_across_replicas_and_each_keeps_its_share_while_redis_is_away() {
+    if !services("shared consumer quota").await {
+        return;
+    }
+    let Some(mut redis) = OwnRedis::start() else {
+        eprintln!("SKIPPED shared consumer quota: cannot start redis-server (Debian package redis-server)");
+        return;
+    };
+    let sandbox = TestSandbox::start(tight(3000, 0)).await;
+    let store_url = fresh_schema(&postgres_url()).await;
+    let prefix = prefix();
+    let redis_url = redis.url();
+    let setup = Setup {
+        sandbox: &sandbox.url(),
+        store_url: &store_url,
+        redis: &redis_url,
+        prefix: &prefix,
+        budget: "{ window_requests: 3000, window_seconds: 60, max_concurrent: 3 }",
+        delivery: common::process::FAST,
+    };
+    let mut options = replica_options(&setup);
+    // 30 requests a minute for the CRM, no burst: the whole cluster's, not each replica's.
+    options.policies_yaml = common::process::shipped("policies/crm.yaml").replace(
+        "requests: 6000, window_seconds: 60, burst: 500",
+        "requests: 30, window_seconds: 60, burst: 0",
+    );
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let mut o = replica_options(&setup);
+        o.policies_yaml = options.policies_yaml.clone();
+        replicas.push(TestGateway::start(o).await);
+    }
+    let (ok, limited) = count_quota(&replicas, 60).await;
+    assert_eq!(ok, 30, "the quota is the cluster's: 30 of 60 over three replicas ({limited} refused)");
+    // Redis away: each replica allows its share (30 ÷ 3 = 10 a minute) on its own.
+    redis.stop();
+    let (ok, _) = count_quota(&replicas, 60).await;
+    assert!((1..=30).contains(&ok), "local_share: each replica its share, {ok} allowed in all");
+    for r in &replicas {
+        r.wait_for_metric(&mode_line("limit:crm-quota:crm", "local_share", 1), Duration::from_secs(5)).await;
+    }
+    assert!(redis.restart());
+    // Shared again within a probe's interval; the bucket in the new Redis starts full.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ok, _) = count_quota(&replicas, 60).await;
+    assert_eq!(ok, 30, "shared again once Redis is back");
+    for r in &mut replicas {
+        r.wait_for_metric(&mode_line("limit:crm-quota:crm", "local_share", 0), Duration::from_secs(5)).await;
+    }
+}

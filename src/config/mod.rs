@@ -25,8 +25,9 @@ pub use upstream::{Upstream, UpstreamBudget};
 use crate::policy::auth_failures::FailureLimiter;
 use crate::policy::budget::{BudgetParams, ErpBudget};
 use crate::policy::jwks::RemoteJwks;
-use crate::policy::ratelimit::TierLimiter;
+use crate::policy::ratelimit::{Limiter, TierLimiter};
 use crate::policy::shared::{RedisLink, SharedBudget};
+use crate::policy::shared_limit::SharedLimiter;
 use crate::policy::throttle::Budget;
 use crate::policy::Policy;
 pub use router::{RouteMatch, Router};
@@ -96,6 +97,7 @@ impl Diagnostics {
 pub struct SharedState {
     budgets: parking_lot::Mutex<HashMap<String, Arc<dyn ErpBudget>>>,
     limiters: parking_lot::Mutex<HashMap<(String, String), Arc<TierLimiter>>>,
+    shared_limiters: parking_lot::Mutex<HashMap<(String, String), Arc<SharedLimiter>>>,
     jwks: parking_lot::Mutex<HashMap<String, Arc<RemoteJwks>>>,
     auth_failures: parking_lot::Mutex<Option<Arc<FailureLimiter>>>,
     /// The Redis link of `cluster.redis`, when replicas share budgets and limits.
@@ -127,22 +129,32 @@ impl SharedState {
         b
     }
 
+    /// The limiter of a rate-limit tier: in memory, or in Redis with `cluster.redis`. Its
+    /// state carries over a reload that keeps its quota.
     pub fn limiter(
         &self,
         policy: &str,
         tier: &str,
-        requests: u32,
-        window: Duration,
-        burst: u32,
-    ) -> Result<Arc<TierLimiter>, String> {
+        (requests, window, burst): (u32, Duration, u32),
+        fallback: LimitFallback,
+    ) -> Result<Limiter, String> {
         let key = (policy.to_string(), tier.to_string());
+        if let Some(link) = self.redis.lock().clone() {
+            let mut shared = self.shared_limiters.lock();
+            if let Some(l) = shared.get(&key).filter(|l| l.same_quota(requests, window, burst, fallback)) {
+                return Ok(Limiter::Shared(l.clone()));
+            }
+            let l = Arc::new(SharedLimiter::new(policy, tier, (requests, window, burst), link, fallback)?);
+            shared.insert(key, l.clone());
+            return Ok(Limiter::Shared(l));
+        }
         let mut limiters = self.limiters.lock();
         if let Some(l) = limiters.get(&key).filter(|l| l.same_quota(requests, window, burst)) {
-            return Ok(l.clone());
+            return Ok(Limiter::Local(l.clone()));
         }
         let l = Arc::new(TierLimiter::new(tier, requests, window, burst)?);
         limiters.insert(key, l.clone());
-        Ok(l)
+        Ok(Limiter::Local(l))
     }
 
     /// The failed-authentication limiter; its counts carry over a reload that keeps its limits.

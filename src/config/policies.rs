@@ -50,7 +50,7 @@ pub fn compile(
             }
             Ok(Policy::ApiKey(ApiKeyPolicy { name: name.clone(), header, by_hash }))
         }
-        PolicySpec::RateLimit { name, per, tiers, default_tier } => {
+        PolicySpec::RateLimit { name, per, tiers, default_tier, when_redis_unavailable } => {
             let per_route = match per.as_str() {
                 "consumer" => false,
                 "consumer_route" => true,
@@ -68,7 +68,7 @@ pub fn compile(
                 }
                 let window = Duration::from_secs(t.window_seconds);
                 let limiter = state
-                    .limiter(name, tier, t.requests, window, t.burst)
+                    .limiter(name, tier, (t.requests, window, t.burst), *when_redis_unavailable)
                     .map_err(|e| format!("tier `{tier}`: {e}"))?;
                 compiled.insert(tier.clone(), limiter);
             }

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
+// The fallback modes belong to the shared budgets and limits; the files name them.
+pub use crate::policy::shared::{BudgetFallback, LimitFallback};
 use std::collections::BTreeMap;
 
 /// `causeway.yaml`: listeners, upstream ERP instances, the embedded sandbox, the store.
@@ -337,17 +339,6 @@ fn default_redis_timeout_ms() -> u64 {
     250
 }
 
-/// What a shared ERP budget does while Redis is unreachable.
-#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum BudgetFallback {
-    /// Each replica keeps to its share of the budget (budget ÷ replicas) until Redis returns.
-    #[default]
-    LocalShare,
-    /// Refuse ERP requests (503) until Redis returns.
-    Closed,
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Synchronous {
@@ -572,6 +563,9 @@ pub enum PolicySpec {
         /// Tier for consumers whose tier is not listed, and for anonymous callers.
         #[serde(default)]
         default_tier: Option<String>,
+        /// With `cluster.redis`: what the limit does while Redis is unreachable.
+        #[serde(default)]
+        when_redis_unavailable: LimitFallback,
     },
     /// JSON Schema validation and body transformation (see `policy::mediation`).
     Mediation(MediationSpec),

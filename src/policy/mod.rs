@@ -10,6 +10,7 @@ pub mod jwks;
 pub mod mediation;
 pub mod ratelimit;
 pub mod shared;
+pub mod shared_limit;
 pub mod throttle;
 
 use pingora::http::{RequestHeader, ResponseHeader};

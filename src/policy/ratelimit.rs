@@ -1,6 +1,7 @@
 //! Consumer rate limits: GCRA (governor) per consumer, or per consumer and route, with quotas by
 //! tier. Answers carry `RateLimit-Policy` / `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
 
+use super::shared_limit::SharedLimiter;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
@@ -111,22 +112,45 @@ pub enum Decision {
     Limited { policy: String, limit: String, retry_after: u64 },
 }
 
+/// A tier's limiter: this process's, or one shared by replicas through Redis.
+#[derive(Debug, Clone)]
+pub enum Limiter {
+    Local(Arc<TierLimiter>),
+    Shared(Arc<SharedLimiter>),
+}
+
+impl Limiter {
+    pub fn tier(&self) -> &Arc<str> {
+        match self {
+            Limiter::Local(l) => &l.tier,
+            Limiter::Shared(l) => &l.tier,
+        }
+    }
+
+    pub async fn check(&self, key: String) -> Decision {
+        match self {
+            Limiter::Local(l) => l.check(key),
+            Limiter::Shared(l) => l.check(key).await,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct RateLimitPolicy {
     pub name: String,
     pub per_route: bool,
-    pub tiers: HashMap<String, Arc<TierLimiter>>,
+    pub tiers: HashMap<String, Limiter>,
     /// Tier applied to consumers whose tier has no quota here (and to unauthenticated callers).
     pub default_tier: Option<String>,
 }
 
 impl RateLimitPolicy {
     /// `None` when the consumer's tier has no quota and there is no default: not limited here.
-    pub fn check(&self, consumer: &str, tier: &str, route: &str) -> Option<(Arc<str>, Decision)> {
+    pub async fn check(&self, consumer: &str, tier: &str, route: &str) -> Option<(Arc<str>, Decision)> {
         let limiter =
             self.tiers.get(tier).or_else(|| self.default_tier.as_ref().and_then(|d| self.tiers.get(d)))?;
         let key = if self.per_route { format!("{consumer}\u{1f}{route}") } else { consumer.to_string() };
-        Some((limiter.tier.clone(), limiter.check(key)))
+        Some((limiter.tier().clone(), limiter.check(key).await))
     }
 }
 

@@ -8,7 +8,6 @@ use super::budget::{
     queue_priority, BudgetParams, Class, ErpBudget, Lease, Outcome, Permit, PermitFuture, Refusal, Snapshot,
 };
 use super::throttle::Budget;
-use crate::config::spec::BudgetFallback;
 use crate::observe::metrics::Metrics;
 use parking_lot::Mutex;
 use redis::aio::ConnectionManager;
@@ -70,7 +69,7 @@ impl RedisLink {
     pub fn new(settings: RedisSettings) -> Result<Arc<RedisLink>, String> {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| format!("cluster.redis.url `{}`: {e}", settings.url))?;
-        let replica = format!("{}/{}", crate::process::instance::current(), uuid::Uuid::now_v7().simple());
+        let replica = format!("{}/{}", std::process::id(), uuid::Uuid::now_v7().simple());
         // A link that never lost Redis shares from the start.
         let long_ago = Instant::now().checked_sub(settings.lease).unwrap_or_else(Instant::now);
         Ok(Arc::new(RedisLink {
@@ -186,6 +185,30 @@ impl RedisLink {
             }
         });
     }
+}
+
+/// What a shared consumer rate limit does while Redis is unreachable.
+#[derive(Debug, serde::Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitFallback {
+    /// Each replica allows its share of the quota (quota ÷ replicas).
+    #[default]
+    LocalShare,
+    /// No limit until Redis returns.
+    Open,
+    /// Refuse (429) until Redis returns.
+    Closed,
+}
+
+/// What a shared ERP budget does while Redis is unreachable.
+#[derive(Debug, serde::Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetFallback {
+    /// Each replica keeps to its share of the budget (budget ÷ replicas) until Redis returns.
+    #[default]
+    LocalShare,
+    /// Refuse ERP requests (503) until Redis returns.
+    Closed,
 }
 
 /// Whether a shared component works through Redis or its fallback; logs and counts each switch.

@@ -82,7 +82,7 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
                 (format!("anonymous:{}", ip.unwrap_or_default()), Arc::from("anonymous"))
             }
         };
-        let Some((tier_used, decision)) = limit.check(&name, &tier, &route.name) else { continue };
+        let Some((tier_used, decision)) = limit.check(&name, &tier, &route.name).await else { continue };
         match decision {
             Decision::Allowed { policy, limit } => ctx.ratelimit_headers = Some((policy, limit)),
             Decision::Limited { policy, limit, retry_after } => {
