@@ -25,6 +25,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "load/cluster.rs"]
+mod cluster;
 #[path = "load/process.rs"]
 mod process;
 
@@ -54,7 +56,7 @@ fn main() {
     }
     raise_fd_limit();
     let work = tempfile::tempdir().expect("temp dir");
-    let mode = ["memory", "policies", "mediation", "process"]
+    let mode = ["memory", "policies", "mediation", "process", "cluster"]
         .into_iter()
         .find(|m| args.iter().any(|a| a == m))
         .unwrap_or("throughput");
@@ -68,6 +70,10 @@ fn main() {
     }
     if mode == "process" {
         process::run(&mut procs, work.path());
+        return;
+    }
+    if mode == "cluster" {
+        cluster::run(&mut procs, work.path());
         return;
     }
     if mode != "policies" {
@@ -508,6 +514,17 @@ mod policies {
         } else {
             (work.join("gateway-policies"), GATEWAY_POLICIES)
         };
+        Some(gateway_in(&binary, &dir, port, true, ""))
+    }
+
+    /// The policies gateway in `dir` on `port`, with an ERP budget on its upstream or not, and
+    /// `extra` appended to causeway.yaml.
+    pub fn gateway_in(binary: &Path, dir: &Path, port: u16, budget: bool, extra: &str) -> Child {
+        let budget = if budget {
+            "    budget:\n      window_requests: 100000000\n      window_seconds: 300\n      max_concurrent: 10000\n"
+        } else {
+            ""
+        };
         std::fs::create_dir_all(dir.join("routes")).unwrap();
         std::fs::create_dir_all(dir.join("policies")).unwrap();
         std::fs::write(dir.join("jwks.json"), jwks()).unwrap();
@@ -515,8 +532,7 @@ mod policies {
             dir.join("causeway.yaml"),
             format!(
                 "listen: {{ proxy: 127.0.0.1:{port}, admin: 127.0.0.1:{}, metrics: 127.0.0.1:{} }}\n\
-                 threads: 1\nupstreams:\n  origin:\n    url: http://127.0.0.1:{ORIGIN}\n    budget:\n      \
-                 window_requests: 100000000\n      window_seconds: 300\n      max_concurrent: 10000\n",
+                 threads: 1\nupstreams:\n  origin:\n    url: http://127.0.0.1:{ORIGIN}\n{budget}{extra}",
                 port + 1,
                 port + 2
             ),
@@ -532,7 +548,7 @@ mod policies {
             "routes:\n  - name: all\n    match: { path: \"/{*rest}\" }\n    upstream: origin\n    policies: [idp, quota]\n    scopes: [erp.read]\n",
         )
         .unwrap();
-        Some(spawn(Command::new(binary).args(["serve", "-c"]).arg(&dir)))
+        spawn(Command::new(binary).args(["serve", "-c"]).arg(dir))
     }
 
     pub fn envoy(peers: &Path, work: &Path) -> Child {

@@ -31,7 +31,7 @@ fn sandbox_log(port: u16) -> PathBuf {
     std::env::temp_dir().join(format!("causeway-bench-sandbox-{port}.log"))
 }
 
-fn sandbox(port: u16, window_requests: u32, window_seconds: u64) -> Child {
+pub(super) fn sandbox(port: u16, window_requests: u32, window_seconds: u64) -> Child {
     let log = std::fs::File::create(sandbox_log(port)).unwrap();
     Command::new(env!("CARGO_BIN_EXE_causeway"))
         .args(["sandbox", "--listen", &format!("127.0.0.1:{port}"), "--token", TOKEN])
@@ -46,6 +46,7 @@ fn sandbox(port: u16, window_requests: u32, window_seconds: u64) -> Child {
 
 /// A gateway with the shipped process routes, rules and mappings in front of `sandbox`.
 #[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)]
 fn gateway(
     work: &Path,
     name: &str,
@@ -54,6 +55,22 @@ fn gateway(
     budget: (u32, u64),
     inline_wait_ms: u64,
     synchronous: &str,
+    pacing: &str,
+) -> Child {
+    let store = format!("store: {{ path: data/orders.db, synchronous: {synchronous} }}\n");
+    gateway_with_store(work, name, port, sandbox, budget, inline_wait_ms, &store, pacing)
+}
+
+/// [`gateway`] with `store` as causeway.yaml's `store:` block (and anything after it).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gateway_with_store(
+    work: &Path,
+    name: &str,
+    port: u16,
+    sandbox: u16,
+    budget: (u32, u64),
+    inline_wait_ms: u64,
+    store: &str,
     pacing: &str,
 ) -> Child {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -80,7 +97,7 @@ fn gateway(
              upstreams:\n  bc:\n    url: http://127.0.0.1:{sandbox}\n    credentials: {{ bearer: {{ token: {TOKEN} }} }}\n\
              \x20   budget:\n      window_requests: {window_requests}\n      window_seconds: {window_seconds}\n      window_margin_ms: 100\n      pacing: {pacing}\n      max_concurrent: 5\n      queue: 100000\n\
              \x20     classes: {{ write: {{ priority: 0, max_wait_ms: 600000 }}, interactive: {{ priority: 1, max_wait_ms: 600000 }} }}\n      default_class: interactive\n\
-             store: {{ path: data/orders.db, synchronous: {synchronous} }}\n\
+             {store}\
              process:\n  erp: bc\n  company: {COMPANY}\n  delivery: {{ inline_wait_ms: {inline_wait_ms}, max_attempts: 1000, backoff_initial_ms: 200, backoff_max_ms: 2000 }}\n",
             port + 1,
             port + 2
@@ -91,7 +108,7 @@ fn gateway(
 }
 
 /// A wrk script POSTing a fresh quote per request: `prefix` keeps runs apart.
-fn script(work: &Path, prefix: &str) -> PathBuf {
+pub(super) fn script(work: &Path, prefix: &str) -> PathBuf {
     let quote = serde_json::json!({
         "opportunityId": "OPP", "customer": {"number": "C10000"}, "currency": "EUR", "region": "EU",
         "paymentTerms": "NET30", "contract": {"startDate": "2026-12-01", "endDate": "2028-11-30"},
@@ -121,7 +138,7 @@ fn script(work: &Path, prefix: &str) -> PathBuf {
 }
 
 /// Wait until the sandbox stops receiving orders (the gateway's backlog is delivered).
-fn settle(port: u16) {
+pub(super) fn settle(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = stats(port)["orders_created"].as_u64();
     while Instant::now() < deadline {
@@ -134,7 +151,7 @@ fn settle(port: u16) {
     }
 }
 
-fn stats(port: u16) -> Value {
+pub(super) fn stats(port: u16) -> Value {
     let mut s = TcpStream::connect(("127.0.0.1", port))
         .unwrap_or_else(|e| panic!("sandbox on {port}: {e}; its log: {}", sandbox_log(port).display()));
     s.write_all(b"GET /sandbox/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
@@ -145,7 +162,7 @@ fn stats(port: u16) -> Value {
 }
 
 /// Register and wait for a listener (these targets do not answer the generic warm-up GET).
-fn start(procs: &mut Procs, name: &'static str, child: Child, port: u16) {
+pub(super) fn start(procs: &mut Procs, name: &'static str, child: Child, port: u16) {
     procs.list.push((name, child, port));
     wait_port(port, name);
 }
