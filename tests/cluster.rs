@@ -58,13 +58,30 @@ async fn services(test: &str) -> bool {
     false
 }
 
-/// A schema of its own in the database at `url`; returns the URL that selects it.
-async fn fresh_schema(url: &str) -> String {
-    let schema = format!("causeway_cluster_{}", uuid::Uuid::now_v7().simple());
+/// A schema of its own in the database at `url`, dropped when the test ends (passed or not).
+struct Schema {
+    url: String,
+    name: String,
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        // psql, the PostgreSQL client: no runtime is needed while a test unwinds.
+        let _ = Command::new("psql")
+            .arg(postgres_url())
+            .args(["-q", "-c", &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+async fn fresh_schema(url: &str) -> Schema {
+    let name = format!("causeway_cluster_{}", uuid::Uuid::now_v7().simple());
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(url).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&pool).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}"))).execute(&pool).await.unwrap();
     let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}options[search_path]={schema}")
+    Schema { url: format!("{url}{sep}options[search_path]={name}"), name }
 }
 
 /// The routes of the quote-to-order process plus an ERP read route for the CRM consumer.
@@ -219,7 +236,8 @@ async fn three_replicas_share_one_budget_and_keep_the_erp_busy_within_its_limits
         return;
     }
     let sandbox = TestSandbox::start(tight(300, 20)).await;
-    let store_url = fresh_schema(&postgres_url()).await;
+    let schema = fresh_schema(&postgres_url()).await;
+    let store_url = schema.url.clone();
     let prefix = prefix();
     let setup = Setup {
         sandbox: &sandbox.url(),
@@ -287,7 +305,8 @@ async fn one_key_or_one_opportunity_sent_to_three_replicas_at_once_makes_one_erp
         return;
     }
     let sandbox = TestSandbox::start(tight(3000, 50)).await;
-    let store_url = fresh_schema(&postgres_url()).await;
+    let schema = fresh_schema(&postgres_url()).await;
+    let store_url = schema.url.clone();
     let prefix = prefix();
     let setup = Setup {
         sandbox: &sandbox.url(),
@@ -355,7 +374,8 @@ async fn a_replica_killed_holding_erp_permits_and_claims_is_taken_over_and_every
     }
     // A slow ERP: a killed replica dies with requests at the ERP and permits in Redis.
     let sandbox = TestSandbox::start(tight(3000, 600)).await;
-    let store_url = fresh_schema(&postgres_url()).await;
+    let schema = fresh_schema(&postgres_url()).await;
+    let store_url = schema.url.clone();
     let prefix = prefix();
     let setup = Setup {
         sandbox: &sandbox.url(),
@@ -495,7 +515,8 @@ async fn redis_outage(fallback: &str) -> (Value, u64, u64) {
         return (Value::Null, 0, 0);
     };
     let sandbox = TestSandbox::start(tight(3000, 20)).await;
-    let store_url = fresh_schema(&postgres_url()).await;
+    let schema = fresh_schema(&postgres_url()).await;
+    let store_url = schema.url.clone();
     let prefix = prefix();
     let budget = format!("{{ window_requests: 3000, window_seconds: 60, max_concurrent: 3, queue: 1000, when_redis_unavailable: {fallback}, classes: {{ write: {{ priority: 0, max_wait_ms: 3000 }}, interactive: {{ priority: 1, max_wait_ms: 3000 }} }}, default_class: interactive }}");
     let redis_url = redis.url();
@@ -765,7 +786,8 @@ async fn a_consumer_quota_holds_across_replicas_and_each_keeps_its_share_while_r
         return;
     };
     let sandbox = TestSandbox::start(tight(3000, 0)).await;
-    let store_url = fresh_schema(&postgres_url()).await;
+    let schema = fresh_schema(&postgres_url()).await;
+    let store_url = schema.url.clone();
     let prefix = prefix();
     let redis_url = redis.url();
     let setup = Setup {

@@ -23,7 +23,8 @@ const GW_SQLITE: u16 = 18170;
 const GW_POSTGRES: u16 = 18173;
 
 fn postgres_url() -> String {
-    std::env::var("CAUSEWAY_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("CAUSEWAY_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 fn redis_url() -> String {
@@ -90,7 +91,8 @@ pub fn run(procs: &mut Procs, work: &Path) {
     start(procs, "sandbox-sqlite", sandbox(SANDBOX_SQLITE, unbound.0, unbound.1), SANDBOX_SQLITE);
     start(procs, "sandbox-postgres", sandbox(SANDBOX_POSTGRES, unbound.0, unbound.1), SANDBOX_POSTGRES);
     let sqlite_store = "store: { path: data/orders.db, synchronous: full }\n";
-    let gw = gateway_with_store(work, "gw-sqlite", GW_SQLITE, SANDBOX_SQLITE, unbound, 0, sqlite_store, "off");
+    let gw =
+        gateway_with_store(work, "gw-sqlite", GW_SQLITE, SANDBOX_SQLITE, unbound, 0, sqlite_store, "off");
     start(procs, "causeway-sqlite", gw, GW_SQLITE);
     // A fresh schema per run, so the figure does not depend on earlier runs' rows.
     let schema = format!("causeway_bench_{}", std::process::id());
@@ -103,7 +105,8 @@ pub fn run(procs: &mut Procs, work: &Path) {
         "store: {{ backend: postgres, url: \"{}?options[search_path]={schema}\" }}\n",
         postgres_url()
     );
-    let gw = gateway_with_store(work, "gw-postgres", GW_POSTGRES, SANDBOX_POSTGRES, unbound, 0, &pg_store, "off");
+    let gw =
+        gateway_with_store(work, "gw-postgres", GW_POSTGRES, SANDBOX_POSTGRES, unbound, 0, &pg_store, "off");
     start(procs, "causeway-postgres", gw, GW_POSTGRES);
     let targets = [
         ("(s) recorded on SQLite", GW_SQLITE, procs.pid("causeway-sqlite"), SANDBOX_SQLITE),
