@@ -12,8 +12,8 @@ use std::time::Duration;
 /// Where the process APIs keep orders and idempotency keys.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreSettings {
-    Sqlite { path: PathBuf, synchronous: Synchronous, group_commit: usize },
-    Postgres { url: String, pool: u32, acquire_timeout: Duration, group_commit: usize },
+    Sqlite { path: PathBuf, synchronous: Synchronous },
+    Postgres { url: String, pool: u32, acquire_timeout: Duration },
 }
 
 impl StoreSettings {
@@ -44,10 +44,6 @@ pub(super) fn compile_store(
     diags: &mut Diagnostics,
 ) -> Option<StoreSettings> {
     let store = &main.store;
-    if store.group_commit == 0 || store.group_commit > 1000 {
-        diags
-            .file(file, format!("store.group_commit must be between 1 and 1000, not {}", store.group_commit));
-    }
     match store.backend {
         StoreBackend::Sqlite => {
             if let Some(url) = &store.url {
@@ -58,11 +54,7 @@ pub(super) fn compile_store(
                 );
                 return None;
             }
-            Some(StoreSettings::Sqlite {
-                path: dir.join(&store.path),
-                synchronous: store.synchronous,
-                group_commit: store.group_commit,
-            })
+            Some(StoreSettings::Sqlite { path: dir.join(&store.path), synchronous: store.synchronous })
         }
         StoreBackend::Postgres => {
             let Some(url) = &store.url else {
@@ -87,7 +79,6 @@ pub(super) fn compile_store(
                 url: expanded,
                 pool: store.pool,
                 acquire_timeout: Duration::from_millis(store.acquire_timeout_ms),
-                group_commit: store.group_commit,
             })
         }
     }

@@ -276,8 +276,6 @@ pub struct StoreSpec {
     /// How long a request waits for a database connection before it is answered 503
     /// `store-unavailable` (while the database restarts, say).
     pub acquire_timeout_ms: u64,
-    /// Orders written per transaction at most under load (group commit); 1 turns it off.
-    pub group_commit: usize,
 }
 
 impl Default for StoreSpec {
@@ -289,7 +287,6 @@ impl Default for StoreSpec {
             url: None,
             pool: 16,
             acquire_timeout_ms: 3000,
-            group_commit: 64,
         }
     }
 }
