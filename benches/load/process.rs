@@ -46,7 +46,6 @@ pub(super) fn sandbox(port: u16, window_requests: u32, window_seconds: u64) -> C
 
 /// A gateway with the shipped process routes, rules and mappings in front of `sandbox`.
 #[allow(clippy::too_many_arguments)]
-#[allow(clippy::too_many_arguments)]
 fn gateway(
     work: &Path,
     name: &str,
