@@ -99,6 +99,15 @@ fn routes() -> String {
     )
 }
 
+/// The ERP upstream's `budget:` for these tests: `window` requests a minute, 3 in flight, both
+/// classes waiting up to `wait_ms`; `extra` adds settings.
+fn budget(window: u32, wait_ms: u64, extra: &str) -> String {
+    let extra = if extra.is_empty() { String::new() } else { format!("{extra}, ") };
+    format!(
+        "{{ window_requests: {window}, window_seconds: 60, max_concurrent: 3, queue: 1000, {extra}classes: {{ write: {{ priority: 0, max_wait_ms: {wait_ms} }}, interactive: {{ priority: 1, max_wait_ms: {wait_ms} }} }}, default_class: interactive }}"
+    )
+}
+
 struct Setup<'a> {
     sandbox: &'a str,
     store_url: &'a str,
@@ -244,7 +253,7 @@ async fn three_replicas_share_one_budget_and_keep_the_erp_busy_within_its_limits
         store_url: &store_url,
         redis: &redis_url(),
         prefix: &prefix,
-        budget: "{ window_requests: 300, window_seconds: 60, window_margin_ms: 500, max_concurrent: 3, queue: 1000, classes: { write: { priority: 0, max_wait_ms: 10000 }, interactive: { priority: 1, max_wait_ms: 10000 } }, default_class: interactive }",
+        budget: &budget(300, 10_000, "window_margin_ms: 500"),
         delivery: common::process::FAST,
     };
     let replicas = start_replicas(&setup).await;
@@ -313,7 +322,7 @@ async fn one_key_or_one_opportunity_sent_to_three_replicas_at_once_makes_one_erp
         store_url: &store_url,
         redis: &redis_url(),
         prefix: &prefix,
-        budget: "{ window_requests: 3000, window_seconds: 60, max_concurrent: 3, queue: 1000, classes: { write: { priority: 0, max_wait_ms: 5000 }, interactive: { priority: 1, max_wait_ms: 5000 } }, default_class: interactive }",
+        budget: &budget(3000, 5_000, ""),
         delivery: "{ max_attempts: 50, backoff_initial_ms: 100, backoff_max_ms: 1000, inline_wait_ms: 5000 }",
     };
     let replicas = start_replicas(&setup).await;
@@ -382,7 +391,7 @@ async fn a_replica_killed_holding_erp_permits_and_claims_is_taken_over_and_every
         store_url: &store_url,
         redis: &redis_url(),
         prefix: &prefix,
-        budget: "{ window_requests: 3000, window_seconds: 60, max_concurrent: 3, queue: 1000, classes: { write: { priority: 0, max_wait_ms: 30000 }, interactive: { priority: 1, max_wait_ms: 30000 } }, default_class: interactive }",
+        budget: &budget(3000, 30_000, ""),
         delivery: "{ max_attempts: 50, backoff_initial_ms: 200, backoff_max_ms: 1000, inline_wait_ms: 300, lease_ms: 30000 }",
     };
     let mut replicas = start_replicas(&setup).await;
@@ -518,7 +527,7 @@ async fn redis_outage(fallback: &str) -> (Value, u64, u64) {
     let schema = fresh_schema(&postgres_url()).await;
     let store_url = schema.url.clone();
     let prefix = prefix();
-    let budget = format!("{{ window_requests: 3000, window_seconds: 60, max_concurrent: 3, queue: 1000, when_redis_unavailable: {fallback}, classes: {{ write: {{ priority: 0, max_wait_ms: 3000 }}, interactive: {{ priority: 1, max_wait_ms: 3000 }} }}, default_class: interactive }}");
+    let budget = budget(3000, 3_000, &format!("when_redis_unavailable: {fallback}"));
     let redis_url = redis.url();
     let setup = Setup {
         sandbox: &sandbox.url(),
@@ -680,7 +689,7 @@ async fn postgres_restarted_under_load_callers_get_store_unavailable_and_nothing
         store_url: &store_url,
         redis: &redis_url(),
         prefix: &prefix,
-        budget: "{ window_requests: 100000, window_seconds: 60, max_concurrent: 3, queue: 1000, classes: { write: { priority: 0, max_wait_ms: 5000 }, interactive: { priority: 1, max_wait_ms: 5000 } }, default_class: interactive }",
+        budget: &budget(100_000, 5_000, ""),
         delivery: "{ max_attempts: 50, backoff_initial_ms: 100, backoff_max_ms: 1000, inline_wait_ms: 2000 }",
     };
     let replicas = start_replicas(&setup).await;
