@@ -291,9 +291,21 @@ fn cluster_mode_combinations_are_checked_with_file_and_line() {
     let (ok, err, replicas, _) = with("cluster:\n  replicas: 0\n");
     assert!(!ok && err.contains(&format!("causeway.yaml:{replicas}:")), "{err}");
 
+    for (n, what) in [("0", "at least one write"), ("1001", "too many"), ("-5", "negative")] {
+        let (ok, err, _, _) = with(&format!("store:\n  group_commit: {n}\n"));
+        let line =
+            std::fs::read_to_string(&file).unwrap().lines().position(|l| l.contains("group_commit")).unwrap()
+                + 1;
+        // Out of range names the setting; a negative number fails parsing, at the same line.
+        let named = err.contains("group_commit") || (n == "-5" && err.contains("invalid"));
+        assert!(!ok && err.contains(&format!("causeway.yaml:{line}")) && named, "{what}: {err}");
+    }
+    let (ok, err, _, _) = with("store:\n  group_commit: 1\n");
+    assert!(ok, "1 (every write alone) is valid: {err}");
+
     // Valid: Redis and PostgreSQL named but never contacted by `check` (nothing listens on them).
     let (ok, err, _, _) = with(
-        "store:\n  backend: postgres\n  url: ${PGURL}\ncluster:\n  replicas: 3\n  redis: { url: \"redis://127.0.0.1:1\", key_prefix: t }\n",
+        "store:\n  backend: postgres\n  url: ${PGURL}\n  group_commit: 200\ncluster:\n  replicas: 3\n  redis: { url: \"redis://127.0.0.1:1\", key_prefix: t }\n",
     );
     assert!(ok, "{err}");
 }

@@ -9,11 +9,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Writes per transaction under load when `store.group_commit` is not set.
+const DEFAULT_GROUP_COMMIT: usize = 64;
+/// More per transaction only lengthens each caller's wait for the commit.
+const MAX_GROUP_COMMIT: usize = 1000;
+
 /// Where the process APIs keep orders and idempotency keys.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreSettings {
-    Sqlite { path: PathBuf, synchronous: Synchronous },
-    Postgres { url: String, pool: u32, acquire_timeout: Duration },
+    Sqlite { path: PathBuf, synchronous: Synchronous, group_commit: usize },
+    Postgres { url: String, pool: u32, acquire_timeout: Duration, group_commit: usize },
 }
 
 impl StoreSettings {
@@ -44,6 +49,17 @@ pub(super) fn compile_store(
     diags: &mut Diagnostics,
 ) -> Option<StoreSettings> {
     let store = &main.store;
+    let group_commit = store.group_commit.as_ref().map_or(DEFAULT_GROUP_COMMIT, |n| n.value);
+    if let Some(n) = store.group_commit.as_ref().filter(|n| n.value == 0 || n.value > MAX_GROUP_COMMIT) {
+        diags.at(
+            file,
+            n,
+            format!(
+                "store.group_commit must be between 1 and {MAX_GROUP_COMMIT} writes per transaction, not {}",
+                n.value
+            ),
+        );
+    }
     match store.backend {
         StoreBackend::Sqlite => {
             if let Some(url) = &store.url {
@@ -54,7 +70,11 @@ pub(super) fn compile_store(
                 );
                 return None;
             }
-            Some(StoreSettings::Sqlite { path: dir.join(&store.path), synchronous: store.synchronous })
+            Some(StoreSettings::Sqlite {
+                path: dir.join(&store.path),
+                synchronous: store.synchronous,
+                group_commit,
+            })
         }
         StoreBackend::Postgres => {
             let Some(url) = &store.url else {
@@ -79,6 +99,7 @@ pub(super) fn compile_store(
                 url: expanded,
                 pool: store.pool,
                 acquire_timeout: Duration::from_millis(store.acquire_timeout_ms),
+                group_commit,
             })
         }
     }

@@ -276,6 +276,9 @@ pub struct StoreSpec {
     /// How long a request waits for a database connection before it is answered 503
     /// `store-unavailable` (while the database restarts, say).
     pub acquire_timeout_ms: u64,
+    /// Writes of concurrent requests committed in one transaction at most (group commit;
+    /// default 64); 1 commits each write alone.
+    pub group_commit: Option<Spanned<usize>>,
 }
 
 impl Default for StoreSpec {
@@ -287,6 +290,7 @@ impl Default for StoreSpec {
             url: None,
             pool: 16,
             acquire_timeout_ms: 3000,
+            group_commit: None,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! mode), [`memory::MemoryStore`] in memory (unit tests; nothing survives the process). The
 //! suite in `suite.rs` holds both durable stores to the same assertions.
 
+mod group;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;
@@ -20,14 +21,16 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use group::writes_per_commit;
+
 /// Open the configured store, bringing its schema up to date (what `causeway migrate` runs).
 pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn OrderStore>, StoreError> {
     Ok(match settings {
-        StoreSettings::Sqlite { path, synchronous, .. } => {
-            Arc::new(SqliteStore::open(path, *synchronous).await?)
+        StoreSettings::Sqlite { path, synchronous, group_commit } => {
+            Arc::new(SqliteStore::open(path, *synchronous, *group_commit).await?)
         }
-        StoreSettings::Postgres { url, pool, acquire_timeout, .. } => {
-            Arc::new(PostgresStore::open(url, *pool, *acquire_timeout).await?)
+        StoreSettings::Postgres { url, pool, acquire_timeout, group_commit } => {
+            Arc::new(PostgresStore::open(url, *pool, *acquire_timeout, *group_commit).await?)
         }
     })
 }
@@ -123,6 +126,69 @@ pub struct NewOrder<'a> {
     pub reason: &'a str,
     /// Leased to this process for its first delivery attempt.
     pub lease: Option<Duration>,
+}
+
+/// A [`NewOrder`] the store's writer keeps after the caller's borrow ends (and runs again
+/// when its group's transaction fails).
+#[derive(Debug, Clone)]
+pub(crate) struct OwnedOrder {
+    pub id: Arc<str>,
+    pub owner: Arc<str>,
+    pub opportunity_id: Arc<str>,
+    pub state: State,
+    pub quote: Arc<str>,
+    pub validated: bool,
+    pub violations: Option<Arc<str>>,
+    pub correlation_id: Arc<str>,
+    pub reason: Arc<str>,
+    pub lease: Option<Duration>,
+}
+
+impl From<NewOrder<'_>> for OwnedOrder {
+    fn from(o: NewOrder<'_>) -> Self {
+        OwnedOrder {
+            id: o.id.into(),
+            owner: o.owner.into(),
+            opportunity_id: o.opportunity_id.into(),
+            state: o.state,
+            quote: o.quote.into(),
+            validated: o.validated,
+            violations: o.violations.map(Into::into),
+            correlation_id: o.correlation_id.into(),
+            reason: o.reason.into(),
+            lease: o.lease,
+        }
+    }
+}
+
+/// A [`Change`] the store's writer keeps, as [`OwnedOrder`] is to [`NewOrder`].
+#[derive(Debug, Clone)]
+pub(crate) struct OwnedChange {
+    pub reason: Arc<str>,
+    pub erp_order: Option<(Arc<str>, Arc<str>)>,
+    pub validated: Option<bool>,
+    pub violations: Option<Arc<str>>,
+    pub next_attempt_at: Option<i64>,
+    pub count_attempt: bool,
+    pub uncount_attempt: bool,
+    pub reset_attempts: bool,
+    pub keep_lease: bool,
+}
+
+impl From<Change<'_>> for OwnedChange {
+    fn from(c: Change<'_>) -> Self {
+        OwnedChange {
+            reason: c.reason.into(),
+            erp_order: c.erp_order.map(|(id, number)| (id.into(), number.into())),
+            validated: c.validated,
+            violations: c.violations.map(Into::into),
+            next_attempt_at: c.next_attempt_at,
+            count_attempt: c.count_attempt,
+            uncount_attempt: c.uncount_attempt,
+            reset_attempts: c.reset_attempts,
+            keep_lease: c.keep_lease,
+        }
+    }
 }
 
 /// The store port. Every change of state is one guarded step: `transition` moves an order only

@@ -7,12 +7,19 @@
 //! its lease) or, sooner, when its holder ran on this host and is gone. Due orders are claimed
 //! with `FOR UPDATE SKIP LOCKED`, so replicas never wait on each other's claims.
 
-use super::{now_ms, Change, KeyState, NewOrder, OrderRecord, OrderStore, StoreError, Transition};
+use super::group::{Backend, GroupWriter};
+use super::{
+    now_ms, Change, KeyState, NewOrder, OrderRecord, OrderStore, OwnedChange, OwnedOrder, StoreError,
+    Transition,
+};
 use crate::process::instance;
 use crate::process::state::State;
+use futures_util::future::BoxFuture;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::Row;
+use sqlx::{Postgres, Row};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// An in-flight idempotency key older than this was left by a replica that stopped (a request
@@ -97,9 +104,47 @@ fn opt_text(s: Option<&str>) -> Option<String> {
 /// An arbitrary constant: the advisory lock migrations hold.
 const MIGRATION_LOCK: i64 = 0x6361_7573_6577_6179;
 
+/// Group-committed transactions at once (each on its own connection, beside `store.pool`).
+const WRITE_LANES: usize = 4;
+
+type PgConn = PoolConnection<Postgres>;
+
+/// The writer's connections: a pool of its own, connected from the writer's thread.
+struct PgWrites(PgPool);
+
+impl Backend for PgWrites {
+    type Conn = PgConn;
+    fn label(&self) -> Option<&'static str> {
+        Some("postgres")
+    }
+
+    fn connect(&self) -> BoxFuture<'_, Result<PgConn, StoreError>> {
+        Box::pin(async move { Ok(self.0.acquire().await?) })
+    }
+
+    fn execute<'c>(
+        &self,
+        conn: &'c mut PgConn,
+        statement: &'static str,
+    ) -> BoxFuture<'c, Result<(), StoreError>> {
+        Box::pin(async move {
+            sqlx::query(statement).execute(&mut **conn).await?;
+            Ok(())
+        })
+    }
+
+    fn put_back(&self, mut conn: PgConn, healthy: bool) {
+        if !healthy {
+            conn.close_on_drop();
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Every write of the request path, committed in groups.
+    writes: Arc<GroupWriter<PgWrites>>,
     /// This process as named on its leases and keys: `host/pid:start`.
     instance: std::sync::Arc<str>,
     host: std::sync::Arc<str>,
@@ -170,9 +215,15 @@ pub async fn migrate(pool: &PgPool) -> Result<i64, StoreError> {
 
 impl PostgresStore {
     /// Connect to `url` (`postgres://…`; a `?options=-c search_path=…` selects a schema) and
-    /// bring the schema up to date. `pool` connections at most; a request waits `acquire` for
-    /// one, then gets `store-unavailable` instead of hanging while the database is away.
-    pub async fn open(url: &str, pool: u32, acquire: Duration) -> Result<PostgresStore, StoreError> {
+    /// bring the schema up to date. `pool` connections at most for reads, and [`WRITE_LANES`]
+    /// for writes, up to `group_commit` of them per transaction; a request waits `acquire` for
+    /// a connection, then gets `store-unavailable` instead of hanging while the database is away.
+    pub async fn open(
+        url: &str,
+        pool: u32,
+        acquire: Duration,
+        group_commit: usize,
+    ) -> Result<PostgresStore, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError(format!("store.url is not a PostgreSQL URL: {e}")))?
             .application_name("causeway");
@@ -182,11 +233,23 @@ impl PostgresStore {
             .acquire_timeout(acquire)
             // A connection the server dropped (a restart) is found and replaced before use.
             .test_before_acquire(true)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         migrate(&pool).await?;
+        // Connected by the writer's own thread when it first writes.
+        let writer = PgPoolOptions::new()
+            .max_connections(WRITE_LANES as u32)
+            .acquire_timeout(acquire)
+            .test_before_acquire(true)
+            .connect_lazy_with(options);
+        let writes = Arc::new(GroupWriter::start(
+            PgWrites(writer),
+            WRITE_LANES,
+            group_commit,
+            "causeway-store-writer",
+        )?);
         let host: std::sync::Arc<str> = host_name().into();
-        Ok(PostgresStore { instance: format!("{host}/{}", instance::current()).into(), host, pool })
+        Ok(PostgresStore { instance: format!("{host}/{}", instance::current()).into(), host, pool, writes })
     }
 
     /// This store as used by another process named `instance` (`host/pid:start`): for tests.
@@ -259,47 +322,56 @@ impl OrderStore for PostgresStore {
     }
 
     async fn claim_key(&self, key: &str, fingerprint: &str, ttl: Duration) -> Result<KeyState, StoreError> {
-        let now = now_ms();
-        let claimed = sqlx::query(
-            "INSERT INTO idempotency_keys (key, fingerprint, in_flight, created_at, expires_at, holder)
-             VALUES ($1, $2, TRUE, $3, $4, $5)
-             ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, in_flight = TRUE,
-                status = NULL, location = NULL, body = NULL, holder = excluded.holder,
-                created_at = excluded.created_at, expires_at = excluded.expires_at
-             WHERE (idempotency_keys.expires_at <= $3 AND NOT idempotency_keys.in_flight)
-                OR (idempotency_keys.in_flight AND idempotency_keys.created_at <= $6)
-             RETURNING key",
-        )
-        .bind(text(key))
-        .bind(fingerprint)
-        .bind(now)
-        .bind(now.saturating_add(ttl.as_millis() as i64))
-        .bind(&*self.instance)
-        .bind(now - ABANDONED_KEY.as_millis() as i64)
-        .fetch_optional(&self.pool)
-        .await?;
-        if claimed.is_some() {
-            return Ok(KeyState::Claimed);
-        }
-        let existing = sqlx::query(
-            "SELECT fingerprint, in_flight, status, location, body FROM idempotency_keys WHERE key = $1",
-        )
-        .bind(text(key))
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = existing else { return Ok(KeyState::InFlight) };
-        let stored: String = row.try_get("fingerprint")?;
-        Ok(if stored != fingerprint {
-            KeyState::Mismatch
-        } else if row.try_get::<bool, _>("in_flight")? {
-            KeyState::InFlight
-        } else {
-            KeyState::Done {
-                status: row.try_get::<i32, _>("status")? as u16,
-                location: row.try_get("location")?,
-                body: row.try_get("body")?,
-            }
-        })
+        let (key, fingerprint, holder) = (text(key), fingerprint.to_owned(), self.instance.clone());
+        let ttl = ttl.as_millis() as i64;
+        self.writes
+            .write(move |conn: &mut PgConn| {
+                let (key, fingerprint, holder) = (key.clone(), fingerprint.clone(), holder.clone());
+                Box::pin(async move {
+                    let now = now_ms();
+                    let claimed = sqlx::query(
+                        "INSERT INTO idempotency_keys (key, fingerprint, in_flight, created_at, expires_at, holder)
+                         VALUES ($1, $2, TRUE, $3, $4, $5)
+                         ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, in_flight = TRUE,
+                            status = NULL, location = NULL, body = NULL, holder = excluded.holder,
+                            created_at = excluded.created_at, expires_at = excluded.expires_at
+                         WHERE (idempotency_keys.expires_at <= $3 AND NOT idempotency_keys.in_flight)
+                            OR (idempotency_keys.in_flight AND idempotency_keys.created_at <= $6)
+                         RETURNING key",
+                    )
+                    .bind(&key)
+                    .bind(&fingerprint)
+                    .bind(now)
+                    .bind(now.saturating_add(ttl))
+                    .bind(&*holder)
+                    .bind(now - ABANDONED_KEY.as_millis() as i64)
+                    .fetch_optional(&mut **conn)
+                    .await?;
+                    if claimed.is_some() {
+                        return Ok(KeyState::Claimed);
+                    }
+                    let existing = sqlx::query(
+                        "SELECT fingerprint, in_flight, status, location, body FROM idempotency_keys WHERE key = $1",
+                    )
+                    .bind(&key)
+                    .fetch_optional(&mut **conn)
+                    .await?;
+                    let Some(row) = existing else { return Ok(KeyState::InFlight) };
+                    let stored: String = row.try_get("fingerprint")?;
+                    Ok(if stored != fingerprint {
+                        KeyState::Mismatch
+                    } else if row.try_get::<bool, _>("in_flight")? {
+                        KeyState::InFlight
+                    } else {
+                        KeyState::Done {
+                            status: row.try_get::<i32, _>("status")? as u16,
+                            location: row.try_get("location")?,
+                            body: row.try_get("body")?,
+                        }
+                    })
+                })
+            })
+            .await
     }
 
     async fn complete_key(
@@ -309,24 +381,41 @@ impl OrderStore for PostgresStore {
         location: Option<&str>,
         body: &[u8],
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE idempotency_keys SET in_flight = FALSE, status = $1, location = $2, body = $3 WHERE key = $4",
-        )
-        .bind(i32::from(status))
-        .bind(opt_text(location))
-        .bind(body)
-        .bind(text(key))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let (key, location, body) = (text(key), opt_text(location), Arc::<[u8]>::from(body));
+        self.writes
+            .write(move |conn: &mut PgConn| {
+                let (key, location, body) = (key.clone(), location.clone(), body.clone());
+                Box::pin(async move {
+                    sqlx::query(
+                        "UPDATE idempotency_keys SET in_flight = FALSE, status = $1, location = $2, body = $3
+                         WHERE key = $4",
+                    )
+                    .bind(i32::from(status))
+                    .bind(location)
+                    .bind(&*body)
+                    .bind(key)
+                    .execute(&mut **conn)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn release_key(&self, key: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND in_flight")
-            .bind(text(key))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let key = text(key);
+        self.writes
+            .write(move |conn: &mut PgConn| {
+                let key = key.clone();
+                Box::pin(async move {
+                    sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND in_flight")
+                        .bind(key)
+                        .execute(&mut **conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn purge_expired_keys(&self) -> Result<u64, StoreError> {
@@ -338,30 +427,40 @@ impl OrderStore for PostgresStore {
     }
 
     async fn insert_order(&self, order: NewOrder<'_>) -> Result<Option<OrderRecord>, StoreError> {
-        let now = now_ms();
-        // DO NOTHING covers the partial unique index too: a second live order is no row.
-        let inserted = sqlx::query(
-            "INSERT INTO orders (id, opportunity_id, state, quote, validated, violations, reason,
-                correlation_id, next_attempt_at, lease_until, received_at, updated_at, owner, lease_owner)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $9, $9, $11, $12)
-             ON CONFLICT DO NOTHING
-             RETURNING *",
-        )
-        .bind(text(order.id))
-        .bind(text(order.opportunity_id))
-        .bind(order.state.as_str())
-        .bind(text(order.quote))
-        .bind(order.validated)
-        .bind(opt_text(order.violations))
-        .bind(text(order.reason))
-        .bind(text(order.correlation_id))
-        .bind(now)
-        .bind(order.lease.map_or(0, |l| now + l.as_millis() as i64))
-        .bind(text(order.owner))
-        .bind(if order.lease.is_some() { &*self.instance } else { "" })
-        .fetch_optional(&self.pool)
-        .await?;
-        inserted.as_ref().map(row_to_order).transpose()
+        let order = OwnedOrder::from(order);
+        let instance = self.instance.clone();
+        self.writes
+            .write(move |conn: &mut PgConn| {
+                let (o, instance) = (order.clone(), instance.clone());
+                Box::pin(async move {
+                    let now = now_ms();
+                    // DO NOTHING covers the partial unique index too: a second live order is no
+                    // row, and no error that would roll back the writes committed with it.
+                    let inserted = sqlx::query(
+                        "INSERT INTO orders (id, opportunity_id, state, quote, validated, violations, reason,
+                            correlation_id, next_attempt_at, lease_until, received_at, updated_at, owner, lease_owner)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $9, $9, $11, $12)
+                         ON CONFLICT DO NOTHING
+                         RETURNING *",
+                    )
+                    .bind(text(&o.id))
+                    .bind(text(&o.opportunity_id))
+                    .bind(o.state.as_str())
+                    .bind(text(&o.quote))
+                    .bind(o.validated)
+                    .bind(opt_text(o.violations.as_deref()))
+                    .bind(text(&o.reason))
+                    .bind(text(&o.correlation_id))
+                    .bind(now)
+                    .bind(o.lease.map_or(0, |l| now + l.as_millis() as i64))
+                    .bind(text(&o.owner))
+                    .bind(if o.lease.is_some() { &*instance } else { "" })
+                    .fetch_optional(&mut **conn)
+                    .await?;
+                    inserted.as_ref().map(row_to_order).transpose()
+                })
+            })
+            .await
     }
 
     async fn transition(
@@ -371,53 +470,71 @@ impl OrderStore for PostgresStore {
         to: State,
         change: Change<'_>,
     ) -> Result<bool, StoreError> {
-        let updated = sqlx::query(
-            "UPDATE orders SET state = $1, updated_at = $2, reason = $3,
-                erp_order_id = COALESCE($4, erp_order_id), erp_order_number = COALESCE($5, erp_order_number),
-                validated = COALESCE($6, validated), violations = COALESCE($7, violations),
-                next_attempt_at = COALESCE($8, next_attempt_at),
-                attempts = CASE WHEN $9 THEN 0 ELSE attempts + $10 END,
-                lease_until = CASE WHEN $11 THEN lease_until ELSE 0 END,
-                lease_owner = CASE WHEN $11 THEN lease_owner ELSE '' END
-             WHERE id = $12 AND state = $13",
-        )
-        .bind(to.as_str())
-        .bind(now_ms())
-        .bind(text(change.reason))
-        .bind(opt_text(change.erp_order.map(|(id, _)| id)))
-        .bind(opt_text(change.erp_order.map(|(_, number)| number)))
-        .bind(change.validated)
-        .bind(opt_text(change.violations))
-        .bind(change.next_attempt_at)
-        .bind(change.reset_attempts)
-        .bind(change.count_attempt as i64 - change.uncount_attempt as i64)
-        .bind(change.keep_lease)
-        .bind(text(id))
-        .bind(from.as_str())
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(updated == 1)
+        let id = text(id);
+        let change = OwnedChange::from(change);
+        self.writes
+            .write(move |conn: &mut PgConn| {
+                let (id, c) = (id.clone(), change.clone());
+                Box::pin(async move {
+                    let updated = sqlx::query(
+                        "UPDATE orders SET state = $1, updated_at = $2, reason = $3,
+                            erp_order_id = COALESCE($4, erp_order_id), erp_order_number = COALESCE($5, erp_order_number),
+                            validated = COALESCE($6, validated), violations = COALESCE($7, violations),
+                            next_attempt_at = COALESCE($8, next_attempt_at),
+                            attempts = CASE WHEN $9 THEN 0 ELSE attempts + $10 END,
+                            lease_until = CASE WHEN $11 THEN lease_until ELSE 0 END,
+                            lease_owner = CASE WHEN $11 THEN lease_owner ELSE '' END
+                         WHERE id = $12 AND state = $13",
+                    )
+                    .bind(to.as_str())
+                    .bind(now_ms())
+                    .bind(text(&c.reason))
+                    .bind(opt_text(c.erp_order.as_ref().map(|(id, _)| &**id)))
+                    .bind(opt_text(c.erp_order.as_ref().map(|(_, number)| &**number)))
+                    .bind(c.validated)
+                    .bind(opt_text(c.violations.as_deref()))
+                    .bind(c.next_attempt_at)
+                    .bind(c.reset_attempts)
+                    .bind(c.count_attempt as i64 - c.uncount_attempt as i64)
+                    .bind(c.keep_lease)
+                    .bind(id)
+                    .bind(from.as_str())
+                    .execute(&mut **conn)
+                    .await?
+                    .rows_affected();
+                    Ok(updated == 1)
+                })
+            })
+            .await
     }
 
     /// Lease up to `limit` due orders; rows another replica is claiming are skipped, not waited on.
     async fn claim_due(&self, limit: i64, lease: Duration) -> Result<Vec<OrderRecord>, StoreError> {
-        let now = now_ms();
-        let rows = sqlx::query(
-            "UPDATE orders SET lease_until = $1, lease_owner = $2
-             WHERE id IN (SELECT id FROM orders
-                          WHERE state IN ('received', 'validated', 'submitted', 'pending')
-                          AND next_attempt_at <= $3 AND lease_until < $3
-                          ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED)
-             RETURNING *",
-        )
-        .bind(now + lease.as_millis() as i64)
-        .bind(&*self.instance)
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(row_to_order).collect()
+        let instance = self.instance.clone();
+        let lease = lease.as_millis() as i64;
+        self.writes
+            .write(move |conn: &mut PgConn| {
+                let instance = instance.clone();
+                Box::pin(async move {
+                    let now = now_ms();
+                    let rows = sqlx::query(
+                        "UPDATE orders SET lease_until = $1, lease_owner = $2
+                         WHERE id IN (SELECT id FROM orders
+                                      WHERE state IN ('received', 'validated', 'submitted', 'pending')
+                                      AND next_attempt_at <= $3 AND lease_until < $3
+                                      ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED)
+                         RETURNING *",
+                    )
+                    .bind(now + lease)
+                    .bind(&*instance)
+                    .bind(now)
+                    .bind(limit)
+                    .fetch_all(&mut **conn)
+                    .await?;
+                    rows.iter().map(row_to_order).collect()
+                })
+            })
+            .await
     }
 
     async fn order(&self, id: &str) -> Result<Option<OrderRecord>, StoreError> {

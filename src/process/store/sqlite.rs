@@ -5,26 +5,113 @@
 //! every lease and in-flight key records the process that holds it ([`instance`]), and recovery
 //! takes back only what expired or belongs to a process that is gone. Every write goes through a
 //! single connection, so writers never contend for SQLite's lock (no `SQLITE_BUSY` under load);
-//! reads share a small pool. Each call
-//! is one statement where it can be (the history is written by triggers): every statement is a
-//! round trip to the connection's thread, and those hops are most of an order's cost.
+//! reads share a small pool. Writes run on the store's writer thread, in place on its own
+//! connection (rusqlite), and the writes of concurrent requests share a commit
+//! ([`super::group`]); reads go through sqlx's pool, each a round trip to a connection's thread.
+//! The history is written by triggers, in the statement that changes the state.
 
-use super::{now_ms, Change, KeyState, NewOrder, OrderRecord, OrderStore, StoreError, Transition};
+use super::group::{Backend, GroupWriter};
+use super::{
+    now_ms, Change, KeyState, NewOrder, OrderRecord, OrderStore, OwnedChange, OwnedOrder, StoreError,
+    Transition,
+};
 use crate::config::spec::Synchronous;
 use crate::process::instance;
 use crate::process::state::State;
+use futures_util::future::BoxFuture;
+use rusqlite::{params, OptionalExtension};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::Row;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         StoreError(e.to_string())
     }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+/// One of the file's two connections, lent to its thread's one lane for each group: the write
+/// connection (groups commit together) or the read connection (reads that queued together run
+/// one after another on one wake-up of its thread, without a transaction).
+pub(super) struct SqliteLink {
+    conn: parking_lot::Mutex<Option<rusqlite::Connection>>,
+    writes: bool,
+}
+
+impl SqliteLink {
+    pub(super) fn writes(conn: rusqlite::Connection) -> Self {
+        SqliteLink { conn: parking_lot::Mutex::new(Some(conn)), writes: true }
+    }
+
+    fn reads(conn: rusqlite::Connection) -> Self {
+        SqliteLink { conn: parking_lot::Mutex::new(Some(conn)), writes: false }
+    }
+}
+
+impl Backend for SqliteLink {
+    type Conn = rusqlite::Connection;
+
+    fn label(&self) -> Option<&'static str> {
+        self.writes.then_some("sqlite")
+    }
+
+    fn connect(&self) -> BoxFuture<'_, Result<rusqlite::Connection, StoreError>> {
+        let conn = self.conn.lock().take().ok_or_else(|| StoreError("the connection is in use".into()));
+        Box::pin(std::future::ready(conn))
+    }
+
+    fn execute<'c>(
+        &self,
+        conn: &'c mut rusqlite::Connection,
+        statement: &'static str,
+    ) -> BoxFuture<'c, Result<(), StoreError>> {
+        if !self.writes {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        // IMMEDIATE: take the write lock at BEGIN, so no statement of the group meets SQLITE_BUSY.
+        let statement = if statement == "BEGIN" { "BEGIN IMMEDIATE" } else { statement };
+        Box::pin(std::future::ready(conn.execute_batch(statement).map_err(StoreError::from)))
+    }
+
+    fn put_back(&self, conn: rusqlite::Connection, healthy: bool) {
+        if !healthy && !conn.is_autocommit() {
+            // A failed COMMIT can leave the transaction open; nothing of it was acknowledged.
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        *self.conn.lock() = Some(conn);
+    }
+}
+
+/// A read or write of the store, run on its thread's connection.
+type Work<T> = dyn Fn(&rusqlite::Connection) -> Result<T, StoreError> + Send + Sync;
+
+/// Reads that queued while the read connection was busy, run on one wake-up of its thread.
+const READS_PER_WAKE: usize = 64;
+
+async fn run<T: Send + 'static>(link: &GroupWriter<SqliteLink>, work: Box<Work<T>>) -> Result<T, StoreError> {
+    link.write(move |conn: &mut rusqlite::Connection| Box::pin(std::future::ready(work(conn)))).await
+}
+
+/// The first column of every row of `sql`.
+fn strings(conn: &rusqlite::Connection, sql: &str) -> Result<Vec<String>, StoreError> {
+    let mut statement = conn.prepare_cached(sql)?;
+    let rows = statement.query_map([], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
 }
 
 const SCHEMA: &[&str] = &[
@@ -104,31 +191,48 @@ const MIGRATIONS: &[&[&str]] = &[&[
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    writer: SqlitePool,
-    reader: SqlitePool,
+    /// Every write, committed in groups on the file's one write connection.
+    writes: Arc<GroupWriter<SqliteLink>>,
+    /// Every read, on the file's read connection.
+    reads: Arc<GroupWriter<SqliteLink>>,
     /// This process, as named on the leases and keys it holds.
-    instance: std::sync::Arc<str>,
+    instance: Arc<str>,
 }
 
-fn row_to_order(row: &sqlx::sqlite::SqliteRow) -> Result<OrderRecord, StoreError> {
-    let state: String = row.try_get("state")?;
+fn row_to_order(row: &rusqlite::Row<'_>) -> Result<OrderRecord, StoreError> {
+    let state: String = row.get("state")?;
     Ok(OrderRecord {
-        id: row.try_get("id")?,
-        opportunity_id: row.try_get("opportunity_id")?,
+        id: row.get("id")?,
+        opportunity_id: row.get("opportunity_id")?,
         state: State::from_str(&state).map_err(StoreError)?,
-        quote: row.try_get("quote")?,
-        validated: row.try_get::<i64, _>("validated")? != 0,
-        erp_order_id: row.try_get("erp_order_id")?,
-        erp_order_number: row.try_get("erp_order_number")?,
-        reason: row.try_get("reason")?,
-        violations: row.try_get("violations")?,
-        correlation_id: row.try_get("correlation_id")?,
-        attempts: row.try_get("attempts")?,
-        next_attempt_at: row.try_get("next_attempt_at")?,
-        received_at: row.try_get("received_at")?,
-        updated_at: row.try_get("updated_at")?,
-        owner: row.try_get("owner")?,
+        quote: row.get("quote")?,
+        validated: row.get::<_, i64>("validated")? != 0,
+        erp_order_id: row.get("erp_order_id")?,
+        erp_order_number: row.get("erp_order_number")?,
+        reason: row.get("reason")?,
+        violations: row.get("violations")?,
+        correlation_id: row.get("correlation_id")?,
+        attempts: row.get("attempts")?,
+        next_attempt_at: row.get("next_attempt_at")?,
+        received_at: row.get("received_at")?,
+        updated_at: row.get("updated_at")?,
+        owner: row.get("owner")?,
     })
+}
+
+/// The orders `sql` selects (or an UPDATE returns) with `params`.
+fn orders(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<OrderRecord>, StoreError> {
+    let mut statement = conn.prepare_cached(sql)?;
+    let mut rows = statement.query(params)?;
+    let mut orders = Vec::new();
+    while let Some(row) = rows.next()? {
+        orders.push(row_to_order(row)?);
+    }
+    Ok(orders)
 }
 
 /// Apply the migrations this file has not seen yet, each in one transaction.
@@ -149,7 +253,12 @@ async fn migrate(writer: &SqlitePool) -> Result<(), StoreError> {
 
 impl SqliteStore {
     /// Open (creating it and its directory when missing) and bring the schema up to date.
-    pub async fn open(path: &Path, synchronous: Synchronous) -> Result<SqliteStore, StoreError> {
+    /// Up to `group_commit` writes of concurrent requests share one transaction.
+    pub async fn open(
+        path: &Path,
+        synchronous: Synchronous,
+        group_commit: usize,
+    ) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
@@ -175,12 +284,31 @@ impl SqliteStore {
             sqlx::query(*statement).execute(&writer).await?;
         }
         migrate(&writer).await?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.read_only(true))
-            .await?;
-        Ok(SqliteStore { writer, reader, instance: instance::current().into() })
+        writer.close().await;
+        let conn = rusqlite::Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let level = match synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {level}; PRAGMA foreign_keys = ON;"
+        ))?;
+        conn.set_prepared_statement_cache_capacity(32);
+        // One lane: the file has one writer, so writers never contend for its lock.
+        let writes =
+            Arc::new(GroupWriter::start(SqliteLink::writes(conn), 1, group_commit, "causeway-store-writer")?);
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let reader = rusqlite::Connection::open_with_flags(path, flags)?;
+        reader.busy_timeout(Duration::from_secs(5))?;
+        reader.set_prepared_statement_cache_capacity(32);
+        let reads = Arc::new(GroupWriter::start(
+            SqliteLink::reads(reader),
+            1,
+            READS_PER_WAKE,
+            "causeway-store-reader",
+        )?);
+        Ok(SqliteStore { writes, reads, instance: instance::current().into() })
     }
 
     /// This store as used by another process named `instance` (`pid:start`): for tests and
@@ -190,10 +318,25 @@ impl SqliteStore {
         self
     }
 
-    /// The `PRAGMA synchronous` level in force (2 = FULL, 1 = NORMAL).
+    /// The `PRAGMA synchronous` level in force on the write connection (2 = FULL, 1 = NORMAL).
     pub async fn synchronous_level(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query("PRAGMA synchronous").fetch_one(&self.writer).await?;
-        Ok(row.try_get::<i64, _>(0)?)
+        self.write(|conn| Ok(conn.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))?)).await
+    }
+
+    /// Run `work` on the writer's connection in the next group; its outcome once committed.
+    async fn write<T: Send + 'static>(
+        &self,
+        work: impl Fn(&rusqlite::Connection) -> Result<T, StoreError> + Send + Sync + 'static,
+    ) -> Result<T, StoreError> {
+        run(&self.writes, Box::new(work)).await
+    }
+
+    /// Run `work` on the read connection (committed data only).
+    async fn read<T: Send + 'static>(
+        &self,
+        work: impl Fn(&rusqlite::Connection) -> Result<T, StoreError> + Send + Sync + 'static,
+    ) -> Result<T, StoreError> {
+        run(&self.reads, Box::new(work)).await
     }
 }
 
@@ -204,89 +347,85 @@ impl OrderStore for SqliteStore {
     /// be under way) and its in-flight idempotency keys. What a live process holds (the old one
     /// during a graceful upgrade) is left alone. Returns how many orders were released.
     async fn recover(&self, settle: Duration) -> Result<u64, StoreError> {
-        let holders: Vec<String> = sqlx::query(
-            "SELECT DISTINCT lease_owner FROM orders WHERE lease_until > 0
-                 AND state IN ('received', 'validated', 'submitted', 'pending')",
-        )
-        .fetch_all(&self.writer)
-        .await?
-        .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, _>>()?;
-        let mut released = 0;
-        for holder in holders.iter().filter(|h| h.as_str() != &*self.instance && !instance::alive(h)) {
-            released += sqlx::query(
-                "UPDATE orders SET lease_until = 0, lease_owner = '',
-                    next_attempt_at = CASE WHEN state = 'submitted'
-                        THEN MAX(next_attempt_at, updated_at + ?) ELSE next_attempt_at END
-                 WHERE lease_owner = ? AND lease_until > 0
-                   AND state IN ('received', 'validated', 'submitted', 'pending')",
-            )
-            .bind(settle.as_millis() as i64)
-            .bind(holder)
-            .execute(&self.writer)
-            .await?
-            .rows_affected();
-        }
-        let key_holders: Vec<String> =
-            sqlx::query("SELECT DISTINCT holder FROM idempotency_keys WHERE in_flight = 1")
-                .fetch_all(&self.writer)
-                .await?
-                .iter()
-                .map(|r| r.try_get(0))
-                .collect::<Result<_, _>>()?;
-        for holder in key_holders.iter().filter(|h| h.as_str() != &*self.instance && !instance::alive(h)) {
-            sqlx::query("DELETE FROM idempotency_keys WHERE in_flight = 1 AND holder = ?")
-                .bind(holder)
-                .execute(&self.writer)
-                .await?;
-        }
-        Ok(released)
+        let me = self.instance.clone();
+        let settle = settle.as_millis() as i64;
+        self.write(move |conn| {
+            let gone = |holder: &&String| holder.as_str() != &*me && !instance::alive(holder);
+            let holders = strings(
+                conn,
+                "SELECT DISTINCT lease_owner FROM orders WHERE lease_until > 0
+                     AND state IN ('received', 'validated', 'submitted', 'pending')",
+            )?;
+            let mut released = 0;
+            for holder in holders.iter().filter(gone) {
+                released += conn
+                    .prepare_cached(
+                        "UPDATE orders SET lease_until = 0, lease_owner = '',
+                            next_attempt_at = CASE WHEN state = 'submitted'
+                                THEN MAX(next_attempt_at, updated_at + ?) ELSE next_attempt_at END
+                         WHERE lease_owner = ? AND lease_until > 0
+                           AND state IN ('received', 'validated', 'submitted', 'pending')",
+                    )?
+                    .execute(params![settle, holder])? as u64;
+            }
+            let key_holders =
+                strings(conn, "SELECT DISTINCT holder FROM idempotency_keys WHERE in_flight = 1")?;
+            for holder in key_holders.iter().filter(gone) {
+                conn.prepare_cached("DELETE FROM idempotency_keys WHERE in_flight = 1 AND holder = ?")?
+                    .execute([holder])?;
+            }
+            Ok(released)
+        })
+        .await
     }
 
     /// Claim `key` for a request with `fingerprint`, or say why not. One statement claims a new
     /// or expired key; only a key in use costs a second one.
     async fn claim_key(&self, key: &str, fingerprint: &str, ttl: Duration) -> Result<KeyState, StoreError> {
-        let now = now_ms();
-        let claimed = sqlx::query(
-            "INSERT INTO idempotency_keys (key, fingerprint, in_flight, created_at, expires_at, holder)
-             VALUES (?1, ?2, 1, ?3, ?4, ?5)
-             ON CONFLICT(key) DO UPDATE SET fingerprint = excluded.fingerprint, in_flight = 1,
-                status = NULL, location = NULL, body = NULL, holder = excluded.holder,
-                created_at = excluded.created_at, expires_at = excluded.expires_at
-             WHERE idempotency_keys.expires_at <= ?3 AND idempotency_keys.in_flight = 0
-             RETURNING key",
-        )
-        .bind(key)
-        .bind(fingerprint)
-        .bind(now)
-        .bind(now.saturating_add(ttl.as_millis() as i64))
-        .bind(&*self.instance)
-        .fetch_optional(&self.writer)
-        .await?;
-        if claimed.is_some() {
-            return Ok(KeyState::Claimed);
-        }
-        let existing = sqlx::query(
-            "SELECT fingerprint, in_flight, status, location, body FROM idempotency_keys WHERE key = ?",
-        )
-        .bind(key)
-        .fetch_optional(&self.writer)
-        .await?;
-        // Released between the two statements: the first request just ended; ask for a retry.
-        let Some(row) = existing else { return Ok(KeyState::InFlight) };
-        let stored: String = row.try_get("fingerprint")?;
-        Ok(if stored != fingerprint {
-            KeyState::Mismatch
-        } else if row.try_get::<i64, _>("in_flight")? != 0 {
-            KeyState::InFlight
-        } else {
-            KeyState::Done {
-                status: row.try_get::<i64, _>("status")? as u16,
-                location: row.try_get("location")?,
-                body: row.try_get("body")?,
+        let (key, fingerprint, holder) = (key.to_owned(), fingerprint.to_owned(), self.instance.clone());
+        let ttl = ttl.as_millis() as i64;
+        self.write(move |conn| {
+            let now = now_ms();
+            let claimed = conn
+                .prepare_cached(
+                    "INSERT INTO idempotency_keys (key, fingerprint, in_flight, created_at, expires_at, holder)
+                     VALUES (?1, ?2, 1, ?3, ?4, ?5)
+                     ON CONFLICT(key) DO UPDATE SET fingerprint = excluded.fingerprint, in_flight = 1,
+                        status = NULL, location = NULL, body = NULL, holder = excluded.holder,
+                        created_at = excluded.created_at, expires_at = excluded.expires_at
+                     WHERE idempotency_keys.expires_at <= ?3 AND idempotency_keys.in_flight = 0",
+                )?
+                .execute(params![key, fingerprint, now, now.saturating_add(ttl), &*holder])?;
+            if claimed == 1 {
+                return Ok(KeyState::Claimed);
             }
+            let existing = conn
+                .prepare_cached(
+                    "SELECT fingerprint, in_flight, status, location, body FROM idempotency_keys WHERE key = ?",
+                )?
+                .query_row([&key], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                        r.get::<_, Option<Vec<u8>>>(4)?,
+                    ))
+                })
+                .optional()?;
+            // Released between the two statements: the first request just ended; ask for a retry.
+            let Some((stored, in_flight, status, location, body)) = existing else {
+                return Ok(KeyState::InFlight);
+            };
+            Ok(if stored != fingerprint {
+                KeyState::Mismatch
+            } else if in_flight != 0 {
+                KeyState::InFlight
+            } else {
+                KeyState::Done { status: status.unwrap_or(0) as u16, location, body: body.unwrap_or_default() }
+            })
         })
+        .await
     }
 
     /// Store the response of a claimed key for replay.
@@ -297,77 +436,90 @@ impl OrderStore for SqliteStore {
         location: Option<&str>,
         body: &[u8],
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE idempotency_keys SET in_flight = 0, status = ?, location = ?, body = ? WHERE key = ?",
-        )
-        .bind(status as i64)
-        .bind(location)
-        .bind(body)
-        .bind(key)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        let (key, location, body) = (key.to_owned(), location.map(str::to_owned), body.to_vec());
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE idempotency_keys SET in_flight = 0, status = ?, location = ?, body = ? WHERE key = ?",
+            )?
+            .execute(params![status as i64, location, body, key])?;
+            Ok(())
+        })
+        .await
     }
 
     /// Forget a claimed key: the request ended in a way the caller should simply retry or fix.
     async fn release_key(&self, key: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE key = ? AND in_flight = 1")
-            .bind(key)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        let key = key.to_owned();
+        self.write(move |conn| {
+            conn.prepare_cached("DELETE FROM idempotency_keys WHERE key = ? AND in_flight = 1")?
+                .execute([&key])?;
+            Ok(())
+        })
+        .await
     }
 
     /// Drop expired keys; returns how many.
     async fn purge_expired_keys(&self) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= ? AND in_flight = 0")
-            .bind(now_ms())
-            .execute(&self.writer)
-            .await?
-            .rows_affected())
+        self.write(|conn| {
+            let purged = conn
+                .prepare_cached("DELETE FROM idempotency_keys WHERE expires_at <= ? AND in_flight = 0")?
+                .execute([now_ms()])?;
+            Ok(purged as u64)
+        })
+        .await
     }
 
     async fn insert_order(&self, order: NewOrder<'_>) -> Result<Option<OrderRecord>, StoreError> {
-        let NewOrder {
-            id,
-            owner,
-            opportunity_id,
-            state,
-            quote,
-            validated,
-            violations,
-            correlation_id,
-            reason,
-            lease,
-        } = order;
-        let now = now_ms();
-        let inserted = sqlx::query(
-            "INSERT INTO orders (id, opportunity_id, state, quote, validated, violations, reason,
-                correlation_id, next_attempt_at, lease_until, received_at, updated_at, owner, lease_owner)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-             RETURNING *",
-        )
-        .bind(id)
-        .bind(opportunity_id)
-        .bind(state.as_str())
-        .bind(quote)
-        .bind(validated as i64)
-        .bind(violations)
-        .bind(reason)
-        .bind(correlation_id)
-        .bind(now)
-        .bind(lease.map_or(0, |l| now + l.as_millis() as i64))
-        .bind(now)
-        .bind(now)
-        .bind(owner)
-        .bind(if lease.is_some() { &*self.instance } else { "" })
-        .fetch_one(&self.writer)
-        .await;
-        match inserted {
-            Ok(row) => row_to_order(&row).map(Some),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        let o = OwnedOrder::from(order);
+        let instance = self.instance.clone();
+        self.write(move |conn| {
+            let now = now_ms();
+            let lease_until = o.lease.map_or(0, |l| now + l.as_millis() as i64);
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO orders (id, opportunity_id, state, quote, validated, violations, reason,
+                        correlation_id, next_attempt_at, lease_until, received_at, updated_at, owner, lease_owner)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9, ?9, ?11, ?12)",
+                )?
+                .execute(params![
+                    &*o.id,
+                    &*o.opportunity_id,
+                    o.state.as_str(),
+                    &*o.quote,
+                    o.validated as i64,
+                    o.violations.as_deref(),
+                    &*o.reason,
+                    &*o.correlation_id,
+                    now,
+                    lease_until,
+                    &*o.owner,
+                    if o.lease.is_some() { &*instance } else { "" },
+                ]);
+            match inserted {
+                // The row as written: nothing to read back.
+                Ok(_) => Ok(Some(OrderRecord {
+                    id: o.id.to_string(),
+                    opportunity_id: o.opportunity_id.to_string(),
+                    state: o.state,
+                    quote: o.quote.to_string(),
+                    validated: o.validated,
+                    erp_order_id: None,
+                    erp_order_number: None,
+                    reason: Some(o.reason.to_string()),
+                    violations: o.violations.as_deref().map(str::to_owned),
+                    correlation_id: o.correlation_id.to_string(),
+                    attempts: 0,
+                    next_attempt_at: now,
+                    received_at: now,
+                    updated_at: now,
+                    owner: o.owner.to_string(),
+                })),
+                // Statement-level: the rest of the group stands.
+                Err(e) if is_unique_violation(&e) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
     }
 
     /// Move an order from `from` to `to`; `false` when it is no longer in `from` (someone else
@@ -379,119 +531,124 @@ impl OrderStore for SqliteStore {
         to: State,
         change: Change<'_>,
     ) -> Result<bool, StoreError> {
-        let updated = sqlx::query(
-            "UPDATE orders SET state = ?, updated_at = ?, reason = ?,
-                erp_order_id = COALESCE(?, erp_order_id), erp_order_number = COALESCE(?, erp_order_number),
-                validated = COALESCE(?, validated), violations = COALESCE(?, violations),
-                next_attempt_at = COALESCE(?, next_attempt_at),
-                attempts = CASE WHEN ? THEN 0 ELSE attempts + ? END,
-                lease_until = CASE WHEN ? THEN lease_until ELSE 0 END,
-                lease_owner = CASE WHEN ? THEN lease_owner ELSE '' END
-             WHERE id = ? AND state = ?",
-        )
-        .bind(to.as_str())
-        .bind(now_ms())
-        .bind(change.reason)
-        .bind(change.erp_order.map(|(id, _)| id))
-        .bind(change.erp_order.map(|(_, number)| number))
-        .bind(change.validated.map(|v| v as i64))
-        .bind(change.violations)
-        .bind(change.next_attempt_at)
-        .bind(change.reset_attempts)
-        .bind(change.count_attempt as i64 - change.uncount_attempt as i64)
-        .bind(change.keep_lease)
-        .bind(change.keep_lease)
-        .bind(id)
-        .bind(from.as_str())
-        .execute(&self.writer)
-        .await?
-        .rows_affected();
-        Ok(updated == 1)
+        let id = id.to_owned();
+        let c = OwnedChange::from(change);
+        self.write(move |conn| {
+            let updated = conn
+                .prepare_cached(
+                    "UPDATE orders SET state = ?1, updated_at = ?2, reason = ?3,
+                        erp_order_id = COALESCE(?4, erp_order_id), erp_order_number = COALESCE(?5, erp_order_number),
+                        validated = COALESCE(?6, validated), violations = COALESCE(?7, violations),
+                        next_attempt_at = COALESCE(?8, next_attempt_at),
+                        attempts = CASE WHEN ?9 THEN 0 ELSE attempts + ?10 END,
+                        lease_until = CASE WHEN ?11 THEN lease_until ELSE 0 END,
+                        lease_owner = CASE WHEN ?11 THEN lease_owner ELSE '' END
+                     WHERE id = ?12 AND state = ?13",
+                )?
+                .execute(params![
+                    to.as_str(),
+                    now_ms(),
+                    &*c.reason,
+                    c.erp_order.as_ref().map(|(id, _)| &**id),
+                    c.erp_order.as_ref().map(|(_, number)| &**number),
+                    c.validated.map(|v| v as i64),
+                    c.violations.as_deref(),
+                    c.next_attempt_at,
+                    c.reset_attempts,
+                    c.count_attempt as i64 - c.uncount_attempt as i64,
+                    c.keep_lease,
+                    id,
+                    from.as_str(),
+                ])?;
+            Ok(updated == 1)
+        })
+        .await
     }
 
     /// Lease up to `limit` orders that are due for delivery.
     async fn claim_due(&self, limit: i64, lease: Duration) -> Result<Vec<OrderRecord>, StoreError> {
-        let now = now_ms();
-        let rows = sqlx::query(
-            "UPDATE orders SET lease_until = ?, lease_owner = ?
-             WHERE id IN (SELECT id FROM orders
-                          WHERE state IN ('received', 'validated', 'submitted', 'pending')
-                          AND next_attempt_at <= ? AND lease_until < ? ORDER BY next_attempt_at LIMIT ?)
-             RETURNING *",
-        )
-        .bind(now + lease.as_millis() as i64)
-        .bind(&*self.instance)
-        .bind(now)
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&self.writer)
-        .await?;
-        rows.iter().map(row_to_order).collect()
+        let instance = self.instance.clone();
+        let lease = lease.as_millis() as i64;
+        self.write(move |conn| {
+            let now = now_ms();
+            orders(
+                conn,
+                "UPDATE orders SET lease_until = ?1, lease_owner = ?2
+                 WHERE id IN (SELECT id FROM orders
+                              WHERE state IN ('received', 'validated', 'submitted', 'pending')
+                              AND next_attempt_at <= ?3 AND lease_until < ?3 ORDER BY next_attempt_at LIMIT ?4)
+                 RETURNING *",
+                params![now + lease, &*instance, now, limit],
+            )
+        })
+        .await
     }
 
     async fn order(&self, id: &str) -> Result<Option<OrderRecord>, StoreError> {
-        let row =
-            sqlx::query("SELECT * FROM orders WHERE id = ?").bind(id).fetch_optional(&self.reader).await?;
-        row.as_ref().map(row_to_order).transpose()
+        let id = id.to_owned();
+        self.read(move |conn| Ok(orders(conn, "SELECT * FROM orders WHERE id = ?", [&id])?.pop())).await
     }
 
     /// The opportunity's live (not rejected) order.
     async fn live_order_for(&self, opportunity_id: &str) -> Result<Option<OrderRecord>, StoreError> {
-        // The writer: a caller that just lost the insert race must see the winner's row.
-        let row = sqlx::query("SELECT * FROM orders WHERE opportunity_id = ? AND state <> 'rejected'")
-            .bind(opportunity_id)
-            .fetch_optional(&self.writer)
-            .await?;
-        row.as_ref().map(row_to_order).transpose()
+        // A write is answered after its commit, so a caller that just lost the insert race
+        // reads the winner's row here.
+        let opportunity = opportunity_id.to_owned();
+        self.read(move |conn| {
+            let sql = "SELECT * FROM orders WHERE opportunity_id = ? AND state <> 'rejected'";
+            Ok(orders(conn, sql, [&opportunity])?.pop())
+        })
+        .await
     }
 
     /// Every order of an opportunity, newest first.
     async fn orders_for(&self, opportunity_id: &str) -> Result<Vec<OrderRecord>, StoreError> {
-        let rows =
-            sqlx::query("SELECT * FROM orders WHERE opportunity_id = ? ORDER BY received_at DESC, id DESC")
-                .bind(opportunity_id)
-                .fetch_all(&self.reader)
-                .await?;
-        rows.iter().map(row_to_order).collect()
+        let opportunity = opportunity_id.to_owned();
+        self.read(move |conn| {
+            let sql = "SELECT * FROM orders WHERE opportunity_id = ? ORDER BY received_at DESC, id DESC";
+            orders(conn, sql, [&opportunity])
+        })
+        .await
     }
 
     async fn in_state(&self, state: State, limit: i64) -> Result<Vec<OrderRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM orders WHERE state = ? ORDER BY updated_at LIMIT ?")
-            .bind(state.as_str())
-            .bind(limit)
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter().map(row_to_order).collect()
+        self.read(move |conn| {
+            let sql = "SELECT * FROM orders WHERE state = ? ORDER BY updated_at LIMIT ?";
+            orders(conn, sql, params![state.as_str(), limit])
+        })
+        .await
     }
 
     async fn history(&self, id: &str) -> Result<Vec<Transition>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT at, from_state, to_state, reason, repeats, last_at FROM transitions
-             WHERE order_id = ? ORDER BY seq",
-        )
-        .bind(id)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter()
-            .map(|r| {
+        let id = id.to_owned();
+        self.read(move |conn| {
+            let mut select = conn.prepare_cached(
+                "SELECT at, from_state, to_state, reason, repeats, last_at FROM transitions
+                 WHERE order_id = ? ORDER BY seq",
+            )?;
+            let rows = select.query_map([&id], |r| {
                 Ok(Transition {
-                    at: r.try_get("at")?,
-                    from: r.try_get("from_state")?,
-                    to: r.try_get("to_state")?,
-                    reason: r.try_get("reason")?,
-                    repeats: r.try_get("repeats")?,
-                    last_at: r.try_get("last_at")?,
+                    at: r.get(0)?,
+                    from: r.get(1)?,
+                    to: r.get(2)?,
+                    reason: r.get(3)?,
+                    repeats: r.get(4)?,
+                    last_at: r.get(5)?,
                 })
-            })
-            .collect()
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
     }
 
     /// Orders per state, for the gauges.
     async fn count_by_state(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM orders GROUP BY state")
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter().map(|r| Ok((r.try_get("state")?, r.try_get("n")?))).collect()
+        self.read(|conn| {
+            let mut select = conn.prepare_cached("SELECT state, COUNT(*) AS n FROM orders GROUP BY state")?;
+            let rows = select.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
     }
 }
 
@@ -501,7 +658,7 @@ mod tests {
 
     async fn store() -> (SqliteStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        (SqliteStore::open(&dir.path().join("data/orders.db"), Synchronous::Full).await.unwrap(), dir)
+        (SqliteStore::open(&dir.path().join("data/orders.db"), Synchronous::Full, 64).await.unwrap(), dir)
     }
 
     #[tokio::test]
@@ -509,7 +666,7 @@ mod tests {
         let (s, _dir) = store().await;
         assert_eq!(s.synchronous_level().await.unwrap(), 2, "FULL");
         let dir = tempfile::tempdir().unwrap();
-        let normal = SqliteStore::open(&dir.path().join("n.db"), Synchronous::Normal).await.unwrap();
+        let normal = SqliteStore::open(&dir.path().join("n.db"), Synchronous::Normal, 64).await.unwrap();
         assert_eq!(normal.synchronous_level().await.unwrap(), 1, "NORMAL when configured");
     }
 
@@ -532,12 +689,12 @@ mod tests {
             .await
             .unwrap();
         }
-        let s = SqliteStore::open(&path, Synchronous::Full).await.unwrap();
+        let s = SqliteStore::open(&path, Synchronous::Full, 64).await.unwrap();
         let order = s.order("old").await.unwrap().unwrap();
         assert_eq!(order.owner, "", "orders of the previous version have no owner");
         assert_eq!(s.recover(Duration::ZERO).await.unwrap(), 1, "its lease names no process: taken back");
         drop(s);
-        let again = SqliteStore::open(&path, Synchronous::Full).await.unwrap();
+        let again = SqliteStore::open(&path, Synchronous::Full, 64).await.unwrap();
         assert!(again.order("old").await.unwrap().is_some(), "migrations run once");
     }
 }

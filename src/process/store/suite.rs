@@ -32,7 +32,7 @@ impl SuiteStore for PostgresStore {
 
 pub async fn sqlite() -> (SqliteStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    (SqliteStore::open(&dir.path().join("data/orders.db"), Synchronous::Full).await.unwrap(), dir)
+    (SqliteStore::open(&dir.path().join("data/orders.db"), Synchronous::Full, 64).await.unwrap(), dir)
 }
 
 pub fn postgres_url() -> String {
@@ -51,17 +51,18 @@ pub async fn postgres(test: &str) -> Option<(PostgresStore, String)> {
         eprintln!("SKIPPED {test} on PostgreSQL: nothing listens at {url}; start PostgreSQL (trust auth, database `test`) or set CAUSEWAY_TEST_POSTGRES");
         return None;
     }
-    let admin =
-        PostgresStore::open(&url, 2, Duration::from_secs(5)).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+    let admin = PostgresStore::open(&url, 2, Duration::from_secs(5), 64)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
     let schema = format!("causeway_test_{}", uuid::Uuid::now_v7().simple());
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(admin.pool()).await.unwrap();
     let sep = if url.contains('?') { '&' } else { '?' };
     let scoped = format!("{url}{sep}options[search_path]={schema}");
-    Some((PostgresStore::open(&scoped, 8, Duration::from_secs(5)).await.unwrap(), schema))
+    Some((PostgresStore::open(&scoped, 8, Duration::from_secs(5), 64).await.unwrap(), schema))
 }
 
 pub async fn drop_schema(schema: &str) {
-    if let Ok(admin) = PostgresStore::open(&postgres_url(), 2, Duration::from_secs(3)).await {
+    if let Ok(admin) = PostgresStore::open(&postgres_url(), 2, Duration::from_secs(3), 64).await {
         let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
             .execute(admin.pool())
             .await;
@@ -347,7 +348,7 @@ mod postgres_only {
     async fn replicas_starting_together_migrate_once() {
         let Some((s, schema)) = postgres("concurrent migrations").await else { return };
         let url = format!("{}?options[search_path]={schema}", postgres_url());
-        let opens = (0..4).map(|_| PostgresStore::open(&url, 2, Duration::from_secs(5)));
+        let opens = (0..4).map(|_| PostgresStore::open(&url, 2, Duration::from_secs(5), 64));
         for opened in futures_util::future::join_all(opens).await {
             opened.unwrap();
         }
