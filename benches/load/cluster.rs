@@ -4,7 +4,10 @@
 //!     with the limit in memory (JWT + rate limit, proxied to the nginx origin); and the same
 //!     with an ERP budget on the upstream, in Redis (two round trips a request) or in memory.
 //! (2) Quote-to-order orders recorded (202, `inline_wait_ms: 0`, budget not binding) on SQLite
-//!     and on PostgreSQL, each gateway with its own sandbox.
+//!     and on PostgreSQL, each gateway with its own sandbox; and on SQLite with group commit off
+//!     (`store.group_commit: 1`), the baseline group commit is measured against.
+//!
+//! `BENCH_CLUSTER_PART=1` or `=2` runs one part only.
 //!
 //! Needs PostgreSQL (`CAUSEWAY_TEST_POSTGRES`, default postgres://postgres@127.0.0.1:5432/test)
 //! and Redis (`CAUSEWAY_TEST_REDIS`, default redis://127.0.0.1:6379).
@@ -21,6 +24,8 @@ const SANDBOX_SQLITE: u16 = 18166;
 const SANDBOX_POSTGRES: u16 = 18167;
 const GW_SQLITE: u16 = 18170;
 const GW_POSTGRES: u16 = 18173;
+const SANDBOX_SQLITE_ALONE: u16 = 18168;
+const GW_SQLITE_ALONE: u16 = 18182;
 
 fn postgres_url() -> String {
     std::env::var("CAUSEWAY_TEST_POSTGRES")
@@ -48,8 +53,17 @@ pub fn run(procs: &mut Procs, work: &Path) {
     let seconds = env_num("BENCH_SECONDS", 5);
     let conns = env_num("BENCH_CONNECTIONS", 50);
     let prefix = format!("causeway-bench-{}", std::process::id());
+    let part = std::env::var("BENCH_CLUSTER_PART").unwrap_or_default();
+    if part != "2" {
+        limits(procs, work, (rounds, seconds, conns), &prefix);
+    }
+    if part != "1" {
+        orders(procs, work, (rounds, seconds, conns));
+    }
+}
 
-    // (1) Consumer limits (and the ERP budget) in memory and in Redis.
+/// (1) Consumer limits (and the ERP budget) in memory and in Redis.
+fn limits(procs: &mut Procs, work: &Path, (rounds, seconds, conns): (u64, u64, u64), prefix: &str) {
     let binary = causeway_binary(false).expect("the causeway binary");
     let token = policies::token();
     let redis_block = format!(
@@ -85,8 +99,10 @@ pub fn run(procs: &mut Procs, work: &Path) {
     let rps: Vec<f64> = targets.iter().zip(&results).map(|((name, ..), rs)| report(name, rs)).collect();
     println!("ratio r/m (consumer quota in Redis / in memory): {:.3}", rps[2] / rps[1]);
     println!("ratio R/M (quota and ERP budget in Redis / in memory): {:.3}", rps[4] / rps[3]);
+}
 
-    // (2) Orders recorded on SQLite and on PostgreSQL.
+/// (2) Orders recorded on SQLite and on PostgreSQL.
+fn orders(procs: &mut Procs, work: &Path, (rounds, seconds, conns): (u64, u64, u64)) {
     let unbound = (10_000_000, 60);
     start(procs, "sandbox-sqlite", sandbox(SANDBOX_SQLITE, unbound.0, unbound.1), SANDBOX_SQLITE);
     start(procs, "sandbox-postgres", sandbox(SANDBOX_POSTGRES, unbound.0, unbound.1), SANDBOX_POSTGRES);
@@ -94,6 +110,24 @@ pub fn run(procs: &mut Procs, work: &Path) {
     let gw =
         gateway_with_store(work, "gw-sqlite", GW_SQLITE, SANDBOX_SQLITE, unbound, 0, sqlite_store, "off");
     start(procs, "causeway-sqlite", gw, GW_SQLITE);
+    start(
+        procs,
+        "sandbox-sqlite-alone",
+        sandbox(SANDBOX_SQLITE_ALONE, unbound.0, unbound.1),
+        SANDBOX_SQLITE_ALONE,
+    );
+    let alone = "store: { path: data/orders.db, synchronous: full, group_commit: 1 }\n";
+    let gw = gateway_with_store(
+        work,
+        "gw-sqlite-alone",
+        GW_SQLITE_ALONE,
+        SANDBOX_SQLITE_ALONE,
+        unbound,
+        0,
+        alone,
+        "off",
+    );
+    start(procs, "causeway-sqlite-alone", gw, GW_SQLITE_ALONE);
     // A fresh schema per run, so the figure does not depend on earlier runs' rows.
     let schema = format!("causeway_bench_{}", std::process::id());
     let created = std::process::Command::new("psql")
@@ -111,6 +145,12 @@ pub fn run(procs: &mut Procs, work: &Path) {
     let targets = [
         ("(s) recorded on SQLite", GW_SQLITE, procs.pid("causeway-sqlite"), SANDBOX_SQLITE),
         ("(p) recorded on PostgreSQL", GW_POSTGRES, procs.pid("causeway-postgres"), SANDBOX_POSTGRES),
+        (
+            "(1) SQLite, group_commit 1",
+            GW_SQLITE_ALONE,
+            procs.pid("causeway-sqlite-alone"),
+            SANDBOX_SQLITE_ALONE,
+        ),
     ];
     println!("cluster (2): unique quotes, 202 (inline_wait_ms 0), one thread, wrk -t1 -c{conns} -d{seconds}s, {rounds} alternating rounds; medians");
     let mut results: Vec<Vec<WrkResult>> = targets.iter().map(|_| Vec::new()).collect();
@@ -122,9 +162,21 @@ pub fn run(procs: &mut Procs, work: &Path) {
             results[i].push(r);
         }
     }
+    // The same SQLite gateway at fewer connections: 50 closed-loop connections at 2,000/s wait
+    // 25 ms on average by Little's law, so the p99 target is read at this concurrency.
+    let few = env_num("BENCH_LATENCY_CONNECTIONS", 16);
+    let mut at_few = Vec::new();
+    for round in 0..rounds {
+        let script = script(work, &format!("L{round}"));
+        let (_, port, pid, sandbox_port) = targets[0];
+        at_few.push(wrk_with(port, pid, seconds, few, None, "/process/v1/quote-to-order", Some(&script)));
+        settle(sandbox_port);
+    }
     let rps: Vec<f64> = targets.iter().zip(&results).map(|((name, ..), rs)| report(name, rs)).collect();
+    report(&format!("(s) SQLite, -c{few}"), &at_few);
     println!("ratio p/s (PostgreSQL / SQLite): {:.3}", rps[1] / rps[0]);
-    for (name, port) in [("(s)", SANDBOX_SQLITE), ("(p)", SANDBOX_POSTGRES)] {
+    println!("ratio s/1 (SQLite, group commit on / off): {:.3}", rps[0] / rps[2]);
+    for (name, port) in [("(s)", SANDBOX_SQLITE), ("(p)", SANDBOX_POSTGRES), ("(1)", SANDBOX_SQLITE_ALONE)] {
         let st = stats(port);
         println!(
             "  {name} sandbox: orders created {}, duplicate external references {}, 429s {}",
