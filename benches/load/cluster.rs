@@ -12,8 +12,8 @@
 //! Needs PostgreSQL (`CAUSEWAY_TEST_POSTGRES`, default postgres://postgres@127.0.0.1:5432/test)
 //! and Redis (`CAUSEWAY_TEST_REDIS`, default redis://127.0.0.1:6379).
 
-use super::process::{gateway_with_store, sandbox, script, settle, start, stats};
-use super::{causeway_binary, env_num, median, policies, worker_pid, wrk_with, Procs, WrkResult, ORIGIN};
+use super::process::{gateway_with_store, report, sandbox, script, settle, start, stats};
+use super::{causeway_binary, env_num, policies, worker_pid, wrk_with, Procs, WrkResult, ORIGIN};
 use std::path::Path;
 
 const GW_LIMITS_MEMORY: u16 = 18160;
@@ -34,18 +34,6 @@ fn postgres_url() -> String {
 
 fn redis_url() -> String {
     std::env::var("CAUSEWAY_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn report(name: &str, rs: &[WrkResult]) -> f64 {
-    let rps = median(rs.iter().map(|r| r.rps).collect());
-    println!(
-        "{name:<28} {rps:>8.0} req/s  cpu {:>6.1} us/req  p50 {:>7.3} ms  p99 {:>7.3} ms  non-2xx {}",
-        median(rs.iter().map(|r| r.cpu_us).collect()),
-        median(rs.iter().map(|r| r.p50_ms).collect()),
-        median(rs.iter().map(|r| r.p99_ms).collect()),
-        rs.iter().map(|r| r.errors).sum::<u64>()
-    );
-    rps
 }
 
 pub fn run(procs: &mut Procs, work: &Path) {

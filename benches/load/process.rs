@@ -160,6 +160,19 @@ pub(super) fn stats(port: u16) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("stats: {e}: {text}"))
 }
 
+/// Print the medians of `rs` as one line under `name`; returns the median requests/s.
+pub(super) fn report(name: &str, rs: &[WrkResult]) -> f64 {
+    let rps = median(rs.iter().map(|r| r.rps).collect());
+    println!(
+        "{name:<28} {rps:>8.0} req/s  cpu {:>6.1} us/req  p50 {:>7.3} ms  p99 {:>7.3} ms  non-2xx {}",
+        median(rs.iter().map(|r| r.cpu_us).collect()),
+        median(rs.iter().map(|r| r.p50_ms).collect()),
+        median(rs.iter().map(|r| r.p99_ms).collect()),
+        rs.iter().map(|r| r.errors).sum::<u64>()
+    );
+    rps
+}
+
 /// Register and wait for a listener (these targets do not answer the generic warm-up GET).
 pub(super) fn start(procs: &mut Procs, name: &'static str, child: Child, port: u16) {
     procs.list.push((name, child, port));
@@ -225,18 +238,7 @@ pub fn run(procs: &mut Procs, work: &Path) {
             results[i].push(r);
         }
     }
-    let mut rps = Vec::new();
-    for ((name, ..), rs) in targets.iter().zip(&results) {
-        let m = median(rs.iter().map(|r| r.rps).collect());
-        println!(
-            "{name:<24} {m:>8.0} req/s  cpu {:>6.1} us/req  p50 {:>7.3} ms  p99 {:>7.3} ms  non-2xx {}",
-            median(rs.iter().map(|r| r.cpu_us).collect()),
-            median(rs.iter().map(|r| r.p50_ms).collect()),
-            median(rs.iter().map(|r| r.p99_ms).collect()),
-            rs.iter().map(|r| r.errors).sum::<u64>()
-        );
-        rps.push(m);
-    }
+    let rps: Vec<f64> = targets.iter().zip(&results).map(|((name, ..), rs)| report(name, rs)).collect();
     println!("ratio s/a (orders recorded / origin req/s): {:.3}", rps[1] / rps[0]);
     println!("ratio s/n (synchronous full / normal): {:.3}", rps[1] / rps[2]);
     println!("ratio e/a (orders accepted by the ERP / origin req/s): {:.3}", rps[3] / rps[0]);

@@ -10,8 +10,9 @@
 //! one bad write never fails the others and each caller gets its own write's outcome.
 
 use super::StoreError;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt};
 use prometheus::{Histogram, HistogramOpts, HistogramVec};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -61,7 +62,16 @@ where
 {
     fn run<'c>(&'c mut self, conn: &'c mut C) -> BoxFuture<'c, bool> {
         Box::pin(async move {
-            let outcome = (self.write)(conn).await;
+            // A write that panics fails alone; the writer thread, and every later write, lives on.
+            let panicked = || {
+                tracing::error!("an order store write panicked; it failed, the store carries on");
+                Err(StoreError("the write failed unexpectedly (a bug; see the log)".into()))
+            };
+            let write = &self.write;
+            let outcome = match std::panic::catch_unwind(AssertUnwindSafe(once(move || write(conn)))) {
+                Ok(future) => AssertUnwindSafe(future).catch_unwind().await.unwrap_or_else(|_| panicked()),
+                Err(_) => panicked(),
+            };
             let ok = outcome.is_ok();
             self.outcome = Some(outcome);
             ok
@@ -77,6 +87,11 @@ where
         // A caller that stopped waiting (its request was dropped) needs no answer.
         let _ = self.reply.send(outcome);
     }
+}
+
+/// `f` as a closure called once: lets it hand out what it captured (the connection's borrow).
+fn once<R>(f: impl FnOnce() -> R) -> impl FnOnce() -> R {
+    f
 }
 
 type Queue<C> = mpsc::Receiver<Box<dyn Job<C>>>;
@@ -263,14 +278,42 @@ mod tests {
         (GroupWriter::start(SqliteLink::writes(conn), 1, max_batch, "test-writer").unwrap(), reader, dir)
     }
 
-    async fn insert(w: &Writer, v: String) -> Result<i64, StoreError> {
+    async fn insert(w: &Writer, table: &'static str, v: String) -> Result<i64, StoreError> {
         w.write(move |conn: &mut Connection| {
-            let inserted = conn
-                .query_row("INSERT INTO t (v) VALUES (?) RETURNING rowid", [&v], |r| r.get::<_, i64>(0))
-                .map_err(StoreError::from);
+            let sql = format!("INSERT INTO {table} (v) VALUES (?) RETURNING rowid");
+            let inserted = conn.query_row(&sql, [&v], |r| r.get::<_, i64>(0)).map_err(StoreError::from);
             Box::pin(std::future::ready(inserted))
         })
         .await
+    }
+
+    /// Queue an insert of each `(table, value)` while the lane is held, so they meet in the
+    /// writer's queue, then let them run; their outcomes in order.
+    async fn queued_together(
+        w: &Arc<Writer>,
+        reader: &Connection,
+        rows: &[(&'static str, &str)],
+    ) -> Vec<Result<i64, StoreError>> {
+        let gate = Arc::new(Semaphore::new(0));
+        let held = hold(w, &gate).await;
+        let writes: Vec<_> = rows
+            .iter()
+            .map(|&(table, v)| {
+                let (w, v) = (w.clone(), v.to_string());
+                tokio::spawn(async move { insert(&w, table, v).await })
+            })
+            .collect();
+        while w.queued() < rows.len() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert!(values(reader).is_empty(), "nothing is written while the lane is held");
+        gate.add_permits(1);
+        held.await.unwrap();
+        let mut outcomes = Vec::new();
+        for write in writes {
+            outcomes.push(write.await.unwrap());
+        }
+        outcomes
     }
 
     /// Hold the writer's lane until `gate` gets a permit, so what is written next queues.
@@ -295,12 +338,6 @@ mod tests {
         held
     }
 
-    async fn wait_queued(w: &Writer, n: usize) {
-        while w.queued() < n {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-    }
-
     fn values(reader: &Connection) -> Vec<String> {
         let mut select = reader.prepare("SELECT v FROM t ORDER BY rowid").unwrap();
         let rows = select.query_map([], |r| r.get::<_, String>(0)).unwrap();
@@ -311,26 +348,16 @@ mod tests {
     async fn writes_that_queue_together_commit_in_one_transaction_each_with_its_own_answer() {
         let (w, reader, _dir) = writer(64);
         let w = Arc::new(w);
-        let gate = Arc::new(Semaphore::new(0));
-        let held = hold(&w, &gate).await;
-        let writes: Vec<_> = (0..100)
-            .map(|i| {
-                let w = w.clone();
-                tokio::spawn(async move { (i, insert(&w, format!("v{i}")).await) })
-            })
-            .collect();
-        wait_queued(&w, 100).await;
-        assert!(values(&reader).is_empty(), "nothing is written while the lane is held");
-        gate.add_permits(1);
-        held.await.unwrap();
+        let names: Vec<String> = (0..100).map(|i| format!("v{i}")).collect();
+        let rows: Vec<_> = names.iter().map(|v| ("t", v.as_str())).collect();
+        let outcomes = queued_together(&w, &reader, &rows).await;
         let mut rowids = std::collections::HashSet::new();
-        for write in writes {
-            let (i, outcome) = write.await.unwrap();
-            let rowid = outcome.unwrap_or_else(|e| panic!("write {i}: {e}"));
+        for (name, outcome) in names.iter().zip(outcomes) {
+            let rowid = outcome.unwrap_or_else(|e| panic!("write {name}: {e}"));
             // Answered after the commit: another connection reads the caller's own row.
             let v: String =
                 reader.query_row("SELECT v FROM t WHERE rowid = ?", [rowid], |r| r.get(0)).unwrap();
-            assert_eq!(v, format!("v{i}"), "each caller hears its own write's outcome");
+            assert_eq!(&v, name, "each caller hears its own write's outcome");
             rowids.insert(rowid);
         }
         assert_eq!(rowids.len(), 100);
@@ -342,34 +369,10 @@ mod tests {
     async fn a_failing_write_fails_alone_and_the_others_of_its_batch_are_committed() {
         let (w, reader, _dir) = writer(64);
         let w = Arc::new(w);
-        let gate = Arc::new(Semaphore::new(0));
-        let held = hold(&w, &gate).await;
         // "v3" twice: the second is refused by the unique index; a write to a missing table fails.
-        let values_in = ["v1", "v2", "v3", "v3", "v4"];
-        let mut writes: Vec<_> = values_in
-            .iter()
-            .map(|v| {
-                let (w, v) = (w.clone(), v.to_string());
-                tokio::spawn(async move { insert(&w, v).await.map(|_| ()) })
-            })
-            .collect();
-        let missing = w.clone();
-        writes.push(tokio::spawn(async move {
-            missing
-                .write(|conn: &mut Connection| {
-                    let failed =
-                        conn.execute_batch("INSERT INTO nowhere VALUES (1)").map_err(StoreError::from);
-                    Box::pin(std::future::ready(failed))
-                })
-                .await
-        }));
-        wait_queued(&w, values_in.len() + 1).await;
-        gate.add_permits(1);
-        held.await.unwrap();
-        let mut outcomes = Vec::new();
-        for write in writes {
-            outcomes.push(write.await.unwrap().is_ok());
-        }
+        let rows = [("t", "v1"), ("t", "v2"), ("t", "v3"), ("t", "v3"), ("t", "v4"), ("nowhere", "v5")];
+        let outcomes: Vec<bool> =
+            queued_together(&w, &reader, &rows).await.iter().map(Result::is_ok).collect();
         assert_eq!(outcomes, [true, true, true, false, true, false]);
         assert_eq!(
             values(&reader),
@@ -379,22 +382,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_write_that_panics_fails_alone_and_the_writer_carries_on() {
+        let (w, reader, _dir) = writer(64);
+        let panicked = w
+            .write(|_: &mut Connection| -> BoxFuture<'_, Result<(), StoreError>> {
+                panic!("a bug in a write")
+            })
+            .await;
+        assert!(panicked.is_err(), "the caller hears a failure, not silence");
+        insert(&w, "t", "after".into()).await.expect("the writer still writes");
+        assert_eq!(values(&reader), ["after"]);
+    }
+
+    #[tokio::test]
     async fn group_commit_1_commits_every_write_alone() {
         let (w, reader, _dir) = writer(1);
         let w = Arc::new(w);
-        let gate = Arc::new(Semaphore::new(0));
-        let held = hold(&w, &gate).await;
-        let writes: Vec<_> = (0..10)
-            .map(|i| {
-                let w = w.clone();
-                tokio::spawn(async move { insert(&w, format!("v{i}")).await })
-            })
-            .collect();
-        wait_queued(&w, 10).await;
-        gate.add_permits(1);
-        held.await.unwrap();
-        for write in writes {
-            write.await.unwrap().unwrap();
+        let names: Vec<String> = (0..10).map(|i| format!("v{i}")).collect();
+        let rows: Vec<_> = names.iter().map(|v| ("t", v.as_str())).collect();
+        for outcome in queued_together(&w, &reader, &rows).await {
+            outcome.unwrap();
         }
         assert_eq!(values(&reader).len(), 10);
         assert_eq!(w.commits(), 11);
