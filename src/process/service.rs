@@ -229,18 +229,57 @@ impl QuoteToOrder {
 
     /// Keep trying to free an idempotency key while the store is away (a database restart), so
     /// the caller's retry is not told "in flight" until the key is abandoned.
-    fn release_when_possible(&self, key: String) {
+    fn release_when_possible(self: &Arc<Self>, key: String) {
+        self.when_store_answers(
+            "an idempotency key stays in flight until this process restarts or the key is abandoned",
+            move |store| {
+                let key = key.clone();
+                async move { store.release_key(&key).await }
+            },
+        );
+    }
+
+    /// An order whose recording failed may still have been recorded (a commit whose answer was
+    /// lost with its connection), leased to this process for an inline attempt that will not
+    /// happen. Once the store answers, its lease is dropped and the worker woken, so it is
+    /// delivered now rather than when the lease expires; a row that was never written is no
+    /// row to move.
+    fn free_lease_when_possible(self: &Arc<Self>, id: String) {
+        let this = self.clone();
+        self.when_store_answers(
+            "an order recorded while the store failed waits for its lease to expire",
+            move |store| {
+                let (id, this) = (id.clone(), this.clone());
+                async move {
+                    let change = Change {
+                        reason: "recorded while the store was failing; the delivery worker takes it",
+                        ..Default::default()
+                    };
+                    if store.transition(&id, State::Validated, State::Validated, change).await? {
+                        this.wake.notify_one();
+                    }
+                    Ok(())
+                }
+            },
+        );
+    }
+
+    /// Run `attempt` every [`KEY_RELEASE_EVERY`] until the store answers it (at most
+    /// [`KEY_RELEASE_RETRIES`] times; then `gave_up` is logged).
+    fn when_store_answers<F, A>(&self, gave_up: &'static str, attempt: F)
+    where
+        F: Fn(Arc<dyn OrderStore>) -> A + Send + 'static,
+        A: std::future::Future<Output = Result<(), StoreError>> + Send,
+    {
         let Some(store) = self.store.get().cloned() else { return };
         tokio::spawn(async move {
             for _ in 0..KEY_RELEASE_RETRIES {
                 tokio::time::sleep(KEY_RELEASE_EVERY).await;
-                if store.release_key(&key).await.is_ok() {
+                if attempt(store.clone()).await.is_ok() {
                     return;
                 }
             }
-            tracing::error!(
-                "an idempotency key stays in flight until this process restarts or the key is abandoned"
-            );
+            tracing::error!("{gave_up}");
         });
     }
 
@@ -327,7 +366,12 @@ impl QuoteToOrder {
                 reason,
                 lease,
             })
-            .await?;
+            .await
+            .inspect_err(|_| {
+                if lease.is_some() {
+                    self.free_lease_when_possible(id.clone());
+                }
+            })?;
         self.moved.notify_one();
         let Some(record) = inserted else {
             // Another key for the same opportunity won the race.

@@ -307,6 +307,26 @@ async fn a_store_that_is_down_is_a_503_and_nothing_is_sent() {
     assert!(h.erp.created.lock().is_empty());
 }
 
+/// A commit whose answer is lost (the database went away as it committed): the order is
+/// recorded, leased for an inline attempt that never starts. The caller's retry finds it, and
+/// it is delivered once the store answers, not when its 120 s lease runs out.
+#[tokio::test]
+async fn an_order_recorded_by_a_commit_whose_answer_was_lost_is_delivered_without_waiting_for_its_lease() {
+    let h = harness(5);
+    h.store.lose_next_insert_answer();
+    let refused = submit(&h, "kl", &quote("OPP-LOST")).await;
+    assert!(matches!(refused, Err(GatewayError::StoreUnavailable { .. })), "{refused:?}");
+    let (status, order) = submit(&h, "kl", &quote("OPP-LOST")).await.unwrap();
+    assert_eq!(status, 200, "the retry gets the order that was recorded: {order}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.erp.created.lock().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "still leased to an attempt that never ran");
+        h.service.deliver_due().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(h.erp.created.lock().len(), 1);
+}
+
 /// `inline_wait_ms` bounds the caller's whole wait, master-data lookups included: a slow ERP
 /// (each call 60 % of the bound) gets the caller a 202 at the bound, not after a lookup's worth
 /// of time plus a delivery's, and the order is delivered afterwards. (tokio's paused clock.)

@@ -36,6 +36,8 @@ pub struct MemoryStore {
     offset_ms: AtomicI64,
     /// Make every call fail (a store that is down).
     failing: std::sync::atomic::AtomicBool,
+    /// Record the next order but answer with a failure (a commit whose answer was lost).
+    lose_insert_answer: std::sync::atomic::AtomicBool,
 }
 
 const DELIVERABLE: [State; 4] = [State::Received, State::Validated, State::Submitted, State::Pending];
@@ -53,6 +55,11 @@ impl MemoryStore {
     /// Fail every call from now on (`true`) or not.
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// The next `insert_order` records its order, then reports a failure.
+    pub fn lose_next_insert_answer(&self) {
+        self.lose_insert_answer.store(true, Ordering::Relaxed);
     }
 
     fn up(&self) -> Result<(), StoreError> {
@@ -170,6 +177,9 @@ impl OrderStore for MemoryStore {
         inner
             .orders
             .insert(o.id.into(), Stored { record: record.clone(), lease_until, history: vec![first] });
+        if self.lose_insert_answer.swap(false, Ordering::Relaxed) {
+            return Err(StoreError("connection lost while committing".into()));
+        }
         Ok(Some(record))
     }
 
