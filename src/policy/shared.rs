@@ -249,8 +249,11 @@ impl ModeWatch {
 /// Admission to a shared budget: expired permits and window entries leave, waiters that stopped
 /// asking leave the queue; then a request is admitted when nothing pauses the budget, the window
 /// and the concurrency have room, pacing allows, and fewer waiters of a better rank (priority,
-/// then arrival) than the free slots wait anywhere. Returns {admitted, wait ms, in flight, in
-/// window}.
+/// then arrival) than the free slots wait anywhere. When nobody waits, pacing is off and the
+/// room is ample (free ≥ 16 × replicas × grant), up to ARGV[10] admissions are granted at once,
+/// named `ID#1..n`: the first for this request, the rest held by the replica for at most
+/// ARGV[12] ms and counted in the window as of then. Returns {admitted (0 or how many), wait
+/// ms, in flight, in window}.
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -282,8 +285,22 @@ local free = math.min(max_c - in_flight, max_w - used)
 if wait == 0 and free > 0 then
   local ahead = redis.call('ZCOUNT', KEYS[3], '-inf', '(' .. ARGV[2])
   if ahead < free then
-    redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
-    redis.call('ZADD', KEYS[2], now, ARGV[1])
+    local want, replicas, hold = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+    local grant = 1
+    if want > 1 and interval == 0 and redis.call('ZCARD', KEYS[3]) == 0 then
+      grant = math.max(1, math.min(want, math.floor(free / (replicas * 16))))
+    end
+    if grant == 1 then
+      redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+      redis.call('ZADD', KEYS[2], now, ARGV[1])
+    else
+      redis.call('ZADD', KEYS[1], now + lease, ARGV[1] .. '#1')
+      redis.call('ZADD', KEYS[2], now, ARGV[1] .. '#1')
+      for i = 2, grant do
+        redis.call('ZADD', KEYS[1], now + lease, ARGV[1] .. '#' .. i)
+        redis.call('ZADD', KEYS[2], now + hold, ARGV[1] .. '#' .. i)
+      end
+    end
     redis.call('ZREM', KEYS[3], ARGV[1])
     redis.call('ZREM', KEYS[4], ARGV[1])
     if interval > 0 then
@@ -291,7 +308,7 @@ if wait == 0 and free > 0 then
     end
     redis.call('PEXPIRE', KEYS[1], lease * 2)
     redis.call('PEXPIRE', KEYS[2], window * 2)
-    return {1, 0, in_flight + 1, used + 1}
+    return {grant, 0, in_flight + grant, used + grant}
   end
 end
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
@@ -360,6 +377,15 @@ static RESUME_SCRIPT: OnceLock<redis::Script> = OnceLock::new();
 const POLL: Duration = Duration::from_millis(15);
 /// A waiter that stops asking this long leaves the shared queue (its replica stopped).
 const WAITER_TTL: Duration = Duration::from_millis(1500);
+/// Most admissions granted at once when the shared budget has ample room: one Redis script per
+/// this many ERP requests instead of one each.
+const MAX_BLOCK: u32 = 64;
+/// Longest a replica keeps admissions granted ahead of use (and never more than a quarter of
+/// the lease): they count in the window from when they would expire, so a late use is still
+/// counted for a whole window.
+const BLOCK_HOLD: Duration = Duration::from_millis(250);
+/// How often permits of a block are released to Redis, together (one pipeline).
+const RELEASE_EVERY: Duration = Duration::from_millis(5);
 
 /// Keys of one shared budget.
 struct Keys {
@@ -395,6 +421,16 @@ pub struct SharedBudget {
     released: tokio::sync::Notify,
     /// (in flight, in window) across replicas, as last seen.
     seen: Mutex<(u32, usize)>,
+    /// Admissions granted ahead of use, with when they stop being usable.
+    ahead: Mutex<std::collections::VecDeque<(Arc<str>, Instant)>>,
+    /// Permits of blocks to release in Redis at the next flush: (id, never used: leave the window too).
+    to_release: Mutex<Vec<(Arc<str>, bool)>>,
+    flushing: AtomicBool,
+    /// The last admission granted a block: while one request asks Redis for the next block,
+    /// the others wait for it instead of each asking for a block of their own.
+    ample: AtomicBool,
+    refilling: AtomicBool,
+    refilled: tokio::sync::Notify,
     shared_in_flight: prometheus::IntGauge,
 }
 
@@ -449,6 +485,12 @@ impl SharedBudget {
             renewing: AtomicBool::new(false),
             released: tokio::sync::Notify::new(),
             seen: Mutex::new((0, 0)),
+            ahead: Mutex::new(std::collections::VecDeque::new()),
+            to_release: Mutex::new(Vec::new()),
+            flushing: AtomicBool::new(false),
+            ample: AtomicBool::new(false),
+            refilling: AtomicBool::new(false),
+            refilled: tokio::sync::Notify::new(),
             shared_in_flight: Metrics::global().erp_shared_in_flight.with_label_values(&[upstream]),
         })
     }
@@ -463,6 +505,8 @@ impl SharedBudget {
             return;
         }
         let params = self.params.lock().clone();
+        // Admissions granted ahead were Redis's: they lapse there with their lease.
+        self.ahead.lock().clear();
         if fallback {
             let share = local_share(&params, self.link.settings.replicas);
             let used = self.seen.lock().1;
@@ -542,16 +586,31 @@ impl SharedBudget {
                     self.keep_renewing();
                     return Ok(self.reissue(local.into_lease(), Some(id)));
                 }
+                if let Some(granted) = self.take_ahead() {
+                    self.held.lock().insert(granted.clone());
+                    return Ok(self.reissue(local.into_lease(), Some(granted)));
+                }
+                // Registered before looking, so the end of a refill cannot slip past unseen.
+                let refill_done = self.refilled.notified();
+                tokio::pin!(refill_done);
+                refill_done.as_mut().enable();
+                if self.ample.load(Ordering::Acquire) && self.refilling.swap(true, Ordering::AcqRel) {
+                    let _ = tokio::time::timeout(POLL, refill_done).await;
+                    continue;
+                }
                 let params = self.params.lock().clone();
-                match self.try_admit(&id, rank, &params).await {
+                let admitted = self.try_admit(&id, rank, &params).await;
+                self.refilling.store(false, Ordering::Release);
+                self.refilled.notify_waiters();
+                match admitted {
                     // Redis is marked unreachable: the next round takes the fallback.
                     Err(_) => continue,
-                    Ok((true, _)) => {
-                        self.held.lock().insert(id.clone());
+                    Ok((Some(granted), _)) => {
+                        self.held.lock().insert(granted.clone());
                         self.keep_renewing();
-                        return Ok(self.reissue(local.into_lease(), Some(id)));
+                        return Ok(self.reissue(local.into_lease(), Some(granted)));
                     }
-                    Ok((false, wait)) => {
+                    Ok((None, wait)) => {
                         let now = Instant::now();
                         let left = deadline.saturating_duration_since(now);
                         if wait > left || left.is_zero() {
@@ -571,13 +630,31 @@ impl SharedBudget {
         }
     }
 
-    /// One admission attempt: (admitted, how long to wait before the next).
+    /// An admission granted ahead that is still usable; stale ones go back to Redis.
+    fn take_ahead(&self) -> Option<Arc<str>> {
+        let mut ahead = self.ahead.lock();
+        let now = Instant::now();
+        while let Some((id, until)) = ahead.pop_front() {
+            if until > now {
+                return Some(id);
+            }
+            self.to_release.lock().push((id, true));
+        }
+        None
+    }
+
+    fn block_hold(&self) -> Duration {
+        BLOCK_HOLD.min(self.link.settings.lease / 4)
+    }
+
+    /// One admission attempt: (the permit's name if admitted, how long to wait before the
+    /// next). Extra admissions of a block wait in `ahead` for this replica's next requests.
     async fn try_admit(
         &self,
         id: &Arc<str>,
         rank: u64,
         p: &BudgetParams,
-    ) -> Result<(bool, Duration), SharedError> {
+    ) -> Result<(Option<Arc<str>>, Duration), SharedError> {
         let ms = |d: Duration| d.as_millis() as u64;
         let mut invocation = script(ACQUIRE, &ACQUIRE_SCRIPT).prepare_invoke();
         invocation
@@ -595,12 +672,74 @@ impl SharedBudget {
             .arg(ms(p.window + p.window_margin))
             .arg(ms(WAITER_TTL))
             .arg(p.pacing.map_or(0, |pace| ms(pace.interval).max(1)))
-            .arg(p.pacing.map_or(1, |pace| pace.burst));
-        let (admitted, wait, in_flight, used): (u8, u64, u32, usize) =
+            .arg(p.pacing.map_or(1, |pace| pace.burst))
+            .arg(MAX_BLOCK)
+            .arg(self.link.settings.replicas.max(1))
+            .arg(ms(self.block_hold()));
+        let sent = Instant::now();
+        let (admitted, wait, in_flight, used): (u32, u64, u32, usize) =
             self.link.run(move |mut conn| async move { invocation.invoke_async(&mut conn).await }).await?;
         *self.seen.lock() = (in_flight, used);
         self.shared_in_flight.set(i64::from(in_flight));
-        Ok((admitted == 1, Duration::from_millis(wait)))
+        self.ample.store(admitted > 1, Ordering::Release);
+        let granted = match admitted {
+            0 => None,
+            1 => Some(id.clone()),
+            n => {
+                let until = sent + self.block_hold();
+                self.ahead.lock().extend((2..=n).map(|i| (Arc::from(format!("{id}#{i}")), until)));
+                self.keep_flushing();
+                Some(Arc::from(format!("{id}#1")))
+            }
+        };
+        Ok((granted, Duration::from_millis(wait)))
+    }
+
+    /// Release block permits in Redis every few milliseconds, one pipeline each time, and send
+    /// back admissions held ahead past their time; stops when there is nothing left to do.
+    fn keep_flushing(&self) {
+        if self.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (me, link) = (self.me.clone(), self.link.clone());
+        let (permits, window) = (self.keys.permits.clone(), self.keys.window.clone());
+        runtime().spawn(async move {
+            loop {
+                tokio::time::sleep(RELEASE_EVERY).await;
+                let Some(budget) = me.upgrade() else { return };
+                let now = Instant::now();
+                {
+                    let mut ahead = budget.ahead.lock();
+                    while ahead.front().is_some_and(|(_, until)| *until <= now) {
+                        let (id, _) = ahead.pop_front().expect("front checked");
+                        budget.to_release.lock().push((id, true));
+                    }
+                }
+                let batch = std::mem::take(&mut *budget.to_release.lock());
+                if batch.is_empty() {
+                    budget.flushing.store(false, Ordering::Release);
+                    // Work that arrived while this task stopped restarts it.
+                    if budget.ahead.lock().is_empty() && budget.to_release.lock().is_empty() {
+                        return;
+                    }
+                    budget.flushing.store(true, Ordering::Release);
+                    continue;
+                }
+                let mut pipe = redis::pipe();
+                pipe.cmd("ZREM")
+                    .arg(&permits)
+                    .arg(batch.iter().map(|(id, _)| &**id).collect::<Vec<_>>())
+                    .ignore();
+                let unused: Vec<&str> =
+                    batch.iter().filter(|(_, unused)| *unused).map(|(id, _)| &**id).collect();
+                if !unused.is_empty() {
+                    pipe.cmd("ZREM").arg(&window).arg(unused).ignore();
+                }
+                // A failure marks Redis unreachable; the permits lapse with their lease.
+                let _ =
+                    link.run(move |mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await;
+            }
+        });
     }
 
     fn leave_queue(&self, id: &Arc<str>) {
@@ -715,6 +854,14 @@ impl ErpBudget for SharedBudget {
     fn release(&self, mut lease: Lease) {
         if let Some(id) = lease.shared.take() {
             self.held.lock().remove(&id);
+            if id.contains('#') {
+                // Granted in a block, when the budget had ample room: released with others.
+                self.to_release.lock().push((id, false));
+                self.keep_flushing();
+                self.local.release(lease);
+                self.released.notify_waiters();
+                return;
+            }
             let key = self.keys.permits.clone();
             self.link.spawn(move |mut conn| async move {
                 redis::cmd("ZREM").arg(&key).arg(&*id).query_async::<()>(&mut conn).await
@@ -753,5 +900,96 @@ impl ErpBudget for SharedBudget {
 
     fn in_flight(&self) -> u32 {
         self.local.in_flight()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redis_url() -> String {
+        std::env::var("CAUSEWAY_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    }
+
+    /// A budget on its own key prefix in the machine's Redis; `None` (with a message) without one.
+    async fn budget(
+        test: &str,
+        window_requests: u32,
+        max_concurrent: u32,
+    ) -> Option<(Arc<SharedBudget>, redis::aio::MultiplexedConnection)> {
+        let client = redis::Client::open(redis_url()).ok()?;
+        let Ok(Ok(conn)) =
+            tokio::time::timeout(Duration::from_secs(2), client.get_multiplexed_async_connection()).await
+        else {
+            eprintln!("SKIPPED {test}: no Redis at {}; start one or set CAUSEWAY_TEST_REDIS", redis_url());
+            return None;
+        };
+        let settings = RedisSettings {
+            url: redis_url(),
+            key_prefix: format!("causeway-test-{}", uuid::Uuid::now_v7().simple()),
+            lease: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            replicas: 1,
+        };
+        let link = RedisLink::new(settings).expect("a Redis URL");
+        let params = BudgetParams {
+            window_requests,
+            window: Duration::from_secs(60),
+            window_margin: Duration::ZERO,
+            max_concurrent,
+            queue: 1000,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            circuit_failures: 5,
+            circuit_open: Duration::from_secs(1),
+            max_pause: Duration::from_secs(60),
+            max_share: 1.0,
+            pacing: None,
+            adaptive: false,
+        };
+        Some((SharedBudget::new("erp", params, link, BudgetFallback::LocalShare), conn))
+    }
+
+    async fn counts(budget: &SharedBudget, conn: &mut redis::aio::MultiplexedConnection) -> (usize, usize) {
+        let permits: usize = redis::cmd("ZCARD").arg(&budget.keys.permits).query_async(conn).await.unwrap();
+        let window: usize = redis::cmd("ZCARD").arg(&budget.keys.window).query_async(conn).await.unwrap();
+        (permits, window)
+    }
+
+    fn class() -> Class {
+        Class { name: "interactive".into(), priority: 1, max_wait: Duration::from_secs(2) }
+    }
+
+    /// With ample room, one script grants a block (64 here): ten requests make one Redis call
+    /// and count 64 in flight and in the window; once released and past the hold, the ten
+    /// stay in the window (they were made), the 54 unused leave both.
+    #[tokio::test]
+    async fn an_ample_budget_admits_in_blocks_and_gives_back_what_it_did_not_use() {
+        let Some((budget, mut conn)) = budget("ample_budget_blocks", 1_000_000, 10_000).await else { return };
+        let class = class();
+        let mut permits = Vec::new();
+        for _ in 0..10 {
+            permits.push(budget.acquire(&class, None).await.expect("room"));
+        }
+        assert_eq!(counts(&budget, &mut conn).await, (64, 64), "one block of 64 granted and counted");
+        drop(permits);
+        tokio::time::sleep(BLOCK_HOLD + Duration::from_millis(200)).await;
+        assert_eq!(counts(&budget, &mut conn).await, (0, 10), "released; unused admissions leave the window");
+    }
+
+    /// A tight budget (the ERP's real limits) is admitted one request at a time, released at
+    /// once, and never over its concurrency.
+    #[tokio::test]
+    async fn a_tight_budget_admits_one_by_one_and_never_past_its_limit() {
+        let Some((budget, mut conn)) = budget("tight_budget_exact", 1_000, 3).await else { return };
+        let class = Class { max_wait: Duration::from_millis(100), ..class() };
+        let first = budget.acquire(&class, None).await.expect("room");
+        let _second = budget.acquire(&class, None).await.expect("room");
+        let _third = budget.acquire(&class, None).await.expect("room");
+        assert_eq!(counts(&budget, &mut conn).await, (3, 3));
+        assert!(budget.acquire(&class, None).await.is_err(), "a fourth waits past its deadline");
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(counts(&budget, &mut conn).await, (2, 3), "released at once, still in the window");
     }
 }
