@@ -112,6 +112,12 @@ impl ServeHttp for AdminApp {
                     ),
                 }
             }
+            p if p.starts_with("/admin/events/dead-letters") => {
+                if let Some(refusal) = self.refusal(session, "the event dead-letter API") {
+                    return refusal;
+                }
+                self.event_dead_letters(session, p).await
+            }
             p if p.starts_with("/admin/dead-letters") => {
                 if let Some(refusal) = self.refusal(session, "the dead-letter API") {
                     return refusal;
@@ -224,6 +230,62 @@ impl AdminApp {
                         .into_bytes(),
                 ),
                 Ok(false) => problem(&GatewayError::NotDeadLettered { id: id.to_string() }, path),
+                Err(e) => unavailable(e),
+            },
+            _ => problem(&GatewayError::UnknownOperationsPath { listener: "admin" }, path),
+        }
+    }
+}
+
+impl AdminApp {
+    /// `GET /admin/events/dead-letters`, `POST /admin/events/dead-letters/replay` (all) and
+    /// `POST /admin/events/dead-letters/{event id}/replay` (docs/events.md).
+    async fn event_dead_letters(&self, session: &ServerSession, path: &str) -> Response<Vec<u8>> {
+        let Some(service) = &self.process else {
+            return problem(&GatewayError::ProcessDisabled, path);
+        };
+        if self.config.load().events.is_none() {
+            return problem(&GatewayError::EventsDisabled, path);
+        }
+        let unavailable = |e: crate::process::store::StoreError| {
+            tracing::error!(error = %e, "order store failure on the admin API");
+            problem(&GatewayError::StoreUnavailableToOperator { detail: e.to_string() }, path)
+        };
+        let outbox = match service.outbox().await {
+            Ok(Some(o)) => o,
+            Ok(None) => return problem(&GatewayError::EventsDisabled, path),
+            Err(e) => return unavailable(e),
+        };
+        let post = session.req_header().method == http::Method::POST;
+        let segments: Vec<&str> =
+            path.trim_start_matches("/admin/events/dead-letters").split('/').skip(1).collect();
+        let replayed = |n: u64| {
+            json_response(200, "application/json", json!({ "replayed": n }).to_string().into_bytes())
+        };
+        match (post, segments.as_slice()) {
+            (false, []) => match outbox.dead_deliveries(1000).await {
+                Ok(list) => {
+                    let value: Vec<_> = list
+                        .iter()
+                        .map(|d| {
+                            json!({
+                                "subscriber": d.subscriber, "eventId": d.event_id, "type": d.kind,
+                                "orderId": d.order_id, "attempts": d.attempts, "lastError": d.last_error,
+                                "time": crate::policy::mediation::convert::format_datetime(d.time_ms),
+                            })
+                        })
+                        .collect();
+                    json_response(200, "application/json", json!({ "value": value }).to_string().into_bytes())
+                }
+                Err(e) => unavailable(e),
+            },
+            (true, ["replay"]) => match outbox.replay_deliveries(None).await {
+                Ok(n) => replayed(n),
+                Err(e) => unavailable(e),
+            },
+            (true, [id, "replay"]) => match outbox.replay_deliveries(Some(id)).await {
+                Ok(0) => problem(&GatewayError::EventNotDeadLettered { id: id.to_string() }, path),
+                Ok(n) => replayed(n),
                 Err(e) => unavailable(e),
             },
             _ => problem(&GatewayError::UnknownOperationsPath { listener: "admin" }, path),

@@ -91,6 +91,10 @@ pub enum GatewayError {
     ProcessDisabled,
     #[error("order {id} is not dead-lettered")]
     NotDeadLettered { id: String },
+    #[error("no event subscribers")]
+    EventsDisabled,
+    #[error("event {id} has no dead-lettered delivery")]
+    EventNotDeadLettered { id: String },
     #[error("no budget for upstream {upstream}")]
     BudgetNotFound { upstream: String },
     #[error("no such path on this listener")]
@@ -202,9 +206,10 @@ impl GatewayError {
             GatewayError::AdminDisabled { .. } => 403,
             GatewayError::InvalidConfiguration { .. } => 422,
             GatewayError::ProcessDisabled
+            | GatewayError::EventsDisabled
             | GatewayError::BudgetNotFound { .. }
             | GatewayError::UnknownOperationsPath { .. } => 404,
-            GatewayError::NotDeadLettered { .. } => 409,
+            GatewayError::NotDeadLettered { .. } | GatewayError::EventNotDeadLettered { .. } => 409,
             GatewayError::NotReady { .. } => 503,
             GatewayError::UnsupportedMediaType { .. } => 415,
             GatewayError::AuthThrottled { .. } => 429,
@@ -267,6 +272,10 @@ impl GatewayError {
             GatewayError::InvalidConfiguration { .. } => ("invalid-configuration", "Configuration rejected"),
             GatewayError::ProcessDisabled => ("process-disabled", "Process APIs not configured"),
             GatewayError::NotDeadLettered { .. } => ("not-dead-lettered", "Order is not dead-lettered"),
+            GatewayError::EventsDisabled => ("events-disabled", "No event subscribers configured"),
+            GatewayError::EventNotDeadLettered { .. } => {
+                ("event-not-dead-lettered", "Event has no dead-lettered delivery")
+            }
             GatewayError::BudgetNotFound { .. } => ("budget-not-found", "No such ERP budget"),
             GatewayError::UnknownOperationsPath { .. } => ("route-not-found", "Not found"),
             GatewayError::NotReady { .. } => ("not-ready", "Not ready"),
@@ -358,6 +367,10 @@ impl GatewayError {
             GatewayError::ProcessDisabled => "causeway.yaml has no `process:` block, so there are no orders.".into(),
             GatewayError::NotDeadLettered { id } => format!(
                 "Order `{id}` is not dead-lettered; only dead-lettered orders can be replayed. GET /admin/dead-letters lists them."
+            ),
+            GatewayError::EventsDisabled => "causeway.yaml declares no event subscribers (`events:`, see docs/events.md), so there are no event deliveries.".into(),
+            GatewayError::EventNotDeadLettered { id } => format!(
+                "Event `{id}` has no dead-lettered delivery; only those can be replayed. GET /admin/events/dead-letters lists them."
             ),
             GatewayError::BudgetNotFound { upstream } => {
                 format!("No upstream `{upstream}` with a budget; GET /admin/budgets lists them.")
@@ -593,6 +606,8 @@ mod tests {
             GatewayError::InvalidConfiguration { diagnostics: vec![] },
             GatewayError::ProcessDisabled,
             GatewayError::NotDeadLettered { id: s() },
+            GatewayError::EventsDisabled,
+            GatewayError::EventNotDeadLettered { id: s() },
             GatewayError::BudgetNotFound { upstream: s() },
             GatewayError::UnknownOperationsPath { listener: "admin" },
             GatewayError::NotReady { upstreams: json!({}) },
@@ -638,6 +653,8 @@ mod tests {
                 | GatewayError::InvalidConfiguration { .. }
                 | GatewayError::ProcessDisabled
                 | GatewayError::NotDeadLettered { .. }
+                | GatewayError::EventsDisabled
+                | GatewayError::EventNotDeadLettered { .. }
                 | GatewayError::BudgetNotFound { .. }
                 | GatewayError::UnknownOperationsPath { .. }
                 | GatewayError::NotReady { .. }

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod erp;
 pub mod error;
+pub mod events;
 pub mod observe;
 pub mod policy;
 pub mod process;

@@ -106,6 +106,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     metrics_service.add_tcp(&listen.metrics);
     metrics_service.threads = Some(1);
+    let events = config.load().events.clone();
     let mut probe = background_service("upstream probe", UpstreamProbe { config, health, metrics });
     probe.threads = Some(1);
 
@@ -115,7 +116,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server.add_service(probe);
     server.add_service(background_service("config reload", ReloadTriggers(reloader)));
     if let Some(service) = process {
-        let mut worker = background_service("order delivery", DeliveryWorker(service));
+        let mut worker = background_service("order delivery", DeliveryWorker(service, events));
         worker.threads = Some(1);
         server.add_service(worker);
     }
@@ -152,12 +153,35 @@ fn start_process(config: &Arc<ArcSwap<Config>>) -> anyhow::Result<Option<Arc<Quo
     Ok(Some(QuoteToOrder::new(config.clone(), settings, adapter, open_store)))
 }
 
-/// Delivers pending orders to the ERP in the background.
-struct DeliveryWorker(Arc<QuoteToOrder>);
+/// Delivers pending orders to the ERP in the background, and the events of `events:` to their
+/// subscribers (a change of subscribers takes a restart).
+struct DeliveryWorker(Arc<QuoteToOrder>, Option<crate::config::events::EventsSettings>);
 
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for DeliveryWorker {
     async fn start(&self, shutdown: pingora::server::ShutdownWatch) {
+        if let Some(events) = self.1.clone() {
+            let (service, shutdown) = (self.0.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    match service.outbox().await {
+                        Ok(Some(outbox)) => {
+                            return crate::events::dispatch::start(outbox, &events, shutdown).await
+                        }
+                        Ok(None) => {
+                            tracing::error!(
+                                "the order store keeps no event outbox: events are not delivered"
+                            );
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "order store unavailable; event delivery starts when it answers");
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                    }
+                }
+            });
+        }
         self.0.clone().run_worker(shutdown).await;
     }
 }

@@ -309,3 +309,79 @@ fn cluster_mode_combinations_are_checked_with_file_and_line() {
     );
     assert!(ok, "{err}");
 }
+
+/// `events:`: every mistake an operator can make in a subscriber is refused with the file, the
+/// line and what to do; secrets come from the environment and must be Standard Webhooks secrets.
+#[test]
+fn event_subscribers_are_checked_with_file_line_and_remedy() {
+    // The shipped process configuration (routes, rules, mappings), its `process:` block split off.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = common::process::sandbox_options("http://127.0.0.1:9".into(), common::process::FAST);
+    common::write_config(dir.path(), &opts, (18000, 18001, 18002));
+    let file = dir.path().join("causeway.yaml");
+    let whole = std::fs::read_to_string(&file).unwrap();
+    let (base, rest) = whole.split_at(whole.find("process:\n").unwrap());
+    let (base, process) = (base.to_string(), rest.trim_end().to_string() + "\n");
+    let process = process.as_str();
+    let good = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let run = |process: &str, subscriber: &str, secret: Option<&str>| {
+        std::fs::write(&file, format!("{base}{process}events:\n  subscribers:\n{subscriber}")).unwrap();
+        let mut env = vec![("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")];
+        if let Some(s) = secret {
+            env.push(("HOOK_SECRET", s));
+        }
+        let line = |needle: &str| {
+            let text = std::fs::read_to_string(&file).unwrap();
+            text.lines().collect::<Vec<_>>().iter().rposition(|l| l.contains(needle)).map_or(0, |n| n + 1)
+        };
+        let (ok, err) = check(dir.path(), &env);
+        (ok, err, line("url:"), line("secret_env:"), line("types:"))
+    };
+    let sub = |url: &str, extra: &str| {
+        format!("    crm:\n      url: {url}\n      secret_env: [HOOK_SECRET]\n{extra}")
+    };
+
+    let (ok, err, ..) = run(process, &sub("https://crm.example.com/hooks", ""), Some(good));
+    assert!(ok, "a valid subscriber: {err}");
+
+    let (ok, err, url, ..) = run(process, &sub("ftp://crm.example.com/hooks", ""), Some(good));
+    assert!(
+        !ok && err.contains(&format!("causeway.yaml:{url}:")) && err.contains("http:// or https://"),
+        "{err}"
+    );
+
+    let (ok, err, _, secret, _) = run(process, &sub("https://crm.example.com/h", ""), None);
+    assert!(
+        !ok && err.contains(&format!("causeway.yaml:{secret}:")) && err.contains("`HOOK_SECRET` is not set"),
+        "{err}"
+    );
+    for (bad, says) in [
+        ("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_"),
+        ("whsec_!!not-base64\u{202e}", "base64"),
+        ("whsec_c2hvcnQ=", "24 to 64 bytes"),
+    ] {
+        let (ok, err, _, secret, _) = run(process, &sub("https://crm.example.com/h", ""), Some(bad));
+        assert!(
+            !ok && err.contains(&format!("causeway.yaml:{secret}:")) && err.contains(says),
+            "{bad}: {err}"
+        );
+    }
+
+    let (ok, err, .., types) =
+        run(process, &sub("https://crm.example.com/h", "      types: [order.shipped.v9]\n"), Some(good));
+    assert!(
+        !ok && err.contains(&format!("causeway.yaml:{types}:"))
+            && err.contains("unknown type `order.shipped.v9`"),
+        "{err}"
+    );
+
+    let (ok, err, ..) = run(process, &sub("https://crm.example.com/h", "      timeout_ms: 0\n"), Some(good));
+    assert!(!ok && err.contains("timeout_ms must be 100 to 120000"), "{err}");
+
+    let odd = "    \"CRM 🦀\":\n      url: https://crm.example.com/h\n      secret_env: [HOOK_SECRET]\n";
+    let (ok, err, ..) = run(process, odd, Some(good));
+    assert!(!ok && err.contains("a name is 1 to 64 of a-z"), "{err}");
+
+    let (ok, err, ..) = run("", &sub("https://crm.example.com/h", ""), Some(good));
+    assert!(!ok && err.contains("add a `process:` block"), "{err}");
+}

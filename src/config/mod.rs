@@ -6,6 +6,7 @@
 
 mod cluster;
 mod env;
+pub mod events;
 pub mod policies;
 mod process;
 mod router;
@@ -198,6 +199,8 @@ pub struct Config {
     pub sandbox: Option<SandboxSettings>,
     /// The process APIs' settings, when `causeway.yaml` has a `process:` block.
     pub process: Option<ProcessSettings>,
+    /// Event subscribers (`events:`), when declared.
+    pub events: Option<events::EventsSettings>,
     /// Replicas and how they share state (`cluster:`; one node without it).
     pub cluster: ClusterSettings,
     /// Refuses client addresses that keep failing authentication (`None`: off).
@@ -317,6 +320,10 @@ pub fn load_with_state(
         &routes,
         &mut diags,
     );
+    let events = main
+        .events
+        .as_ref()
+        .and_then(|spec| events::compile_events(&main_path, spec, main.process.is_some(), env, &mut diags));
     if !diags.0.is_empty() {
         return Err(diags);
     }
@@ -343,6 +350,7 @@ pub fn load_with_state(
         process_rules: process_rules.map(Arc::new),
         sandbox,
         process,
+        events,
         cluster,
         auth_failures: state.auth_failures(
             main.auth_failures.max_failures,

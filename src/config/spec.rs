@@ -39,6 +39,9 @@ pub struct MainSpec {
     /// The process APIs (quote-to-order): which ERP they write to and how delivery retries.
     #[serde(default)]
     pub process: Option<ProcessSpec>,
+    /// Who hears what happens to orders (`docs/events.md`).
+    #[serde(default)]
+    pub events: Option<super::events::EventsSpec>,
     /// Seconds between upstream reachability probes (they drive `/readyz`).
     #[serde(default = "default_probe_seconds")]
     pub health_probe_seconds: u64,

@@ -27,6 +27,11 @@ pub struct Metrics {
     pub shared_state_switches: IntCounterVec,
     pub erp_shared_in_flight: prometheus::IntGaugeVec,
     pub header_deadline_closed: prometheus::IntCounter,
+    pub events_delivered: IntCounterVec,
+    pub event_delivery_failures: IntCounterVec,
+    pub events_dead_lettered: IntCounterVec,
+    pub event_delivery_lag: HistogramVec,
+    pub events_undelivered: prometheus::IntGaugeVec,
     requests: IntCounterVec,
     duration: HistogramVec,
     upstream_duration: HistogramVec,
@@ -149,6 +154,38 @@ impl Metrics {
             "Client connections closed because their request header did not arrive within client_header_timeout_ms",
         )
         .expect("valid metric");
+        let events_delivered = counter(
+            "causeway_events_delivered_total",
+            "Events a subscriber acknowledged (2xx), by subscriber",
+            &["subscriber"],
+        );
+        let event_delivery_failures = counter(
+            "causeway_event_delivery_failures_total",
+            "Event delivery attempts that failed (non-2xx, timeout, unreachable), by subscriber",
+            &["subscriber"],
+        );
+        let events_dead_lettered = counter(
+            "causeway_events_dead_lettered_total",
+            "Events given up on past the subscriber's horizon, by subscriber",
+            &["subscriber"],
+        );
+        let event_delivery_lag = HistogramVec::new(
+            HistogramOpts::new(
+                "causeway_event_delivery_lag_seconds",
+                "From the order's state change to the subscriber's acknowledgement",
+            )
+            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0]),
+            &["subscriber"],
+        )
+        .expect("valid metric");
+        let events_undelivered = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "causeway_events_undelivered",
+                "Events not yet acknowledged by a subscriber (state: pending, dead)",
+            ),
+            &["subscriber", "state"],
+        )
+        .expect("valid metric");
         let mediation_rejections = counter(
             "causeway_mediation_rejections_total",
             "Requests refused by schema validation before reaching the ERP, by route and location",
@@ -183,6 +220,11 @@ impl Metrics {
             Box::new(shared_state_switches.clone()),
             Box::new(erp_shared_in_flight.clone()),
             Box::new(header_deadline_closed.clone()),
+            Box::new(events_delivered.clone()),
+            Box::new(event_delivery_failures.clone()),
+            Box::new(events_dead_lettered.clone()),
+            Box::new(event_delivery_lag.clone()),
+            Box::new(events_undelivered.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(upstream_duration.clone()),
@@ -208,6 +250,11 @@ impl Metrics {
             shared_state_switches,
             erp_shared_in_flight,
             header_deadline_closed,
+            events_delivered,
+            event_delivery_failures,
+            events_dead_lettered,
+            event_delivery_lag,
+            events_undelivered,
             requests,
             duration,
             upstream_duration,

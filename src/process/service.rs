@@ -146,6 +146,13 @@ impl QuoteToOrder {
         Ok(store.as_ref())
     }
 
+    /// The store's event outbox (`crate::events`), once the store is open; `None` when the
+    /// store keeps none.
+    pub async fn outbox(&self) -> Result<Option<Arc<dyn super::store::outbox::EventOutbox>>, StoreError> {
+        self.store().await?;
+        Ok(self.store.get().cloned().and_then(|s| s.outbox()))
+    }
+
     async fn recover(&self, store: &dyn OrderStore) -> Result<(), StoreError> {
         let released = store.recover(self.settle).await?;
         if released > 0 {

@@ -7,8 +7,11 @@
 
 mod group;
 pub mod memory;
+pub mod outbox;
 pub mod postgres;
+mod postgres_outbox;
 pub mod sqlite;
+mod sqlite_outbox;
 #[cfg(test)]
 mod suite;
 
@@ -240,4 +243,8 @@ pub trait OrderStore: Send + Sync {
     async fn history(&self, id: &str) -> Result<Vec<Transition>, StoreError>;
     /// Orders per state, for the gauges.
     async fn count_by_state(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    /// The event outbox, when this store keeps one (`crate::events`).
+    fn outbox(self: Arc<Self>) -> Option<Arc<dyn outbox::EventOutbox>> {
+        None
+    }
 }

@@ -28,8 +28,9 @@ pub const ABANDONED_KEY: Duration = Duration::from_secs(120);
 
 /// Versioned schema changes, each applied once in its own transaction (`causeway_migrations`
 /// records them). Replicas that start together serialise on an advisory lock.
-pub const MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE orders (
+pub const MIGRATIONS: &[&[&str]] = &[
+    &[
+        "CREATE TABLE orders (
         id TEXT PRIMARY KEY,
         opportunity_id TEXT NOT NULL,
         state TEXT NOT NULL,
@@ -47,11 +48,11 @@ pub const MIGRATIONS: &[&[&str]] = &[&[
         received_at BIGINT NOT NULL,
         updated_at BIGINT NOT NULL,
         owner TEXT NOT NULL DEFAULT '')",
-    // One live order per opportunity: a rejected quote may be fixed and submitted again.
-    "CREATE UNIQUE INDEX orders_live_opportunity ON orders(opportunity_id) WHERE state <> 'rejected'",
-    "CREATE INDEX orders_due ON orders(state, next_attempt_at)",
-    "CREATE INDEX orders_lease_owner ON orders(lease_owner) WHERE lease_until > 0",
-    "CREATE TABLE transitions (
+        // One live order per opportunity: a rejected quote may be fixed and submitted again.
+        "CREATE UNIQUE INDEX orders_live_opportunity ON orders(opportunity_id) WHERE state <> 'rejected'",
+        "CREATE INDEX orders_due ON orders(state, next_attempt_at)",
+        "CREATE INDEX orders_lease_owner ON orders(lease_owner) WHERE lease_until > 0",
+        "CREATE TABLE transitions (
         seq BIGSERIAL PRIMARY KEY,
         order_id TEXT NOT NULL,
         at BIGINT NOT NULL,
@@ -60,9 +61,9 @@ pub const MIGRATIONS: &[&[&str]] = &[&[
         reason TEXT NOT NULL,
         repeats BIGINT NOT NULL DEFAULT 0,
         last_at BIGINT)",
-    "CREATE INDEX transitions_order ON transitions(order_id, seq)",
-    // A change to the state the order is already in (another retry) counts on the last entry.
-    "CREATE FUNCTION causeway_order_history() RETURNS trigger LANGUAGE plpgsql AS $$
+        "CREATE INDEX transitions_order ON transitions(order_id, seq)",
+        // A change to the state the order is already in (another retry) counts on the last entry.
+        "CREATE FUNCTION causeway_order_history() RETURNS trigger LANGUAGE plpgsql AS $$
      BEGIN
         IF TG_OP = 'INSERT' THEN
             INSERT INTO transitions (order_id, at, from_state, to_state, reason)
@@ -77,9 +78,9 @@ pub const MIGRATIONS: &[&[&str]] = &[&[
         END IF;
         RETURN NULL;
      END $$",
-    "CREATE TRIGGER orders_history AFTER INSERT OR UPDATE OF state ON orders
+        "CREATE TRIGGER orders_history AFTER INSERT OR UPDATE OF state ON orders
         FOR EACH ROW EXECUTE FUNCTION causeway_order_history()",
-    "CREATE TABLE idempotency_keys (
+        "CREATE TABLE idempotency_keys (
         key TEXT PRIMARY KEY,
         fingerprint TEXT NOT NULL,
         in_flight BOOLEAN NOT NULL,
@@ -89,7 +90,59 @@ pub const MIGRATIONS: &[&[&str]] = &[&[
         holder TEXT NOT NULL DEFAULT '',
         created_at BIGINT NOT NULL,
         expires_at BIGINT NOT NULL)",
-]];
+    ],
+    OUTBOX,
+];
+
+/// The event outbox (`super::outbox`): events written by a trigger in the statement that
+/// changes the state, each with one delivery per subscriber that wants its type.
+const OUTBOX: &[&str] = &[
+    "CREATE TABLE event_subscribers (name TEXT PRIMARY KEY, types TEXT NOT NULL)",
+    "CREATE TABLE events (
+        seq BIGSERIAL PRIMARY KEY,
+        id TEXT NOT NULL,
+        order_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        data TEXT NOT NULL)",
+    "CREATE TABLE event_deliveries (
+        subscriber TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        order_id TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts BIGINT NOT NULL DEFAULT 0,
+        next_attempt_at BIGINT NOT NULL,
+        lease_until BIGINT NOT NULL DEFAULT 0,
+        last_error TEXT,
+        delivered_at BIGINT,
+        PRIMARY KEY (subscriber, seq))",
+    "CREATE INDEX event_deliveries_due ON event_deliveries(subscriber, state, next_attempt_at)",
+    "CREATE INDEX event_deliveries_order ON event_deliveries(subscriber, order_id, seq)",
+    "CREATE FUNCTION causeway_order_event() RETURNS trigger LANGUAGE plpgsql AS $$
+     DECLARE
+        kind TEXT;
+        written BIGINT;
+     BEGIN
+        IF NEW.state NOT IN ('accepted', 'rejected', 'dead_lettered')
+           OR (TG_OP = 'UPDATE' AND OLD.state = NEW.state) THEN
+            RETURN NULL;
+        END IF;
+        kind := 'order.' || NEW.state || '.v1';
+        INSERT INTO events (id, order_id, type, at, data) VALUES (
+            replace(gen_random_uuid()::text, '-', ''), NEW.id, kind, NEW.updated_at,
+            json_build_object('orderId', NEW.id, 'opportunityId', NEW.opportunity_id,
+                'consumer', NEW.owner, 'state', NEW.state, 'erpOrderId', NEW.erp_order_id,
+                'erpOrderNumber', NEW.erp_order_number, 'reason', NEW.reason,
+                'violations', NEW.violations::json, 'correlationId', NEW.correlation_id)::text)
+        RETURNING seq INTO written;
+        INSERT INTO event_deliveries (subscriber, seq, order_id, next_attempt_at)
+            SELECT name, written, NEW.id, NEW.updated_at FROM event_subscribers
+            WHERE types = '*' OR position(',' || kind || ',' in ',' || types || ',') > 0;
+        RETURN NULL;
+     END $$",
+    "CREATE TRIGGER orders_events AFTER INSERT OR UPDATE OF state ON orders
+        FOR EACH ROW EXECUTE FUNCTION causeway_order_event()",
+];
 
 /// PostgreSQL's text cannot hold NUL, which a consumer id, a key or an ERP's answer may: it is
 /// stored as U+FFFD instead of failing the statement (and the caller with a 503).
@@ -598,5 +651,9 @@ impl OrderStore for PostgresStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(|r| Ok((r.try_get("state")?, r.try_get("n")?))).collect()
+    }
+
+    fn outbox(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn super::outbox::EventOutbox>> {
+        Some(self)
     }
 }

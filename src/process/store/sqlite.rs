@@ -165,29 +165,89 @@ const SCHEMA: &[&str] = &[
 ];
 
 /// Schema changes after the first version, applied once each (`PRAGMA user_version` counts them).
-const MIGRATIONS: &[&[&str]] = &[&[
-    // Orders belong to the consumer that submitted them (`policy/consumer`).
-    "ALTER TABLE orders ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
-    // Leases and in-flight keys name the process that holds them.
-    "ALTER TABLE orders ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''",
-    "ALTER TABLE idempotency_keys ADD COLUMN holder TEXT NOT NULL DEFAULT ''",
-    // A change to the state the order is already in (another retry) counts on the last entry
-    // instead of adding one per retry.
-    "ALTER TABLE transitions ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0",
-    "ALTER TABLE transitions ADD COLUMN last_at INTEGER",
-    "DROP TRIGGER IF EXISTS orders_history_update",
-    "CREATE TRIGGER orders_history_update AFTER UPDATE OF state ON orders
+const MIGRATIONS: &[&[&str]] = &[
+    &[
+        // Orders belong to the consumer that submitted them (`policy/consumer`).
+        "ALTER TABLE orders ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        // Leases and in-flight keys name the process that holds them.
+        "ALTER TABLE orders ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE idempotency_keys ADD COLUMN holder TEXT NOT NULL DEFAULT ''",
+        // A change to the state the order is already in (another retry) counts on the last entry
+        // instead of adding one per retry.
+        "ALTER TABLE transitions ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE transitions ADD COLUMN last_at INTEGER",
+        "DROP TRIGGER IF EXISTS orders_history_update",
+        "CREATE TRIGGER orders_history_update AFTER UPDATE OF state ON orders
         WHEN OLD.state <> NEW.state BEGIN
         INSERT INTO transitions (order_id, at, from_state, to_state, reason)
         VALUES (NEW.id, NEW.updated_at, OLD.state, NEW.state, NEW.reason);
      END",
-    "CREATE TRIGGER orders_history_repeat AFTER UPDATE OF state ON orders
+        "CREATE TRIGGER orders_history_repeat AFTER UPDATE OF state ON orders
         WHEN OLD.state = NEW.state BEGIN
         UPDATE transitions SET repeats = repeats + 1, last_at = NEW.updated_at, reason = NEW.reason
         WHERE seq = (SELECT MAX(seq) FROM transitions WHERE order_id = NEW.id);
      END",
-    "CREATE INDEX IF NOT EXISTS orders_lease_owner ON orders(lease_owner) WHERE lease_until > 0",
-]];
+        "CREATE INDEX IF NOT EXISTS orders_lease_owner ON orders(lease_owner) WHERE lease_until > 0",
+    ],
+    OUTBOX,
+];
+
+/// The body of both outbox triggers: the event of the order's new state, and one delivery per
+/// subscriber that wants its type.
+macro_rules! order_event {
+    () => {
+        "
+        INSERT INTO events (id, order_id, type, at, data) VALUES (
+            lower(hex(randomblob(16))), NEW.id, 'order.' || NEW.state || '.v1', NEW.updated_at,
+            json_object('orderId', NEW.id, 'opportunityId', NEW.opportunity_id, 'consumer', NEW.owner,
+                'state', NEW.state, 'erpOrderId', NEW.erp_order_id, 'erpOrderNumber', NEW.erp_order_number,
+                'reason', NEW.reason,
+                'violations', CASE WHEN json_valid(NEW.violations) THEN json(NEW.violations) END,
+                'correlationId', NEW.correlation_id));
+        INSERT INTO event_deliveries (subscriber, seq, order_id, next_attempt_at)
+            SELECT name, (SELECT MAX(seq) FROM events), NEW.id, NEW.updated_at FROM event_subscribers
+            WHERE types = '*' OR instr(',' || types || ',', ',order.' || NEW.state || '.v1,') > 0;
+        "
+    };
+}
+
+/// The event outbox (`super::outbox`): events written by triggers in the statement that
+/// changes the state, each with one delivery per subscriber that wants its type.
+const OUTBOX: &[&str] = &[
+    "CREATE TABLE event_subscribers (name TEXT PRIMARY KEY, types TEXT NOT NULL)",
+    "CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL,
+        order_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        data TEXT NOT NULL)",
+    "CREATE TABLE event_deliveries (
+        subscriber TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        order_id TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,
+        lease_until INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        delivered_at INTEGER,
+        PRIMARY KEY (subscriber, seq))",
+    "CREATE INDEX event_deliveries_due ON event_deliveries(subscriber, state, next_attempt_at)",
+    "CREATE INDEX event_deliveries_order ON event_deliveries(subscriber, order_id, seq)",
+    concat!(
+        "CREATE TRIGGER orders_event_insert AFTER INSERT ON orders
+            WHEN NEW.state IN ('accepted', 'rejected', 'dead_lettered') BEGIN",
+        order_event!(),
+        "END"
+    ),
+    concat!(
+        "CREATE TRIGGER orders_event_update AFTER UPDATE OF state ON orders
+            WHEN OLD.state <> NEW.state AND NEW.state IN ('accepted', 'rejected', 'dead_lettered') BEGIN",
+        order_event!(),
+        "END"
+    ),
+];
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -324,7 +384,7 @@ impl SqliteStore {
     }
 
     /// Run `work` on the writer's connection in the next group; its outcome once committed.
-    async fn write<T: Send + 'static>(
+    pub(super) async fn write<T: Send + 'static>(
         &self,
         work: impl Fn(&rusqlite::Connection) -> Result<T, StoreError> + Send + Sync + 'static,
     ) -> Result<T, StoreError> {
@@ -332,7 +392,7 @@ impl SqliteStore {
     }
 
     /// Run `work` on the read connection (committed data only).
-    async fn read<T: Send + 'static>(
+    pub(super) async fn read<T: Send + 'static>(
         &self,
         work: impl Fn(&rusqlite::Connection) -> Result<T, StoreError> + Send + Sync + 'static,
     ) -> Result<T, StoreError> {
@@ -649,6 +709,10 @@ impl OrderStore for SqliteStore {
             Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
+    }
+
+    fn outbox(self: Arc<Self>) -> Option<Arc<dyn super::outbox::EventOutbox>> {
+        Some(self)
     }
 }
 

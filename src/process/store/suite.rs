@@ -2,6 +2,7 @@
 //! (`CAUSEWAY_TEST_POSTGRES`, default `postgres://postgres@127.0.0.1:5432/test`; each test gets a schema
 //! of its own). The same assertions hold for both, so the service can run on either.
 
+use super::outbox::{Attempted, EventOutbox};
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::{Change, KeyState, NewOrder, OrderStore};
@@ -12,7 +13,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// A backend under test, acting for whichever process a test needs.
-pub trait SuiteStore: OrderStore + Clone + 'static {
+pub trait SuiteStore: OrderStore + EventOutbox + Clone + 'static {
     /// This store as used by the process named `local` (`pid:start`) on this host.
     fn for_process(&self, local: &str) -> Self;
 }
@@ -278,6 +279,94 @@ pub async fn racing_writers_get_one_order_one_key_holder_and_disjoint_claims(s: 
     assert_eq!((total, claimed.len()), (41, 41), "every due order claimed once");
 }
 
+// The event outbox (`super::outbox`).
+
+fn outbox_order<'a>(
+    id: &'a str,
+    opportunity: &'a str,
+    state: State,
+    violations: Option<&'a str>,
+) -> NewOrder<'a> {
+    NewOrder {
+        id,
+        owner: "keys/crm",
+        opportunity_id: opportunity,
+        state,
+        quote: "{}",
+        validated: true,
+        violations,
+        correlation_id: "corr-1",
+        reason: "r",
+        lease: None,
+    }
+}
+
+async fn moved(s: &impl SuiteStore, id: &str, from: State, to: State, erp: Option<(&str, &str)>) {
+    let change = Change { reason: "moved", erp_order: erp, ..Default::default() };
+    assert!(s.transition(id, from, to, change).await.unwrap());
+}
+
+/// The state change writes its event and one delivery per subscriber that wants the type;
+/// an order's second event is not leased before its first is delivered, whatever the retries.
+pub async fn an_orders_events_are_written_with_its_changes_and_leased_strictly_in_order(s: impl SuiteStore) {
+    let subs =
+        [("crm".to_string(), "*".to_string()), ("ops".to_string(), "order.dead_lettered.v1".to_string())];
+    assert_eq!(s.set_subscribers(&subs).await.unwrap(), 0);
+    s.insert_order(outbox_order("o-1", "opp-1", State::Validated, None)).await.unwrap();
+    moved(&s, "o-1", State::Validated, State::DeadLettered, None).await;
+    moved(&s, "o-1", State::DeadLettered, State::Validated, None).await;
+    moved(&s, "o-1", State::Validated, State::Accepted, Some(("erp-id", "S-1001"))).await;
+    let lease = Duration::from_secs(30);
+    let first = s.claim_deliveries("crm", 10, lease).await.unwrap();
+    assert_eq!(first.len(), 1, "only the order's earliest undelivered event: {first:?}");
+    assert_eq!(first[0].event.kind, "order.dead_lettered.v1");
+    let data: serde_json::Value = serde_json::from_str(&first[0].event.data).unwrap();
+    assert_eq!((data["orderId"].as_str(), data["correlationId"].as_str()), (Some("o-1"), Some("corr-1")));
+    // A failed attempt due now: still the first event, never the second.
+    s.record_attempt("crm", first[0].event.seq, Attempted::RetryAt(0, "500".into())).await.unwrap();
+    let again = s.claim_deliveries("crm", 10, lease).await.unwrap();
+    assert_eq!(again.iter().map(|d| d.event.seq).collect::<Vec<_>>(), [first[0].event.seq]);
+    assert_eq!(again[0].attempts, 1);
+    assert!(s.claim_deliveries("crm", 10, lease).await.unwrap().is_empty(), "leased: not handed out twice");
+    s.record_attempt("crm", first[0].event.seq, Attempted::Delivered).await.unwrap();
+    let second = s.claim_deliveries("crm", 10, lease).await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].event.kind, "order.accepted.v1");
+    let data: serde_json::Value = serde_json::from_str(&second[0].event.data).unwrap();
+    assert_eq!(data["erpOrderNumber"], "S-1001");
+    // `ops` wants dead letters only.
+    let ops = s.claim_deliveries("ops", 10, lease).await.unwrap();
+    assert_eq!(ops.iter().map(|d| d.event.kind.as_str()).collect::<Vec<_>>(), ["order.dead_lettered.v1"]);
+}
+
+/// A dead delivery holds the order's later events back until it is replayed; replay by
+/// event id or all; violations arrive as JSON with their remedies; odd text round-trips.
+pub async fn dead_deliveries_are_listed_replayed_and_hold_back_the_orders_later_events(s: impl SuiteStore) {
+    s.set_subscribers(&[("crm".into(), "*".into())]).await.unwrap();
+    let violations = r#"[{"pointer":"/currency","code":"contract.currency_not_allowed","message":"USD \u202e🦀","remedy":"quote in EUR"}]"#;
+    s.insert_order(outbox_order("o-2", "opp-\u{0}2", State::Rejected, Some(violations))).await.unwrap();
+    let lease = Duration::from_secs(30);
+    let rejected = s.claim_deliveries("crm", 10, lease).await.unwrap();
+    assert_eq!(rejected[0].event.kind, "order.rejected.v1");
+    let data: serde_json::Value = serde_json::from_str(&rejected[0].event.data).unwrap();
+    assert_eq!(data["violations"][0]["remedy"], "quote in EUR");
+    assert_eq!(data["violations"][0]["message"], "USD \u{202e}🦀");
+    let stored = s.order("o-2").await.unwrap().unwrap().opportunity_id;
+    assert_eq!(data["opportunityId"], stored.as_str(), "odd text as the store keeps it");
+    s.record_attempt("crm", rejected[0].event.seq, Attempted::Dead("gone".into())).await.unwrap();
+    let dead = s.dead_deliveries(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].subscriber.as_str(), dead[0].last_error.as_str()), ("crm", "gone"));
+    assert_eq!(s.replay_deliveries(Some("no-such-event")).await.unwrap(), 0);
+    assert_eq!(s.replay_deliveries(Some(&dead[0].event_id)).await.unwrap(), 1);
+    assert!(s.dead_deliveries(10).await.unwrap().is_empty());
+    let replayed = s.claim_deliveries("crm", 10, lease).await.unwrap();
+    assert_eq!((replayed[0].event.seq, replayed[0].attempts), (rejected[0].event.seq, 0));
+    assert_eq!(s.delivery_backlog().await.unwrap(), [("crm".to_string(), 1, 0)]);
+    // A removed subscriber's undelivered events go with it.
+    assert_eq!(s.set_subscribers(&[]).await.unwrap(), 1);
+}
+
 /// Runs each suite test against SQLite and, where a server answers, PostgreSQL.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
@@ -307,6 +396,8 @@ suite!(
     in_flight_keys_of_stopped_processes_are_released_and_live_ones_kept,
     a_repeated_state_is_one_history_entry_with_a_count,
     racing_writers_get_one_order_one_key_holder_and_disjoint_claims,
+    an_orders_events_are_written_with_its_changes_and_leased_strictly_in_order,
+    dead_deliveries_are_listed_replayed_and_hold_back_the_orders_later_events,
 );
 
 mod postgres_only {

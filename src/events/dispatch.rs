@@ -1,0 +1,193 @@
+//! Delivery of the outbox to each subscriber: POST the CloudEvent, signed per Standard Webhooks;
+//! a 2xx settles it; anything else (an error status, a timeout, a refused connection) is retried
+//! with backoff and jitter until the subscriber's horizon, then dead-lettered for an operator.
+//! Only the earliest undelivered event of each order is leased, so one order's events reach a
+//! subscriber in order however the retries fall; different orders go out concurrently.
+
+use super::webhook;
+use super::{envelope, Delivery, EventOutbox};
+use crate::config::events::{EventsSettings, SubscriberSettings};
+use crate::observe::metrics::Metrics;
+use crate::policy::budget::backoff;
+use crate::process::store::now_ms;
+use crate::process::store::outbox::Attempted;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Deliveries leased at once per subscriber (each a different order), sent concurrently.
+const BATCH: i64 = 32;
+/// How often a subscriber's outbox is looked at when the last look found nothing.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How often the undelivered gauges are recounted from the store.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest part of a refusal's body kept as the delivery's last error.
+const ERROR_EXCERPT: usize = 200;
+
+/// The media type of a structured-mode CloudEvent.
+pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+
+/// Deliver `subscriber`'s events until `shutdown`; `outbox` is the store's.
+pub async fn run_subscriber(
+    outbox: Arc<dyn EventOutbox>,
+    source: String,
+    subscriber: SubscriberSettings,
+    mut shutdown: pingora::server::ShutdownWatch,
+) {
+    let client = match reqwest::Client::builder()
+        .timeout(subscriber.timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(subscriber = %subscriber.name, error = %e, "cannot build the subscriber's HTTP client; its events wait");
+            return;
+        }
+    };
+    // A lease outlasts the attempt, so no other replica sends the same event meanwhile.
+    let lease = subscriber.timeout * 2 + Duration::from_secs(5);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let leased = match outbox.claim_deliveries(&subscriber.name, BATCH, lease).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(subscriber = %subscriber.name, error = %e, "cannot read the event outbox; retrying");
+                Vec::new()
+            }
+        };
+        let busy = !leased.is_empty();
+        let attempts = leased.into_iter().map(|d| deliver(&client, outbox.as_ref(), &source, &subscriber, d));
+        futures_util::future::join_all(attempts).await;
+        if !busy {
+            tokio::select! {
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Start one delivery loop per configured subscriber, after making the store's subscriber list
+/// the configured one.
+pub async fn start(
+    outbox: Arc<dyn EventOutbox>,
+    settings: &EventsSettings,
+    shutdown: pingora::server::ShutdownWatch,
+) {
+    let declared: Vec<(String, String)> =
+        settings.subscribers.iter().map(|s| (s.name.clone(), s.type_filter())).collect();
+    loop {
+        match outbox.set_subscribers(&declared).await {
+            Ok(0) => break,
+            Ok(dropped) => {
+                tracing::warn!(
+                    dropped,
+                    "subscribers removed from causeway.yaml: their undelivered events were dropped"
+                );
+                break;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record the event subscribers; retrying in 5 s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
+    let metrics = Metrics::global();
+    for subscriber in &settings.subscribers {
+        // Every subscriber's series exist from the start (rates and alerts over them).
+        let name = [subscriber.name.as_str()];
+        metrics.events_delivered.with_label_values(&name);
+        metrics.event_delivery_failures.with_label_values(&name);
+        metrics.events_dead_lettered.with_label_values(&name);
+        for state in ["pending", "dead"] {
+            metrics.events_undelivered.with_label_values(&[name[0], state]);
+        }
+        tokio::spawn(run_subscriber(
+            outbox.clone(),
+            settings.source.clone(),
+            subscriber.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let mut shutdown = shutdown;
+    loop {
+        if let Ok(backlog) = outbox.delivery_backlog().await {
+            let gauge = &Metrics::global().events_undelivered;
+            for (name, pending, dead) in backlog {
+                gauge.with_label_values(&[&name, "pending"]).set(pending);
+                gauge.with_label_values(&[&name, "dead"]).set(dead);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// One attempt: the outcome is recorded, never lost; a store error leaves the lease to expire,
+/// and the event is sent again then (receivers dedupe on `webhook-id`).
+async fn deliver(
+    client: &reqwest::Client,
+    outbox: &dyn EventOutbox,
+    source: &str,
+    subscriber: &SubscriberSettings,
+    delivery: Delivery,
+) {
+    let metrics = Metrics::global();
+    let name = subscriber.name.as_str();
+    let event = &delivery.event;
+    let body = match serde_json::to_vec(&envelope(source, event)) {
+        Ok(b) => b,
+        Err(_) => return,
+    };
+    let timestamp = now_ms() / 1000;
+    let signature = webhook::signature(&subscriber.secrets, &event.id, timestamp, &body);
+    let sent = client
+        .post(&subscriber.url)
+        .header("content-type", CLOUDEVENTS_JSON)
+        .header("webhook-id", &event.id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .body(body)
+        .send()
+        .await;
+    let error = match sent {
+        Ok(r) if r.status().is_success() => None,
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap_or_default();
+            let excerpt: String = text.chars().take(ERROR_EXCERPT).collect();
+            Some(format!("the subscriber answered {status}: {excerpt}"))
+        }
+        Err(e) if e.is_timeout() => Some(format!("no answer within {} ms", subscriber.timeout.as_millis())),
+        Err(e) => Some(format!("cannot reach the subscriber: {e}")),
+    };
+    let outcome = match error {
+        None => {
+            metrics.events_delivered.with_label_values(&[name]).inc();
+            let lag = (now_ms() - event.time_ms).max(0) as f64 / 1000.0;
+            metrics.event_delivery_lag.with_label_values(&[name]).observe(lag);
+            Attempted::Delivered
+        }
+        Some(error) => {
+            metrics.event_delivery_failures.with_label_values(&[name]).inc();
+            let age = Duration::from_millis((now_ms() - event.time_ms).max(0) as u64);
+            if age >= subscriber.dead_letter_after {
+                metrics.events_dead_lettered.with_label_values(&[name]).inc();
+                tracing::warn!(subscriber = name, event = %event.id, order = %event.order_id, %error, "event dead-lettered: replay it from /admin/events/dead-letters");
+                Attempted::Dead(error)
+            } else {
+                let doublings = delivery.attempts.clamp(0, 30) as u32;
+                let delay = backoff(subscriber.backoff_initial, subscriber.backoff_max, doublings);
+                tracing::info!(subscriber = name, event = %event.id, %error, retry_in_ms = delay.as_millis() as u64, "event delivery failed; will retry");
+                Attempted::RetryAt(now_ms() + delay.as_millis() as i64, error)
+            }
+        }
+    };
+    if let Err(e) = outbox.record_attempt(name, event.seq, outcome).await {
+        tracing::warn!(subscriber = name, event = %event.id, error = %e, "cannot record a delivery; it is sent again when its lease ends");
+    }
+}

@@ -1,0 +1,275 @@
+//! Events back to the CRM, end to end: the real gateway and sandbox, a webhook subscriber on
+//! loopback that records what it receives and answers as told. Signatures are checked here
+//! with an HMAC of our own, and by the `standardwebhooks` package from PyPI when python3 is
+//! there (skipped with a message otherwise).
+
+mod common;
+
+use axum::http::{HeaderMap, StatusCode};
+use common::process::*;
+use common::*;
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const NEXT_SECRET: &str = "whsec_BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+
+/// One request the subscriber received: its headers, body, and the status it answered.
+#[derive(Clone, Debug)]
+struct Received {
+    headers: HeaderMap,
+    body: Vec<u8>,
+    answered: u16,
+}
+
+struct Subscriber {
+    port: u16,
+    /// The status to answer with.
+    status: Arc<AtomicU16>,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Subscriber {
+    async fn start() -> Subscriber {
+        let status = Arc::new(AtomicU16::new(200));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (s, r) = (status.clone(), received.clone());
+        let app = axum::Router::new().route(
+            "/hooks",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let (s, r) = (s.clone(), r.clone());
+                async move {
+                    let answered = s.load(Ordering::SeqCst);
+                    r.lock().unwrap().push(Received { headers, body: body.to_vec(), answered });
+                    StatusCode::from_u16(answered).unwrap()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Subscriber { port, status, received }
+    }
+
+    /// The events it acknowledged (answered 2xx), in arrival order.
+    fn acknowledged(&self) -> Vec<Received> {
+        self.received.lock().unwrap().iter().filter(|r| r.answered < 300).cloned().collect()
+    }
+
+    async fn wait_acknowledged(&self, n: usize, within: Duration, gw: &TestGateway) -> Vec<Received> {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = self.acknowledged();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "{} of {n} events acknowledged\n{}", got.len(), gw.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn options(sandbox: &TestSandbox, subscriber: &Subscriber, extra: &str) -> GatewayOptions {
+    let mut o = sandbox_options(sandbox.url(), FAST);
+    o.main_extra.push_str(&format!(
+        "events:\n  subscribers:\n    crm:\n      url: http://127.0.0.1:{}/hooks\n      secret_env: [CRM_HOOK_SECRET, CRM_HOOK_SECRET_NEXT]\n{extra}",
+        subscriber.port
+    ));
+    o.env.push(("CRM_HOOK_SECRET".into(), SECRET.into()));
+    o.env.push(("CRM_HOOK_SECRET_NEXT".into(), NEXT_SECRET.into()));
+    o
+}
+
+/// Standard Webhooks verification of our own: every `v1,` signature is one secret's.
+fn verify(secret: &str, r: &Received) -> bool {
+    use base64::Engine;
+    let key =
+        base64::engine::general_purpose::STANDARD.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+    let h = |name: &str| r.headers[name].to_str().unwrap().to_string();
+    let mut content = format!("{}.{}.", h("webhook-id"), h("webhook-timestamp")).into_bytes();
+    content.extend_from_slice(&r.body);
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(&content);
+    let expected =
+        format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()));
+    h("webhook-signature").split(' ').any(|s| s == expected)
+}
+
+/// Verify with the `standardwebhooks` package (PyPI) in a venv under target/; `false` (with a
+/// message) when python3 or PyPI is not there.
+fn verify_with_reference_library(received: &[Received]) -> bool {
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv-webhooks");
+    if !target.join("bin/python").exists() {
+        let made = std::process::Command::new("python3").args(["-m", "venv"]).arg(&target).status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("SKIPPED the standardwebhooks check: python3 -m venv failed (install python3-venv)");
+            return false;
+        }
+    }
+    let installed = std::process::Command::new(target.join("bin/pip"))
+        .args(["install", "-q", "standardwebhooks==1.0.1"])
+        .status();
+    if !installed.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED the standardwebhooks check: pip could not install standardwebhooks from PyPI");
+        let _ = std::fs::remove_dir_all(&target);
+        return false;
+    }
+    let messages: Vec<Value> = received
+        .iter()
+        .map(|r| {
+            let headers: serde_json::Map<String, Value> =
+                ["webhook-id", "webhook-timestamp", "webhook-signature"]
+                    .iter()
+                    .map(|h| (h.to_string(), Value::from(r.headers[*h].to_str().unwrap())))
+                    .collect();
+            serde_json::json!({ "headers": headers, "body": String::from_utf8(r.body.clone()).unwrap() })
+        })
+        .collect();
+    let script = "import json, sys\nfrom standardwebhooks.webhooks import Webhook\n\
+        messages = json.load(sys.stdin)\n\
+        for secret in sys.argv[1:]:\n    wh = Webhook(secret)\n    for m in messages:\n        wh.verify(m['body'], m['headers'])\n\
+        print('verified', len(messages))\n";
+    let mut child = std::process::Command::new(target.join("bin/python"))
+        .args(["-c", script, SECRET, NEXT_SECRET])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(serde_json::to_string(&messages).unwrap().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains(&format!("verified {}", received.len())),
+        "standardwebhooks refused a message: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
+
+fn body(r: &Received) -> Value {
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+/// An accepted and a rejected order reach the subscriber as signed CloudEvents: both secrets
+/// sign (rotation), the envelope is complete, the rejection carries its violations and remedies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_and_rejected_orders_reach_a_signed_webhook_as_cloudevents() {
+    let sandbox = TestSandbox::start(Default::default()).await;
+    let subscriber = Subscriber::start().await;
+    let gw = TestGateway::start(options(&sandbox, &subscriber, "")).await;
+    let client = reqwest::Client::new();
+    let accepted = submit(&client, &gw, "ev-1", &quote("006EV0000001")).await;
+    assert_eq!(accepted.status(), 201, "{}", gw.log());
+    let order: Value = accepted.json().await.unwrap();
+    let rejected = submit(&client, &gw, "ev-2", &five_broken_rules(quote("006EV0000002"))).await;
+    assert_eq!(rejected.status(), 422);
+
+    let got = subscriber.wait_acknowledged(2, Duration::from_secs(10), &gw).await;
+    let mut by_type: std::collections::HashMap<String, Value> =
+        got.iter().map(|r| (body(r)["type"].as_str().unwrap().to_string(), body(r))).collect();
+    for r in &got {
+        assert_eq!(r.headers["content-type"], "application/cloudevents+json");
+        assert_eq!(r.headers["webhook-id"].to_str().unwrap(), body(r)["id"].as_str().unwrap());
+        assert!(verify(SECRET, r) && verify(NEXT_SECRET, r), "signed with both secrets: {:?}", r.headers);
+        assert!(!verify("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", r), "a wrong secret does not verify");
+        let e = body(r);
+        for attribute in ["id", "source", "specversion", "type", "subject", "time"] {
+            assert!(e[attribute].is_string(), "CloudEvents `{attribute}` missing: {e:#}");
+        }
+        assert_eq!(e["specversion"], "1.0");
+    }
+    let accepted_event = by_type.remove("order.accepted.v1").expect("an accepted event");
+    assert_eq!(accepted_event["subject"], order["id"]);
+    assert_eq!(accepted_event["data"]["erpOrderNumber"], order["erpOrderNumber"]);
+    assert_eq!(accepted_event["data"]["opportunityId"], "006EV0000001");
+    let rejected_event = by_type.remove("order.rejected.v1").expect("a rejected event");
+    let mut codes: Vec<&str> = rejected_event["data"]["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .inspect(|v| assert!(!v["remedy"].as_str().unwrap().is_empty(), "a remedy for each violation"))
+        .map(|v| v["code"].as_str().unwrap())
+        .collect();
+    codes.sort();
+    assert_eq!(codes, FIVE_BROKEN_CODES);
+    verify_with_reference_library(&got);
+}
+
+/// A subscriber that fails gets every event once it answers, each acknowledged once; past the
+/// horizon an event is dead-lettered, listed, and delivered by a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_subscriber_gets_every_event_and_dead_letters_are_replayed() {
+    let sandbox = TestSandbox::start(Default::default()).await;
+    let subscriber = Subscriber::start().await;
+    let extra =
+        "      backoff_initial_ms: 100\n      backoff_max_ms: 300\n      dead_letter_after_seconds: 3\n";
+    let gw = TestGateway::start(options(&sandbox, &subscriber, extra)).await;
+    let client = reqwest::Client::new();
+
+    // 500s for a while, then 200: both events arrive, each acknowledged once.
+    subscriber.status.store(500, Ordering::SeqCst);
+    for (key, opportunity) in [("f-1", "006EVF000001"), ("f-2", "006EVF000002")] {
+        assert_eq!(submit(&client, &gw, key, &quote(opportunity)).await.status(), 201);
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let refused = subscriber.received.lock().unwrap().len();
+    assert!(refused >= 4, "retried while refused: {refused} attempts");
+    subscriber.status.store(200, Ordering::SeqCst);
+    let got = subscriber.wait_acknowledged(2, Duration::from_secs(10), &gw).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ids: Vec<String> =
+        subscriber.acknowledged().iter().map(|r| body(r)["id"].as_str().unwrap().into()).collect();
+    assert_eq!(ids.len(), 2, "each event acknowledged once: {ids:?}");
+    assert_ne!(ids[0], ids[1]);
+    assert!(got.iter().all(|r| body(r)["type"] == "order.accepted.v1"));
+
+    // Down past the horizon: dead-lettered, listed, replayed.
+    subscriber.status.store(503, Ordering::SeqCst);
+    assert_eq!(submit(&client, &gw, "f-3", &quote("006EVF000003")).await.status(), 201);
+    let admin = gw.admin("/admin/events/dead-letters");
+    assert_eq!(client.get(&admin).send().await.unwrap().status(), 401);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let dead = loop {
+        let list: Value =
+            client.get(&admin).bearer_auth("admin-secret").send().await.unwrap().json().await.unwrap();
+        if list["value"].as_array().is_some_and(|v| !v.is_empty()) {
+            break list["value"][0].clone();
+        }
+        assert!(Instant::now() < deadline, "never dead-lettered\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(dead["subscriber"], "crm");
+    assert!(dead["lastError"].as_str().unwrap().contains("503"), "{dead:#}");
+    gw.wait_for_metric(
+        "causeway_events_undelivered{state=\"dead\",subscriber=\"crm\"} 1",
+        Duration::from_secs(5),
+    )
+    .await;
+    let unknown = client
+        .post(gw.admin("/admin/events/dead-letters/nope/replay"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 409);
+    assert_eq!(unknown.headers()["content-type"], "application/problem+json");
+    let problem: Value = unknown.json().await.unwrap();
+    assert_eq!(problem["type"], "https://causeway.dev/problems/event-not-dead-lettered");
+    assert!(problem["detail"].as_str().unwrap().contains("GET /admin/events/dead-letters"), "{problem:#}");
+    subscriber.status.store(200, Ordering::SeqCst);
+    let event_id = dead["eventId"].as_str().unwrap();
+    let replay = client
+        .post(gw.admin(&format!("/admin/events/dead-letters/{event_id}/replay")))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 200);
+    let got = subscriber.wait_acknowledged(3, Duration::from_secs(10), &gw).await;
+    assert_eq!(body(&got[2])["id"], event_id);
+}
