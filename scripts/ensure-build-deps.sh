@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian/Ubuntu machine lacks to build Causeway: pingora builds zlib-ng
 # through cmake and a C compiler. With --test, also what the tests run beside the gateway:
-# nginx, as the rate limiter in front of the real ERP (tests/tryton.rs); without it those
-# tests are skipped with a message, so failing to install it does not stop the run.
+# nginx, as the rate limiter in front of the real ERP (tests/tryton.rs), and promtool (Debian's
+# prometheus package) for the alert rules; without them those tests are skipped with a message,
+# so failing to install them does not stop the run.
 set -euo pipefail
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
@@ -10,6 +11,8 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc)
 optional=()
 if [ "${1:-}" = "--test" ]; then
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || optional+=(nginx-light)
+  # promtool checks and unit-tests the shipped alert rules (tests/observability.rs).
+  command -v promtool >/dev/null 2>&1 || optional+=(prometheus)
 fi
 [ ${#missing[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ] && exit 0
 sudo=""
@@ -28,6 +31,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 if [ ${#optional[@]} -gt 0 ]; then
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${optional[@]}" ||
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${optional[@]}" ||
     echo "causeway: could not install ${optional[*]}: the tests that need it will be skipped" >&2
 fi

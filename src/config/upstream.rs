@@ -144,6 +144,13 @@ fn compile_budget(upstream: &str, spec: &BudgetSpec, state: &SharedState) -> Res
         }),
         adaptive: spec.adaptive,
     };
+    // Refusals count from zero for every class, so their rates (dashboard, alerts) have series.
+    let rejected = &crate::observe::metrics::Metrics::global().erp_rejected;
+    for class in classes.keys() {
+        for reason in ["deadline", "queue_full", "circuit_open", "paused"] {
+            rejected.with_label_values(&[upstream, class.as_str(), reason]);
+        }
+    }
     Ok(UpstreamBudget {
         budget: state.budget(upstream, params, spec.when_redis_unavailable),
         classes,

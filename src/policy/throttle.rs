@@ -157,6 +157,10 @@ impl Budget {
         });
         let params = budget.params();
         budget.publish_limits(&budget.state.lock(), &params);
+        // Pauses count from zero, so a rate over them (the overload alert) has a series at once.
+        for reason in ["retry_after", "backoff"] {
+            m.erp_pauses.with_label_values(&[upstream, reason]);
+        }
         budget
     }
 

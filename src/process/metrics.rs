@@ -65,6 +65,13 @@ impl ProcessMetrics {
             for s in State::ALL {
                 m.orders_in_state.with_label_values(&[s.as_str()]).set(0);
             }
+            // Counted from zero, so rates over them (dashboard, alerts) exist from the start.
+            for outcome in ["accepted", "rejected", "dead_lettered", "pending"] {
+                m.orders.with_label_values(&[outcome]);
+            }
+            for kind in ["idempotency_key", "opportunity"] {
+                m.duplicates_prevented.with_label_values(&[kind]);
+            }
             m
         })
     }
