@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 #[path = "load/cluster.rs"]
 mod cluster;
+#[path = "load/events.rs"]
+mod events;
 #[path = "load/process.rs"]
 mod process;
 
@@ -56,7 +58,7 @@ fn main() {
     }
     raise_fd_limit();
     let work = tempfile::tempdir().expect("temp dir");
-    let mode = ["memory", "policies", "mediation", "process", "cluster"]
+    let mode = ["memory", "policies", "mediation", "process", "cluster", "events"]
         .into_iter()
         .find(|m| args.iter().any(|a| a == m))
         .unwrap_or("throughput");
@@ -74,6 +76,10 @@ fn main() {
     }
     if mode == "cluster" {
         cluster::run(&mut procs, work.path());
+        return;
+    }
+    if mode == "events" {
+        events::run(&mut procs, work.path());
         return;
     }
     if mode != "policies" {

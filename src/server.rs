@@ -166,7 +166,8 @@ impl pingora::services::background::BackgroundService for DeliveryWorker {
                 loop {
                     match service.outbox().await {
                         Ok(Some(outbox)) => {
-                            return crate::events::dispatch::start(outbox, &events, shutdown).await
+                            let wake = service.finished_orders();
+                            return crate::events::dispatch::start(outbox, &events, wake, shutdown).await;
                         }
                         Ok(None) => {
                             tracing::error!(

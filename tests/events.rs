@@ -34,6 +34,11 @@ struct Subscriber {
 
 impl Subscriber {
     async fn start() -> Subscriber {
+        Subscriber::start_on(0, Duration::ZERO).await
+    }
+
+    /// On `port` (0: any), answering each request after `delay`.
+    async fn start_on(port: u16, delay: Duration) -> Subscriber {
         let status = Arc::new(AtomicU16::new(200));
         let received = Arc::new(Mutex::new(Vec::new()));
         let (s, r) = (status.clone(), received.clone());
@@ -42,13 +47,14 @@ impl Subscriber {
             axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
                 let (s, r) = (s.clone(), r.clone());
                 async move {
+                    tokio::time::sleep(delay).await;
                     let answered = s.load(Ordering::SeqCst);
                     r.lock().unwrap().push(Received { headers, body: body.to_vec(), answered });
                     StatusCode::from_u16(answered).unwrap()
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Subscriber { port, status, received }
@@ -272,4 +278,55 @@ async fn a_failing_subscriber_gets_every_event_and_dead_letters_are_replayed() {
     assert_eq!(replay.status(), 200);
     let got = subscriber.wait_acknowledged(3, Duration::from_secs(10), &gw).await;
     assert_eq!(body(&got[2])["id"], event_id);
+}
+
+/// The subscriber is down (nothing listens), then slow; the gateway is SIGKILLed while events
+/// are on their way: once it is back, every order's event reaches the subscriber, any repeat
+/// carries the same `webhook-id`, and nothing else arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_down_then_slow_and_a_gateway_killed_mid_delivery_lose_no_event() {
+    let sandbox = TestSandbox::start(Default::default()).await;
+    let port = free_port();
+    let mut o = sandbox_options(sandbox.url(), FAST);
+    o.main_extra.push_str(&format!(
+        "events:\n  subscribers:\n    crm:\n      url: http://127.0.0.1:{port}/hooks\n      secret_env: [CRM_HOOK_SECRET]\n      backoff_initial_ms: 100\n      backoff_max_ms: 500\n      timeout_ms: 2000\n"
+    ));
+    o.env.push(("CRM_HOOK_SECRET".into(), SECRET.into()));
+    let mut gw = TestGateway::start(o).await;
+    let client = reqwest::Client::new();
+    let mut orders = Vec::new();
+    for n in 0..12 {
+        let resp = submit(&client, &gw, &format!("k-{n}"), &quote(&format!("006EVK{n:06}"))).await;
+        assert_eq!(resp.status(), 201, "{}", gw.log());
+        orders.push(resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+    }
+    // Down: connections refused for a while, each attempt failing and retried.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let subscriber = Subscriber::start_on(port, Duration::from_millis(400)).await;
+    // Killed while the slow subscriber holds deliveries open.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while subscriber.received.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no delivery attempt reached the subscriber\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.kill_and_restart().await;
+    subscriber.wait_acknowledged(orders.len(), Duration::from_secs(30), &gw).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = subscriber.acknowledged();
+    let mut by_order: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for r in &got {
+        let e = body(r);
+        assert_eq!(e["type"], "order.accepted.v1");
+        assert!(verify(SECRET, r));
+        by_order
+            .entry(e["subject"].as_str().unwrap().into())
+            .or_default()
+            .push(e["id"].as_str().unwrap().into());
+    }
+    for order in &orders {
+        let ids =
+            by_order.get(order).unwrap_or_else(|| panic!("order {order}'s event was lost\n{}", gw.log()));
+        assert!(ids.iter().all(|id| id == &ids[0]), "a repeat is the same event (same webhook-id): {ids:?}");
+    }
+    assert_eq!(by_order.len(), orders.len(), "no event of another order");
 }

@@ -88,11 +88,13 @@ pub(super) fn gateway_with_store(
         mediation::copy_tree(&repo.join("policies").join(sub), &dir.join("policies").join(sub));
     }
     let (window_requests, window_seconds) = budget;
+    // The figures are for one proxy thread unless BENCH_GATEWAY_THREADS says otherwise.
+    let threads = super::env_num("BENCH_GATEWAY_THREADS", 1);
     std::fs::write(
         dir.join("causeway.yaml"),
         format!(
             "listen: {{ proxy: 127.0.0.1:{port}, admin: 127.0.0.1:{}, metrics: 127.0.0.1:{} }}\n\
-             threads: 1\n\
+             threads: {threads}\n\
              upstreams:\n  bc:\n    url: http://127.0.0.1:{sandbox}\n    credentials: {{ bearer: {{ token: {TOKEN} }} }}\n\
              \x20   budget:\n      window_requests: {window_requests}\n      window_seconds: {window_seconds}\n      window_margin_ms: 100\n      pacing: {pacing}\n      max_concurrent: 5\n      queue: 100000\n\
              \x20     classes: {{ write: {{ priority: 0, max_wait_ms: 600000 }}, interactive: {{ priority: 1, max_wait_ms: 600000 }} }}\n      default_class: interactive\n\

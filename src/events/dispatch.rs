@@ -14,10 +14,11 @@ use crate::process::store::outbox::Attempted;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Deliveries leased at once per subscriber (each a different order), sent concurrently.
+/// Deliveries leased at once per subscriber (each for a different order), sent concurrently.
 const BATCH: i64 = 32;
-/// How often a subscriber's outbox is looked at when the last look found nothing.
-const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How often a subscriber's outbox is looked at when the last look found nothing and no order
+/// of this process finished meanwhile (events written by other replicas, retries coming due).
+const IDLE_POLL: Duration = Duration::from_millis(250);
 /// How often the undelivered gauges are recounted from the store.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest part of a refusal's body kept as the delivery's last error.
@@ -31,6 +32,7 @@ pub async fn run_subscriber(
     outbox: Arc<dyn EventOutbox>,
     source: String,
     subscriber: SubscriberSettings,
+    mut wake: tokio::sync::watch::Receiver<u64>,
     mut shutdown: pingora::server::ShutdownWatch,
 ) {
     let client = match reqwest::Client::builder()
@@ -61,8 +63,11 @@ pub async fn run_subscriber(
         let attempts = leased.into_iter().map(|d| deliver(&client, outbox.as_ref(), &source, &subscriber, d));
         futures_util::future::join_all(attempts).await;
         if !busy {
+            // Woken by this process's orders at once; the poll finds other replicas' events
+            // and retries coming due.
             tokio::select! {
                 _ = tokio::time::sleep(IDLE_POLL) => {}
+                Ok(()) = wake.changed() => {}
                 _ = shutdown.changed() => return,
             }
         }
@@ -74,6 +79,7 @@ pub async fn run_subscriber(
 pub async fn start(
     outbox: Arc<dyn EventOutbox>,
     settings: &EventsSettings,
+    wake: tokio::sync::watch::Receiver<u64>,
     shutdown: pingora::server::ShutdownWatch,
 ) {
     let declared: Vec<(String, String)> =
@@ -108,6 +114,7 @@ pub async fn start(
             outbox.clone(),
             settings.source.clone(),
             subscriber.clone(),
+            wake.clone(),
             shutdown.clone(),
         ));
     }

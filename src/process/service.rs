@@ -88,6 +88,9 @@ pub struct QuoteToOrder {
     /// An order changed state: the per-state gauges are recounted (at most every
     /// [`GAUGE_DEBOUNCE`]), besides their [`GAUGE_INTERVAL`] beat.
     moved: tokio::sync::Notify,
+    /// Counts orders that reached a final state (each writes an event): the event dispatcher
+    /// wakes on it instead of waiting for its poll.
+    finished: tokio::sync::watch::Sender<u64>,
     /// How long an ERP request of a process that died may still be under way (the upstream's
     /// connect and read timeouts): an order it was submitting is retried only after that.
     settle: Duration,
@@ -128,6 +131,7 @@ impl QuoteToOrder {
             store: tokio::sync::OnceCell::new(),
             wake: tokio::sync::Notify::new(),
             moved: tokio::sync::Notify::new(),
+            finished: tokio::sync::watch::Sender::new(0),
             settle,
         })
     }
@@ -349,6 +353,7 @@ impl QuoteToOrder {
                 })
                 .await?;
             self.moved.notify_one();
+            self.finished.send_modify(|n| *n += 1);
             metrics.orders.with_label_values(&["rejected"]).inc();
             for code in codes {
                 metrics.rejections.with_label_values(&[code]).inc();
@@ -812,8 +817,16 @@ impl QuoteToOrder {
         let moved = store.transition(id, from, to, change).await?;
         if moved {
             self.moved.notify_one();
+            if to.is_final() {
+                self.finished.send_modify(|n| *n += 1);
+            }
         }
         Ok(moved)
+    }
+
+    /// Changes when an order reaches a final state in this process (its event is in the outbox).
+    pub fn finished_orders(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.finished.subscribe()
     }
 
     async fn refresh_gauges(&self, store: &dyn OrderStore) {

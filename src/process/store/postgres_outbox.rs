@@ -58,7 +58,7 @@ impl EventOutbox for PostgresStore {
                   AND NOT EXISTS (SELECT 1 FROM event_deliveries e
                       WHERE e.subscriber = d.subscriber AND e.order_id = d.order_id
                         AND e.seq < d.seq AND e.state <> 'delivered')
-                ORDER BY d.seq LIMIT $3 FOR UPDATE OF d SKIP LOCKED)
+                ORDER BY d.next_attempt_at LIMIT $3 FOR UPDATE OF d SKIP LOCKED)
              UPDATE event_deliveries d SET lease_until = $2 + $4 FROM due
              WHERE d.subscriber = due.subscriber AND d.seq = due.seq
              RETURNING d.seq, d.attempts",

@@ -55,7 +55,7 @@ impl EventOutbox for SqliteStore {
                       AND NOT EXISTS (SELECT 1 FROM event_deliveries e
                           WHERE e.subscriber = d.subscriber AND e.order_id = d.order_id
                             AND e.seq < d.seq AND e.state <> 'delivered')
-                    ORDER BY d.seq LIMIT ?4)
+                    ORDER BY d.next_attempt_at LIMIT ?4)
                  RETURNING seq, attempts",
             )?;
             let claimed: Vec<(i64, i64)> = claim
