@@ -250,23 +250,31 @@ impl QuoteToOrder {
         );
     }
 
-    /// An order whose recording failed may still have been recorded (a commit whose answer was
-    /// lost with its connection), leased to this process for an inline attempt that will not
-    /// happen. Once the store answers, its lease is dropped and the worker woken, so it is
-    /// delivered now rather than when the lease expires; a row that was never written is no
-    /// row to move.
+    /// An order leased to this process whose attempt ended on a store error (its recording, or
+    /// a step of its delivery, while the database was away; a commit whose answer was lost may
+    /// still have happened) would wait for its lease to expire (`lease_ms`). Once the store
+    /// answers, the lease is dropped and the worker woken, so it is delivered now; one that was
+    /// submitting is due only after its ERP request could have ended (`settle`). A row that was
+    /// never written, or an order already final, is left as it is.
     fn free_lease_when_possible(self: &Arc<Self>, id: String) {
         let this = self.clone();
         self.when_store_answers(
-            "an order recorded while the store failed waits for its lease to expire",
+            "an order whose delivery met a store failure waits for its lease to expire",
             move |store| {
                 let (id, this) = (id.clone(), this.clone());
                 async move {
+                    let Some(order) = store.order(&id).await? else { return Ok(()) };
+                    if order.state.is_final() {
+                        return Ok(());
+                    }
+                    let settle = (order.state == State::Submitted)
+                        .then(|| store.now() + this.settle.as_millis() as i64);
                     let change = Change {
-                        reason: "recorded while the store was failing; the delivery worker takes it",
+                        reason: "the store failed during its delivery; the delivery worker takes it",
+                        next_attempt_at: settle,
                         ..Default::default()
                     };
-                    if store.transition(&id, State::Validated, State::Validated, change).await? {
+                    if store.transition(&id, order.state, order.state, change).await? {
                         this.wake.notify_one();
                     }
                     Ok(())
@@ -402,7 +410,12 @@ impl QuoteToOrder {
         let flag = waiting.clone();
         let on_behalf: Arc<str> = Arc::from(owner);
         let attempt = tokio::spawn(throttle::on_behalf_of(on_behalf, async move {
-            this.deliver(record, Some(&flag)).await
+            let id = record.id.clone();
+            let outcome = this.deliver(record, Some(&flag)).await;
+            if outcome.is_err() {
+                this.free_lease_when_possible(id);
+            }
+            outcome
         }));
         let delivered = tokio::time::timeout_at(deadline, attempt).await;
         waiting.store(false, Ordering::Release);
@@ -796,8 +809,10 @@ impl QuoteToOrder {
             let this = self.clone();
             let owner: Arc<str> = Arc::from(order.owner.as_str());
             batch.spawn(throttle::on_behalf_of(owner, throttle::in_background(async move {
+                let id = order.id.clone();
                 if let Err(e) = this.deliver(order, None).await {
                     tracing::error!(error = %e, "order delivery could not be recorded; it will be retried");
+                    this.free_lease_when_possible(id);
                 }
             })));
         }
