@@ -29,6 +29,8 @@ struct Subscriber {
     port: u16,
     /// The status to answer with.
     status: Arc<AtomicU16>,
+    /// The body of a refusal (a subscriber may send anything).
+    refusal: Arc<Mutex<String>>,
     received: Arc<Mutex<Vec<Received>>>,
 }
 
@@ -41,23 +43,25 @@ impl Subscriber {
     async fn start_on(port: u16, delay: Duration) -> Subscriber {
         let status = Arc::new(AtomicU16::new(200));
         let received = Arc::new(Mutex::new(Vec::new()));
-        let (s, r) = (status.clone(), received.clone());
+        let refusal = Arc::new(Mutex::new(String::new()));
+        let (s, r, f) = (status.clone(), received.clone(), refusal.clone());
         let app = axum::Router::new().route(
             "/hooks",
             axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-                let (s, r) = (s.clone(), r.clone());
+                let (s, r, f) = (s.clone(), r.clone(), f.clone());
                 async move {
                     tokio::time::sleep(delay).await;
                     let answered = s.load(Ordering::SeqCst);
                     r.lock().unwrap().push(Received { headers, body: body.to_vec(), answered });
-                    StatusCode::from_u16(answered).unwrap()
+                    let text = if answered < 300 { String::new() } else { f.lock().unwrap().clone() };
+                    (StatusCode::from_u16(answered).unwrap(), text)
                 }
             }),
         );
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Subscriber { port, status, received }
+        Subscriber { port, status, refusal, received }
     }
 
     /// The events it acknowledged (answered 2xx), in arrival order.
@@ -234,7 +238,9 @@ async fn a_failing_subscriber_gets_every_event_and_dead_letters_are_replayed() {
     assert_ne!(ids[0], ids[1]);
     assert!(got.iter().all(|r| body(r)["type"] == "order.accepted.v1"));
 
-    // Down past the horizon: dead-lettered, listed, replayed.
+    // Down past the horizon, answering a huge body with odd text: dead-lettered with a short
+    // last error, listed, replayed.
+    *subscriber.refusal.lock().unwrap() = format!("down \u{202e}🦀\u{0} {}", "x".repeat(20 << 20));
     subscriber.status.store(503, Ordering::SeqCst);
     assert_eq!(submit(&client, &gw, "f-3", &quote("006EVF000003")).await.status(), 201);
     let admin = gw.admin("/admin/events/dead-letters");
@@ -250,7 +256,13 @@ async fn a_failing_subscriber_gets_every_event_and_dead_letters_are_replayed() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(dead["subscriber"], "crm");
-    assert!(dead["lastError"].as_str().unwrap().contains("503"), "{dead:#}");
+    let last_error = dead["lastError"].as_str().unwrap();
+    assert!(last_error.contains("503") && last_error.contains("down \u{202e}🦀"), "{dead:#}");
+    assert!(
+        last_error.chars().count() < 300,
+        "only the start of the body is kept: {} chars",
+        last_error.len()
+    );
     gw.wait_for_metric(
         "causeway_events_undelivered{state=\"dead\",subscriber=\"crm\"} 1",
         Duration::from_secs(5),

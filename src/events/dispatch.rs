@@ -19,6 +19,33 @@ const BATCH: i64 = 32;
 /// How often a subscriber's outbox is looked at when the last look found nothing and no order
 /// of this process finished meanwhile (events written by other replicas, retries coming due).
 const IDLE_POLL: Duration = Duration::from_millis(250);
+/// Acknowledged events are kept this long (for an operator's questions), then forgotten.
+const KEEP_DELIVERED: Duration = Duration::from_secs(7 * 24 * 3600);
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// Rows deleted per statement, so a purge never holds the store's writer for long.
+const PURGE_CHUNK: i64 = 1000;
+
+/// Forget what was acknowledged more than [`KEEP_DELIVERED`] ago, a chunk at a time.
+async fn purge(outbox: &dyn EventOutbox) {
+    let before = now_ms() - KEEP_DELIVERED.as_millis() as i64;
+    let mut total = 0;
+    loop {
+        match outbox.purge_delivered(before, PURGE_CHUNK).await {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot purge delivered events; retrying later");
+                break;
+            }
+        }
+        // Leave room for the request path's writes between chunks.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if total > 0 {
+        tracing::info!(rows = total, "purged events acknowledged over 7 days ago");
+    }
+}
+
 /// How often the undelivered gauges are recounted from the store.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest part of a refusal's body kept as the delivery's last error.
@@ -119,7 +146,12 @@ pub async fn start(
         ));
     }
     let mut shutdown = shutdown;
+    let mut purged_at = tokio::time::Instant::now();
     loop {
+        if purged_at.elapsed() >= PURGE_EVERY {
+            purged_at = tokio::time::Instant::now();
+            purge(outbox.as_ref()).await;
+        }
         if let Ok(backlog) = outbox.delivery_backlog().await {
             let gauge = &Metrics::global().events_undelivered;
             for (name, pending, dead) in backlog {
@@ -163,10 +195,17 @@ async fn deliver(
         .await;
     let error = match sent {
         Ok(r) if r.status().is_success() => None,
-        Ok(r) => {
+        Ok(mut r) => {
+            // Only the start of a refusal's body is kept: a subscriber may send any amount.
             let status = r.status().as_u16();
-            let text = r.text().await.unwrap_or_default();
-            let excerpt: String = text.chars().take(ERROR_EXCERPT).collect();
+            let mut head = Vec::new();
+            while head.len() < ERROR_EXCERPT * 4 {
+                match r.chunk().await {
+                    Ok(Some(chunk)) => head.extend_from_slice(&chunk),
+                    _ => break,
+                }
+            }
+            let excerpt: String = String::from_utf8_lossy(&head).chars().take(ERROR_EXCERPT).collect();
             Some(format!("the subscriber answered {status}: {excerpt}"))
         }
         Err(e) if e.is_timeout() => Some(format!("no answer within {} ms", subscriber.timeout.as_millis())),

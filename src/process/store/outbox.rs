@@ -75,4 +75,8 @@ pub trait EventOutbox: Send + Sync {
     async fn replay_deliveries(&self, event_id: Option<&str>) -> Result<u64, StoreError>;
     /// Undelivered deliveries per subscriber (pending, dead), for the gauges.
     async fn delivery_backlog(&self) -> Result<Vec<(String, i64, i64)>, StoreError>;
+    /// Forget up to `limit` deliveries acknowledged before `before` (ms since the epoch), and
+    /// events that no delivery refers to any more and happened before it; returns how many
+    /// rows went. Undelivered and dead-lettered ones are kept.
+    async fn purge_delivered(&self, before: i64, limit: i64) -> Result<u64, StoreError>;
 }

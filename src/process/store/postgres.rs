@@ -118,6 +118,8 @@ const OUTBOX: &[&str] = &[
         PRIMARY KEY (subscriber, seq))",
     "CREATE INDEX event_deliveries_due ON event_deliveries(subscriber, state, next_attempt_at)",
     "CREATE INDEX event_deliveries_order ON event_deliveries(subscriber, order_id, seq)",
+    "CREATE INDEX event_deliveries_seq ON event_deliveries(seq)",
+    "CREATE INDEX events_at ON events(at)",
     "CREATE FUNCTION causeway_order_event() RETURNS trigger LANGUAGE plpgsql AS $$
      DECLARE
         kind TEXT;

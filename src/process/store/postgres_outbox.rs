@@ -163,6 +163,28 @@ impl EventOutbox for PostgresStore {
         Ok(replayed)
     }
 
+    async fn purge_delivered(&self, before: i64, limit: i64) -> Result<u64, StoreError> {
+        let deliveries = sqlx::query(
+            "DELETE FROM event_deliveries WHERE ctid IN (SELECT ctid FROM event_deliveries
+                WHERE state = 'delivered' AND delivered_at < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(limit)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        let events = sqlx::query(
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM events e WHERE e.at < $1
+                AND NOT EXISTS (SELECT 1 FROM event_deliveries d WHERE d.seq = e.seq) LIMIT $2)",
+        )
+        .bind(before)
+        .bind(limit)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        Ok(deliveries + events)
+    }
+
     async fn delivery_backlog(&self) -> Result<Vec<(String, i64, i64)>, StoreError> {
         let rows = sqlx::query(
             "SELECT s.name,

@@ -235,6 +235,8 @@ const OUTBOX: &[&str] = &[
         PRIMARY KEY (subscriber, seq))",
     "CREATE INDEX event_deliveries_due ON event_deliveries(subscriber, state, next_attempt_at)",
     "CREATE INDEX event_deliveries_order ON event_deliveries(subscriber, order_id, seq)",
+    "CREATE INDEX event_deliveries_seq ON event_deliveries(seq)",
+    "CREATE INDEX events_at ON events(at)",
     concat!(
         "CREATE TRIGGER orders_event_insert AFTER INSERT ON orders
             WHEN NEW.state IN ('accepted', 'rejected', 'dead_lettered') BEGIN",

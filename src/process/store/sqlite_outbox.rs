@@ -142,6 +142,25 @@ impl EventOutbox for SqliteStore {
         .await
     }
 
+    async fn purge_delivered(&self, before: i64, limit: i64) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let deliveries = conn
+                .prepare_cached(
+                    "DELETE FROM event_deliveries WHERE rowid IN (SELECT rowid FROM event_deliveries
+                        WHERE state = 'delivered' AND delivered_at < ?1 LIMIT ?2)",
+                )?
+                .execute(params![before, limit])?;
+            let events = conn
+                .prepare_cached(
+                    "DELETE FROM events WHERE seq IN (SELECT seq FROM events e WHERE e.at < ?1
+                        AND NOT EXISTS (SELECT 1 FROM event_deliveries d WHERE d.seq = e.seq) LIMIT ?2)",
+                )?
+                .execute(params![before, limit])?;
+            Ok((deliveries + events) as u64)
+        })
+        .await
+    }
+
     async fn delivery_backlog(&self) -> Result<Vec<(String, i64, i64)>, StoreError> {
         self.read(|conn| {
             let mut select = conn.prepare_cached(

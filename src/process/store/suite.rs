@@ -367,6 +367,29 @@ pub async fn dead_deliveries_are_listed_replayed_and_hold_back_the_orders_later_
     assert_eq!(s.set_subscribers(&[]).await.unwrap(), 1);
 }
 
+/// Acknowledged deliveries and the events nobody waits for are purged a chunk at a time;
+/// pending and dead ones stay.
+pub async fn delivered_events_are_purged_and_undelivered_ones_kept(s: impl SuiteStore) {
+    s.set_subscribers(&[("crm".into(), "*".into())]).await.unwrap();
+    for (id, opp) in [("p-1", "opp-p1"), ("p-2", "opp-p2"), ("p-3", "opp-p3")] {
+        s.insert_order(outbox_order(id, opp, State::Rejected, None)).await.unwrap();
+    }
+    let lease = Duration::from_secs(30);
+    let mut leased = s.claim_deliveries("crm", 10, lease).await.unwrap();
+    leased.sort_by_key(|d| d.event.order_id.clone());
+    s.record_attempt("crm", leased[0].event.seq, Attempted::Delivered).await.unwrap();
+    s.record_attempt("crm", leased[1].event.seq, Attempted::Dead("gone".into())).await.unwrap();
+    let later = super::now_ms() + 60_000;
+    assert_eq!(s.purge_delivered(super::now_ms() - 60_000, 10).await.unwrap(), 0, "nothing that old");
+    assert_eq!(s.purge_delivered(later, 10).await.unwrap(), 2, "p-1's delivery and its event");
+    assert_eq!(s.purge_delivered(later, 10).await.unwrap(), 0);
+    assert_eq!(s.dead_deliveries(10).await.unwrap().len(), 1, "the dead one stays");
+    s.record_attempt("crm", leased[2].event.seq, Attempted::RetryAt(0, "500".into())).await.unwrap();
+    let left: Vec<String> =
+        s.claim_deliveries("crm", 10, lease).await.unwrap().into_iter().map(|d| d.event.order_id).collect();
+    assert_eq!(left, ["p-3"], "the pending one stays");
+}
+
 /// Runs each suite test against SQLite and, where a server answers, PostgreSQL.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
@@ -398,6 +421,7 @@ suite!(
     racing_writers_get_one_order_one_key_holder_and_disjoint_claims,
     an_orders_events_are_written_with_its_changes_and_leased_strictly_in_order,
     dead_deliveries_are_listed_replayed_and_hold_back_the_orders_later_events,
+    delivered_events_are_purged_and_undelivered_ones_kept,
 );
 
 mod postgres_only {
