@@ -58,7 +58,9 @@ fn receiver(status: Arc<AtomicU16>, arrivals: Arc<Mutex<Arrivals>>) {
                             if !a.ids.insert(event["id"].as_str().unwrap_or_default().to_string()) {
                                 a.repeats += 1;
                             }
-                            *a.types.entry(event["type"].as_str().unwrap_or_default().to_string()).or_default() += 1;
+                            *a.types
+                                .entry(event["type"].as_str().unwrap_or_default().to_string())
+                                .or_default() += 1;
                             if let (Some(t), Some("order.accepted.v1")) = (time, event["type"].as_str()) {
                                 a.lag_ms.push(now_ms() - (t.unix_timestamp_nanos() as f64 / 1e6));
                             }
@@ -80,9 +82,7 @@ fn metric(name: &str) -> f64 {
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
 }
 
 /// Wait until every order is final (so every event is in the outbox) and the outbox gauge has
@@ -146,7 +146,8 @@ pub fn run(procs: &mut Procs, work: &Path) {
 
     // (2) A backlog, then drained.
     status.store(503, Ordering::Relaxed);
-    let recorded = wrk_with(GW, pid, seconds, 16, None, "/process/v1/quote-to-order", Some(&script(work, "EB")));
+    let recorded =
+        wrk_with(GW, pid, seconds, 16, None, "/process/v1/quote-to-order", Some(&script(work, "EB")));
     let recorded = (recorded.rps * seconds as f64) as usize;
     settle(SANDBOX);
     let backlog = outbox_settled();
@@ -165,7 +166,10 @@ pub fn run(procs: &mut Procs, work: &Path) {
     let took = started.elapsed().as_secs_f64();
     {
         let a = arrivals.lock().unwrap();
-        println!("  events acknowledged by type {:?}, repeats after an acknowledgement {}", a.types, a.repeats);
+        println!(
+            "  events acknowledged by type {:?}, repeats after an acknowledgement {}",
+            a.types, a.repeats
+        );
     }
     let delivered = arrivals.lock().unwrap().acknowledged - start_count;
     // SAFETY: sysconf has no preconditions.

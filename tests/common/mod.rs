@@ -254,6 +254,8 @@ pub fn binary() -> PathBuf {
 
 impl TestGateway {
     pub async fn start(opts: GatewayOptions) -> Self {
+        // Tests talk to it with reqwest, which needs the process's TLS provider.
+        install_tls_provider();
         let dir = tempfile::tempdir().unwrap();
         let ports = (free_port(), free_port(), free_port());
         write_config(dir.path(), &opts, ports);
