@@ -4,6 +4,7 @@
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::observe::metrics::Metrics;
+use crate::policy::auth::constant_time_eq;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::Response;
@@ -295,10 +296,6 @@ impl AdminApp {
 
 fn no_budget(name: &str, path: &str) -> Response<Vec<u8>> {
     problem(&GatewayError::BudgetNotFound { upstream: name.to_string() }, path)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub struct MetricsApp {

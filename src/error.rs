@@ -95,6 +95,16 @@ pub enum GatewayError {
     EventsDisabled,
     #[error("event {id} has no dead-lettered delivery")]
     EventNotDeadLettered { id: String },
+    #[error("change notifications not configured")]
+    ChangesDisabled,
+    #[error("notification not authenticated")]
+    NotificationUnauthenticated,
+    #[error("notification already received")]
+    NotificationReplayed,
+    #[error("notification names nothing this gateway follows")]
+    NotificationUnknownResource { refused: Vec<String> },
+    #[error("change detection backlog full")]
+    ChangeBacklogFull,
     #[error("no budget for upstream {upstream}")]
     BudgetNotFound { upstream: String },
     #[error("no such path on this listener")]
@@ -207,8 +217,13 @@ impl GatewayError {
             GatewayError::InvalidConfiguration { .. } => 422,
             GatewayError::ProcessDisabled
             | GatewayError::EventsDisabled
+            | GatewayError::ChangesDisabled
             | GatewayError::BudgetNotFound { .. }
             | GatewayError::UnknownOperationsPath { .. } => 404,
+            GatewayError::NotificationUnauthenticated => 401,
+            GatewayError::NotificationReplayed => 409,
+            GatewayError::NotificationUnknownResource { .. } => 422,
+            GatewayError::ChangeBacklogFull => 503,
             GatewayError::NotDeadLettered { .. } | GatewayError::EventNotDeadLettered { .. } => 409,
             GatewayError::NotReady { .. } => 503,
             GatewayError::UnsupportedMediaType { .. } => 415,
@@ -248,6 +263,7 @@ impl GatewayError {
                 vec![("retry-after", "1".into())]
             }
             GatewayError::StoreUnavailable { .. } => vec![("retry-after", "5".into())],
+            GatewayError::ChangeBacklogFull => vec![("retry-after", "30".into())],
             _ => Vec::new(),
         }
     }
@@ -276,6 +292,15 @@ impl GatewayError {
             GatewayError::EventNotDeadLettered { .. } => {
                 ("event-not-dead-lettered", "Event has no dead-lettered delivery")
             }
+            GatewayError::ChangesDisabled => ("changes-disabled", "Change notifications are not configured"),
+            GatewayError::NotificationUnauthenticated => {
+                ("notification-unauthenticated", "Notification not authenticated")
+            }
+            GatewayError::NotificationReplayed => ("notification-replayed", "Notification already received"),
+            GatewayError::NotificationUnknownResource { .. } => {
+                ("notification-unknown-resource", "Notification names nothing this gateway follows")
+            }
+            GatewayError::ChangeBacklogFull => ("change-backlog-full", "Too many changes waiting to be read"),
             GatewayError::BudgetNotFound { .. } => ("budget-not-found", "No such ERP budget"),
             GatewayError::UnknownOperationsPath { .. } => ("route-not-found", "Not found"),
             GatewayError::NotReady { .. } => ("not-ready", "Not ready"),
@@ -372,6 +397,14 @@ impl GatewayError {
             GatewayError::EventNotDeadLettered { id } => format!(
                 "Event `{id}` has no dead-lettered delivery; only those can be replayed. GET /admin/events/dead-letters lists them."
             ),
+            GatewayError::ChangesDisabled => "This gateway does not take change notifications: causeway.yaml has no `process.changes` with a `notification_url` (see docs/events.md).".into(),
+            GatewayError::NotificationUnauthenticated => "Every notification must carry the `clientState` the subscription was created with; this one did not, so nothing was read or changed.".into(),
+            GatewayError::NotificationReplayed => "Every notification in this request was received before (same subscription, resource, change type and time); nothing was read or changed again.".into(),
+            GatewayError::NotificationUnknownResource { refused } => format!(
+                "No notification in this request names an order or invoice this gateway follows ({}); nothing was read or changed. Subscriptions must name the configured company's salesOrders or salesInvoices.",
+                refused.join("; ")
+            ),
+            GatewayError::ChangeBacklogFull => "Too many changes are waiting to be read from the ERP; send the notification again after Retry-After.".into(),
             GatewayError::BudgetNotFound { upstream } => {
                 format!("No upstream `{upstream}` with a budget; GET /admin/budgets lists them.")
             }
@@ -608,6 +641,11 @@ mod tests {
             GatewayError::NotDeadLettered { id: s() },
             GatewayError::EventsDisabled,
             GatewayError::EventNotDeadLettered { id: s() },
+            GatewayError::ChangesDisabled,
+            GatewayError::NotificationUnauthenticated,
+            GatewayError::NotificationReplayed,
+            GatewayError::NotificationUnknownResource { refused: vec![s()] },
+            GatewayError::ChangeBacklogFull,
             GatewayError::BudgetNotFound { upstream: s() },
             GatewayError::UnknownOperationsPath { listener: "admin" },
             GatewayError::NotReady { upstreams: json!({}) },
@@ -655,6 +693,11 @@ mod tests {
                 | GatewayError::NotDeadLettered { .. }
                 | GatewayError::EventsDisabled
                 | GatewayError::EventNotDeadLettered { .. }
+                | GatewayError::ChangesDisabled
+                | GatewayError::NotificationUnauthenticated
+                | GatewayError::NotificationReplayed
+                | GatewayError::NotificationUnknownResource { .. }
+                | GatewayError::ChangeBacklogFull
                 | GatewayError::BudgetNotFound { .. }
                 | GatewayError::UnknownOperationsPath { .. }
                 | GatewayError::NotReady { .. }

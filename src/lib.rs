@@ -4,6 +4,7 @@
 //! objects) and [`proxy`] (the pingora `ProxyHttp` pipeline).
 
 pub mod admin;
+pub mod changes;
 pub mod config;
 pub mod erp;
 pub mod error;

@@ -73,7 +73,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let gateway = Gateway::new(config.clone(), metrics.clone(), in_flight.clone(), process.clone());
+    let changes = process.as_ref().and_then(|service| {
+        let settings = config.load().process.as_ref()?.changes.clone()?;
+        Some(crate::changes::Changes::new(service.clone(), settings))
+    });
+    let gateway = Gateway::new(config.clone(), metrics.clone(), in_flight.clone(), process.clone())
+        .with_changes(changes.clone());
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "causeway proxy");
     if let Some(app) = proxy.app_logic_mut() {
@@ -116,7 +121,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server.add_service(probe);
     server.add_service(background_service("config reload", ReloadTriggers(reloader)));
     if let Some(service) = process {
-        let mut worker = background_service("order delivery", DeliveryWorker(service, events));
+        let mut worker = background_service("order delivery", DeliveryWorker { service, events, changes });
         worker.threads = Some(1);
         server.add_service(worker);
     }
@@ -155,13 +160,21 @@ fn start_process(config: &Arc<ArcSwap<Config>>) -> anyhow::Result<Option<Arc<Quo
 
 /// Delivers pending orders to the ERP in the background, and the events of `events:` to their
 /// subscribers (a change of subscribers takes a restart).
-struct DeliveryWorker(Arc<QuoteToOrder>, Option<crate::config::events::EventsSettings>);
+struct DeliveryWorker {
+    service: Arc<QuoteToOrder>,
+    events: Option<crate::config::events::EventsSettings>,
+    /// Change detection (ERP → gateway), when configured.
+    changes: Option<Arc<crate::changes::Changes>>,
+}
 
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for DeliveryWorker {
     async fn start(&self, shutdown: pingora::server::ShutdownWatch) {
-        if let Some(events) = self.1.clone() {
-            let (service, shutdown) = (self.0.clone(), shutdown.clone());
+        if let Some(changes) = self.changes.clone() {
+            tokio::spawn(changes.run(shutdown.clone()));
+        }
+        if let Some(events) = self.events.clone() {
+            let (service, shutdown) = (self.service.clone(), shutdown.clone());
             tokio::spawn(async move {
                 loop {
                     match service.outbox().await {
@@ -183,7 +196,7 @@ impl pingora::services::background::BackgroundService for DeliveryWorker {
                 }
             });
         }
-        self.0.clone().run_worker(shutdown).await;
+        self.service.clone().run_worker(shutdown).await;
     }
 }
 

@@ -93,12 +93,15 @@ fn top_level_modules_depend_one_way() {
 #[test]
 fn config_and_error_import_no_runtime_or_domain_module() {
     let graph = imports();
-    let runtime = ["server", "proxy", "admin", "reload", "process", "erp", "sandbox"];
+    let runtime = ["server", "proxy", "admin", "reload", "process", "erp", "sandbox", "changes", "events"];
     for dep in &graph["config"] {
         assert!(!runtime.contains(&dep.as_str()), "config imports the runtime module `{dep}`");
     }
     assert!(graph["error"].is_empty(), "error imports {:?}; domains convert into it instead", graph["error"]);
     assert!(!graph["process"].contains("erp"), "process owns the ERP port; erp implements it");
+    for outer in ["changes", "events"] {
+        assert!(!graph["process"].contains(outer), "process knows nothing of `{outer}`, which builds on it");
+    }
     assert!(!graph["policy"].contains("config"), "policies receive compiled data, not the configuration");
 }
 

@@ -342,3 +342,236 @@ async fn a_subscriber_down_then_slow_and_a_gateway_killed_mid_delivery_lose_no_e
     }
     assert_eq!(by_order.len(), orders.len(), "no event of another order");
 }
+
+const CLIENT_STATE: &str = "erp-client-state-3c9d1f0a7b5e4d2c8a6f";
+
+/// [`options`] with change detection: the sandbox notifies the gateway's erp-notifications route.
+fn lifecycle_options(sandbox: &TestSandbox, subscriber: &Subscriber) -> GatewayOptions {
+    let mut o = options(sandbox, subscriber, "");
+    o.main_extra = o.main_extra.replace(
+        "events:\n",
+        "  changes:\n    notification_url: http://127.0.0.1:{PROXY_PORT}/process/v1/erp-notifications\n    client_state_env: ERP_CLIENT_STATE\nevents:\n",
+    );
+    o.env.push(("ERP_CLIENT_STATE".into(), CLIENT_STATE.into()));
+    o
+}
+
+async fn sandbox_control(sandbox: &TestSandbox, order: &str, step: &str) -> Value {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/sandbox/orders/{order}/{step}", sandbox.url()))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{step}: {}", resp.status());
+    resp.json().await.unwrap_or(Value::Null)
+}
+
+/// The sandbox's subscriptions, as the ERP API lists them.
+async fn subscriptions(sandbox: &TestSandbox) -> Vec<Value> {
+    let list: Value = reqwest::Client::new()
+        .get(format!("{}/api/v2.0/subscriptions", sandbox.url()))
+        .bearer_auth(UPSTREAM_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["value"].as_array().unwrap().clone()
+}
+
+async fn wait_subscribed(sandbox: &TestSandbox, gw: &TestGateway) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let subs = subscriptions(sandbox).await;
+        if subs.len() == 2 {
+            return subs;
+        }
+        assert!(Instant::now() < deadline, "the gateway never subscribed: {subs:?}\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An order driven accepted → shipped → invoiced → paid in the ERP reaches the subscriber as
+/// exactly those four events, in order, signed and in CloudEvents envelopes; the gateway's
+/// subscriptions (orders and invoices) pass the handshake and are renewed before they expire,
+/// without piling up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_shipped_invoiced_and_paid_in_the_erp_reaches_the_subscriber_in_order() {
+    let limits = causeway::sandbox::LimitsSpec { subscription_lifetime_seconds: 4, ..Default::default() };
+    let sandbox = TestSandbox::start(limits).await;
+    let subscriber = Subscriber::start().await;
+    let gw = TestGateway::start(lifecycle_options(&sandbox, &subscriber)).await;
+    let subs = wait_subscribed(&sandbox, &gw).await;
+    assert!(subs.iter().all(|s| s["clientState"] == CLIENT_STATE), "{subs:?}");
+    let client = reqwest::Client::new();
+    let resp = submit(&client, &gw, "life-1", &quote("006LIFE00001")).await;
+    assert_eq!(resp.status(), 201, "{}", gw.log());
+    let order: Value = resp.json().await.unwrap();
+    let number = order["erpOrderNumber"].as_str().unwrap().to_string();
+
+    sandbox_control(&sandbox, &number, "ship").await;
+    subscriber.wait_acknowledged(2, Duration::from_secs(10), &gw).await;
+    let invoice = sandbox_control(&sandbox, &number, "invoice").await;
+    sandbox_control(&sandbox, &number, "pay").await;
+    let got = subscriber.wait_acknowledged(4, Duration::from_secs(15), &gw).await;
+    // Renewals happen every two seconds; nothing more may arrive meanwhile.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let got_now = subscriber.acknowledged();
+    assert_eq!(
+        got_now.len(),
+        got.len(),
+        "exactly four events: {:?}",
+        got_now.iter().map(body).collect::<Vec<_>>()
+    );
+    let kinds: Vec<String> = got.iter().map(|r| body(r)["type"].as_str().unwrap().to_string()).collect();
+    assert_eq!(kinds, ["order.accepted.v1", "order.shipped.v1", "invoice.issued.v1", "payment.received.v1"]);
+    for r in &got {
+        let e = body(r);
+        assert!(verify(SECRET, r), "signed: {e:#}");
+        assert_eq!(e["specversion"], "1.0");
+        assert_eq!(e["subject"], order["id"]);
+        assert_eq!(e["data"]["erpOrderNumber"], number.as_str());
+        assert_eq!(e["data"]["opportunityId"], "006LIFE00001");
+        for attribute in ["id", "source", "type", "time"] {
+            assert!(e[attribute].is_string(), "CloudEvents `{attribute}` missing: {e:#}");
+        }
+    }
+    assert_eq!(body(&got[2])["data"]["invoiceNumber"], invoice["number"]);
+    assert_eq!(body(&got[3])["data"]["amount"], invoice["totalAmountIncludingTax"]);
+    verify_with_reference_library(&got);
+
+    let subs = subscriptions(&sandbox).await;
+    assert_eq!(subs.len(), 2, "renewed, not created again: {subs:?}");
+    let stats = sandbox.stats().await;
+    assert!(stats["handshakes"].as_u64().unwrap() >= 4, "renewed with a handshake each time: {stats:#}");
+    gw.wait_for_metric(
+        "causeway_order_milestones_total{type=\"payment.received.v1\"} 1",
+        Duration::from_secs(2),
+    )
+    .await;
+}
+
+/// A notification the gateway did not ask for is refused with a problem and changes nothing:
+/// a forged clientState, a repeat, an oversized body, resources outside the subscriptions or
+/// not the gateway's, odd Unicode, a bad handshake. A storm of genuine notifications about one
+/// order costs the ERP a handful of reads, not one per notification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_replayed_oversized_and_unknown_notifications_are_refused_and_change_nothing() {
+    let sandbox = TestSandbox::start(Default::default()).await;
+    let subscriber = Subscriber::start().await;
+    let gw = TestGateway::start(lifecycle_options(&sandbox, &subscriber)).await;
+    let subs = wait_subscribed(&sandbox, &gw).await;
+    let orders_subscription =
+        subs.iter().find(|s| s["resource"].as_str().unwrap().ends_with("salesOrders")).unwrap();
+    let subscription = orders_subscription["subscriptionId"].as_str().unwrap().to_string();
+    let client = reqwest::Client::new();
+    let resp = submit(&client, &gw, "hostile-1", &quote("006HOSTILE01")).await;
+    assert_eq!(resp.status(), 201, "{}", gw.log());
+    let order: Value = resp.json().await.unwrap();
+    subscriber.wait_acknowledged(1, Duration::from_secs(10), &gw).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let company = causeway::sandbox::data::COMPANY_ID;
+    let resource =
+        format!("api/v2.0/companies({company})/salesOrders({})", order["erpOrderId"].as_str().unwrap());
+    let notification = |state: &str, resource: &str, change: &str, at: &str| {
+        serde_json::json!({
+            "subscriptionId": subscription, "clientState": state, "expirationDateTime": "2026-12-31T00:00:00Z",
+            "resource": resource, "changeType": change, "lastModifiedDateTime": at,
+        })
+    };
+    let url = gw.url("/process/v1/erp-notifications");
+    let send = |body: Value| client.post(&url).json(&body).send();
+    let erp_requests = sandbox.stats().await["requests_total"].as_u64().unwrap();
+
+    // Forged: a wrong, empty or missing clientState; one forged among genuine ones refuses all.
+    for state in
+        ["wrong-state", "", &CLIENT_STATE[..CLIENT_STATE.len() - 1], "erp-client-state-3c9d1f0a7b5e4d2c8a6fé"]
+    {
+        let forged =
+            serde_json::json!({"value": [notification(state, &resource, "updated", "2026-11-30T10:00:00Z")]});
+        assert_problem(send(forged).await.unwrap(), 401, "notification-unauthenticated").await;
+    }
+    let mixed = serde_json::json!({"value": [
+        notification(CLIENT_STATE, &resource, "updated", "2026-11-30T10:00:01Z"),
+        notification("forged", &resource, "updated", "2026-11-30T10:00:02Z"),
+    ]});
+    assert_problem(send(mixed).await.unwrap(), 401, "notification-unauthenticated").await;
+    let missing = serde_json::json!({"value": [{"subscriptionId": subscription, "resource": resource, "changeType": "updated"}]});
+    assert_problem(send(missing).await.unwrap(), 400, "bad-request").await;
+    assert_problem(send(serde_json::json!({"value": []})).await.unwrap(), 400, "bad-request").await;
+    let not_json = client.post(&url).header("content-type", "text/plain").body("value").send().await.unwrap();
+    assert_problem(not_json, 415, "unsupported-media-type").await;
+
+    // Oversized: refused on its declared length, before the body is read.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).await.unwrap();
+        let head = format!(
+            "POST /process/v1/erp-notifications HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{{\"value\": [",
+            2 << 20
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0; 4096];
+        let n = stream.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("body-too-large"), "{answer}");
+    }
+
+    // Unknown resources: another company, another entity, a path trick, odd Unicode, an order
+    // the gateway did not create, an unknown change type.
+    for (resource, change) in [
+        ("api/v2.0/companies(00000000-0000-0000-0000-000000000000)/salesOrders(1)".to_string(), "updated"),
+        (format!("api/v2.0/companies({company})/vendors(00000000-0000-0000-0000-000000000001)"), "updated"),
+        (format!("api/v2.0/companies({company})/salesOrders(../../admin)"), "updated"),
+        (format!("api/v2.0/companies({company})/salesOrders(\u{202e}🦀\u{0})"), "updated"),
+        (
+            format!("api/v2.0/companies({company})/salesOrders(00000050-0000-4000-8000-00000000ffff)"),
+            "deleted",
+        ),
+        (resource.clone(), "exploded"),
+    ] {
+        let unknown = serde_json::json!({"value": [notification(CLIENT_STATE, &resource, change, "2026-11-30T10:00:03Z")]});
+        let problem =
+            assert_problem(send(unknown).await.unwrap(), 422, "notification-unknown-resource").await;
+        assert!(problem["detail"].as_str().unwrap().len() < 1200, "{problem:#}");
+    }
+    // A handshake token with a control character is not echoed.
+    let bad_token = client.post(format!("{url}?validationToken=a%0D%0Ab")).send().await.unwrap();
+    assert_problem(bad_token, 400, "bad-request").await;
+    let token = client.post(format!("{url}?validationToken=t%C3%BCk%3Cscript%3E")).send().await.unwrap();
+    assert_eq!(token.status(), 200);
+    assert_eq!(token.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(token.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(token.text().await.unwrap(), "tük<script>");
+
+    let after = sandbox.stats().await["requests_total"].as_u64().unwrap();
+    assert_eq!(after, erp_requests, "no refused notification reached the ERP");
+
+    // Replayed: accepted once, then refused.
+    let genuine = serde_json::json!({"value": [notification(CLIENT_STATE, &resource, "updated", "2026-11-30T11:00:00Z")]});
+    assert_eq!(send(genuine.clone()).await.unwrap().status(), 202);
+    assert_problem(send(genuine).await.unwrap(), 409, "notification-replayed").await;
+
+    // A storm: 2,000 genuine notifications about the one order, in batches of 500.
+    let before = sandbox.stats().await["requests_total"].as_u64().unwrap();
+    for batch in 0..4 {
+        let value: Vec<Value> = (0..500)
+            .map(|i| {
+                notification(CLIENT_STATE, &resource, "updated", &format!("2026-11-30T12:{batch:02}:{i:03}Z"))
+            })
+            .collect();
+        let resp = send(serde_json::json!({ "value": value })).await.unwrap();
+        assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reads = sandbox.stats().await["requests_total"].as_u64().unwrap() - before;
+    assert!(reads <= 10, "2,000 notifications of one order cost {reads} ERP reads");
+
+    // Nothing happened to the order: the subscriber heard only of its acceptance.
+    let got = subscriber.acknowledged();
+    assert_eq!(got.len(), 1, "{:?}", got.iter().map(body).collect::<Vec<_>>());
+    assert_eq!(body(&got[0])["type"], "order.accepted.v1");
+}

@@ -10,7 +10,15 @@ use std::path::Path;
 use std::time::Duration;
 
 /// The event types the gateway emits; docs/events.md describes each one's `data`.
-pub const EVENT_TYPES: &[&str] = &["order.accepted.v1", "order.rejected.v1", "order.dead_lettered.v1"];
+pub const EVENT_TYPES: &[&str] = &[
+    "order.accepted.v1",
+    "order.rejected.v1",
+    "order.dead_lettered.v1",
+    "order.shipped.v1",
+    "invoice.issued.v1",
+    "payment.received.v1",
+    "order.cancelled.v1",
+];
 
 /// The CloudEvents `source` when `events.source` is not set.
 const DEFAULT_SOURCE: &str = "/causeway/process/v1/orders";

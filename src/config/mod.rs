@@ -17,7 +17,10 @@ mod upstream;
 
 pub use cluster::{ClusterSettings, StoreSettings};
 use process::{compile_process, load_process_rules};
-pub use process::{AdapterSettings, ProcessSettings, TrytonSettings, BC_ADAPTER_POLICIES, PROCESS_POLICIES};
+pub use process::{
+    AdapterSettings, ChangeSettings, NotificationSettings, ProcessSettings, TrytonSettings,
+    BC_ADAPTER_POLICIES, PROCESS_POLICIES,
+};
 use routes::load_routes;
 pub use routes::CompiledRoute;
 use upstream::compile_upstreams;

@@ -23,6 +23,112 @@ pub struct ProcessSettings {
     pub backoff_max: Duration,
     pub inline_wait: Duration,
     pub lease: Duration,
+    /// Change detection (`process.changes`); off when absent.
+    pub changes: Option<ChangeSettings>,
+}
+
+/// `process.changes`, checked.
+#[derive(Debug, Clone)]
+pub struct ChangeSettings {
+    /// Business Central: where the ERP sends notifications, and the secret it sends back.
+    pub notifications: Option<NotificationSettings>,
+    /// Tryton: how often changed orders are polled.
+    pub poll: Duration,
+    /// The budget class of change detection's ERP reads (`None`: the lowest-priority class).
+    pub class: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct NotificationSettings {
+    pub url: String,
+    pub client_state: String,
+}
+
+impl std::fmt::Debug for NotificationSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotificationSettings").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+/// Shortest `clientState` secret accepted: it is the only thing that authenticates a notification.
+const MIN_CLIENT_STATE: usize = 24;
+
+fn compile_changes(
+    file: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    spec: &spec::ProcessSpec,
+    upstreams: &BTreeMap<String, Arc<Upstream>>,
+    diags: &mut Diagnostics,
+) -> Option<ChangeSettings> {
+    let changes = spec.changes.as_ref()?;
+    let c = &changes.value;
+    let notifications = match spec.adapter {
+        spec::AdapterKind::BusinessCentral => {
+            let (Some(url), Some(var)) = (&c.notification_url, &c.client_state_env) else {
+                diags.at(
+                    file,
+                    changes,
+                    "process.changes: Business Central notifies through webhooks: give `notification_url` (this gateway's erp-notifications route as the ERP reaches it) and `client_state_env` (the variable holding the shared secret)",
+                );
+                return None;
+            };
+            let parsed =
+                reqwest::Url::parse(&url.value).ok().filter(|u| matches!(u.scheme(), "http" | "https"));
+            if parsed.is_none() {
+                diags.at(
+                    file,
+                    url,
+                    format!("process.changes.notification_url: `{}` is not an http(s) URL", url.value),
+                );
+            }
+            match env(&var.value) {
+                Some(secret) if (MIN_CLIENT_STATE..=2048).contains(&secret.chars().count()) => {
+                    Some(NotificationSettings { url: url.value.clone(), client_state: secret })
+                }
+                Some(_) => {
+                    diags.at(
+                        file,
+                        var,
+                        format!(
+                            "process.changes.client_state_env: `{}` must hold {MIN_CLIENT_STATE} to 2048 characters (e.g. `openssl rand -hex 32`)",
+                            var.value
+                        ),
+                    );
+                    None
+                }
+                None => {
+                    diags.at(
+                        file,
+                        var,
+                        format!("process.changes.client_state_env: `{}` is not set; export a random secret (e.g. `openssl rand -hex 32`)", var.value),
+                    );
+                    None
+                }
+            }
+        }
+        spec::AdapterKind::Tryton => None,
+    };
+    if !(5..=86_400).contains(&c.poll_seconds) {
+        diags.at(file, changes, "process.changes.poll_seconds must be between 5 and 86400");
+    }
+    if let Some(class) = &c.class {
+        let known = upstreams
+            .get(&spec.erp.value)
+            .and_then(|u| u.budget.as_ref())
+            .is_some_and(|b| b.classes.contains_key(&class.value));
+        if !known {
+            diags.at(
+                file,
+                class,
+                format!("process.changes.class: `{}` is not a class of the ERP's budget", class.value),
+            );
+        }
+    }
+    Some(ChangeSettings {
+        notifications,
+        poll: Duration::from_secs(c.poll_seconds),
+        class: c.class.as_ref().map(|c| c.value.clone()),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -143,6 +249,10 @@ pub(super) fn compile_process(
     if spec.max_lines == 0 || spec.max_lines > 2000 {
         diags.at(file, &spec.erp, "process.max_lines must be between 1 and 2000");
     }
+    let changes = compile_changes(file, env, spec, upstreams, diags);
+    if changes.is_none() && spec.changes.is_some() {
+        return None;
+    }
     let ms = Duration::from_millis;
     Some(ProcessSettings {
         erp: spec.erp.value.clone(),
@@ -155,6 +265,7 @@ pub(super) fn compile_process(
         backoff_max: ms(d.backoff_max_ms),
         inline_wait: ms(d.inline_wait_ms),
         lease: ms(d.lease_ms.max(1000)),
+        changes,
     })
 }
 

@@ -170,6 +170,16 @@ pub(super) fn load_routes(
                 );
             }
             let authenticates = route_policies.iter().any(|p| p.authenticates());
+            // The ERP's notifications carry the subscription's clientState, checked by the
+            // endpoint itself; the ERP cannot present a consumer's key or token.
+            let self_authenticating = spec.process == Some(spec::ProcessEndpoint::ErpNotifications);
+            if self_authenticating && (authenticates || !spec.scopes.is_empty()) {
+                diags.at(
+                    &file,
+                    &spec.name,
+                    format!("route `{name}` takes the ERP's change notifications, which authenticate with the subscription's clientState: it cannot name jwt or api_key policies or scopes (the ERP cannot present them)"),
+                );
+            }
             if !spec.scopes.is_empty() && !authenticates {
                 diags.at(
                     &file,
@@ -179,7 +189,8 @@ pub(super) fn load_routes(
             }
             // Secure by default: the upstream's credential is never lent to an anonymous caller
             // or to a caller without a scope for writing, unless the route says so.
-            let credentialed = upstream.as_ref().is_some_and(|u| u.credential.is_some());
+            let credentialed =
+                upstream.as_ref().is_some_and(|u| u.credential.is_some()) && !self_authenticating;
             if credentialed && !spec.public && !authenticates {
                 diags.at(
                     &file,

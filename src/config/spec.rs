@@ -242,6 +242,11 @@ pub struct SandboxLimits {
     pub force_status: Option<u16>,
     /// `Retry-After` seconds sent with a forced 429/503; none when absent.
     pub force_retry_after_seconds: Option<u64>,
+    /// How long a webhook subscription lives unless renewed (Business Central: three days).
+    pub subscription_lifetime_seconds: u64,
+    /// Changes are gathered this long before their notifications are sent (Business Central
+    /// batches them for up to about 30 seconds).
+    pub notification_delay_ms: u64,
 }
 
 impl Default for SandboxLimits {
@@ -256,6 +261,8 @@ impl Default for SandboxLimits {
             failure_rate: 0.0,
             force_status: None,
             force_retry_after_seconds: None,
+            subscription_lifetime_seconds: 3 * 24 * 3600,
+            notification_delay_ms: 200,
         }
     }
 }
@@ -373,6 +380,32 @@ pub struct ProcessSpec {
     pub max_lines: usize,
     #[serde(default)]
     pub delivery: DeliverySpec,
+    /// Change detection, ERP → gateway: how the gateway learns what becomes of its orders.
+    #[serde(default)]
+    pub changes: Option<Spanned<ChangesSpec>>,
+}
+
+/// `process.changes`: Business Central notifies (webhook subscriptions), Tryton is polled.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangesSpec {
+    /// Business Central: this gateway's `erp-notifications` route as the ERP reaches it.
+    #[serde(default)]
+    pub notification_url: Option<Spanned<String>>,
+    /// Business Central: the environment variable holding the `clientState` secret the ERP
+    /// sends back with every notification.
+    #[serde(default)]
+    pub client_state_env: Option<Spanned<String>>,
+    /// Tryton: seconds between polls for changed orders.
+    #[serde(default = "default_poll_seconds")]
+    pub poll_seconds: u64,
+    /// The ERP budget class its reads take; the lowest-priority class when absent.
+    #[serde(default)]
+    pub class: Option<Spanned<String>>,
+}
+
+fn default_poll_seconds() -> u64 {
+    60
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -445,6 +478,9 @@ pub enum ProcessEndpoint {
     Orders,
     /// `GET`: the OpenAPI document of the process APIs.
     Openapi,
+    /// `POST`: change notifications from the ERP (Business Central webhooks), and their
+    /// validation-token handshake.
+    ErpNotifications,
 }
 
 /// One file in `routes/`.

@@ -4,12 +4,14 @@
 //! ([`super::exchange`]); master data is cached (bounded, with a TTL), concurrent lookups of one
 //! key make one ERP call.
 
-use super::exchange::{classes, exchange, master_cache, split_cached, MASTER_DATA_TTL};
+mod changes;
+
+use super::exchange::{change_class, classes, exchange, master_cache, split_cached, MASTER_DATA_TTL};
 use crate::config::{Config, Upstream};
 use crate::policy::mediation::{MediationPolicy, Transform};
 use crate::policy::throttle::Class;
 use crate::policy::Policy;
-use crate::process::adapter::{AdapterError, ErpAdapter, ErpOrder};
+use crate::process::adapter::{AdapterError, ChangedResource, ErpAdapter, ErpOrder, Progress};
 use crate::process::model::{Customer, Product, Quote};
 use crate::process::rules::MasterData;
 use serde_json::Value;
@@ -19,12 +21,15 @@ use std::sync::Arc;
 /// Business Central API v2.0 for one company.
 pub struct BusinessCentral {
     upstream: Arc<Upstream>,
+    company_id: String,
     /// `/api/v2.0/companies(<id>)`
     company_path: String,
     /// The sandbox's custom price-list page (a BC extension publishes the same).
     price_list_path: String,
     lookup_class: Class,
     write_class: Class,
+    /// Change detection's reads and subscriptions: the lowest-priority class by default.
+    change_class: Class,
     customer_map: Arc<Policy>,
     item_map: Arc<Policy>,
     order_create_map: Arc<Policy>,
@@ -59,7 +64,10 @@ impl BusinessCentral {
             }
         };
         let (lookup_class, write_class) = classes(&up);
+        let change_class = change_class(&up, config.process.as_ref().and_then(|p| p.changes.as_ref()));
         Ok(BusinessCentral {
+            company_id: company_id.to_string(),
+            change_class,
             company_path: format!("/api/v2.0/companies({company_id})"),
             price_list_path: format!("/api/causeway/sandbox/v1.0/companies({company_id})/priceListLines"),
             lookup_class,
@@ -83,6 +91,17 @@ impl BusinessCentral {
         body: Option<Vec<u8>>,
         class: &Class,
     ) -> Result<(u16, Vec<u8>), AdapterError> {
+        self.send(method, path_and_query, body, class, None).await
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+        class: &Class,
+        if_match: Option<&str>,
+    ) -> Result<(u16, Vec<u8>), AdapterError> {
         let client =
             self.upstream.client().ok_or_else(|| AdapterError::Unavailable("no HTTP client".into()))?;
         let mut request = client
@@ -90,6 +109,9 @@ impl BusinessCentral {
             .header(http::header::ACCEPT, "application/json");
         if let Some((name, value)) = &self.upstream.credential {
             request = request.header(name.clone(), value.clone());
+        }
+        if let Some(tag) = if_match {
+            request = request.header(http::header::IF_MATCH, tag);
         }
         if let Some(body) = body {
             request = request.header(http::header::CONTENT_TYPE, "application/json").body(body);
@@ -280,6 +302,22 @@ impl ErpAdapter for BusinessCentral {
 
     async fn forget(&self, quote: &Quote) {
         self.forget_cached(quote).await
+    }
+
+    async fn progress(&self, id: &str, number: &str) -> Result<Progress, AdapterError> {
+        self.order_progress(id, number).await
+    }
+
+    async fn invoice_progress(&self, invoice_id: &str) -> Result<Option<(String, Progress)>, AdapterError> {
+        self.progress_of_invoice(invoice_id).await
+    }
+
+    fn changed_resource(&self, resource: &str) -> Option<ChangedResource> {
+        changes::changed_resource(&self.company_id, resource)
+    }
+
+    async fn subscribe(&self, url: &str, client_state: &str) -> Result<std::time::Duration, AdapterError> {
+        self.ensure_subscriptions(url, client_state).await
     }
 }
 

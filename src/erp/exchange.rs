@@ -177,3 +177,14 @@ pub fn classes(up: &Upstream) -> (Class, Class) {
         class("write").or(default_class).unwrap_or_else(Class::unlimited),
     )
 }
+
+/// The class change detection's ERP calls take: the configured one, else the budget's
+/// lowest-priority class (it yields to every caller waiting), else unlimited.
+pub fn change_class(up: &Upstream, changes: Option<&crate::config::ChangeSettings>) -> Class {
+    let Some(budget) = up.budget.as_ref() else { return Class::unlimited() };
+    changes
+        .and_then(|c| c.class.as_ref())
+        .and_then(|name| budget.classes.get(name).cloned())
+        .or_else(|| budget.classes.values().max_by_key(|c| (c.priority, c.name.clone())).cloned())
+        .unwrap_or_else(|| budget.default_class.clone())
+}

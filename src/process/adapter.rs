@@ -34,6 +34,48 @@ pub trait ErpAdapter: Send + Sync {
     async fn create_order_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError>;
     /// Drop cached master data of `quote` (an operator's replay after fixing it in the ERP).
     async fn forget(&self, quote: &Quote);
+
+    /// Change detection: what the ERP shows of the order it created as (`id`, `number`).
+    async fn progress(&self, _id: &str, _number: &str) -> Result<Progress, AdapterError> {
+        Err(AdapterError::Protocol("this ERP adapter does not read order progress".into()))
+    }
+    /// Change detection: the order number an invoice belongs to, and what it shows of that
+    /// order; `None` when the invoice does not exist or belongs to no order.
+    async fn invoice_progress(&self, _invoice_id: &str) -> Result<Option<(String, Progress)>, AdapterError> {
+        Ok(None)
+    }
+    /// What a change notification's `resource` names, or `None` when it is nothing this
+    /// adapter subscribes to (another company, another entity set, not a resource path).
+    fn changed_resource(&self, _resource: &str) -> Option<ChangedResource> {
+        None
+    }
+    /// Make sure the ERP notifies `url` of changes to orders and invoices, with `client_state`:
+    /// create the subscriptions that are missing, renew those past half their life. Returns
+    /// how long until the next look is due.
+    async fn subscribe(&self, _url: &str, _client_state: &str) -> Result<std::time::Duration, AdapterError> {
+        Err(AdapterError::Protocol("this ERP adapter has no change subscriptions".into()))
+    }
+}
+
+/// What the ERP shows of an order after creation; each present member is a milestone reached,
+/// with what its event's `data` adds (a JSON object).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub shipped: Option<Value>,
+    pub invoiced: Option<Value>,
+    pub paid: Option<Value>,
+    pub cancelled: Option<Value>,
+}
+
+/// What a change notification names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ChangedResource {
+    /// An order, by the ERP's id.
+    Order(String),
+    /// An invoice, by the ERP's id.
+    Invoice(String),
+    /// Too many changes to name: the whole set is to be read again.
+    Collection,
 }
 
 /// An order as the ERP holds it, in the canonical shape (`canonical-sales-order-bc`).

@@ -157,6 +157,20 @@ impl QuoteToOrder {
         Ok(self.store.get().cloned().and_then(|s| s.outbox()))
     }
 
+    /// The store's order milestones and seen notifications (`crate::changes`), once the store
+    /// is open; `None` when the store keeps none.
+    pub async fn lifecycle(
+        &self,
+    ) -> Result<Option<Arc<dyn super::store::lifecycle::OrderLifecycle>>, StoreError> {
+        self.store().await?;
+        Ok(self.store.get().cloned().and_then(|s| s.lifecycle()))
+    }
+
+    /// The ERP port the service writes orders through (change detection reads through it too).
+    pub fn adapter(&self) -> &dyn ErpAdapter {
+        self.adapter.as_ref()
+    }
+
     async fn recover(&self, store: &dyn OrderStore) -> Result<(), StoreError> {
         let released = store.recover(self.settle).await?;
         if released > 0 {
@@ -837,6 +851,12 @@ impl QuoteToOrder {
             }
         }
         Ok(moved)
+    }
+
+    /// Events were written outside a state change (an order's milestones): wake the
+    /// dispatcher as a final state would.
+    pub fn note_events_written(&self) {
+        self.finished.send_modify(|n| *n += 1);
     }
 
     /// Changes when an order reaches a final state in this process (its event is in the outbox).

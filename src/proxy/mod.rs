@@ -62,6 +62,8 @@ pub struct Gateway {
     in_flight: Arc<InFlight>,
     /// The quote-to-order service, when `causeway.yaml` configures the process APIs.
     process: Option<Arc<crate::process::service::QuoteToOrder>>,
+    /// Change detection, when `process.changes` configures it (the ERP's notifications).
+    changes: Option<Arc<crate::changes::Changes>>,
 }
 
 /// How [`Gateway::dispatch`] left a request.
@@ -91,8 +93,12 @@ impl Gateway {
                 // Config checks refuse process routes without a `process:` block; a reload that
                 // adds one needs a restart to start the service.
                 let service = self.process.as_ref().ok_or(GatewayError::Internal)?;
-                crate::error::contain_panic(&correlation, process::serve(session, ctx, endpoint, service))
-                    .await?;
+                let changes = self.changes.as_ref();
+                crate::error::contain_panic(
+                    &correlation,
+                    process::serve(session, ctx, endpoint, service, changes),
+                )
+                .await?;
             }
             // Mediated routes are answered in-process: the body is checked and transformed before
             // any byte reaches the ERP, the response before any byte reaches the caller.
@@ -150,7 +156,14 @@ impl Gateway {
             unmatched: crate::observe::metrics::RouteMetrics::new(UNMATCHED_ROUTE),
             in_flight,
             process,
+            changes: None,
         }
+    }
+
+    /// The gateway taking the ERP's change notifications on the `erp-notifications` route.
+    pub fn with_changes(mut self, changes: Option<Arc<crate::changes::Changes>>) -> Self {
+        self.changes = changes;
+        self
     }
 }
 

@@ -23,6 +23,7 @@ pub async fn serve(
     ctx: &mut Ctx,
     endpoint: ProcessEndpoint,
     service: &Arc<QuoteToOrder>,
+    changes: Option<&Arc<crate::changes::Changes>>,
 ) -> Result<(), GatewayError> {
     let route = ctx.route.clone().ok_or(GatewayError::Internal)?;
     // Orders, keys and quotas belong to (authentication policy, consumer).
@@ -59,6 +60,27 @@ pub async fn serve(
         }
         ProcessEndpoint::Openapi => {
             Reply { status: 200, location: None, body: OPENAPI.as_bytes().to_vec(), replayed: false }
+        }
+        ProcessEndpoint::ErpNotifications => {
+            let changes = changes.ok_or(GatewayError::ChangesDisabled)?;
+            let query = session.req_header().uri.query().map(str::to_string);
+            // The handshake has no body to judge; notifications are JSON.
+            let body = if query.as_deref().is_some_and(|q| q.contains("validationToken")) {
+                Bytes::new()
+            } else {
+                require_json(session)?;
+                read_request_body(session, route.max_body_bytes).await?
+            };
+            let answer = changes.receive(query.as_deref(), &body).await?;
+            let Ok(mut head) = ResponseHeader::build(answer.status, Some(4)) else {
+                return Err(GatewayError::Internal);
+            };
+            let _ = head.insert_header(http::header::CONTENT_TYPE, answer.content_type);
+            let _ = head.insert_header(http::header::CONTENT_LENGTH, answer.body.len());
+            let _ = head.insert_header(http::header::CACHE_CONTROL, "no-store");
+            let _ = head.insert_header("x-content-type-options", "nosniff");
+            write_local_response(session, ctx, head, Bytes::from(answer.body)).await;
+            return Ok(());
         }
     };
     respond(session, ctx, reply).await;

@@ -7,12 +7,16 @@
 //! `salesInvoices`; lists are `{"value":[...]}`; `$filter` (`field eq 'v'` joined by `and`),
 //! `$top`, `$skip`, `$expand=salesOrderLines`. Price lists are a custom API page:
 //! `/api/causeway/sandbox/v1.0/companies({id})/priceListLines`.
+//! Webhook subscriptions: `/api/v2.0/subscriptions` ([`webhooks`]).
 //! Control (not limited): `GET /sandbox/stats`, `GET /sandbox/requests`, `POST /sandbox/reset`,
-//! `GET|PUT /sandbox/settings`.
+//! `GET|PUT /sandbox/settings`, and the order lifecycle `POST /sandbox/orders/{order}/ship`,
+//! `/invoice`, `/pay`, `/cancel` ([`lifecycle`]).
 
 pub mod data;
+mod lifecycle;
 mod limits;
 mod odata;
+mod webhooks;
 
 pub use limits::{LimitStats, LimitsSpec, Rejection};
 
@@ -70,6 +74,10 @@ struct Counters {
     forced_responses: u64,
     orders_created: u64,
     duplicate_external_document_numbers: u64,
+    /// Validation-token handshakes attempted (subscription creates and renewals).
+    handshakes: u64,
+    notifications_sent: u64,
+    notifications_failed: u64,
 }
 
 /// Shared sandbox state; cheap to clone.
@@ -84,6 +92,10 @@ struct Inner {
     store: Mutex<Store>,
     counters: Mutex<Counters>,
     recent: Mutex<VecDeque<ReceivedRequest>>,
+    subscriptions: Mutex<BTreeMap<String, webhooks::Subscription>>,
+    pending_notifications: Mutex<Vec<webhooks::Pending>>,
+    notify: tokio::sync::Notify,
+    notifier_started: std::sync::atomic::AtomicBool,
 }
 
 impl Sandbox {
@@ -106,6 +118,10 @@ impl Sandbox {
                 store: Mutex::new(store),
                 counters: Mutex::new(Counters::default()),
                 recent: Mutex::new(VecDeque::with_capacity(RECENT_REQUESTS)),
+                subscriptions: Mutex::new(BTreeMap::new()),
+                pending_notifications: Mutex::new(Vec::new()),
+                notify: tokio::sync::Notify::new(),
+                notifier_started: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -116,6 +132,10 @@ impl Sandbox {
             .route("/sandbox/requests", get(recent))
             .route("/sandbox/reset", post(reset))
             .route("/sandbox/settings", get(get_settings).put(put_settings))
+            .route("/sandbox/orders/{order}/ship", post(lifecycle::ship))
+            .route("/sandbox/orders/{order}/invoice", post(lifecycle::invoice))
+            .route("/sandbox/orders/{order}/pay", post(lifecycle::pay))
+            .route("/sandbox/orders/{order}/cancel", post(lifecycle::cancel))
             .route("/api/{*rest}", any(api))
             .fallback(|| async {
                 bc_error(StatusCode::NOT_FOUND, "BadRequest_NotFound", "The request URL is not valid.")
@@ -152,7 +172,11 @@ impl Sandbox {
             "failures_injected": c.failures_injected,
             "forced_responses": c.forced_responses,
             "orders_created": c.orders_created,
-            "duplicate_external_document_numbers": c.duplicate_external_document_numbers
+            "duplicate_external_document_numbers": c.duplicate_external_document_numbers,
+            "subscriptions": self.inner.subscriptions.lock().len(),
+            "handshakes": c.handshakes,
+            "notifications_sent": c.notifications_sent,
+            "notifications_failed": c.notifications_failed
         })
     }
 }
@@ -264,6 +288,9 @@ async fn api(
     if spec.failure_rate > 0.0 && rand::rng().random_bool(spec.failure_rate.clamp(0.0, 1.0)) {
         sb.inner.counters.lock().failures_injected += 1;
         return bc_error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "Injected failure.");
+    }
+    if uri.path().starts_with("/api/v2.0/subscriptions") {
+        return webhooks::handle(&sb, &method, &uri, &headers, &body).await;
     }
     odata::dispatch(&sb, &method, &uri, &headers, &body)
 }

@@ -236,6 +236,7 @@ pub(super) fn dispatch(
             match create_order(&mut store, order) {
                 Ok((created, duplicate)) => {
                     drop(store);
+                    sb.changed("salesOrders", created["id"].as_str().unwrap_or_default(), "created");
                     let mut c = sb.inner.counters.lock();
                     c.orders_created += 1;
                     if duplicate {
@@ -262,7 +263,12 @@ pub(super) fn dispatch(
             if let Err(resp) = check_if_match(headers, order) {
                 return resp;
             }
-            patch_order(order, &patch)
+            let resp = patch_order(order, &patch);
+            drop(store);
+            if resp.status().is_success() {
+                sb.changed("salesOrders", id, "updated");
+            }
+            resp
         }
         ("PATCH", Target::Entity("customers", id), false) => {
             let patch: Value = match serde_json::from_slice(body) {
@@ -285,6 +291,8 @@ pub(super) fn dispatch(
                 return resp;
             }
             store.orders.remove(pos);
+            drop(store);
+            sb.changed("salesOrders", id, "deleted");
             StatusCode::NO_CONTENT.into_response()
         }
         _ => bc_error(
@@ -295,7 +303,7 @@ pub(super) fn dispatch(
     }
 }
 
-fn check_if_match(headers: &HeaderMap, order: &Value) -> Result<(), Response> {
+pub(super) fn check_if_match(headers: &HeaderMap, order: &Value) -> Result<(), Response> {
     let Some(tag) = headers.get("if-match").and_then(|v| v.to_str().ok()) else {
         return Err(bc_error(
             StatusCode::PRECONDITION_REQUIRED,
@@ -467,6 +475,7 @@ fn create_order(store: &mut super::Store, order: Value) -> Result<(Value, bool),
         "currencyCode": currency,
         "paymentTermsId": customer["paymentTermsId"],
         "status": "Draft",
+        "fullyShipped": false,
         "discountAmount": round2(discount_total),
         "totalAmountExcludingTax": net,
         "totalTaxAmount": tax_amount,

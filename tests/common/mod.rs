@@ -194,7 +194,8 @@ upstreams:
         opts.grace_seconds,
         opts.upstream_url,
         opts.upstream_extra,
-        opts.main_extra
+        // A setting that names the gateway's own address (a notification URL).
+        opts.main_extra.replace("{PROXY_PORT}", &ports.0.to_string())
     );
     std::fs::write(dir.join("causeway.yaml"), main).unwrap();
     std::fs::create_dir_all(dir.join("routes")).unwrap();

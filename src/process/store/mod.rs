@@ -6,11 +6,14 @@
 //! suite in `suite.rs` holds both durable stores to the same assertions.
 
 mod group;
+pub mod lifecycle;
 pub mod memory;
 pub mod outbox;
 pub mod postgres;
+mod postgres_lifecycle;
 mod postgres_outbox;
 pub mod sqlite;
+mod sqlite_lifecycle;
 mod sqlite_outbox;
 #[cfg(test)]
 mod suite;
@@ -245,6 +248,11 @@ pub trait OrderStore: Send + Sync {
     async fn count_by_state(&self) -> Result<Vec<(String, i64)>, StoreError>;
     /// The event outbox, when this store keeps one (`crate::events`).
     fn outbox(self: Arc<Self>) -> Option<Arc<dyn outbox::EventOutbox>> {
+        None
+    }
+    /// Milestones after acceptance and the ERP notifications seen (`crate::changes`), when
+    /// this store keeps them.
+    fn lifecycle(self: Arc<Self>) -> Option<Arc<dyn lifecycle::OrderLifecycle>> {
         None
     }
 }

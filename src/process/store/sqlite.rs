@@ -190,6 +190,34 @@ const MIGRATIONS: &[&[&str]] = &[
         "CREATE INDEX IF NOT EXISTS orders_lease_owner ON orders(lease_owner) WHERE lease_until > 0",
     ],
     OUTBOX,
+    LIFECYCLE,
+];
+
+/// Order milestones after acceptance (`super::lifecycle`), each writing its event like a state
+/// change does, and the ERP notifications seen.
+const LIFECYCLE: &[&str] = &[
+    "CREATE TABLE order_milestones (
+        order_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (order_id, kind))",
+    "CREATE INDEX orders_erp_order_id ON orders(erp_order_id) WHERE erp_order_id IS NOT NULL",
+    "CREATE INDEX orders_erp_order_number ON orders(erp_order_number) WHERE erp_order_number IS NOT NULL",
+    "CREATE TABLE erp_notifications (key TEXT PRIMARY KEY, seen_at INTEGER NOT NULL)",
+    "CREATE INDEX erp_notifications_seen ON erp_notifications(seen_at)",
+    "CREATE TRIGGER order_milestone_event AFTER INSERT ON order_milestones BEGIN
+        INSERT INTO events (id, order_id, type, at, data)
+            SELECT lower(hex(randomblob(16))), NEW.order_id, NEW.kind, NEW.at,
+                json_patch(json_object('orderId', o.id, 'opportunityId', o.opportunity_id,
+                    'consumer', o.owner, 'state', o.state, 'erpOrderId', o.erp_order_id,
+                    'erpOrderNumber', o.erp_order_number, 'correlationId', o.correlation_id),
+                    CASE WHEN json_valid(NEW.data) THEN NEW.data ELSE '{}' END)
+            FROM orders o WHERE o.id = NEW.order_id;
+        INSERT INTO event_deliveries (subscriber, seq, order_id, next_attempt_at)
+            SELECT name, (SELECT MAX(seq) FROM events), NEW.order_id, NEW.at FROM event_subscribers
+            WHERE types = '*' OR instr(',' || types || ',', ',' || NEW.kind || ',') > 0;
+     END",
 ];
 
 /// The body of both outbox triggers: the event of the order's new state, and one delivery per
@@ -714,6 +742,10 @@ impl OrderStore for SqliteStore {
     }
 
     fn outbox(self: Arc<Self>) -> Option<Arc<dyn super::outbox::EventOutbox>> {
+        Some(self)
+    }
+
+    fn lifecycle(self: Arc<Self>) -> Option<Arc<dyn super::lifecycle::OrderLifecycle>> {
         Some(self)
     }
 }

@@ -2,6 +2,7 @@
 //! (`CAUSEWAY_TEST_POSTGRES`, default `postgres://postgres@127.0.0.1:5432/test`; each test gets a schema
 //! of its own). The same assertions hold for both, so the service can run on either.
 
+use super::lifecycle::{Milestone, OrderLifecycle};
 use super::outbox::{Attempted, EventOutbox};
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
@@ -13,7 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// A backend under test, acting for whichever process a test needs.
-pub trait SuiteStore: OrderStore + EventOutbox + Clone + 'static {
+pub trait SuiteStore: OrderStore + EventOutbox + OrderLifecycle + Clone + 'static {
     /// This store as used by the process named `local` (`pid:start`) on this host.
     fn for_process(&self, local: &str) -> Self;
 }
@@ -390,6 +391,70 @@ pub async fn delivered_events_are_purged_and_undelivered_ones_kept(s: impl Suite
     assert_eq!(left, ["p-3"], "the pending one stays");
 }
 
+/// Milestones after acceptance are recorded once each, in the order given, only for accepted
+/// orders, each writing its event (with the order's identifiers) in the same transaction;
+/// sweeps page through unfinished orders; a notification is new once.
+pub async fn milestones_write_their_events_once_and_only_for_accepted_orders(s: impl SuiteStore) {
+    s.set_subscribers(&[("crm".into(), "order.shipped.v1,invoice.issued.v1,payment.received.v1".into())])
+        .await
+        .unwrap();
+    s.insert_order(outbox_order("m-1", "opp-m1", State::Validated, None)).await.unwrap();
+    moved(&s, "m-1", State::Validated, State::Accepted, Some(("erp-m1", "S-\u{202e}1"))).await;
+    s.insert_order(outbox_order("m-2", "opp-m2", State::Rejected, None)).await.unwrap();
+    let tracked = s.tracked(Some("erp-m1"), None).await.unwrap().expect("tracked by ERP id");
+    assert_eq!((tracked.id.as_str(), tracked.erp_order_number.as_str()), ("m-1", "S-\u{202e}1"));
+    assert_eq!(s.tracked(None, Some("S-\u{202e}1")).await.unwrap().map(|t| t.id), Some("m-1".into()));
+    assert_eq!(s.tracked(Some("no-such"), None).await.unwrap(), None);
+    let m = |kind: &'static str, data: &str| Milestone { kind, data: data.to_string() };
+    let shipped = m("order.shipped.v1", "{}");
+    let invoiced = m("invoice.issued.v1", r#"{"invoiceNumber":"PS-\u0000🦀"}"#);
+    let paid = m("payment.received.v1", r#"{"amount":10.5}"#);
+    assert_eq!(
+        s.record_milestones("m-1", std::slice::from_ref(&shipped)).await.unwrap(),
+        ["order.shipped.v1"]
+    );
+    let all = [shipped.clone(), invoiced, paid];
+    assert_eq!(s.record_milestones("m-1", &all).await.unwrap(), ["invoice.issued.v1", "payment.received.v1"]);
+    assert!(s.record_milestones("m-1", &all).await.unwrap().is_empty(), "each once");
+    assert!(s.record_milestones("m-2", &all).await.unwrap().is_empty(), "a rejected order has none");
+    assert!(s.record_milestones("nope", &all).await.unwrap().is_empty());
+    let tracked = s.tracked(Some("erp-m1"), None).await.unwrap().unwrap();
+    assert!(tracked.finished(), "{tracked:?}");
+    let lease = Duration::from_secs(30);
+    let mut kinds = Vec::new();
+    loop {
+        let got = s.claim_deliveries("crm", 10, lease).await.unwrap();
+        let Some(d) = got.first() else { break };
+        let data: serde_json::Value = serde_json::from_str(&d.event.data).unwrap();
+        assert_eq!(
+            (data["orderId"].as_str(), data["erpOrderNumber"].as_str()),
+            (Some("m-1"), Some("S-\u{202e}1"))
+        );
+        if d.event.kind == "payment.received.v1" {
+            assert_eq!(data["amount"], 10.5);
+        }
+        kinds.push(d.event.kind.clone());
+        s.record_attempt("crm", d.event.seq, Attempted::Delivered).await.unwrap();
+    }
+    assert_eq!(kinds, ["order.shipped.v1", "invoice.issued.v1", "payment.received.v1"]);
+    // Sweeps: unfinished accepted orders only, a page at a time.
+    for n in 3..8 {
+        let (id, opp, erp) = (format!("m-{n}"), format!("opp-m{n}"), format!("erp-m{n}"));
+        s.insert_order(outbox_order(&id, &opp, State::Validated, None)).await.unwrap();
+        moved(&s, &id, State::Validated, State::Accepted, Some((&erp, "S"))).await;
+    }
+    let page = s.unfinished("", 3).await.unwrap();
+    assert_eq!(page.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["m-3", "m-4", "m-5"]);
+    let rest = s.unfinished("m-5", 3).await.unwrap();
+    assert_eq!(rest.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["m-6", "m-7"]);
+    // Notifications seen.
+    let keys = ["a".to_string(), "b\u{0}".to_string()];
+    assert_eq!(s.first_sight(&keys).await.unwrap(), [true, true]);
+    assert_eq!(s.first_sight(&["a".into(), "c".into()]).await.unwrap(), [false, true]);
+    assert_eq!(s.forget_sightings(super::now_ms() + 1000, 10).await.unwrap(), 3);
+    assert_eq!(s.first_sight(&["a".into()]).await.unwrap(), [true]);
+}
+
 /// Runs each suite test against SQLite and, where a server answers, PostgreSQL.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
@@ -422,6 +487,7 @@ suite!(
     an_orders_events_are_written_with_its_changes_and_leased_strictly_in_order,
     dead_deliveries_are_listed_replayed_and_hold_back_the_orders_later_events,
     delivered_events_are_purged_and_undelivered_ones_kept,
+    milestones_write_their_events_once_and_only_for_accepted_orders,
 );
 
 mod postgres_only {
