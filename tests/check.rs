@@ -385,3 +385,70 @@ fn event_subscribers_are_checked_with_file_line_and_remedy() {
     let (ok, err, ..) = run("", &sub("https://crm.example.com/h", ""), Some(good));
     assert!(!ok && err.contains("add a `process:` block"), "{err}");
 }
+
+/// `process.changes` is checked with file, line and what to do: the notification URL, the
+/// clientState secret (set, long enough, not absurd), the budget class; an erp-notifications
+/// route that names consumer keys is refused (the ERP cannot present them).
+#[test]
+fn change_detection_settings_are_checked_with_file_line_and_remedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = common::process::sandbox_options("http://127.0.0.1:9".into(), common::process::FAST);
+    common::write_config(dir.path(), &opts, (18010, 18011, 18012));
+    let file = dir.path().join("causeway.yaml");
+    let whole = std::fs::read_to_string(&file).unwrap();
+    let run = |changes: &str, secret: Option<&str>| {
+        std::fs::write(&file, format!("{}  changes:\n{changes}", whole.trim_end().to_string() + "\n"))
+            .unwrap();
+        let mut env = vec![("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")];
+        if let Some(s) = secret {
+            env.push(("ERP_STATE", s));
+        }
+        let line = |needle: &str| {
+            let text = std::fs::read_to_string(&file).unwrap();
+            text.lines().collect::<Vec<_>>().iter().rposition(|l| l.contains(needle)).map_or(0, |n| n + 1)
+        };
+        let (ok, err) = check(dir.path(), &env);
+        (ok, err, line("notification_url:"), line("client_state_env:"), line("class:"))
+    };
+    let good_state = "0123456789abcdef0123456789abcdef";
+    let block = |url: &str, extra: &str| {
+        format!("    notification_url: {url}\n    client_state_env: ERP_STATE\n{extra}")
+    };
+    let (ok, err, ..) =
+        run(&block("https://gw.example.com/process/v1/erp-notifications", ""), Some(good_state));
+    assert!(ok, "valid change detection: {err}");
+
+    let (ok, err, url, ..) = run(&block("gopher://gw.example.com/\u{202e}x", ""), Some(good_state));
+    assert!(
+        !ok && err.contains(&format!("causeway.yaml:{url}:")) && err.contains("not an http(s) URL"),
+        "{err}"
+    );
+
+    let (ok, err, _, var, _) = run(&block("https://gw.example.com/n", ""), None);
+    assert!(
+        !ok && err.contains(&format!("causeway.yaml:{var}:")) && err.contains("openssl rand -hex 32"),
+        "{err}"
+    );
+    for bad in ["short", &"x".repeat(2049)] {
+        let (ok, err, _, var, _) = run(&block("https://gw.example.com/n", ""), Some(bad));
+        assert!(!ok && err.contains(&format!("causeway.yaml:{var}:")) && err.contains("24 to 2048"), "{err}");
+    }
+    let (ok, err, .., class) =
+        run(&block("https://gw.example.com/n", "    class: nightly\n"), Some(good_state));
+    assert!(!ok && err.contains(&format!("causeway.yaml:{class}:")) && err.contains("`nightly`"), "{err}");
+
+    let (ok, err, ..) = run("    client_state_env: ERP_STATE\n", Some(good_state));
+    assert!(!ok && err.contains("give `notification_url`"), "{err}");
+
+    // The notification route cannot ask for a consumer key.
+    let routes = dir.path().join("routes/routes.yaml");
+    let shipped = std::fs::read_to_string(&routes).unwrap();
+    let keyed = shipped.replace(
+        "    process: erp-notifications\n",
+        "    process: erp-notifications\n    policies: [crm-keys]\n",
+    );
+    assert_ne!(keyed, shipped, "the shipped erp-notifications route");
+    std::fs::write(&routes, keyed).unwrap();
+    let (ok, err, ..) = run(&block("https://gw.example.com/n", ""), Some(good_state));
+    assert!(!ok && err.contains("clientState") && err.contains("routes.yaml:"), "{err}");
+}

@@ -450,6 +450,12 @@ async fn an_order_shipped_invoiced_and_paid_in_the_erp_reaches_the_subscriber_in
         Duration::from_secs(2),
     )
     .await;
+    // Invoice posted in the ERP → acknowledged by the CRM, measured once.
+    gw.wait_for_metric(
+        "causeway_invoice_sync_latency_seconds_count{subscriber=\"crm\"} 1",
+        Duration::from_secs(2),
+    )
+    .await;
 }
 
 /// A notification the gateway did not ask for is refused with a problem and changes nothing:

@@ -9,8 +9,15 @@
 //! (2) Throughput: the receiver refuses (503) while orders are recorded and delivered to the ERP,
 //!     so their events queue in the outbox; then it answers 200 and the backlog is timed until
 //!     every event is acknowledged: events delivered per second.
+//! (3) Change detection: a second gateway with `process.changes` subscribes to its own sandbox
+//!     (Business Central's default limits, notifications sent without batching delay); orders
+//!     are shipped in the sandbox at a steady pace, and each `order.shipped.v1` arrival minus
+//!     the ship call is the ERP change → subscriber latency; the sandbox's request count over
+//!     the phase is what change detection cost the ERP budget.
 
-use super::process::{gateway_with_store, sandbox, script, settle, start};
+use super::process::{
+    bench_quote, gateway_with_process, gateway_with_store, sandbox, script, settle, start, stats,
+};
 use super::{cpu_ticks, env_num, wrk_with, Procs};
 use std::path::Path;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -20,6 +27,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const SANDBOX: u16 = 18190;
 const GW: u16 = 18191;
 const RECEIVER: u16 = 18195;
+const SANDBOX_CHANGES: u16 = 18200;
+const GW_CHANGES: u16 = 18201;
 
 #[derive(Default)]
 struct Arrivals {
@@ -30,6 +39,8 @@ struct Arrivals {
     ids: std::collections::HashSet<String>,
     repeats: usize,
     types: std::collections::BTreeMap<String, usize>,
+    /// ERP order number → when its `order.shipped.v1` was acknowledged (ms since the epoch).
+    shipped_at: std::collections::HashMap<String, f64>,
 }
 
 fn now_ms() -> f64 {
@@ -61,6 +72,10 @@ fn receiver(status: Arc<AtomicU16>, arrivals: Arc<Mutex<Arrivals>>) {
                             *a.types
                                 .entry(event["type"].as_str().unwrap_or_default().to_string())
                                 .or_default() += 1;
+                            if event["type"] == "order.shipped.v1" {
+                                let number = event["data"]["erpOrderNumber"].as_str().unwrap_or_default();
+                                a.shipped_at.insert(number.to_string(), now_ms());
+                            }
                             if let (Some(t), Some("order.accepted.v1")) = (time, event["type"].as_str()) {
                                 a.lag_ms.push(now_ms() - (t.unix_timestamp_nanos() as f64 / 1e6));
                             }
@@ -179,5 +194,110 @@ pub fn run(procs: &mut Procs, work: &Path) {
         "events (2): {recorded} orders recorded while the webhook answered 503; backlog of {backlog} events drained: {delivered} acknowledged in {took:.2} s = {:.0} events/s, gateway cpu {:.0} us/event (includes the first retry's wait, up to backoff_max_ms 1 s)",
         delivered as f64 / took,
         cpu_us / delivered.max(1) as f64
+    );
+    change_detection(procs, work, &arrivals);
+}
+
+/// One HTTP/1.1 exchange on a fresh connection: status and body.
+fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    s.write_all(format!("{head}\r\n{body}").as_bytes()).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
+fn change_detection(procs: &mut Procs, work: &Path, arrivals: &Arc<Mutex<Arrivals>>) {
+    start(procs, "sandbox-changes", sandbox(SANDBOX_CHANGES, 6000, 300), SANDBOX_CHANGES);
+    let (_, settings) = http(SANDBOX_CHANGES, "GET", "/sandbox/settings", &[], "");
+    let mut settings: serde_json::Value = serde_json::from_str(&settings).unwrap();
+    settings["notification_delay_ms"] = 0.into();
+    let json = [("content-type", "application/json")];
+    http(SANDBOX_CHANGES, "PUT", "/sandbox/settings", &json, &settings.to_string());
+    std::env::set_var("BENCH_CLIENT_STATE", "bench-client-state-0123456789abcdef");
+    let process = format!(
+        "  changes:\n    notification_url: http://127.0.0.1:{GW_CHANGES}/process/v1/erp-notifications\n    client_state_env: BENCH_CLIENT_STATE\n"
+    );
+    let store = format!(
+        "store: {{ path: data/orders.db, synchronous: full }}\n\
+         events:\n  subscribers:\n    bench:\n      url: http://127.0.0.1:{RECEIVER}/hooks\n      secret_env: [BENCH_HOOK_SECRET]\n      types: [order.shipped.v1]\n"
+    );
+    // The shipped budget: Business Central's 6,000 requests per 5 minutes.
+    let gw = gateway_with_process(
+        work,
+        "gw-changes",
+        GW_CHANGES,
+        SANDBOX_CHANGES,
+        (6000, 300),
+        5000,
+        &store,
+        "off",
+        &process,
+    );
+    start(procs, "causeway-changes", gw, GW_CHANGES);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats(SANDBOX_CHANGES)["subscriptions"].as_u64() != Some(2) {
+        assert!(Instant::now() < deadline, "the gateway never subscribed to the sandbox's changes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let n = env_num("BENCH_CHANGES_ORDERS", 200) as usize;
+    let mut numbers = Vec::with_capacity(n);
+    for i in 0..n {
+        let opportunity = format!("CHG-{i:06}");
+        let body = bench_quote().to_string().replace("OPP", &opportunity);
+        let key = format!("\"{opportunity}\"");
+        let headers = [
+            ("content-type", "application/json"),
+            ("x-api-key", "demo-crm-key"),
+            ("idempotency-key", key.as_str()),
+        ];
+        let (status, answer) = http(GW_CHANGES, "POST", "/process/v1/quote-to-order", &headers, &body);
+        assert_eq!(status, 201, "{answer}");
+        let order: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        numbers.push(order["erpOrderNumber"].as_str().unwrap().to_string());
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let pace = env_num("BENCH_CHANGES_PER_SECOND", 10);
+    let before = stats(SANDBOX_CHANGES)["requests_total"].as_u64().unwrap();
+    let started = Instant::now();
+    let mut sent = std::collections::HashMap::new();
+    for (i, number) in numbers.iter().enumerate() {
+        let due = started + Duration::from_secs_f64(i as f64 / pace as f64);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        sent.insert(number.clone(), now_ms());
+        let (status, answer) =
+            http(SANDBOX_CHANGES, "POST", &format!("/sandbox/orders/{number}/ship"), &[], "");
+        assert_eq!(status, 200, "{answer}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while arrivals.lock().unwrap().shipped_at.len() < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let reads = stats(SANDBOX_CHANGES)["requests_total"].as_u64().unwrap() - before;
+    let mut latency: Vec<f64> = {
+        let a = arrivals.lock().unwrap();
+        sent.iter().filter_map(|(number, at)| a.shipped_at.get(number).map(|got| got - at)).collect()
+    };
+    latency.sort_by(|a, b| a.total_cmp(b));
+    let per_change = reads as f64 / n as f64;
+    println!(
+        "events (3): {n} orders shipped in the ERP at {pace}/s; ERP change -> subscriber 2xx: events {}, p50 {:.1} ms, p99 {:.1} ms \
+         (the sandbox notifies at once; Business Central batches for up to ~30 s more); change detection cost {reads} ERP requests \
+         = {per_change:.2} per change: {:.2}% of the default budget (6,000 per 5 min) per change per minute, {:.1}% at this pace over {elapsed:.1} s",
+        latency.len(),
+        percentile(&latency, 0.5),
+        percentile(&latency, 0.99),
+        per_change / 6000.0 * 5.0 * 100.0,
+        reads as f64 / (6000.0 * elapsed / 300.0) * 100.0,
     );
 }

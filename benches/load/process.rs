@@ -72,6 +72,22 @@ pub(super) fn gateway_with_store(
     store: &str,
     pacing: &str,
 ) -> Child {
+    gateway_with_process(work, name, port, sandbox, budget, inline_wait_ms, store, pacing, "")
+}
+
+/// [`gateway_with_store`] with more settings under `process:` (indented two spaces).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gateway_with_process(
+    work: &Path,
+    name: &str,
+    port: u16,
+    sandbox: u16,
+    budget: (u32, u64),
+    inline_wait_ms: u64,
+    store: &str,
+    pacing: &str,
+    process_extra: &str,
+) -> Child {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = work.join(name);
     std::fs::create_dir_all(dir.join("routes")).unwrap();
@@ -99,7 +115,7 @@ pub(super) fn gateway_with_store(
              \x20   budget:\n      window_requests: {window_requests}\n      window_seconds: {window_seconds}\n      window_margin_ms: 100\n      pacing: {pacing}\n      max_concurrent: 5\n      queue: 100000\n\
              \x20     classes: {{ write: {{ priority: 0, max_wait_ms: 600000 }}, interactive: {{ priority: 1, max_wait_ms: 600000 }} }}\n      default_class: interactive\n\
              {store}\
-             process:\n  erp: bc\n  company: {COMPANY}\n  delivery: {{ inline_wait_ms: {inline_wait_ms}, max_attempts: 1000, backoff_initial_ms: 200, backoff_max_ms: 2000 }}\n",
+             process:\n  erp: bc\n  company: {COMPANY}\n  delivery: {{ inline_wait_ms: {inline_wait_ms}, max_attempts: 1000, backoff_initial_ms: 200, backoff_max_ms: 2000 }}\n{process_extra}",
             port + 1,
             port + 2
         ),
@@ -110,12 +126,7 @@ pub(super) fn gateway_with_store(
 
 /// A wrk script POSTing a fresh quote per request: `prefix` keeps runs apart.
 pub(super) fn script(work: &Path, prefix: &str) -> PathBuf {
-    let quote = serde_json::json!({
-        "opportunityId": "OPP", "customer": {"number": "C10000"}, "currency": "EUR", "region": "EU",
-        "paymentTerms": "NET30", "contract": {"startDate": "2026-12-01", "endDate": "2028-11-30"},
-        "lines": [{"product": "1900-S", "quantity": 2, "unitPrice": 18.39, "discountPercent": 5},
-                  {"product": "1904-W", "quantity": 1, "unitPrice": 91.25}]
-    });
+    let quote = bench_quote();
     let template = serde_json::to_string(&quote).unwrap().replace('\\', "\\\\").replace('"', "\\\"");
     let path = work.join(format!("quote-{prefix}.lua"));
     std::fs::write(
@@ -136,6 +147,16 @@ pub(super) fn script(work: &Path, prefix: &str) -> PathBuf {
     )
     .unwrap();
     path
+}
+
+/// The quote the benches send (every rule accepts it); `OPP` is replaced per request.
+pub(super) fn bench_quote() -> Value {
+    serde_json::json!({
+        "opportunityId": "OPP", "customer": {"number": "C10000"}, "currency": "EUR", "region": "EU",
+        "paymentTerms": "NET30", "contract": {"startDate": "2026-12-01", "endDate": "2028-11-30"},
+        "lines": [{"product": "1900-S", "quantity": 2, "unitPrice": 18.39, "discountPercent": 5},
+                  {"product": "1904-W", "quantity": 1, "unitPrice": 91.25}]
+    })
 }
 
 /// Wait until the sandbox stops receiving orders (the gateway's backlog is delivered).

@@ -134,6 +134,7 @@ pub async fn start(
         metrics.events_delivered.with_label_values(&name);
         metrics.event_delivery_failures.with_label_values(&name);
         metrics.events_dead_lettered.with_label_values(&name);
+        metrics.invoice_sync_latency.with_label_values(&name);
         for state in ["pending", "dead"] {
             metrics.events_undelivered.with_label_values(&[name[0], state]);
         }
@@ -216,6 +217,10 @@ async fn deliver(
             metrics.events_delivered.with_label_values(&[name]).inc();
             let lag = (now_ms() - event.time_ms).max(0) as f64 / 1000.0;
             metrics.event_delivery_lag.with_label_values(&[name]).observe(lag);
+            if let Some(posted) = invoice_posted_ms(event) {
+                let latency = (now_ms() - posted).max(0) as f64 / 1000.0;
+                metrics.invoice_sync_latency.with_label_values(&[name]).observe(latency);
+            }
             Attempted::Delivered
         }
         Some(error) => {
@@ -236,4 +241,13 @@ async fn deliver(
     if let Err(e) = outbox.record_attempt(name, event.seq, outcome).await {
         tracing::warn!(subscriber = name, event = %event.id, error = %e, "cannot record a delivery; it is sent again when its lease ends");
     }
+}
+
+/// When the ERP posted the invoice of an `invoice.issued.v1` event (its `erpModifiedAt`).
+fn invoice_posted_ms(event: &super::StoredEvent) -> Option<i64> {
+    if event.kind != "invoice.issued.v1" {
+        return None;
+    }
+    let data: serde_json::Value = serde_json::from_str(&event.data).ok()?;
+    crate::policy::mediation::convert::parse_rfc3339(data["erpModifiedAt"].as_str()?).ok()
 }

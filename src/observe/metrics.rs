@@ -31,6 +31,8 @@ pub struct Metrics {
     pub event_delivery_failures: IntCounterVec,
     pub events_dead_lettered: IntCounterVec,
     pub event_delivery_lag: HistogramVec,
+    /// Invoice posted in the ERP → acknowledged by the subscriber (its `invoice.issued.v1`).
+    pub invoice_sync_latency: HistogramVec,
     pub events_undelivered: prometheus::IntGaugeVec,
     requests: IntCounterVec,
     duration: HistogramVec,
@@ -178,6 +180,15 @@ impl Metrics {
             &["subscriber"],
         )
         .expect("valid metric");
+        let invoice_sync_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "causeway_invoice_sync_latency_seconds",
+                "From the invoice's posting in the ERP to the subscriber's acknowledgement of invoice.issued.v1",
+            )
+            .buckets(vec![0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0]),
+            &["subscriber"],
+        )
+        .expect("valid metric");
         let events_undelivered = prometheus::IntGaugeVec::new(
             Opts::new(
                 "causeway_events_undelivered",
@@ -224,6 +235,7 @@ impl Metrics {
             Box::new(event_delivery_failures.clone()),
             Box::new(events_dead_lettered.clone()),
             Box::new(event_delivery_lag.clone()),
+            Box::new(invoice_sync_latency.clone()),
             Box::new(events_undelivered.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
@@ -254,6 +266,7 @@ impl Metrics {
             event_delivery_failures,
             events_dead_lettered,
             event_delivery_lag,
+            invoice_sync_latency,
             events_undelivered,
             requests,
             duration,
