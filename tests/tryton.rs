@@ -784,3 +784,96 @@ async fn limiter_throughput_figures() {
         );
     }
 }
+
+/// Play the warehouse and finance in Tryton (scripts/tryton/lifecycle.py, in-process trytond
+/// beside the running server).
+async fn tryton_step(tryton: &TrytonServer, reference: &str, step: &str) {
+    let python = tryton.venv.join("bin/python");
+    let (dir, reference, step) = (tryton.dir.path().to_path_buf(), reference.to_string(), step.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(repo().join("scripts/tryton/lifecycle.py"))
+            .arg(&dir)
+            .args([&reference, &step])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "lifecycle.py: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A webhook subscriber that acknowledges everything and keeps the CloudEvents it got.
+async fn subscriber() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = got.clone();
+    let app = axum::Router::new().route(
+        "/hooks",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let kept = kept.clone();
+            async move {
+                kept.lock().unwrap().push(serde_json::from_slice::<Value>(&body).unwrap());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, got)
+}
+
+/// Tryton has no push: the gateway polls it for sales changed since its stored cursor, in the
+/// budget's lowest class. An order shipped, invoiced and paid in Tryton reaches the subscriber
+/// as exactly those events after its acceptance, in order, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tryton_shipped_invoiced_and_paid_reach_a_subscriber_by_polling() {
+    let tryton = tryton_or_skip!();
+    let (port, got) = subscriber().await;
+    let mut o = options(&tryton, FAST);
+    o.main_extra.push_str(&format!(
+        "  changes: {{ poll_seconds: 1 }}\nevents:\n  subscribers:\n    crm:\n      url: http://127.0.0.1:{port}/hooks\n      secret_env: [CRM_HOOK_SECRET]\n"
+    ));
+    o.env.push(("CRM_HOOK_SECRET".into(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()));
+    let gw = TestGateway::start(o).await;
+    let client = reqwest::Client::new();
+    let resp = submit(&client, &gw, "tl-1", &quote("006TRYLIFE01")).await;
+    assert_eq!(resp.status(), 201, "{}", gw.log());
+    let order: Value = resp.json().await.unwrap();
+
+    let wait = |n: usize| {
+        let got = got.clone();
+        let log = gw.log();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let events = got.lock().unwrap().clone();
+                if events.len() >= n {
+                    return events;
+                }
+                assert!(Instant::now() < deadline, "{} of {n} events: {events:#?}\n{log}", events.len());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait(1).await;
+    tryton_step(&tryton, "006TRYLIFE01", "ship").await;
+    wait(2).await;
+    tryton_step(&tryton, "006TRYLIFE01", "invoice").await;
+    wait(3).await;
+    tryton_step(&tryton, "006TRYLIFE01", "pay").await;
+    wait(4).await;
+    // Several more polls: nothing else arrives.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events = got.lock().unwrap().clone();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["order.accepted.v1", "order.shipped.v1", "invoice.issued.v1", "payment.received.v1"]);
+    for e in &events {
+        assert_eq!(e["subject"], order["id"]);
+        assert_eq!(e["data"]["erpOrderNumber"], order["erpOrderNumber"]);
+    }
+    let invoiced = &events[2]["data"];
+    assert!(invoiced["invoiceNumber"].as_str().is_some_and(|n| !n.is_empty()), "{invoiced:#}");
+    assert!(invoiced["totalAmountIncludingTax"].as_f64().unwrap() > 0.0, "{invoiced:#}");
+    assert_eq!(events[3]["data"]["amount"], invoiced["totalAmountIncludingTax"]);
+}

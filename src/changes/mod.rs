@@ -8,7 +8,8 @@
 //! through the adapter in the ERP budget's lowest class, so a storm of notifications costs
 //! only the budget's spare capacity and at most one queued read per order. A sweep of the
 //! unfinished orders runs at start (a check queued before a crash is not lost) and when the
-//! ERP sends a `collection` notification.
+//! ERP sends a `collection` notification. An ERP that does not notify (Tryton) is polled every
+//! `poll_seconds` for the orders changed since a cursor the store keeps.
 
 pub mod notifications;
 
@@ -194,6 +195,8 @@ impl Changes {
     pub async fn run(self: Arc<Self>, mut shutdown: pingora::server::ShutdownWatch) {
         if self.settings.notifications.is_some() {
             tokio::spawn(self.clone().keep_subscribed());
+        } else {
+            tokio::spawn(self.clone().poll());
         }
         tokio::spawn(self.clone().forget_old_sightings());
         self.enqueue(Check::Sweep(String::new()));
@@ -310,6 +313,37 @@ impl Changes {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
+            }
+        }
+    }
+
+    /// Poll the ERP for orders changed since the stored cursor; queue a check of each of ours.
+    async fn poll(self: Arc<Self>) {
+        const SOURCE: &str = "erp";
+        loop {
+            tokio::time::sleep(self.settings.poll).await;
+            let polled = async {
+                let lifecycle = self.lifecycle().await?;
+                let cursor = lifecycle.cursor(SOURCE).await?;
+                let (changed, next) = self.service.adapter().changed_since(cursor.as_deref()).await?;
+                for erp_id in changed {
+                    if let Some(o) = lifecycle.tracked(Some(&erp_id), None).await? {
+                        if !o.finished() {
+                            self.enqueue(Check::Order {
+                                id: o.id,
+                                erp_id: o.erp_order_id,
+                                erp_number: o.erp_order_number,
+                            });
+                        }
+                    }
+                }
+                if let Some(next) = next.filter(|n| Some(n) != cursor.as_ref()) {
+                    lifecycle.set_cursor(SOURCE, &next).await?;
+                }
+                Ok::<_, CheckError>(())
+            };
+            if let Err(e) = polled.await {
+                tracing::warn!(error = ?e, "polling the ERP for changes failed; trying again at the next poll");
             }
         }
     }

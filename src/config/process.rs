@@ -108,8 +108,8 @@ fn compile_changes(
         }
         spec::AdapterKind::Tryton => None,
     };
-    if !(5..=86_400).contains(&c.poll_seconds) {
-        diags.at(file, changes, "process.changes.poll_seconds must be between 5 and 86400");
+    if !(1..=86_400).contains(&c.poll_seconds) {
+        diags.at(file, changes, "process.changes.poll_seconds must be between 1 and 86400");
     }
     if let Some(class) = &c.class {
         let known = upstreams

@@ -23,7 +23,8 @@ pub fn adapter_for(config: &Config, settings: &ProcessSettings) -> Result<Box<dy
                 .get(&settings.erp)
                 .cloned()
                 .ok_or_else(|| format!("no upstream `{}`", settings.erp))?;
-            Box::new(tryton::Tryton::new(upstream, t.clone()))
+            let class = exchange::change_class(&upstream, settings.changes.as_ref());
+            Box::new(tryton::Tryton::new(upstream, t.clone()).with_change_class(class))
         }
     })
 }

@@ -12,10 +12,12 @@
 //! Every JSON-RPC call takes a permit from the upstream's budget and reports its outcome, like
 //! the Business Central adapter.
 
+mod changes;
+
 use super::exchange::{classes, exchange, split_cached, MASTER_DATA_TTL};
 use crate::config::{TrytonSettings, Upstream};
 use crate::policy::throttle::Class;
-use crate::process::adapter::{AdapterError, ErpAdapter, ErpOrder};
+use crate::process::adapter::{AdapterError, ErpAdapter, ErpOrder, Progress};
 use crate::process::model::{Address, Credit, Customer, Product, Quote};
 use crate::process::rules::MasterData;
 use serde_json::{json, Value};
@@ -44,6 +46,8 @@ pub struct Tryton {
     settings: TrytonSettings,
     lookup_class: Class,
     write_class: Class,
+    /// Change detection's polls and reads: the lowest-priority class by default.
+    change_class: Class,
     session: tokio::sync::Mutex<Option<String>>,
     next_id: AtomicU64,
     parties: moka::future::Cache<String, Option<Party>>,
@@ -93,6 +97,7 @@ impl Tryton {
     pub fn new(upstream: Arc<Upstream>, settings: TrytonSettings) -> Tryton {
         let (lookup_class, write_class) = classes(&upstream);
         Tryton {
+            change_class: lookup_class.clone(),
             upstream,
             settings,
             lookup_class,
@@ -104,6 +109,12 @@ impl Tryton {
             prices: cache(),
             ids: cache(),
         }
+    }
+
+    /// The budget class change detection's calls take.
+    pub fn with_change_class(mut self, class: Class) -> Tryton {
+        self.change_class = class;
+        self
     }
 
     fn context(&self) -> Value {
@@ -485,5 +496,16 @@ impl ErpAdapter for Tryton {
             self.items.invalidate(&line.product).await;
             self.prices.invalidate(&format!("{}|{}", quote.region, line.product)).await;
         }
+    }
+
+    async fn progress(&self, id: &str, _number: &str) -> Result<Progress, AdapterError> {
+        self.sale_progress(id).await
+    }
+
+    async fn changed_since(
+        &self,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<String>, Option<String>), AdapterError> {
+        self.sales_changed_since(cursor).await
     }
 }

@@ -55,6 +55,15 @@ pub trait ErpAdapter: Send + Sync {
     async fn subscribe(&self, _url: &str, _client_state: &str) -> Result<std::time::Duration, AdapterError> {
         Err(AdapterError::Protocol("this ERP adapter has no change subscriptions".into()))
     }
+    /// Change detection by polling (ERPs that do not notify): the ids of the orders changed
+    /// since `cursor` (at most a page of them), and where the next poll starts. Without a
+    /// cursor, none: the position of the latest change, to start from.
+    async fn changed_since(
+        &self,
+        _cursor: Option<&str>,
+    ) -> Result<(Vec<String>, Option<String>), AdapterError> {
+        Err(AdapterError::Protocol("this ERP adapter cannot be polled for changes".into()))
+    }
 }
 
 /// What the ERP shows of an order after creation; each present member is a milestone reached,

@@ -57,4 +57,7 @@ pub trait OrderLifecycle: Send + Sync {
     async fn first_sight(&self, keys: &[String]) -> Result<Vec<bool>, StoreError>;
     /// Forget notifications seen before `before` (ms since the epoch), up to `limit`.
     async fn forget_sightings(&self, before: i64, limit: i64) -> Result<u64, StoreError>;
+    /// Where polling the ERP `source` for changes got to (the adapter's own format).
+    async fn cursor(&self, source: &str) -> Result<Option<String>, StoreError>;
+    async fn set_cursor(&self, source: &str, position: &str) -> Result<(), StoreError>;
 }

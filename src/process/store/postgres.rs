@@ -108,6 +108,7 @@ const LIFECYCLE: &[&str] = &[
     "CREATE INDEX orders_erp_order_number ON orders(erp_order_number) WHERE erp_order_number IS NOT NULL",
     "CREATE TABLE erp_notifications (key TEXT PRIMARY KEY, seen_at BIGINT NOT NULL)",
     "CREATE INDEX erp_notifications_seen ON erp_notifications(seen_at)",
+    "CREATE TABLE change_cursors (source TEXT PRIMARY KEY, position TEXT NOT NULL)",
     "CREATE FUNCTION causeway_milestone_event() RETURNS trigger LANGUAGE plpgsql AS $$
      DECLARE
         written BIGINT;

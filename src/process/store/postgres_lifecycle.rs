@@ -126,4 +126,23 @@ impl OrderLifecycle for PostgresStore {
         .await?
         .rows_affected())
     }
+
+    async fn cursor(&self, source: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT position FROM change_cursors WHERE source = $1")
+            .bind(text(source))
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
+    async fn set_cursor(&self, source: &str, position: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO change_cursors (source, position) VALUES ($1, $2)
+             ON CONFLICT (source) DO UPDATE SET position = excluded.position",
+        )
+        .bind(text(source))
+        .bind(text(position))
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
 }

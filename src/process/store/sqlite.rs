@@ -206,6 +206,7 @@ const LIFECYCLE: &[&str] = &[
     "CREATE INDEX orders_erp_order_number ON orders(erp_order_number) WHERE erp_order_number IS NOT NULL",
     "CREATE TABLE erp_notifications (key TEXT PRIMARY KEY, seen_at INTEGER NOT NULL)",
     "CREATE INDEX erp_notifications_seen ON erp_notifications(seen_at)",
+    "CREATE TABLE change_cursors (source TEXT PRIMARY KEY, position TEXT NOT NULL)",
     "CREATE TRIGGER order_milestone_event AFTER INSERT ON order_milestones BEGIN
         INSERT INTO events (id, order_id, type, at, data)
             SELECT lower(hex(randomblob(16))), NEW.order_id, NEW.kind, NEW.at,

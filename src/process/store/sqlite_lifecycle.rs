@@ -111,4 +111,28 @@ impl OrderLifecycle for SqliteStore {
         })
         .await
     }
+
+    async fn cursor(&self, source: &str) -> Result<Option<String>, StoreError> {
+        let source = source.to_owned();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT position FROM change_cursors WHERE source = ?1")?
+                .query_row([&source], |r| r.get(0))
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn set_cursor(&self, source: &str, position: &str) -> Result<(), StoreError> {
+        let (source, position) = (source.to_owned(), position.to_owned());
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO change_cursors (source, position) VALUES (?1, ?2)
+                 ON CONFLICT (source) DO UPDATE SET position = excluded.position",
+            )?
+            .execute(params![source, position])?;
+            Ok(())
+        })
+        .await
+    }
 }

@@ -453,6 +453,12 @@ pub async fn milestones_write_their_events_once_and_only_for_accepted_orders(s: 
     assert_eq!(s.first_sight(&["a".into(), "c".into()]).await.unwrap(), [false, true]);
     assert_eq!(s.forget_sightings(super::now_ms() + 1000, 10).await.unwrap(), 3);
     assert_eq!(s.first_sight(&["a".into()]).await.unwrap(), [true]);
+    // Polling cursors.
+    assert_eq!(s.cursor("erp").await.unwrap(), None);
+    s.set_cursor("erp", "2026-11-30T10:00:00Z").await.unwrap();
+    s.set_cursor("erp", "2026-11-30T11:00:00Z\u{0}").await.unwrap();
+    let kept = s.cursor("erp").await.unwrap().unwrap();
+    assert!(kept.starts_with("2026-11-30T11:00:00Z"), "{kept}");
 }
 
 /// Runs each suite test against SQLite and, where a server answers, PostgreSQL.
