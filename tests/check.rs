@@ -452,3 +452,62 @@ fn change_detection_settings_are_checked_with_file_line_and_remedy() {
     let (ok, err, ..) = run(&block("https://gw.example.com/n", ""), Some(good_state));
     assert!(!ok && err.contains("clientState") && err.contains("routes.yaml:"), "{err}");
 }
+
+/// A Salesforce write-back subscriber is checked with file, line and remedy: the org URL, the
+/// connected app's credentials from the environment, the API version, the field names, and
+/// a subscriber that is both a webhook and Salesforce.
+#[test]
+fn salesforce_subscribers_are_checked_with_file_line_and_remedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = common::process::sandbox_options("http://127.0.0.1:9".into(), common::process::FAST);
+    common::write_config(dir.path(), &opts, (18020, 18021, 18022));
+    let file = dir.path().join("causeway.yaml");
+    let whole = std::fs::read_to_string(&file).unwrap();
+    let run = |block: &str, credentials: bool| {
+        std::fs::write(
+            &file,
+            format!("{}events:\n  subscribers:\n    sf:\n{block}", whole.trim_end().to_string() + "\n"),
+        )
+        .unwrap();
+        let mut env = vec![
+            ("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t"),
+            ("HOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        ];
+        if credentials {
+            env.extend([("SF_ID", "3MVG9"), ("SF_SECRET", "s3cr3t")]);
+        }
+        let line = |needle: &str| {
+            let text = std::fs::read_to_string(&file).unwrap();
+            text.lines().collect::<Vec<_>>().iter().rposition(|l| l.contains(needle)).map_or(0, |n| n + 1)
+        };
+        let (ok, err) = check(dir.path(), &env);
+        (ok, err, line("instance_url:"), line("client_id_env:"), line("api_version:"))
+    };
+    let sf = |url: &str, extra: &str| {
+        format!("      salesforce:\n        instance_url: {url}\n        client_id_env: SF_ID\n        client_secret_env: SF_SECRET\n{extra}")
+    };
+    let (ok, err, ..) = run(&sf("https://acme.my.salesforce.com", ""), true);
+    assert!(ok, "a valid Salesforce subscriber: {err}");
+    let (ok, err, url, ..) = run(&sf("acme.my.salesforce.com\u{202e}", ""), true);
+    assert!(!ok && err.contains(&format!("causeway.yaml:{url}:")) && err.contains("My Domain URL"), "{err}");
+    let (ok, err, _, id, _) = run(&sf("https://acme.my.salesforce.com", ""), false);
+    assert!(
+        !ok && err.contains(&format!("causeway.yaml:{id}:")) && err.contains("`SF_ID` is not set"),
+        "{err}"
+    );
+    let (ok, err, .., version) =
+        run(&sf("https://acme.my.salesforce.com", "        api_version: 62\n"), true);
+    assert!(!ok && err.contains(&format!("causeway.yaml:{version}:")) && err.contains("like v62.0"), "{err}");
+    let (ok, err, ..) =
+        run(&sf("https://acme.my.salesforce.com", "        fields: { status: \"Status; DROP\" }\n"), true);
+    assert!(!ok && err.contains("not a Salesforce field API name"), "{err}");
+    let both = format!(
+        "      url: https://crm.example.com/h\n      secret_env: [HOOK_SECRET]\n{}",
+        sf("https://acme.my.salesforce.com", "")
+    );
+    let (ok, err, ..) = run(&both, true);
+    assert!(
+        !ok && err.contains("either `url` and `secret_env` (a webhook) or a `salesforce:` block"),
+        "{err}"
+    );
+}

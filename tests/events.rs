@@ -345,6 +345,136 @@ async fn a_subscriber_down_then_slow_and_a_gateway_killed_mid_delivery_lose_no_e
 
 const CLIENT_STATE: &str = "erp-client-state-3c9d1f0a7b5e4d2c8a6f";
 
+/// A stand-in for Salesforce that checks the REST shapes Salesforce documents: the OAuth 2.0
+/// client-credentials token endpoint (form-encoded, the connected app's id and secret), and
+/// `PATCH /services/data/v62.0/sobjects/Opportunity/{id}` with a bearer token it issued, an
+/// Opportunity id, known fields, text of at most 255 characters; it answers Salesforce's error
+/// bodies otherwise. `revoke` ends the current session, as an admin or an expiry would.
+struct SalesforceStandIn {
+    port: u16,
+    opportunities: Arc<Mutex<std::collections::HashMap<String, serde_json::Map<String, Value>>>>,
+    token: Arc<Mutex<String>>,
+    tokens_issued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+const SF_FIELDS: &[&str] =
+    &["Name", "StageName", "ERP_Order_Number__c", "ERP_Status__c", "ERP_Last_Error__c"];
+
+impl SalesforceStandIn {
+    async fn start() -> SalesforceStandIn {
+        use axum::extract::Path;
+        use axum::response::IntoResponse;
+        let opportunities: Arc<Mutex<std::collections::HashMap<String, serde_json::Map<String, Value>>>> =
+            Default::default();
+        let token = Arc::new(Mutex::new(String::new()));
+        let tokens_issued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (t, n) = (token.clone(), tokens_issued.clone());
+        let issue = move |headers: HeaderMap, body: String| {
+            let (t, n) = (t.clone(), n.clone());
+            async move {
+                let form: std::collections::HashMap<String, String> =
+                    serde_urlencoded::from_str(&body).unwrap_or_default();
+                let ok = headers["content-type"] == "application/x-www-form-urlencoded"
+                    && form.get("grant_type").map(String::as_str) == Some("client_credentials")
+                    && form.get("client_id").map(String::as_str) == Some("sf-client-id")
+                    && form.get("client_secret").map(String::as_str) == Some("sf-client-secret");
+                if !ok {
+                    let error = serde_json::json!({"error": "invalid_client", "error_description": "invalid client credentials"});
+                    return (StatusCode::BAD_REQUEST, axum::Json(error)).into_response();
+                }
+                let issued = n.fetch_add(1, Ordering::SeqCst) + 1;
+                let access = format!("00DHs000000TOKEN!{issued}");
+                *t.lock().unwrap() = access.clone();
+                axum::Json(serde_json::json!({
+                    "access_token": access, "instance_url": "http://127.0.0.1", "id": "https://login.salesforce.com/id/00D/005",
+                    "token_type": "Bearer", "issued_at": "1796000000000", "signature": "c2lnbmF0dXJl"
+                }))
+                .into_response()
+            }
+        };
+        let (t, o) = (token.clone(), opportunities.clone());
+        let patch = move |Path(id): Path<String>, headers: HeaderMap, body: String| {
+            let (t, o) = (t.clone(), o.clone());
+            async move {
+                let error = |status: StatusCode, code: &str, message: String| {
+                    (
+                        status,
+                        axum::Json(
+                            serde_json::json!([{"message": message, "errorCode": code, "fields": []}]),
+                        ),
+                    )
+                        .into_response()
+                };
+                let bearer = format!("Bearer {}", t.lock().unwrap());
+                if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(bearer.as_str()) {
+                    return error(
+                        StatusCode::UNAUTHORIZED,
+                        "INVALID_SESSION_ID",
+                        "Session expired or invalid".into(),
+                    );
+                }
+                if headers.get("content-type").and_then(|v| v.to_str().ok()) != Some("application/json") {
+                    return error(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "UNSUPPORTED_MEDIA_TYPE",
+                        "Content-Type must be application/json".into(),
+                    );
+                }
+                let valid_id = (id.len() == 15 || id.len() == 18)
+                    && id.starts_with("006")
+                    && id.bytes().all(|b| b.is_ascii_alphanumeric());
+                if !valid_id {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "NOT_FOUND",
+                        "The requested resource does not exist".into(),
+                    );
+                }
+                let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&body) else {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "JSON_PARSER_ERROR",
+                        "The body must be a JSON object".into(),
+                    );
+                };
+                for (k, v) in &fields {
+                    if !SF_FIELDS.contains(&k.as_str()) {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "INVALID_FIELD",
+                            format!("No such column '{k}' on sobject of type Opportunity"),
+                        );
+                    }
+                    if !(v.is_null() || v.as_str().is_some_and(|s| s.chars().count() <= 255)) {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "STRING_TOO_LONG",
+                            format!("{k}: data value too large"),
+                        );
+                    }
+                }
+                o.lock().unwrap().entry(id).or_default().extend(fields);
+                StatusCode::NO_CONTENT.into_response()
+            }
+        };
+        let app = axum::Router::new()
+            .route("/services/oauth2/token", axum::routing::post(issue))
+            .route("/services/data/v62.0/sobjects/Opportunity/{id}", axum::routing::patch(patch));
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        SalesforceStandIn { port, opportunities, token, tokens_issued }
+    }
+
+    fn revoke(&self) {
+        *self.token.lock().unwrap() = "revoked".into();
+    }
+
+    fn opportunity(&self, id: &str) -> serde_json::Map<String, Value> {
+        self.opportunities.lock().unwrap().get(id).cloned().unwrap_or_default()
+    }
+}
+
 /// [`options`] with change detection: the sandbox notifies the gateway's erp-notifications route.
 fn lifecycle_options(sandbox: &TestSandbox, subscriber: &Subscriber) -> GatewayOptions {
     let mut o = options(sandbox, subscriber, "");
@@ -401,17 +531,28 @@ async fn an_order_shipped_invoiced_and_paid_in_the_erp_reaches_the_subscriber_in
     let limits = causeway::sandbox::LimitsSpec { subscription_lifetime_seconds: 4, ..Default::default() };
     let sandbox = TestSandbox::start(limits).await;
     let subscriber = Subscriber::start().await;
-    let gw = TestGateway::start(lifecycle_options(&sandbox, &subscriber)).await;
+    let salesforce = SalesforceStandIn::start().await;
+    let mut o = lifecycle_options(&sandbox, &subscriber);
+    o.main_extra.push_str(&format!(
+        "    salesforce:\n      salesforce:\n        instance_url: http://127.0.0.1:{}\n        client_id_env: SF_CLIENT_ID\n        client_secret_env: SF_CLIENT_SECRET\n      backoff_initial_ms: 100\n      backoff_max_ms: 500\n",
+        salesforce.port
+    ));
+    o.env.push(("SF_CLIENT_ID".into(), "sf-client-id".into()));
+    o.env.push(("SF_CLIENT_SECRET".into(), "sf-client-secret".into()));
+    let gw = TestGateway::start(o).await;
     let subs = wait_subscribed(&sandbox, &gw).await;
     assert!(subs.iter().all(|s| s["clientState"] == CLIENT_STATE), "{subs:?}");
     let client = reqwest::Client::new();
-    let resp = submit(&client, &gw, "life-1", &quote("006LIFE00001")).await;
+    const OPPORTUNITY: &str = "006Hs00000LIFE01AA";
+    let resp = submit(&client, &gw, "life-1", &quote(OPPORTUNITY)).await;
     assert_eq!(resp.status(), 201, "{}", gw.log());
     let order: Value = resp.json().await.unwrap();
     let number = order["erpOrderNumber"].as_str().unwrap().to_string();
 
     sandbox_control(&sandbox, &number, "ship").await;
     subscriber.wait_acknowledged(2, Duration::from_secs(10), &gw).await;
+    // Salesforce ends the session midway: the write-back gets a new token and goes on.
+    salesforce.revoke();
     let invoice = sandbox_control(&sandbox, &number, "invoice").await;
     sandbox_control(&sandbox, &number, "pay").await;
     let got = subscriber.wait_acknowledged(4, Duration::from_secs(15), &gw).await;
@@ -432,7 +573,7 @@ async fn an_order_shipped_invoiced_and_paid_in_the_erp_reaches_the_subscriber_in
         assert_eq!(e["specversion"], "1.0");
         assert_eq!(e["subject"], order["id"]);
         assert_eq!(e["data"]["erpOrderNumber"], number.as_str());
-        assert_eq!(e["data"]["opportunityId"], "006LIFE00001");
+        assert_eq!(e["data"]["opportunityId"], OPPORTUNITY);
         for attribute in ["id", "source", "type", "time"] {
             assert!(e[attribute].is_string(), "CloudEvents `{attribute}` missing: {e:#}");
         }
@@ -440,6 +581,45 @@ async fn an_order_shipped_invoiced_and_paid_in_the_erp_reaches_the_subscriber_in
     assert_eq!(body(&got[2])["data"]["invoiceNumber"], invoice["number"]);
     assert_eq!(body(&got[3])["data"]["amount"], invoice["totalAmountIncludingTax"]);
     verify_with_reference_library(&got);
+
+    // The Opportunity ends with the ERP order number and Paid.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let opportunity = salesforce.opportunity(OPPORTUNITY);
+        if opportunity.get("ERP_Status__c") == Some(&Value::from("Paid")) {
+            assert_eq!(opportunity["ERP_Order_Number__c"], number.as_str());
+            assert_eq!(opportunity["ERP_Last_Error__c"], Value::Null);
+            break;
+        }
+        assert!(Instant::now() < deadline, "Salesforce has {opportunity:?}\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(salesforce.tokens_issued.load(Ordering::SeqCst) >= 2, "a new token after the revocation");
+
+    // An order whose opportunity is no Salesforce id: the webhook hears of it, the write-back
+    // dead-letters it at once with the reason (nothing to retry).
+    let resp = submit(&client, &gw, "life-2", &quote("not/a-salesforce-id")).await;
+    assert_eq!(resp.status(), 201, "{}", gw.log());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dead = loop {
+        let list: Value = client
+            .get(gw.admin("/admin/events/dead-letters"))
+            .bearer_auth("admin-secret")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(d) = list["value"].as_array().and_then(|v| v.first()) {
+            break d.clone();
+        }
+        assert!(Instant::now() < deadline, "never dead-lettered\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(dead["subscriber"], "salesforce");
+    assert!(dead["lastError"].as_str().unwrap().contains("not a Salesforce record id"), "{dead:#}");
+    subscriber.wait_acknowledged(5, Duration::from_secs(10), &gw).await;
 
     let subs = subscriptions(&sandbox).await;
     assert_eq!(subs.len(), 2, "renewed, not created again: {subs:?}");

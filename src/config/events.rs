@@ -20,6 +20,9 @@ pub const EVENT_TYPES: &[&str] = &[
     "order.cancelled.v1",
 ];
 
+/// The Salesforce REST API version when a subscriber names none.
+const DEFAULT_SALESFORCE_API: &str = "v62.0";
+
 /// The CloudEvents `source` when `events.source` is not set.
 const DEFAULT_SOURCE: &str = "/causeway/process/v1/orders";
 
@@ -35,11 +38,16 @@ pub struct EventsSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriberSpec {
-    /// Where events are POSTed (http:// or https://).
-    pub url: Spanned<String>,
-    /// Names of environment variables holding `whsec_…` secrets: one, or two while rotating
-    /// (each message is then signed with both).
-    pub secret_env: Spanned<Vec<String>>,
+    /// A webhook: where events are POSTed (http:// or https://).
+    #[serde(default)]
+    pub url: Option<Spanned<String>>,
+    /// A webhook: names of environment variables holding `whsec_…` secrets: one, or two while
+    /// rotating (each message is then signed with both).
+    #[serde(default)]
+    pub secret_env: Option<Spanned<Vec<String>>>,
+    /// Instead of a webhook: write each order's status back to its Salesforce Opportunity.
+    #[serde(default)]
+    pub salesforce: Option<Spanned<SalesforceSpec>>,
     /// Event types this subscriber receives; all when absent.
     #[serde(default)]
     pub types: Option<Spanned<Vec<String>>>,
@@ -52,6 +60,41 @@ pub struct SubscriberSpec {
     /// How long an event is retried before it is dead-lettered (`GET /admin/events/dead-letters`).
     #[serde(default = "default_dead_letter_after_seconds")]
     pub dead_letter_after_seconds: u64,
+}
+
+/// `salesforce:` of a subscriber: the org, the connected app's client-credentials flow, the
+/// Opportunity fields written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SalesforceSpec {
+    /// The org's My Domain URL, e.g. `https://acme.my.salesforce.com`.
+    pub instance_url: Spanned<String>,
+    pub client_id_env: Spanned<String>,
+    pub client_secret_env: Spanned<String>,
+    /// The REST API version (default v62.0).
+    #[serde(default)]
+    pub api_version: Option<Spanned<String>>,
+    #[serde(default)]
+    pub fields: OpportunityFields,
+}
+
+/// The Opportunity fields the write-back sets (custom fields the org defines).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpportunityFields {
+    pub erp_order_number: String,
+    pub status: String,
+    pub last_error: String,
+}
+
+impl Default for OpportunityFields {
+    fn default() -> Self {
+        OpportunityFields {
+            erp_order_number: "ERP_Order_Number__c".into(),
+            status: "ERP_Status__c".into(),
+            last_error: "ERP_Last_Error__c".into(),
+        }
+    }
 }
 
 fn default_timeout_ms() -> u64 {
@@ -102,14 +145,40 @@ pub struct EventsSettings {
 #[derive(Debug, Clone)]
 pub struct SubscriberSettings {
     pub name: String,
-    pub url: String,
-    pub secrets: Vec<Secret>,
+    pub sink: Sink,
     /// Empty: every type.
     pub types: Vec<String>,
     pub timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub dead_letter_after: Duration,
+}
+
+/// Where a subscriber's events go.
+#[derive(Debug, Clone)]
+pub enum Sink {
+    /// POSTed as CloudEvents, signed per Standard Webhooks.
+    Webhook { url: String, secrets: Vec<Secret> },
+    /// Written back to the order's Salesforce Opportunity.
+    Salesforce(SalesforceSettings),
+}
+
+#[derive(Clone)]
+pub struct SalesforceSettings {
+    pub instance_url: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub api_version: String,
+    pub fields: OpportunityFields,
+}
+
+impl std::fmt::Debug for SalesforceSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SalesforceSettings")
+            .field("instance_url", &self.instance_url)
+            .field("api_version", &self.api_version)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SubscriberSettings {
@@ -153,36 +222,18 @@ pub(super) fn compile_events(
                 format!("events.subscribers: `{name}`: a name is 1 to 64 of a-z, 0-9, `-` and `_` (it labels metrics and stored deliveries)"),
             );
         }
-        let url = s.url.value.trim();
-        let parsed = reqwest::Url::parse(url);
-        if !parsed.as_ref().is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
-            diags.at(
-                file,
-                &s.url,
-                format!("events.subscribers.{name}.url: `{url}` is not an http:// or https:// URL"),
-            );
-        }
-        let mut secrets = Vec::new();
-        if !(1..=2).contains(&s.secret_env.value.len()) {
-            diags.at(
-                file,
-                &s.secret_env,
-                format!("events.subscribers.{name}.secret_env: name one environment variable, or two while rotating secrets"),
-            );
-        }
-        for var in &s.secret_env.value {
-            match env(var).map(|v| Secret::parse(&v)) {
-                None => diags.at(
+        let sink = match (&s.url, &s.secret_env, &s.salesforce) {
+            (Some(url), Some(secret_env), None) => webhook_sink(file, name, url, secret_env, env, diags),
+            (None, None, Some(sf)) => salesforce_sink(file, name, sf, env, diags),
+            _ => {
+                diags.at(
                     file,
-                    &s.secret_env,
-                    format!("events.subscribers.{name}.secret_env: `{var}` is not set; set it to a secret like whsec_<base64 of 32 random bytes>"),
-                ),
-                Some(Err(e)) => {
-                    diags.at(file, &s.secret_env, format!("events.subscribers.{name}.secret_env: `{var}`: {e}"))
-                }
-                Some(Ok(secret)) => secrets.push(secret),
+                    sub,
+                    format!("events.subscribers.{name}: give either `url` and `secret_env` (a webhook) or a `salesforce:` block"),
+                );
+                None
             }
-        }
+        };
         let types = s.types.as_ref().map_or_else(Vec::new, |t| t.value.clone());
         if let Some(t) = &s.types {
             if t.value.is_empty() {
@@ -216,10 +267,10 @@ pub(super) fn compile_events(
                 format!("events.subscribers.{name}: timeout_ms must be 100 to 120000, backoff_initial_ms at least 1 and at most backoff_max_ms, dead_letter_after_seconds at least 1"),
             );
         }
+        let Some(sink) = sink else { continue };
         subscribers.push(SubscriberSettings {
             name: name.clone(),
-            url: url.to_string(),
-            secrets,
+            sink,
             types,
             timeout: Duration::from_millis(s.timeout_ms),
             backoff_initial: Duration::from_millis(s.backoff_initial_ms),
@@ -228,4 +279,110 @@ pub(super) fn compile_events(
         });
     }
     (diags.0.len() == before).then_some(EventsSettings { source, subscribers })
+}
+
+fn webhook_sink(
+    file: &Path,
+    name: &str,
+    url: &Spanned<String>,
+    secret_env: &Spanned<Vec<String>>,
+    env: &dyn Fn(&str) -> Option<String>,
+    diags: &mut Diagnostics,
+) -> Option<Sink> {
+    let trimmed = url.value.trim();
+    let parsed = reqwest::Url::parse(trimmed);
+    if !parsed.as_ref().is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
+        diags.at(
+            file,
+            url,
+            format!("events.subscribers.{name}.url: `{trimmed}` is not an http:// or https:// URL"),
+        );
+    }
+    let mut secrets = Vec::new();
+    if !(1..=2).contains(&secret_env.value.len()) {
+        diags.at(
+            file,
+            secret_env,
+            format!("events.subscribers.{name}.secret_env: name one environment variable, or two while rotating secrets"),
+        );
+    }
+    for var in &secret_env.value {
+        match env(var).map(|v| Secret::parse(&v)) {
+            None => diags.at(
+                file,
+                secret_env,
+                format!("events.subscribers.{name}.secret_env: `{var}` is not set; set it to a secret like whsec_<base64 of 32 random bytes>"),
+            ),
+            Some(Err(e)) => diags.at(file, secret_env, format!("events.subscribers.{name}.secret_env: `{var}`: {e}")),
+            Some(Ok(secret)) => secrets.push(secret),
+        }
+    }
+    Some(Sink::Webhook { url: trimmed.to_string(), secrets })
+}
+
+/// A Salesforce custom field's API name: letters, digits and underscores, ending in `__c`
+/// unless it is a standard field.
+fn valid_field(name: &str) -> bool {
+    (1..=80).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn salesforce_sink(
+    file: &Path,
+    name: &str,
+    sf: &Spanned<SalesforceSpec>,
+    env: &dyn Fn(&str) -> Option<String>,
+    diags: &mut Diagnostics,
+) -> Option<Sink> {
+    let spec = &sf.value;
+    let url = spec.instance_url.value.trim().trim_end_matches('/');
+    if !reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
+        diags.at(
+            file,
+            &spec.instance_url,
+            format!("events.subscribers.{name}.salesforce.instance_url: `{url}` is not the org's https:// My Domain URL"),
+        );
+    }
+    let version = spec.api_version.as_ref().map_or(DEFAULT_SALESFORCE_API, |v| v.value.as_str()).to_string();
+    let numeric = version.strip_prefix('v').and_then(|v| v.split_once('.')).is_some_and(|(major, minor)| {
+        !major.is_empty() && major.bytes().all(|b| b.is_ascii_digit()) && minor == "0"
+    });
+    if let (false, Some(v)) = (numeric, &spec.api_version) {
+        diags.at(
+            file,
+            v,
+            format!("events.subscribers.{name}.salesforce.api_version: `{version}` is not a REST API version like v62.0"),
+        );
+    }
+    let f = &spec.fields;
+    for field in [&f.erp_order_number, &f.status, &f.last_error] {
+        if !valid_field(field) {
+            diags.at(
+                file,
+                sf,
+                format!("events.subscribers.{name}.salesforce.fields: `{field}` is not a Salesforce field API name"),
+            );
+        }
+    }
+    let mut secret = |var: &Spanned<String>, what: &str| match env(&var.value).filter(|v| !v.is_empty()) {
+        Some(v) => Some(v),
+        None => {
+            diags.at(
+                file,
+                var,
+                format!("events.subscribers.{name}.salesforce.{what}: `{}` is not set; export the connected app's {}", var.value, what.trim_end_matches("_env").replace('_', " ")),
+            );
+            None
+        }
+    };
+    let client_id = secret(&spec.client_id_env, "client_id_env");
+    let client_secret = secret(&spec.client_secret_env, "client_secret_env");
+    Some(Sink::Salesforce(SalesforceSettings {
+        instance_url: url.to_string(),
+        client_id: client_id?,
+        client_secret: client_secret?,
+        api_version: version,
+        fields: f.clone(),
+    }))
 }

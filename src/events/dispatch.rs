@@ -6,7 +6,7 @@
 
 use super::webhook;
 use super::{envelope, Delivery, EventOutbox};
-use crate::config::events::{EventsSettings, SubscriberSettings};
+use crate::config::events::{EventsSettings, Sink, SubscriberSettings};
 use crate::observe::metrics::Metrics;
 use crate::policy::budget::backoff;
 use crate::process::store::now_ms;
@@ -73,6 +73,14 @@ pub async fn run_subscriber(
             return;
         }
     };
+    let sender = match &subscriber.sink {
+        Sink::Webhook { url, secrets } => {
+            Sender::Webhook { client, url: url.clone(), secrets: secrets.clone() }
+        }
+        Sink::Salesforce(settings) => {
+            Sender::Salesforce(super::salesforce::Writer::new(client, settings.clone()))
+        }
+    };
     // A lease outlasts the attempt, so no other replica sends the same event meanwhile.
     let lease = subscriber.timeout * 2 + Duration::from_secs(5);
     loop {
@@ -87,7 +95,7 @@ pub async fn run_subscriber(
             }
         };
         let busy = !leased.is_empty();
-        let attempts = leased.into_iter().map(|d| deliver(&client, outbox.as_ref(), &source, &subscriber, d));
+        let attempts = leased.into_iter().map(|d| deliver(&sender, outbox.as_ref(), &source, &subscriber, d));
         futures_util::future::join_all(attempts).await;
         if !busy {
             // Woken by this process's orders at once; the poll finds other replicas' events
@@ -167,10 +175,78 @@ pub async fn start(
     }
 }
 
+/// How a subscriber's events leave.
+enum Sender {
+    Webhook { client: reqwest::Client, url: String, secrets: Vec<crate::config::events::Secret> },
+    Salesforce(super::salesforce::Writer),
+}
+
+/// Why an attempt failed, and whether trying again can help.
+pub struct Failure {
+    pub message: String,
+    /// Trying again cannot succeed (the event is dead-lettered at once).
+    pub permanent: bool,
+}
+
+impl Failure {
+    pub fn retry(message: String) -> Failure {
+        Failure { message, permanent: false }
+    }
+}
+
+/// The first [`ERROR_EXCERPT`] characters of a refusal's body: a peer may send any amount.
+pub async fn excerpt(mut r: reqwest::Response) -> String {
+    let mut head = Vec::new();
+    while head.len() < ERROR_EXCERPT * 4 {
+        match r.chunk().await {
+            Ok(Some(chunk)) => head.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).chars().take(ERROR_EXCERPT).collect()
+}
+
+/// POST the CloudEvent, signed.
+async fn post_webhook(
+    client: &reqwest::Client,
+    url: &str,
+    secrets: &[crate::config::events::Secret],
+    source: &str,
+    timeout: Duration,
+    event: &super::StoredEvent,
+) -> Option<Failure> {
+    let body = match serde_json::to_vec(&envelope(source, event)) {
+        Ok(b) => b,
+        Err(e) => return Some(Failure::retry(e.to_string())),
+    };
+    let timestamp = now_ms() / 1000;
+    let signature = webhook::signature(secrets, &event.id, timestamp, &body);
+    let sent = client
+        .post(url)
+        .header("content-type", CLOUDEVENTS_JSON)
+        .header("webhook-id", &event.id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Ok(r) if r.status().is_success() => None,
+        Ok(r) => {
+            let status = r.status().as_u16();
+            Some(Failure::retry(format!("the subscriber answered {status}: {}", excerpt(r).await)))
+        }
+        Err(e) if e.is_timeout() => {
+            Some(Failure::retry(format!("no answer within {} ms", timeout.as_millis())))
+        }
+        Err(e) => Some(Failure::retry(format!("cannot reach the subscriber: {e}"))),
+    }
+}
+
 /// One attempt: the outcome is recorded, never lost; a store error leaves the lease to expire,
 /// and the event is sent again then (receivers dedupe on `webhook-id`).
 async fn deliver(
-    client: &reqwest::Client,
+    sender: &Sender,
     outbox: &dyn EventOutbox,
     source: &str,
     subscriber: &SubscriberSettings,
@@ -179,38 +255,11 @@ async fn deliver(
     let metrics = Metrics::global();
     let name = subscriber.name.as_str();
     let event = &delivery.event;
-    let body = match serde_json::to_vec(&envelope(source, event)) {
-        Ok(b) => b,
-        Err(_) => return,
-    };
-    let timestamp = now_ms() / 1000;
-    let signature = webhook::signature(&subscriber.secrets, &event.id, timestamp, &body);
-    let sent = client
-        .post(&subscriber.url)
-        .header("content-type", CLOUDEVENTS_JSON)
-        .header("webhook-id", &event.id)
-        .header("webhook-timestamp", timestamp.to_string())
-        .header("webhook-signature", signature)
-        .body(body)
-        .send()
-        .await;
-    let error = match sent {
-        Ok(r) if r.status().is_success() => None,
-        Ok(mut r) => {
-            // Only the start of a refusal's body is kept: a subscriber may send any amount.
-            let status = r.status().as_u16();
-            let mut head = Vec::new();
-            while head.len() < ERROR_EXCERPT * 4 {
-                match r.chunk().await {
-                    Ok(Some(chunk)) => head.extend_from_slice(&chunk),
-                    _ => break,
-                }
-            }
-            let excerpt: String = String::from_utf8_lossy(&head).chars().take(ERROR_EXCERPT).collect();
-            Some(format!("the subscriber answered {status}: {excerpt}"))
+    let error = match sender {
+        Sender::Webhook { client, url, secrets } => {
+            post_webhook(client, url, secrets, source, subscriber.timeout, event).await
         }
-        Err(e) if e.is_timeout() => Some(format!("no answer within {} ms", subscriber.timeout.as_millis())),
-        Err(e) => Some(format!("cannot reach the subscriber: {e}")),
+        Sender::Salesforce(writer) => writer.write(event).await,
     };
     let outcome = match error {
         None => {
@@ -223,10 +272,10 @@ async fn deliver(
             }
             Attempted::Delivered
         }
-        Some(error) => {
+        Some(Failure { message: error, permanent }) => {
             metrics.event_delivery_failures.with_label_values(&[name]).inc();
             let age = Duration::from_millis((now_ms() - event.time_ms).max(0) as u64);
-            if age >= subscriber.dead_letter_after {
+            if permanent || age >= subscriber.dead_letter_after {
                 metrics.events_dead_lettered.with_label_values(&[name]).inc();
                 tracing::warn!(subscriber = name, event = %event.id, order = %event.order_id, %error, "event dead-lettered: replay it from /admin/events/dead-letters");
                 Attempted::Dead(error)

@@ -8,6 +8,7 @@
 //! each order's events in order per subscriber, with retries, and dead-letters past a horizon.
 
 pub mod dispatch;
+pub mod salesforce;
 pub mod webhook;
 
 use crate::policy::mediation::convert::format_datetime;
