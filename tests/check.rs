@@ -507,7 +507,31 @@ fn salesforce_subscribers_are_checked_with_file_line_and_remedy() {
     );
     let (ok, err, ..) = run(&both, true);
     assert!(
-        !ok && err.contains("either `url` and `secret_env` (a webhook) or a `salesforce:` block"),
+        !ok && err
+            .contains("either `url` and `secret_env` (a webhook), a `salesforce:` block or a `nats:` block"),
         "{err}"
     );
+
+    // NATS JetStream.
+    let nats = |url: &str, stream: &str, prefix: &str| {
+        format!(
+            "      nats:\n        url: {url}\n        stream: {stream}\n        subject_prefix: {prefix}\n"
+        )
+    };
+    let (ok, err, ..) = run(&nats("nats://127.0.0.1:4222", "CAUSEWAY_PROD", "causeway.prod"), true);
+    assert!(ok, "a valid NATS subscriber: {err}");
+    for (block, says) in [
+        (nats("http://127.0.0.1:4222", "S", "p"), "not a nats://host:port"),
+        (nats("nats://127.0.0.1:4222", "BAD.NAME", "p"), "is not a stream name"),
+        (nats("nats://127.0.0.1:4222", "S", "causeway.>"), "no wildcards"),
+        (nats("nats://127.0.0.1:4222", "S", "causeway..prod"), "no wildcards"),
+        (nats("nats://127.0.0.1:4222", "S\u{202e}", "p"), "is not a stream name"),
+        (
+            format!("{}        token_env: NO_SUCH_TOKEN\n", nats("nats://127.0.0.1:4222", "S", "p")),
+            "`NO_SUCH_TOKEN` is not set",
+        ),
+    ] {
+        let (ok, err, ..) = run(&block, true);
+        assert!(!ok && err.contains("causeway.yaml:") && err.contains(says), "{block}: {err}");
+    }
 }

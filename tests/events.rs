@@ -761,3 +761,68 @@ async fn forged_replayed_oversized_and_unknown_notifications_are_refused_and_cha
     assert_eq!(got.len(), 1, "{:?}", got.iter().map(body).collect::<Vec<_>>());
     assert_eq!(body(&got[0])["type"], "order.accepted.v1");
 }
+
+/// The lifecycle reaches NATS JetStream too: the gateway creates the stream (one per
+/// environment), publishes each event to `<prefix>.<type>`, and the stream holds the same
+/// events as the webhook, in order, each once. Needs NATS with JetStream on 127.0.0.1:4222
+/// (`CAUSEWAY_TEST_NATS` to point elsewhere); skipped with a message without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_events_are_published_to_jetstream_in_order() {
+    let nats_url = std::env::var("CAUSEWAY_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let Ok(client) = async_nats::connect(nats_url.as_str()).await else {
+        eprintln!("SKIPPED: start NATS with JetStream (nats-server -js) on 127.0.0.1:4222, or set CAUSEWAY_TEST_NATS");
+        return;
+    };
+    let js = async_nats::jetstream::new(client);
+    let suffix = format!("{:08x}", rand::random::<u32>());
+    let (stream, prefix) = (format!("CAUSEWAY_TEST_{suffix}"), format!("causeway.test{suffix}"));
+    let sandbox = TestSandbox::start(Default::default()).await;
+    let subscriber = Subscriber::start().await;
+    let mut o = lifecycle_options(&sandbox, &subscriber);
+    o.main_extra.push_str(&format!(
+        "    jetstream:\n      nats:\n        url: {nats_url}\n        stream: {stream}\n        subject_prefix: {prefix}\n"
+    ));
+    let gw = TestGateway::start(o).await;
+    wait_subscribed(&sandbox, &gw).await;
+    let client = reqwest::Client::new();
+    let resp = submit(&client, &gw, "js-1", &quote("006Hs00000JETS01AA")).await;
+    assert_eq!(resp.status(), 201, "{}", gw.log());
+    let order: Value = resp.json().await.unwrap();
+    let number = order["erpOrderNumber"].as_str().unwrap().to_string();
+    sandbox_control(&sandbox, &number, "ship").await;
+    subscriber.wait_acknowledged(2, Duration::from_secs(10), &gw).await;
+    sandbox_control(&sandbox, &number, "invoice").await;
+    sandbox_control(&sandbox, &number, "pay").await;
+    let webhook = subscriber.wait_acknowledged(4, Duration::from_secs(15), &gw).await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        if let Ok(mut s) = js.get_stream(&stream).await {
+            if s.info().await.unwrap().state.messages >= 4 {
+                break s;
+            }
+        }
+        assert!(Instant::now() < deadline, "the stream never held 4 events\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.info().await.unwrap().state.messages, 4, "each event once");
+    let mut stored = Vec::new();
+    for seq in 1..=4 {
+        let m = s.get_raw_message(seq).await.unwrap();
+        let e: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(m.subject.as_str(), format!("{prefix}.{}", e["type"].as_str().unwrap()));
+        assert_eq!(m.headers.get("Nats-Msg-Id").map(|v| v.as_str()), e["id"].as_str());
+        stored.push(e);
+    }
+    let ids =
+        |events: Vec<Value>| events.iter().map(|e| e["id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(stored.clone()),
+        ids(webhook.iter().map(body).collect()),
+        "the same events, in the same order"
+    );
+    let kinds: Vec<&str> = stored.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["order.accepted.v1", "order.shipped.v1", "invoice.issued.v1", "payment.received.v1"]);
+    js.delete_stream(&stream).await.unwrap();
+}

@@ -48,6 +48,9 @@ pub struct SubscriberSpec {
     /// Instead of a webhook: write each order's status back to its Salesforce Opportunity.
     #[serde(default)]
     pub salesforce: Option<Spanned<SalesforceSpec>>,
+    /// Instead of a webhook: publish to a NATS JetStream stream.
+    #[serde(default)]
+    pub nats: Option<Spanned<NatsSpec>>,
     /// Event types this subscriber receives; all when absent.
     #[serde(default)]
     pub types: Option<Spanned<Vec<String>>>,
@@ -76,6 +79,21 @@ pub struct SalesforceSpec {
     pub api_version: Option<Spanned<String>>,
     #[serde(default)]
     pub fields: OpportunityFields,
+}
+
+/// `nats:` of a subscriber: the server, the stream (one per environment) and the subjects.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSpec {
+    /// `nats://host:port` (or `tls://`).
+    pub url: Spanned<String>,
+    /// The JetStream stream, created if missing, e.g. `CAUSEWAY_PRODUCTION`.
+    pub stream: Spanned<String>,
+    /// Events go to `<subject_prefix>.<type>`, e.g. `causeway.production.order.accepted.v1`.
+    pub subject_prefix: Spanned<String>,
+    /// The environment variable holding a NATS token, when the server wants one.
+    #[serde(default)]
+    pub token_env: Option<Spanned<String>>,
 }
 
 /// The Opportunity fields the write-back sets (custom fields the org defines).
@@ -161,6 +179,26 @@ pub enum Sink {
     Webhook { url: String, secrets: Vec<Secret> },
     /// Written back to the order's Salesforce Opportunity.
     Salesforce(SalesforceSettings),
+    /// Published to a NATS JetStream stream.
+    Nats(NatsSettings),
+}
+
+#[derive(Clone)]
+pub struct NatsSettings {
+    pub url: String,
+    pub stream: String,
+    pub subject_prefix: String,
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for NatsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSettings")
+            .field("url", &self.url)
+            .field("stream", &self.stream)
+            .field("subject_prefix", &self.subject_prefix)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone)]
@@ -222,14 +260,17 @@ pub(super) fn compile_events(
                 format!("events.subscribers: `{name}`: a name is 1 to 64 of a-z, 0-9, `-` and `_` (it labels metrics and stored deliveries)"),
             );
         }
-        let sink = match (&s.url, &s.secret_env, &s.salesforce) {
-            (Some(url), Some(secret_env), None) => webhook_sink(file, name, url, secret_env, env, diags),
-            (None, None, Some(sf)) => salesforce_sink(file, name, sf, env, diags),
+        let sink = match (&s.url, &s.secret_env, &s.salesforce, &s.nats) {
+            (Some(url), Some(secret_env), None, None) => {
+                webhook_sink(file, name, url, secret_env, env, diags)
+            }
+            (None, None, Some(sf), None) => salesforce_sink(file, name, sf, env, diags),
+            (None, None, None, Some(nats)) => nats_sink(file, name, nats, env, diags),
             _ => {
                 diags.at(
                     file,
                     sub,
-                    format!("events.subscribers.{name}: give either `url` and `secret_env` (a webhook) or a `salesforce:` block"),
+                    format!("events.subscribers.{name}: give either `url` and `secret_env` (a webhook), a `salesforce:` block or a `nats:` block"),
                 );
                 None
             }
@@ -384,5 +425,61 @@ fn salesforce_sink(
         client_secret: client_secret?,
         api_version: version,
         fields: f.clone(),
+    }))
+}
+
+fn nats_sink(
+    file: &Path,
+    name: &str,
+    nats: &Spanned<NatsSpec>,
+    env: &dyn Fn(&str) -> Option<String>,
+    diags: &mut Diagnostics,
+) -> Option<Sink> {
+    let spec = &nats.value;
+    let url = spec.url.value.trim();
+    if !reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "nats" | "tls") && u.host().is_some()) {
+        diags.at(file, &spec.url, format!("events.subscribers.{name}.nats.url: `{url}` is not a nats://host:port or tls://host:port URL"));
+    }
+    let stream = &spec.stream.value;
+    let stream_ok = (1..=64).contains(&stream.len())
+        && stream.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !stream_ok {
+        diags.at(
+            file,
+            &spec.stream,
+            format!("events.subscribers.{name}.nats.stream: `{stream}` is not a stream name (1 to 64 of A-Z, a-z, 0-9, `_`, `-`)"),
+        );
+    }
+    let prefix = &spec.subject_prefix.value;
+    let prefix_ok = (1..=128).contains(&prefix.len())
+        && prefix
+            .split('.')
+            .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+    if !prefix_ok {
+        diags.at(
+            file,
+            &spec.subject_prefix,
+            format!("events.subscribers.{name}.nats.subject_prefix: `{prefix}` is not a subject of plain tokens separated by dots (no wildcards, no spaces)"),
+        );
+    }
+    let token = match &spec.token_env {
+        None => None,
+        Some(var) => match env(&var.value).filter(|t| !t.is_empty()) {
+            Some(t) => Some(t),
+            None => {
+                diags.at(
+                    file,
+                    var,
+                    format!("events.subscribers.{name}.nats.token_env: `{}` is not set", var.value),
+                );
+                return None;
+            }
+        },
+    };
+    Some(Sink::Nats(NatsSettings {
+        url: url.to_string(),
+        stream: stream.clone(),
+        subject_prefix: prefix.clone(),
+        token,
     }))
 }

@@ -80,6 +80,9 @@ pub async fn run_subscriber(
         Sink::Salesforce(settings) => {
             Sender::Salesforce(super::salesforce::Writer::new(client, settings.clone()))
         }
+        Sink::Nats(settings) => {
+            Sender::Nats(super::nats::Publisher::new(settings.clone(), subscriber.timeout))
+        }
     };
     // A lease outlasts the attempt, so no other replica sends the same event meanwhile.
     let lease = subscriber.timeout * 2 + Duration::from_secs(5);
@@ -179,6 +182,7 @@ pub async fn start(
 enum Sender {
     Webhook { client: reqwest::Client, url: String, secrets: Vec<crate::config::events::Secret> },
     Salesforce(super::salesforce::Writer),
+    Nats(super::nats::Publisher),
 }
 
 /// Why an attempt failed, and whether trying again can help.
@@ -260,6 +264,7 @@ async fn deliver(
             post_webhook(client, url, secrets, source, subscriber.timeout, event).await
         }
         Sender::Salesforce(writer) => writer.write(event).await,
+        Sender::Nats(publisher) => publisher.publish(source, event).await,
     };
     let outcome = match error {
         None => {

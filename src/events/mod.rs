@@ -8,6 +8,7 @@
 //! each order's events in order per subscriber, with retries, and dead-letters past a horizon.
 
 pub mod dispatch;
+pub mod nats;
 pub mod salesforce;
 pub mod webhook;
 
