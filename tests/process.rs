@@ -428,6 +428,14 @@ async fn dead_letters_are_listed_and_replayed_after_the_data_is_fixed() {
     let steps: Vec<&str> =
         accepted["history"].as_array().unwrap().iter().map(|t| t["to"].as_str().unwrap()).collect();
     assert!(steps.contains(&"dead_lettered") && steps.ends_with(&["submitted", "accepted"]), "{steps:?}");
+    // The executive figures: an incident by reason and region, an exception resolved.
+    let within = Duration::from_secs(5);
+    gw.wait_for_metric(
+        "causeway_process_incidents_total{reason=\"customer.blocked\",region=\"EU\"} 1",
+        within,
+    )
+    .await;
+    gw.wait_for_metric("causeway_process_exception_resolution_seconds_count 1", within).await;
     let again = client
         .post(admin(&format!("/admin/dead-letters/{id}/replay")))
         .bearer_auth("admin-secret")
@@ -455,6 +463,9 @@ async fn dead_letters_are_listed_and_replayed_after_the_data_is_fixed() {
         .unwrap();
     assert_eq!(all["replayed"], 1);
     wait_state(&client, &gw, &location, "accepted", Duration::from_secs(10)).await;
+    gw.wait_for_metric("causeway_process_incidents_total{reason=\"undeliverable\",region=\"EU\"} 1", within)
+        .await;
+    gw.wait_for_metric("causeway_process_exception_resolution_seconds_count 2", within).await;
     let erp = erp_orders(&sandbox.url()).await;
     assert_eq!((erp["006Dn000004DEADAAA"], erp["006Dn000004DEADBBB"]), (1, 1));
     assert_eq!(sandbox.stats().await["duplicate_external_document_numbers"], 0);

@@ -15,6 +15,11 @@ pub struct ProcessMetrics {
     pub duplicates_prevented: IntCounterVec,
     /// Orders per state now (pending and dead_lettered are the ones to alert on).
     pub orders_in_state: IntGaugeVec,
+    /// Orders refused or given up on, by reason (a rule's code, `erp`, `undeliverable`) and
+    /// the quote's region (`other` when the rules do not know it).
+    pub incidents: IntCounterVec,
+    /// A dead letter's resolution: its dead-lettering to its acceptance after a replay.
+    pub exception_resolution: prometheus::Histogram,
 }
 
 impl ProcessMetrics {
@@ -50,6 +55,22 @@ impl ProcessMetrics {
                     &["state"],
                 )
                 .expect("valid metric"),
+                incidents: IntCounterVec::new(
+                    Opts::new(
+                        "causeway_process_incidents_total",
+                        "Orders refused or given up on, by reason and region",
+                    ),
+                    &["reason", "region"],
+                )
+                .expect("valid metric"),
+                exception_resolution: prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "causeway_process_exception_resolution_seconds",
+                        "From an order's dead-lettering to its acceptance after a replay",
+                    )
+                    .buckets(vec![60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 86400.0, 259200.0, 604800.0]),
+                )
+                .expect("valid metric"),
             };
             let registry = &crate::observe::metrics::Metrics::global().registry;
             for c in [
@@ -58,6 +79,8 @@ impl ProcessMetrics {
                 Box::new(m.accept_latency.clone()),
                 Box::new(m.duplicates_prevented.clone()),
                 Box::new(m.orders_in_state.clone()),
+                Box::new(m.incidents.clone()),
+                Box::new(m.exception_resolution.clone()),
             ] {
                 // Registered once per process (OnceLock); a failure would be a duplicate name.
                 let _ = registry.register(c);

@@ -379,6 +379,7 @@ impl QuoteToOrder {
             metrics.orders.with_label_values(&["rejected"]).inc();
             for code in codes {
                 metrics.rejections.with_label_values(&[code]).inc();
+                self.incident(code, &quote.region);
             }
             return Err(GatewayError::QuoteRejected { violations });
         }
@@ -533,6 +534,27 @@ impl QuoteToOrder {
         Ok(moved)
     }
 
+    /// Count an incident (an order refused or given up on) by its reason and the quote's region;
+    /// a region the tax rules do not know is `other`, so the labels stay bounded.
+    fn incident(&self, reason: &str, region: &str) {
+        let known =
+            self.config.load().process_rules.as_ref().is_some_and(|r| r.tax.regions.contains_key(region));
+        let region = if known { region } else { "other" };
+        ProcessMetrics::global().incidents.with_label_values(&[reason, region]).inc();
+    }
+
+    /// An order accepted after it was a dead letter: how long the exception took to resolve
+    /// (its last dead-lettering to now).
+    async fn note_resolution(&self, store: &dyn OrderStore, id: &str) {
+        let Ok(history) = store.history(id).await else { return };
+        let dead = history.iter().rev().find(|t| t.to == State::DeadLettered.as_str());
+        if let Some(t) = dead {
+            let since = t.last_at.unwrap_or(t.at);
+            let seconds = (store.now() - since).max(0) as f64 / 1000.0;
+            ProcessMetrics::global().exception_resolution.observe(seconds);
+        }
+    }
+
     /// Replay every dead letter; returns how many went back to delivery.
     pub async fn replay_all(&self) -> Result<usize, StoreError> {
         let store = self.store().await?;
@@ -610,6 +632,7 @@ impl QuoteToOrder {
                         metrics.orders.with_label_values(&[to.as_str()]).inc();
                         for code in codes {
                             metrics.rejections.with_label_values(&[code]).inc();
+                            self.incident(code, &quote.region);
                         }
                         return Ok(Delivered::State(to));
                     }
@@ -650,6 +673,11 @@ impl QuoteToOrder {
                 metrics.orders.with_label_values(&["accepted"]).inc();
                 let seconds = (store.now() - order.received_at).max(0) as f64 / 1000.0;
                 metrics.accept_latency.with_label_values(&[self.settings.erp.as_str()]).observe(seconds);
+                // Only orders validated late (a replay, or master data unreachable at
+                // submission) can have been dead letters: the others cost no history read.
+                if !order.validated {
+                    self.note_resolution(store, &order.id).await;
+                }
                 Ok(Delivered::State(State::Accepted))
             }
             Err(AdapterError::Rejected { status, message }) => {
@@ -659,6 +687,7 @@ impl QuoteToOrder {
                 self.transition(store, &order.id, State::Submitted, to, change).await?;
                 metrics.orders.with_label_values(&[to.as_str()]).inc();
                 metrics.rejections.with_label_values(&["erp"]).inc();
+                self.incident("erp", &quote.region);
                 Ok(if to == State::Rejected { Delivered::ErpRejected(message) } else { Delivered::State(to) })
             }
             Err(AdapterError::Throttled(why)) => {
@@ -726,6 +755,8 @@ impl QuoteToOrder {
             let change = Change { reason: &reason, count_attempt: !counted, ..Default::default() };
             self.transition(store, &order.id, from, State::DeadLettered, change).await?;
             metrics.orders.with_label_values(&["dead_lettered"]).inc();
+            let region = serde_json::from_str::<Quote>(&order.quote).map(|q| q.region).unwrap_or_default();
+            self.incident("undeliverable", &region);
             return Ok(Delivered::State(State::DeadLettered));
         }
         let doublings = (attempts.max(1) - 1) as u32;
