@@ -14,6 +14,10 @@
 //!     are shipped in the sandbox at a steady pace, and each `order.shipped.v1` arrival minus
 //!     the ship call is the ERP change → subscriber latency; the sandbox's request count over
 //!     the phase is what change detection cost the ERP budget.
+//! (4) JetStream: a gateway whose only subscriber publishes to NATS JetStream (127.0.0.1:4222)
+//!     records orders while its NATS URL points nowhere, so their events queue in the outbox; it
+//!     is restarted on the same store with the real URL and the backlog is timed until the
+//!     stream holds every event: events delivered per second. Skipped without NATS.
 
 use super::process::{
     bench_quote, gateway_with_process, gateway_with_store, sandbox, script, settle, start, stats,
@@ -29,6 +33,7 @@ const GW: u16 = 18191;
 const RECEIVER: u16 = 18195;
 const SANDBOX_CHANGES: u16 = 18200;
 const GW_CHANGES: u16 = 18201;
+const GW_NATS: u16 = 18205;
 
 #[derive(Default)]
 struct Arrivals {
@@ -92,12 +97,7 @@ fn receiver(status: Arc<AtomicU16>, arrivals: Arc<Mutex<Arrivals>>) {
 
 /// The value of the sample `name` (with its labels, as exposed) on the gateway's metrics listener.
 fn metric(name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", GW + 2)).expect("the gateway's metrics listener");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
+    metric_at(GW + 2, name)
 }
 
 /// Wait until every order is final (so every event is in the outbox) and the outbox gauge has
@@ -135,6 +135,10 @@ pub fn run(procs: &mut Procs, work: &Path) {
     std::env::set_var("BENCH_HOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
     let unbound = (10_000_000, 60);
     start(procs, "sandbox-events", sandbox(SANDBOX, unbound.0, unbound.1), SANDBOX);
+    // `BENCH_EVENTS_ONLY=jetstream`: the JetStream figures alone.
+    if std::env::var("BENCH_EVENTS_ONLY").is_ok_and(|v| v == "jetstream") {
+        return jetstream(procs, work);
+    }
     let store = format!(
         "store: {{ path: data/orders.db, synchronous: full }}\n\
          events:\n  subscribers:\n    bench:\n      url: http://127.0.0.1:{RECEIVER}/hooks\n      secret_env: [BENCH_HOOK_SECRET]\n      backoff_initial_ms: 200\n      backoff_max_ms: 1000\n"
@@ -196,6 +200,111 @@ pub fn run(procs: &mut Procs, work: &Path) {
         cpu_us / delivered.max(1) as f64
     );
     change_detection(procs, work, &arrivals);
+    jetstream(procs, work);
+}
+
+/// Stop the process started as `name` as an operator would (SIGTERM: it finishes what it has
+/// under way, so no delivery stays leased to it).
+fn stop(procs: &mut Procs, name: &str) {
+    if let Some(i) = procs.list.iter().position(|(n, ..)| *n == name) {
+        let (_, mut child, _) = procs.list.remove(i);
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let _ = child.wait();
+    }
+}
+
+fn jetstream(procs: &mut Procs, work: &Path) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let Ok(client) = rt.block_on(async_nats::connect("nats://127.0.0.1:4222")) else {
+        println!("events (4): SKIPPED: no NATS with JetStream on 127.0.0.1:4222");
+        return;
+    };
+    // The JetStream context spawns onto the runtime it is made in.
+    let js = rt.block_on(async { async_nats::jetstream::new(client) });
+    let stream = format!("CAUSEWAY_BENCH_{:08x}", rand::random::<u32>());
+    let config = |nats_url: &str| {
+        format!(
+            "store: {{ path: data/orders.db, synchronous: full }}\n\
+             events:\n  subscribers:\n    bus:\n      nats:\n        url: {nats_url}\n        stream: {stream}\n        subject_prefix: causeway.bench\n      backoff_initial_ms: 200\n      backoff_max_ms: 1000\n"
+        )
+    };
+    // Fewer orders than (2): the sandbox's order list is long by now and each create scans it.
+    let seconds = env_num("BENCH_SECONDS", 10) / 2;
+    let unbound = (10_000_000, 60);
+    // NATS unreachable: every event waits in the outbox.
+    let gw = gateway_with_store(
+        work,
+        "gw-nats",
+        GW_NATS,
+        SANDBOX,
+        unbound,
+        0,
+        &config("nats://127.0.0.1:1"),
+        "off",
+    );
+    start(procs, "causeway-nats", gw, GW_NATS);
+    let pid = procs.pid("causeway-nats");
+    let recorded =
+        wrk_with(GW_NATS, pid, seconds, 4, None, "/process/v1/quote-to-order", Some(&script(work, "EN")));
+    settle(SANDBOX);
+    std::thread::sleep(Duration::from_secs(3));
+    let backlog =
+        metric_at(GW_NATS + 2, "causeway_events_undelivered{state=\"pending\",subscriber=\"bus\"}") as u64;
+    stop(procs, "causeway-nats");
+    // Restarted on the same store with NATS reachable (the events wait out their backoff, at
+    // most backoff_max_ms).
+    let gw = gateway_with_store(
+        work,
+        "gw-nats",
+        GW_NATS,
+        SANDBOX,
+        unbound,
+        0,
+        &config("nats://127.0.0.1:4222"),
+        "off",
+    );
+    let started = Instant::now();
+    start(procs, "causeway-nats", gw, GW_NATS);
+    let pid = procs.pid("causeway-nats");
+    let cpu_before = cpu_ticks(pid);
+    let deadline = started + Duration::from_secs(300);
+    let stored = loop {
+        let stored = rt.block_on(async {
+            match js.get_stream(&stream).await {
+                Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+                Err(_) => 0,
+            }
+        });
+        if stored >= backlog || Instant::now() > deadline {
+            break stored;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = started.elapsed().as_secs_f64();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu_us = cpu_ticks(pid).saturating_sub(cpu_before) as f64 / hz * 1e6;
+    println!(
+        "events (4): {:.0} orders recorded while NATS was unreachable; backlog of {backlog} events published to JetStream after a restart: \
+         {stored} stored in {took:.2} s (gateway start included) = {:.0} events/s, gateway cpu {:.0} us/event",
+        recorded.rps * seconds as f64,
+        stored as f64 / took,
+        cpu_us / stored.max(1) as f64
+    );
+    let _ = rt.block_on(js.delete_stream(&stream));
+}
+
+/// The value of the sample `name` on the metrics listener at `port`.
+fn metric_at(port: u16, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the gateway's metrics listener");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
 }
 
 /// One HTTP/1.1 exchange on a fresh connection: status and body.

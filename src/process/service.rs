@@ -119,6 +119,15 @@ impl QuoteToOrder {
         open_store: OpenStore,
     ) -> Arc<QuoteToOrder> {
         let loaded = config.load();
+        // The incident series of every known region exist from the start (dashboards, alerts).
+        if let Some(rules) = loaded.process_rules.as_ref() {
+            let regions = rules.tax.regions.keys().map(String::as_str).chain(["other"]);
+            for region in regions {
+                for reason in ["erp", "undeliverable"] {
+                    ProcessMetrics::global().incidents.with_label_values(&[reason, region]);
+                }
+            }
+        }
         let settle = loaded
             .upstreams
             .get(&settings.erp)
