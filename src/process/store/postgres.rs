@@ -109,6 +109,9 @@ const LIFECYCLE: &[&str] = &[
     "CREATE TABLE erp_notifications (key TEXT PRIMARY KEY, seen_at BIGINT NOT NULL)",
     "CREATE INDEX erp_notifications_seen ON erp_notifications(seen_at)",
     "CREATE TABLE change_cursors (source TEXT PRIMARY KEY, position TEXT NOT NULL)",
+    // Event deliveries name the process that leased them, so a stopped one's are taken back
+    // at start (`recover`) rather than when their lease runs out.
+    "ALTER TABLE event_deliveries ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''",
     "CREATE FUNCTION causeway_milestone_event() RETURNS trigger LANGUAGE plpgsql AS $$
      DECLARE
         written BIGINT;
@@ -343,6 +346,11 @@ impl PostgresStore {
         Ok(PostgresStore { instance: format!("{host}/{}", instance::current()).into(), host, pool, writes })
     }
 
+    /// This process, as named on the leases it holds (`host/pid:start`).
+    pub(super) fn instance_name(&self) -> &str {
+        &self.instance
+    }
+
     /// This store as used by another process named `instance` (`host/pid:start`): for tests.
     pub fn as_process(mut self, instance: &str) -> PostgresStore {
         self.instance = instance.into();
@@ -395,6 +403,23 @@ impl OrderStore for PostgresStore {
             .execute(&self.pool)
             .await?
             .rows_affected();
+        }
+        let delivery_holders: Vec<String> = sqlx::query(
+            "SELECT DISTINCT lease_owner FROM event_deliveries WHERE lease_until > 0 AND state = 'pending'",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+        for holder in self.gone(&delivery_holders) {
+            sqlx::query(
+                "UPDATE event_deliveries SET lease_until = 0, lease_owner = ''
+                 WHERE lease_owner = $1 AND lease_until > 0 AND state = 'pending'",
+            )
+            .bind(holder)
+            .execute(&self.pool)
+            .await?;
         }
         let key_holders: Vec<String> =
             sqlx::query("SELECT DISTINCT holder FROM idempotency_keys WHERE in_flight")

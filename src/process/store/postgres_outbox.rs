@@ -59,7 +59,7 @@ impl EventOutbox for PostgresStore {
                       WHERE e.subscriber = d.subscriber AND e.order_id = d.order_id
                         AND e.seq < d.seq AND e.state <> 'delivered')
                 ORDER BY d.next_attempt_at LIMIT $3 FOR UPDATE OF d SKIP LOCKED)
-             UPDATE event_deliveries d SET lease_until = $2 + $4 FROM due
+             UPDATE event_deliveries d SET lease_until = $2 + $4, lease_owner = $5 FROM due
              WHERE d.subscriber = due.subscriber AND d.seq = due.seq
              RETURNING d.seq, d.attempts",
         )
@@ -67,6 +67,7 @@ impl EventOutbox for PostgresStore {
         .bind(now)
         .bind(limit)
         .bind(lease.as_millis() as i64)
+        .bind(self.instance_name())
         .fetch_all(self.pool())
         .await?
         .iter()

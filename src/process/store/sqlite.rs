@@ -207,6 +207,9 @@ const LIFECYCLE: &[&str] = &[
     "CREATE TABLE erp_notifications (key TEXT PRIMARY KEY, seen_at INTEGER NOT NULL)",
     "CREATE INDEX erp_notifications_seen ON erp_notifications(seen_at)",
     "CREATE TABLE change_cursors (source TEXT PRIMARY KEY, position TEXT NOT NULL)",
+    // Event deliveries name the process that leased them, so a stopped one's are taken back
+    // at start (`recover`) rather than when their lease runs out.
+    "ALTER TABLE event_deliveries ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''",
     "CREATE TRIGGER order_milestone_event AFTER INSERT ON order_milestones BEGIN
         INSERT INTO events (id, order_id, type, at, data)
             SELECT lower(hex(randomblob(16))), NEW.order_id, NEW.kind, NEW.at,
@@ -409,6 +412,11 @@ impl SqliteStore {
         self
     }
 
+    /// This process, as named on the leases it holds.
+    pub(super) fn instance_name(&self) -> &str {
+        &self.instance
+    }
+
     /// The `PRAGMA synchronous` level in force on the write connection (2 = FULL, 1 = NORMAL).
     pub async fn synchronous_level(&self) -> Result<i64, StoreError> {
         self.write(|conn| Ok(conn.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))?)).await
@@ -458,6 +466,17 @@ impl OrderStore for SqliteStore {
                            AND state IN ('received', 'validated', 'submitted', 'pending')",
                     )?
                     .execute(params![settle, holder])? as u64;
+            }
+            let delivery_holders = strings(
+                conn,
+                "SELECT DISTINCT lease_owner FROM event_deliveries WHERE lease_until > 0 AND state = 'pending'",
+            )?;
+            for holder in delivery_holders.iter().filter(gone) {
+                conn.prepare_cached(
+                    "UPDATE event_deliveries SET lease_until = 0, lease_owner = ''
+                     WHERE lease_owner = ? AND lease_until > 0 AND state = 'pending'",
+                )?
+                .execute([holder])?;
             }
             let key_holders =
                 strings(conn, "SELECT DISTINCT holder FROM idempotency_keys WHERE in_flight = 1")?;

@@ -44,10 +44,11 @@ impl EventOutbox for SqliteStore {
     ) -> Result<Vec<Delivery>, StoreError> {
         let subscriber = subscriber.to_owned();
         let lease = lease.as_millis() as i64;
+        let instance = self.instance_name().to_string();
         self.write(move |conn| {
             let now = now_ms();
             let mut claim = conn.prepare_cached(
-                "UPDATE event_deliveries SET lease_until = ?1 + ?2
+                "UPDATE event_deliveries SET lease_until = ?1 + ?2, lease_owner = ?5
                  WHERE subscriber = ?3 AND seq IN (
                     SELECT d.seq FROM event_deliveries d
                     WHERE d.subscriber = ?3 AND d.state = 'pending' AND d.next_attempt_at <= ?1
@@ -59,7 +60,7 @@ impl EventOutbox for SqliteStore {
                  RETURNING seq, attempts",
             )?;
             let claimed: Vec<(i64, i64)> = claim
-                .query_map(params![now, lease, subscriber, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .query_map(params![now, lease, subscriber, limit, instance], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             let mut event =
                 conn.prepare_cached("SELECT id, order_id, type, at, data FROM events WHERE seq = ?")?;

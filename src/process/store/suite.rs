@@ -461,6 +461,27 @@ pub async fn milestones_write_their_events_once_and_only_for_accepted_orders(s: 
     assert!(kept.starts_with("2026-11-30T11:00:00Z"), "{kept}");
 }
 
+/// Event deliveries leased by a process that stopped are taken back at start; a running
+/// process keeps its own.
+pub async fn a_stopped_processs_event_leases_are_taken_back_at_start(s: impl SuiteStore) {
+    s.set_subscribers(&[("crm".into(), "*".into())]).await.unwrap();
+    for (id, opp) in [("l-1", "opp-l1"), ("l-2", "opp-l2")] {
+        s.insert_order(outbox_order(id, opp, State::Rejected, None)).await.unwrap();
+    }
+    let lease = Duration::from_secs(600);
+    let gone = s.for_process("1:1");
+    assert_eq!(gone.claim_deliveries("crm", 1, lease).await.unwrap().len(), 1);
+    let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let live = s.for_process(&instance::name_of(sleeper.id()).expect("the child runs"));
+    assert_eq!(live.claim_deliveries("crm", 1, lease).await.unwrap().len(), 1);
+    assert!(s.claim_deliveries("crm", 10, lease).await.unwrap().is_empty(), "both leased");
+    s.recover(Duration::from_secs(1)).await.unwrap();
+    let back = s.claim_deliveries("crm", 10, lease).await.unwrap();
+    assert_eq!(back.len(), 1, "only the stopped process's delivery: {back:?}");
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
 /// Runs each suite test against SQLite and, where a server answers, PostgreSQL.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
@@ -494,6 +515,7 @@ suite!(
     dead_deliveries_are_listed_replayed_and_hold_back_the_orders_later_events,
     delivered_events_are_purged_and_undelivered_ones_kept,
     milestones_write_their_events_once_and_only_for_accepted_orders,
+    a_stopped_processs_event_leases_are_taken_back_at_start,
 );
 
 mod postgres_only {
