@@ -234,17 +234,11 @@ fn jetstream(procs: &mut Procs, work: &Path) {
     // Fewer orders than (2): the sandbox's order list is long by now and each create scans it.
     let seconds = env_num("BENCH_SECONDS", 10) / 2;
     let unbound = (10_000_000, 60);
+    // The same gateway (name, ports, store) each time; only its subscriber's URL changes.
+    let gateway =
+        |store: &str| gateway_with_store(work, "gw-nats", GW_NATS, SANDBOX, unbound, 0, store, "off");
     // NATS unreachable: every event waits in the outbox.
-    let gw = gateway_with_store(
-        work,
-        "gw-nats",
-        GW_NATS,
-        SANDBOX,
-        unbound,
-        0,
-        &config("nats://127.0.0.1:1"),
-        "off",
-    );
+    let gw = gateway(&config("nats://127.0.0.1:1"));
     start(procs, "causeway-nats", gw, GW_NATS);
     let pid = procs.pid("causeway-nats");
     let recorded =
@@ -256,16 +250,7 @@ fn jetstream(procs: &mut Procs, work: &Path) {
     stop(procs, "causeway-nats");
     // Restarted on the same store with NATS reachable (the events wait out their backoff, at
     // most backoff_max_ms).
-    let gw = gateway_with_store(
-        work,
-        "gw-nats",
-        GW_NATS,
-        SANDBOX,
-        unbound,
-        0,
-        &config("nats://127.0.0.1:4222"),
-        "off",
-    );
+    let gw = gateway(&config("nats://127.0.0.1:4222"));
     let started = Instant::now();
     start(procs, "causeway-nats", gw, GW_NATS);
     let pid = procs.pid("causeway-nats");

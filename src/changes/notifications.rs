@@ -10,10 +10,11 @@ use super::{ChangeMetrics, Changes, Check};
 use crate::error::GatewayError;
 use crate::policy::auth::constant_time_eq;
 use crate::process::adapter::ChangedResource;
+use crate::process::store::lifecycle::TrackedOrder;
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// Most notifications one request may carry (Business Central sends a `collection` instead of
 /// more than 1,000).
@@ -105,12 +106,22 @@ impl Changes {
         let mut refused = Vec::new();
         let mut ignored = 0;
         let mut wanted: Vec<(Option<Check>, &Notification)> = Vec::new();
+        // A storm names the same few orders many times: each is looked up once per request.
+        let mut known: HashMap<String, Option<TrackedOrder>> = HashMap::new();
         for n in &notifications {
             let resource = adapter.changed_resource(&n.resource);
             let check = match (n.change_type.as_str(), resource) {
                 ("collection", Some(ChangedResource::Collection)) => Some(Check::Sweep(String::new())),
                 ("created" | "updated" | "deleted", Some(ChangedResource::Order(erp_id))) => {
-                    match lifecycle.tracked(Some(&erp_id), None).await? {
+                    let tracked = match known.get(&erp_id) {
+                        Some(t) => t.clone(),
+                        None => {
+                            let t = lifecycle.tracked(Some(&erp_id), None).await?;
+                            known.insert(erp_id.clone(), t.clone());
+                            t
+                        }
+                    };
+                    match tracked {
                         // A new order has nothing to read yet; a finished one will not change.
                         Some(o) if n.change_type == "created" || o.finished() => None,
                         Some(o) => Some(Check::Order {

@@ -41,13 +41,7 @@ fn find_invoice<'s>(store: &'s mut Store, key: &str) -> Option<&'s mut Value> {
 }
 
 fn bump(entity: &mut Value) {
-    let version = entity["@odata.etag"]
-        .as_str()
-        .and_then(|t| t.strip_prefix("W/\"JzE5OzE3"))
-        .and_then(|t| t.strip_suffix("Oyc=\""))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(1);
-    entity["@odata.etag"] = json!(format!("W/\"JzE5OzE3{}Oyc=\"", version + 1));
+    super::odata::next_version(entity);
     entity["lastModifiedDateTime"] = json!(now());
 }
 

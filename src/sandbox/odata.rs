@@ -518,18 +518,23 @@ fn patch_entity(order: &mut Value, patch: &Value, writable: &[&str], what: &str)
     if let Some(bad) = fields.keys().find(|k| !writable.contains(&k.as_str())) {
         return bad_request(&format!("The property '{bad}' cannot be changed on a {what}."));
     }
-    let version = order["@odata.etag"]
+    let obj: &mut Map<String, Value> = order.as_object_mut().expect("entities are objects");
+    for (k, v) in fields {
+        obj.insert(k.clone(), v.clone());
+    }
+    next_version(order);
+    Json(shape(order, false)).into_response()
+}
+
+/// Move an entity's `@odata.etag` to its next version (every change does).
+pub(super) fn next_version(entity: &mut Value) {
+    let version = entity["@odata.etag"]
         .as_str()
         .and_then(|t| t.strip_prefix("W/\"JzE5OzE3"))
         .and_then(|t| t.strip_suffix("Oyc=\""))
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(1);
-    let obj: &mut Map<String, Value> = order.as_object_mut().expect("entities are objects");
-    for (k, v) in fields {
-        obj.insert(k.clone(), v.clone());
-    }
-    obj.insert("@odata.etag".into(), json!(etag(version + 1)));
-    Json(shape(order, false)).into_response()
+    entity["@odata.etag"] = json!(etag(version + 1));
 }
 
 #[cfg(test)]
