@@ -32,10 +32,6 @@ fn missing(order: &str) -> Response {
     )
 }
 
-fn find_order<'s>(store: &'s mut Store, key: &str) -> Option<&'s mut Value> {
-    store.orders.iter_mut().find(|o| o["number"] == key || o["id"] == key)
-}
-
 fn find_invoice<'s>(store: &'s mut Store, key: &str) -> Option<&'s mut Value> {
     store.invoices.iter_mut().find(|i| !key.is_empty() && (i["orderNumber"] == key || i["orderId"] == key))
 }
@@ -50,15 +46,18 @@ pub(super) async fn ship(State(sb): State<Sandbox>, Path(key): Path<String>) -> 
     if find_invoice(&mut store, &key).is_some() {
         return conflict("The order is invoiced: it was shipped with its invoice.");
     }
-    let Some(order) = find_order(&mut store, &key) else { return missing(&key) };
-    if order["fullyShipped"] == true {
-        return conflict("The order is already fully shipped.");
-    }
-    order["fullyShipped"] = json!(true);
-    order["status"] = json!("Open");
-    order["shipmentDate"] = json!(now()[..10]);
-    bump(order);
-    let (id, shown) = (order["id"].as_str().unwrap_or_default().to_string(), shown(order));
+    let Some(pos) = store.orders.position(&key) else { return missing(&key) };
+    let shipped = store.orders.modify(pos, |order| {
+        if order["fullyShipped"] == true {
+            return None;
+        }
+        order["fullyShipped"] = json!(true);
+        order["status"] = json!("Open");
+        order["shipmentDate"] = json!(now()[..10]);
+        bump(order);
+        Some((order["id"].as_str().unwrap_or_default().to_string(), shown(order)))
+    });
+    let Some((id, shown)) = shipped else { return conflict("The order is already fully shipped.") };
     drop(store);
     sb.changed("salesOrders", &id, "updated");
     Json(shown).into_response()
@@ -69,8 +68,7 @@ pub(super) async fn invoice(State(sb): State<Sandbox>, Path(key): Path<String>) 
     if find_invoice(&mut store, &key).is_some() {
         return conflict("The order is already invoiced.");
     }
-    let Some(pos) = store.orders.iter().position(|o| o["number"] == key.as_str() || o["id"] == key.as_str())
-    else {
+    let Some(pos) = store.orders.position(&key) else {
         return missing(&key);
     };
     let order = store.orders.remove(pos);
@@ -109,7 +107,7 @@ pub(super) async fn invoice(State(sb): State<Sandbox>, Path(key): Path<String>) 
 pub(super) async fn pay(State(sb): State<Sandbox>, Path(key): Path<String>) -> Response {
     let mut store = sb.inner.store.lock();
     let Some(invoice) = find_invoice(&mut store, &key) else {
-        return if find_order(&mut store, &key).is_some() {
+        return if store.orders.position(&key).is_some() {
             conflict("The order is not invoiced yet: there is nothing to pay.")
         } else {
             missing(&key)
@@ -132,8 +130,7 @@ pub(super) async fn cancel(State(sb): State<Sandbox>, Path(key): Path<String>) -
     if find_invoice(&mut store, &key).is_some() {
         return conflict("The order is invoiced: cancel the invoice with a credit memo instead.");
     }
-    let Some(pos) = store.orders.iter().position(|o| o["number"] == key.as_str() || o["id"] == key.as_str())
-    else {
+    let Some(pos) = store.orders.position(&key) else {
         return missing(&key);
     };
     let order = store.orders.remove(pos);

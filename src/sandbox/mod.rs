@@ -16,6 +16,7 @@ pub mod data;
 mod lifecycle;
 mod limits;
 mod odata;
+mod orders;
 mod webhooks;
 
 pub use limits::{LimitStats, LimitsSpec, Rejection};
@@ -61,7 +62,7 @@ struct Store {
     items: Vec<Value>,
     price_list_lines: Vec<Value>,
     invoices: Vec<Value>,
-    orders: Vec<Value>,
+    orders: orders::Orders,
     next_order: u32,
     external_refs: HashMap<String, u32>,
 }
@@ -107,7 +108,7 @@ impl Sandbox {
             invoices: data::sales_invoices(&customers),
             customers,
             items,
-            orders: Vec::new(),
+            orders: orders::Orders::default(),
             next_order: 1001,
             external_refs: HashMap::new(),
         };

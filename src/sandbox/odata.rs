@@ -146,9 +146,16 @@ fn parse_query(uri: &Uri) -> Result<Query, String> {
     Ok(q)
 }
 
-fn list(items: &[Value], q: &Query) -> Response {
+/// The external document number a `$filter` requires of every order it returns, when it has one
+/// alternative naming it (the gateway's lookup before a create): the index answers it.
+fn indexed_external(q: &Query) -> Option<&str> {
+    let [only] = q.filter.as_slice() else { return None };
+    only.iter().find(|(f, _)| f == "externalDocumentNumber").map(|(_, v)| v.as_str())
+}
+
+fn list<'a>(items: impl IntoIterator<Item = &'a Value>, q: &Query) -> Response {
     let filtered: Vec<Value> = items
-        .iter()
+        .into_iter()
         .filter(|item| {
             q.filter.is_empty()
                 || q.filter
@@ -207,15 +214,21 @@ pub(super) fn dispatch(
         ("GET", Target::Collection(entity), false) => match entity {
             "customers" => list(&store.customers, &q),
             "items" => list(&store.items, &q),
-            "salesOrders" => list(&store.orders, &q),
+            "salesOrders" => match indexed_external(&q) {
+                Some(external) => list(store.orders.with_external(external), &q),
+                None => list(store.orders.all(), &q),
+            },
             "salesInvoices" => list(&store.invoices, &q),
             _ => not_found("entity set"),
+        },
+        ("GET", Target::Entity("salesOrders", id), false) => match store.orders.position_by_id(id) {
+            Some(p) => Json(shape(store.orders.get(p), q.expand_lines)).into_response(),
+            None => not_found("salesOrders"),
         },
         ("GET", Target::Entity(entity, id), false) => {
             let set = match entity {
                 "customers" => &store.customers,
                 "items" => &store.items,
-                "salesOrders" => &store.orders,
                 "salesInvoices" => &store.invoices,
                 _ => return not_found("entity set"),
             };
@@ -224,8 +237,8 @@ pub(super) fn dispatch(
                 None => not_found(entity),
             }
         }
-        ("GET", Target::Lines(id), false) => match store.orders.iter().find(|o| o["id"] == id) {
-            Some(o) => Json(json!({ "value": o["salesOrderLines"] })).into_response(),
+        ("GET", Target::Lines(id), false) => match store.orders.position_by_id(id) {
+            Some(p) => Json(json!({ "value": store.orders.get(p)["salesOrderLines"] })).into_response(),
             None => not_found("salesOrder"),
         },
         ("POST", Target::Collection("salesOrders"), false) => {
@@ -257,13 +270,13 @@ pub(super) fn dispatch(
                 Ok(v) => v,
                 Err(e) => return bad_request(&format!("Invalid JSON: {e}")),
             };
-            let Some(order) = store.orders.iter_mut().find(|o| o["id"] == id) else {
+            let Some(pos) = store.orders.position_by_id(id) else {
                 return not_found("salesOrder");
             };
-            if let Err(resp) = check_if_match(headers, order) {
+            if let Err(resp) = check_if_match(headers, store.orders.get(pos)) {
                 return resp;
             }
-            let resp = patch_order(order, &patch);
+            let resp = store.orders.modify(pos, |order| patch_order(order, &patch));
             drop(store);
             if resp.status().is_success() {
                 sb.changed("salesOrders", id, "updated");
@@ -284,10 +297,10 @@ pub(super) fn dispatch(
             patch_entity(customer, &patch, CUSTOMER_WRITABLE, "customer")
         }
         ("DELETE", Target::Entity("salesOrders", id), false) => {
-            let Some(pos) = store.orders.iter().position(|o| o["id"] == id) else {
+            let Some(pos) = store.orders.position_by_id(id) else {
                 return not_found("salesOrder");
             };
-            if let Err(resp) = check_if_match(headers, &store.orders[pos]) {
+            if let Err(resp) = check_if_match(headers, store.orders.get(pos)) {
                 return resp;
             }
             store.orders.remove(pos);
