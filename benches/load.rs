@@ -10,6 +10,7 @@
 //!                                 # request/response mapping) vs the same route unmediated
 //!   scripts/bench process         # quote-to-order: orders/s recorded and ERP-accepted, and
 //!                                 # ERP budget utilisation when the budget binds
+//!   scripts/bench traces          # the policies gateway with OTLP trace export off and on
 //!
 //! Needs `wrk` and `nginx` (scripts/bench installs them). Environment: BENCH_ROUNDS (3),
 //! BENCH_SECONDS (5), BENCH_CONNECTIONS (50), BENCH_IDLE_CONNECTIONS (5000), BENCH_READ_BUFFER
@@ -31,6 +32,8 @@ mod cluster;
 mod events;
 #[path = "load/process.rs"]
 mod process;
+#[path = "load/traces.rs"]
+mod traces;
 
 const ORIGIN: u16 = 18080;
 const NGINX: u16 = 18081;
@@ -58,7 +61,7 @@ fn main() {
     }
     raise_fd_limit();
     let work = tempfile::tempdir().expect("temp dir");
-    let mode = ["memory", "policies", "mediation", "process", "cluster", "events"]
+    let mode = ["memory", "policies", "mediation", "process", "cluster", "events", "traces"]
         .into_iter()
         .find(|m| args.iter().any(|a| a == m))
         .unwrap_or("throughput");
@@ -80,6 +83,10 @@ fn main() {
     }
     if mode == "events" {
         events::run(&mut procs, work.path());
+        return;
+    }
+    if mode == "traces" {
+        traces::run(&mut procs, work.path());
         return;
     }
     if mode != "policies" {

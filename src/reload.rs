@@ -42,6 +42,9 @@ impl Reloader {
                 if new.listen.proxy != old.listen.proxy || new.threads != old.threads {
                     tracing::warn!("listen addresses and threads change only on restart or graceful upgrade");
                 }
+                if new.traces != old.traces {
+                    tracing::warn!("`traces:` changes only on restart: spans still go where they went");
+                }
                 let summary =
                     format!("{} routes, {} upstreams", new.router.routes().len(), new.upstreams.len());
                 self.config.store(Arc::new(new));

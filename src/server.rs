@@ -38,6 +38,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = config::load_with_state(&args.config_dir, &|name| std::env::var(name).ok(), &state)
         .map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
     logging::init();
+    if let Some(traces) = &config.traces {
+        crate::observe::traces::start(traces).map_err(|e| anyhow::anyhow!("traces: {e}"))?;
+    }
     for route in config.router.routes().iter().filter(|r| r.public) {
         tracing::warn!(route = %route.name, upstream = %route.upstream.name, "public route: anonymous callers reach this upstream");
     }
@@ -126,6 +129,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server.add_service(worker);
     }
     server.run(RunArgs { shutdown_signal: Box::new(DrainOnTerm { in_flight, grace }) });
+    crate::observe::traces::shutdown();
     logging::flush();
     Ok(())
 }

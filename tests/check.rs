@@ -535,3 +535,78 @@ fn salesforce_subscribers_are_checked_with_file_line_and_remedy() {
         assert!(!ok && err.contains("causeway.yaml:") && err.contains(says), "{block}: {err}");
     }
 }
+
+/// `traces:` is checked like the rest: the endpoint, the sampling ratio, the collector's headers
+/// from the environment, unknown keys, each with file and line.
+#[test]
+fn trace_export_settings_are_checked_with_file_line_and_remedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = common::process::sandbox_options("http://127.0.0.1:9".into(), common::process::FAST);
+    common::write_config(dir.path(), &opts, (18030, 18031, 18032));
+    let file = dir.path().join("causeway.yaml");
+    let whole = std::fs::read_to_string(&file).unwrap();
+    let run = |block: &str, with_key: bool| {
+        std::fs::write(&file, format!("{}traces:\n{block}", whole.trim_end().to_string() + "\n")).unwrap();
+        let mut env = vec![("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")];
+        if with_key {
+            env.push(("COLLECTOR_KEY", "k-123"));
+        }
+        let line = |needle: &str| {
+            let text = std::fs::read_to_string(&file).unwrap();
+            text.lines().collect::<Vec<_>>().iter().rposition(|l| l.contains(needle)).map_or(0, |n| n + 1)
+        };
+        let (ok, err) = check(dir.path(), &env);
+        (ok, err, line("endpoint:"), line("sample_ratio:"), line("headers_env:"))
+    };
+    let good = "  endpoint: http://127.0.0.1:4318/v1/traces\n  headers_env: { x-api-key: COLLECTOR_KEY }\n";
+    let (ok, err, ..) = run(good, true);
+    assert!(ok, "valid trace settings: {err}");
+    let (ok, err, _, _, headers) = run(good, false);
+    assert!(
+        !ok && err.contains(&format!("causeway.yaml:{headers}:"))
+            && err.contains("`COLLECTOR_KEY` is not set"),
+        "{err}"
+    );
+    for endpoint in [
+        "collector:4318",
+        "ftp://collector/v1/traces",
+        "http://\u{202e}/v1/traces",
+        "\"\"",
+        "http://user:secret@collector:4318/v1/traces",
+        "http://collector:4318/v1/traces#frag",
+        "http://collector:4318/v1/traces?key=1",
+    ] {
+        let (ok, err, line, ..) = run(&format!("  endpoint: {endpoint}\n"), true);
+        assert!(
+            !ok && err.contains(&format!("causeway.yaml:{line}:"))
+                && err.contains("http://127.0.0.1:4318/v1/traces"),
+            "{endpoint}: {err}"
+        );
+    }
+    for ratio in ["1.5", "-0.1", ".nan"] {
+        let (ok, err, _, line, _) =
+            run(&format!("  endpoint: http://127.0.0.1:4318/v1/traces\n  sample_ratio: {ratio}\n"), true);
+        assert!(
+            !ok && err.contains(&format!("causeway.yaml:{line}:")) && err.contains("between 0 and 1"),
+            "{ratio}: {err}"
+        );
+    }
+    let (ok, err, ..) = run(
+        "  endpoint: http://127.0.0.1:4318/v1/traces\n  headers_env: { \"bad header\": COLLECTOR_KEY }\n",
+        true,
+    );
+    assert!(!ok && err.contains("not a header name"), "{err}");
+    let (ok, err, endpoint, ..) = run(
+        "  endpoint: http://127.0.0.1:4318/v1/traces\n  flush_interval_ms: 0\n  max_queue: 10000000\n",
+        true,
+    );
+    assert!(
+        !ok && err.contains(&format!("causeway.yaml:{}:", endpoint + 1))
+            && err.contains("flush_interval_ms: 0 is not between 100 and 60000")
+            && err.contains(&format!("causeway.yaml:{}:", endpoint + 2))
+            && err.contains("max_queue: 10000000 is not between 64 and 100000"),
+        "each out-of-range number at its own line: {err}"
+    );
+    let (ok, err, ..) = run("  endpoint: http://127.0.0.1:4318/v1/traces\n  exporter: grpc\n", true);
+    assert!(!ok && err.contains("exporter"), "an unknown key is named: {err}");
+}

@@ -827,3 +827,284 @@ async fn lifecycle_events_are_published_to_jetstream_in_order() {
     assert_eq!(kinds, ["order.accepted.v1", "order.shipped.v1", "invoice.issued.v1", "payment.received.v1"]);
     js.delete_stream(&stream).await.unwrap();
 }
+
+/// One span an OTLP receiver got, flattened for the assertions.
+#[derive(Clone, Debug)]
+struct ReceivedSpan {
+    service: String,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+    name: String,
+    /// OTLP's SpanKind: 2 server, 3 client, 4 producer.
+    kind: i32,
+    start: u64,
+    end: u64,
+    /// OTLP's StatusCode: 0 unset, 1 ok, 2 error.
+    status: i32,
+    attributes: std::collections::HashMap<String, String>,
+}
+
+/// An OTLP/HTTP collector: decodes each export with the protocol's own messages, and answers
+/// with the status set (a collector may refuse).
+struct OtlpReceiver {
+    port: u16,
+    status: Arc<AtomicU16>,
+    exports: Arc<AtomicU16>,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+}
+
+impl OtlpReceiver {
+    async fn start() -> OtlpReceiver {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+        use prost::Message;
+        let status = Arc::new(AtomicU16::new(200));
+        let exports = Arc::new(AtomicU16::new(0));
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let (st, ex, sp) = (status.clone(), exports.clone(), spans.clone());
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let (st, ex, sp) = (st.clone(), ex.clone(), sp.clone());
+                async move {
+                    ex.fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(headers["content-type"], "application/x-protobuf", "OTLP/HTTP protobuf");
+                    let answer = st.load(Ordering::SeqCst);
+                    if answer != 200 {
+                        return StatusCode::from_u16(answer).unwrap();
+                    }
+                    let request = ExportTraceServiceRequest::decode(body).expect("an OTLP trace export");
+                    let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+                        .as_ref()
+                        .and_then(|v| v.value.clone())
+                    {
+                        Some(Any::StringValue(s)) => s,
+                        Some(Any::IntValue(i)) => i.to_string(),
+                        Some(Any::BoolValue(b)) => b.to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    for rs in request.resource_spans {
+                        let service = rs
+                            .resource
+                            .iter()
+                            .flat_map(|r| r.attributes.iter())
+                            .find(|kv| kv.key == "service.name")
+                            .map(|kv| text(&kv.value))
+                            .unwrap_or_default();
+                        for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                            sp.lock().unwrap().push(ReceivedSpan {
+                                service: service.clone(),
+                                trace_id: hex::encode(&span.trace_id),
+                                span_id: hex::encode(&span.span_id),
+                                parent_span_id: hex::encode(&span.parent_span_id),
+                                name: span.name.clone(),
+                                kind: span.kind,
+                                start: span.start_time_unix_nano,
+                                end: span.end_time_unix_nano,
+                                status: span.status.as_ref().map_or(0, |s| s.code),
+                                attributes: span
+                                    .attributes
+                                    .iter()
+                                    .map(|kv| (kv.key.clone(), text(&kv.value)))
+                                    .collect(),
+                            });
+                        }
+                    }
+                    StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        OtlpReceiver { port, status, exports, spans }
+    }
+
+    fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap().iter().filter(|s| s.trace_id == trace_id).cloned().collect()
+    }
+
+    /// The spans of `trace_id` once `done` holds for them.
+    async fn wait_trace(
+        &self,
+        trace_id: &str,
+        done: impl Fn(&[ReceivedSpan]) -> bool,
+        gw: &TestGateway,
+    ) -> Vec<ReceivedSpan> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let spans = self.trace(trace_id);
+            if done(&spans) {
+                return spans;
+            }
+            assert!(Instant::now() < deadline, "trace {trace_id} incomplete: {spans:#?}\n{}", gw.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// (trace id, span id) of a traceparent header.
+fn trace_ids(traceparent: &str) -> (String, String) {
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{traceparent}");
+    (parts[1].to_string(), parts[2].to_string())
+}
+
+async fn submit_traced(
+    client: &reqwest::Client,
+    gw: &TestGateway,
+    key: &str,
+    body: &Value,
+    traceparent: Option<&[u8]>,
+) -> reqwest::Response {
+    let mut request = client
+        .post(gw.url("/process/v1/quote-to-order"))
+        .header("x-api-key", KEY)
+        .header("idempotency-key", format!("\"{key}\""));
+    if let Some(tp) = traceparent {
+        request = request.header("traceparent", reqwest::header::HeaderValue::from_bytes(tp).unwrap());
+    }
+    request.json(body).send().await.unwrap()
+}
+
+/// Each order is one trace at an OTLP collector: the gateway's server span (the ids it sent back
+/// in `traceparent`, under the caller's span when it sent one), the ERP exchanges and each event
+/// delivery as its children; the subscriber's request carries the delivery span onward. A
+/// caller's unsampled trace exports nothing; a refusing collector costs the orders nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_order_is_one_trace_with_its_gateway_erp_and_delivery_spans() {
+    let sandbox = TestSandbox::start(Default::default()).await;
+    let subscriber = Subscriber::start().await;
+    let collector = OtlpReceiver::start().await;
+    collector.status.store(503, Ordering::SeqCst);
+    let mut o = options(&sandbox, &subscriber, "");
+    o.main_extra.push_str(&format!(
+        "traces:\n  endpoint: http://127.0.0.1:{}/v1/traces\n  service_name: causeway-test\n  flush_interval_ms: 200\n",
+        collector.port
+    ));
+    let gw = TestGateway::start(o).await;
+    let client = reqwest::Client::new();
+
+    // The collector refuses: orders are taken as ever, the spans are dropped, not queued forever.
+    let refused_phase = submit(&client, &gw, "tr-0", &quote("006TR0000000")).await;
+    assert_eq!(refused_phase.status(), 201, "{}", gw.log());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while collector.exports.load(Ordering::SeqCst) == 0 || !gw.log().contains("ExportError") {
+        assert!(Instant::now() < deadline, "no refused export attempted and logged\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    collector.status.store(200, Ordering::SeqCst);
+
+    let unsampled = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    let r = submit_traced(&client, &gw, "tr-u", &quote("006TR000000U"), Some(unsampled)).await;
+    assert_eq!(r.status(), 201);
+    let plain = submit_traced(&client, &gw, "tr-1", &quote("006TR0000001"), None).await;
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_parent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let continued = submit_traced(&client, &gw, "tr-2", &quote("006TR0000002"), Some(caller_parent)).await;
+    let garbage = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\u{202e}é".as_bytes();
+    let minted = submit_traced(&client, &gw, "tr-3", &quote("006TR0000003"), Some(garbage)).await;
+    let rejected = submit_traced(&client, &gw, "tr-4", &five_broken_rules(quote("006TR0000004")), None).await;
+    assert_eq!(rejected.status(), 422);
+    let header = |r: &reqwest::Response| r.headers()["traceparent"].to_str().unwrap().to_string();
+    let rejected_tp = header(&rejected);
+    let mut orders = Vec::new();
+    for r in [plain, continued, minted] {
+        assert_eq!(r.status(), 201, "{}", gw.log());
+        let tp = header(&r);
+        let order: Value = r.json().await.unwrap();
+        orders.push((tp, order));
+    }
+    assert_eq!(trace_ids(&orders[1].0).0, caller_trace, "the caller's trace is continued");
+    assert_ne!(trace_ids(&orders[2].0).0, caller_trace, "a malformed traceparent starts a new trace");
+    let events = subscriber.wait_acknowledged(6, Duration::from_secs(15), &gw).await;
+
+    for (i, (tp, order)) in orders.iter().enumerate() {
+        let (trace, gateway_span) = trace_ids(tp);
+        let spans = collector
+            .wait_trace(
+                &trace,
+                |s| {
+                    ["POST quote-to-order", "erp create order", "deliver order.accepted.v1"]
+                        .iter()
+                        .all(|n| s.iter().any(|x| x.name == *n))
+                },
+                &gw,
+            )
+            .await;
+        let server: Vec<_> = spans.iter().filter(|s| s.kind == 2).collect();
+        assert_eq!(server.len(), 1, "one gateway span per order: {spans:#?}");
+        let server = server[0];
+        assert_eq!(server.span_id, gateway_span, "the span the caller was told about");
+        let expected_parent = if i == 1 { "00f067aa0ba902b7" } else { "" };
+        assert_eq!(server.parent_span_id.trim_start_matches('0'), expected_parent.trim_start_matches('0'));
+        assert_eq!(server.attributes["http.response.status_code"], "201");
+        assert_eq!(server.attributes["http.route"], "quote-to-order");
+        for s in &spans {
+            assert_eq!(s.service, "causeway-test");
+            assert!(s.end >= s.start, "{s:?}");
+            if s.kind != 2 {
+                assert_eq!(s.parent_span_id, gateway_span, "a child of the gateway span: {s:?}");
+                assert_eq!(s.attributes["causeway.order_id"], order["id"].as_str().unwrap());
+                assert_eq!(s.status, 1, "succeeded: {s:?}");
+            }
+        }
+        let create = spans.iter().find(|s| s.name == "erp create order").unwrap();
+        assert_eq!(create.kind, 3);
+        assert_eq!(create.attributes["causeway.erp_order_number"], order["erpOrderNumber"].as_str().unwrap());
+        assert!(
+            create.start + 1_000_000 >= server.start && create.end <= server.end + 1_000_000,
+            "the inline ERP exchange lies within the request: {create:?} {server:?}"
+        );
+        let delivery = spans.iter().find(|s| s.name == "deliver order.accepted.v1").unwrap();
+        assert_eq!(delivery.kind, 4);
+        assert_eq!(delivery.attributes["causeway.subscriber"], "crm");
+        let event = events
+            .iter()
+            .find(|r| body(r)["subject"] == order["id"])
+            .unwrap_or_else(|| panic!("the subscriber got order {i}'s event"));
+        assert_eq!(delivery.attributes["cloudevents.event_id"], body(event)["id"].as_str().unwrap());
+        assert_eq!(body(event)["traceparent"], tp.as_str(), "the CloudEvent carries the order's trace");
+        let (sent_trace, sent_parent) = trace_ids(event.headers["traceparent"].to_str().unwrap());
+        assert_eq!((sent_trace, sent_parent), (trace.clone(), delivery.span_id.clone()));
+    }
+    let distinct: std::collections::HashSet<String> = orders.iter().map(|(tp, _)| trace_ids(tp).0).collect();
+    assert_eq!(distinct.len(), 3, "one trace per order");
+
+    // A refusal is traced too: the gateway span answers 422 without failing, the rules' ERP
+    // lookup and the rejection's delivery are its children.
+    let (trace, gateway_span) = trace_ids(&rejected_tp);
+    let spans = collector
+        .wait_trace(
+            &trace,
+            |s| {
+                ["POST quote-to-order", "erp master data", "deliver order.rejected.v1"]
+                    .iter()
+                    .all(|n| s.iter().any(|x| x.name == *n))
+            },
+            &gw,
+        )
+        .await;
+    let server = spans.iter().find(|s| s.kind == 2).unwrap();
+    assert_eq!((server.attributes["http.response.status_code"].as_str(), server.status), ("422", 0));
+    assert!(spans.iter().filter(|s| s.kind != 2).all(|s| s.parent_span_id == gateway_span));
+    assert!(!spans.iter().any(|s| s.name == "erp create order"), "a refused quote never reaches the ERP");
+
+    // The caller did not sample its trace: nothing of it is exported (the last flush is past).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        collector.trace("0af7651916cd43dd8448eb211c80319c").is_empty(),
+        "an unsampled trace is not exported"
+    );
+    // ... but it is still propagated to the subscriber, flagged unsampled.
+    let unsampled_event = events
+        .iter()
+        .find(|r| body(r)["data"]["opportunityId"] == "006TR000000U")
+        .expect("the unsampled order's event");
+    let header = unsampled_event.headers["traceparent"].to_str().unwrap();
+    assert!(
+        header.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && header.ends_with("-00"),
+        "{header}"
+    );
+}

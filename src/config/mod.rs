@@ -13,6 +13,7 @@ mod router;
 mod routes;
 pub mod rules;
 pub mod spec;
+mod traces;
 mod upstream;
 
 pub use cluster::{ClusterSettings, StoreSettings};
@@ -204,6 +205,8 @@ pub struct Config {
     pub process: Option<ProcessSettings>,
     /// Event subscribers (`events:`), when declared.
     pub events: Option<events::EventsSettings>,
+    /// OTLP trace export (`traces:`); read at start, a change takes a restart.
+    pub traces: Option<crate::observe::traces::TraceSettings>,
     /// Replicas and how they share state (`cluster:`; one node without it).
     pub cluster: ClusterSettings,
     /// Refuses client addresses that keep failing authentication (`None`: off).
@@ -327,6 +330,8 @@ pub fn load_with_state(
         .events
         .as_ref()
         .and_then(|spec| events::compile_events(&main_path, spec, main.process.is_some(), env, &mut diags));
+    let traces =
+        main.traces.as_ref().and_then(|spec| traces::compile_traces(&main_path, spec, env, &mut diags));
     if !diags.0.is_empty() {
         return Err(diags);
     }
@@ -354,6 +359,7 @@ pub fn load_with_state(
         sandbox,
         process,
         events,
+        traces,
         cluster,
         auth_failures: state.auth_failures(
             main.auth_failures.max_failures,

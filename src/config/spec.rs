@@ -42,6 +42,9 @@ pub struct MainSpec {
     /// Who hears what happens to orders (`docs/events.md`).
     #[serde(default)]
     pub events: Option<super::events::EventsSpec>,
+    /// Where OTLP traces go; none are exported without it.
+    #[serde(default)]
+    pub traces: Option<super::traces::TracesSpec>,
     /// Seconds between upstream reachability probes (they drive `/readyz`).
     #[serde(default = "default_probe_seconds")]
     pub health_probe_seconds: u64,

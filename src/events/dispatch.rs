@@ -8,9 +8,11 @@ use super::webhook;
 use super::{envelope, Delivery, EventOutbox};
 use crate::config::events::{EventsSettings, Sink, SubscriberSettings};
 use crate::observe::metrics::Metrics;
+use crate::observe::traces::Span;
 use crate::policy::budget::backoff;
 use crate::process::store::now_ms;
 use crate::process::store::outbox::Attempted;
+use opentelemetry::trace::SpanKind;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -218,6 +220,7 @@ async fn post_webhook(
     source: &str,
     timeout: Duration,
     event: &super::StoredEvent,
+    traceparent: Option<&str>,
 ) -> Option<Failure> {
     let body = match serde_json::to_vec(&envelope(source, event)) {
         Ok(b) => b,
@@ -225,8 +228,12 @@ async fn post_webhook(
     };
     let timestamp = now_ms() / 1000;
     let signature = webhook::signature(secrets, &event.id, timestamp, &body);
-    let sent = client
-        .post(url)
+    let mut request = client.post(url);
+    // The subscriber's own span of the request continues this attempt's.
+    if let Some(tp) = traceparent {
+        request = request.header(crate::observe::correlation::TRACEPARENT_HEADER, tp);
+    }
+    let sent = request
         .header("content-type", CLOUDEVENTS_JSON)
         .header("webhook-id", &event.id)
         .header("webhook-timestamp", timestamp.to_string())
@@ -259,13 +266,24 @@ async fn deliver(
     let metrics = Metrics::global();
     let name = subscriber.name.as_str();
     let event = &delivery.event;
+    let mut span = attempt_span(name, &delivery);
     let error = match sender {
         Sender::Webhook { client, url, secrets } => {
-            post_webhook(client, url, secrets, source, subscriber.timeout, event).await
+            // The attempt's span when it is recorded; else the order's context as it stands
+            // (an unsampled trace is still propagated, flagged 00, as W3C asks).
+            let traceparent =
+                span.traceparent().or_else(|| Some(event.traceparent.clone()).filter(|t| !t.is_empty()));
+            post_webhook(client, url, secrets, source, subscriber.timeout, event, traceparent.as_deref())
+                .await
         }
         Sender::Salesforce(writer) => writer.write(event).await,
         Sender::Nats(publisher) => publisher.publish(source, event).await,
     };
+    match &error {
+        None => span.succeed(),
+        Some(failure) => span.fail(failure.message.clone()),
+    }
+    span.end();
     let outcome = match error {
         None => {
             metrics.events_delivered.with_label_values(&[name]).inc();
@@ -295,6 +313,21 @@ async fn deliver(
     if let Err(e) = outbox.record_attempt(name, event.seq, outcome).await {
         tracing::warn!(subscriber = name, event = %event.id, error = %e, "cannot record a delivery; it is sent again when its lease ends");
     }
+}
+
+/// The span of one delivery attempt, a child of the order's gateway span (so an order's trace
+/// holds its request, its ERP exchanges and every attempt to tell each subscriber).
+fn attempt_span(subscriber: &str, delivery: &Delivery) -> Span {
+    let event = &delivery.event;
+    let mut span = Span::child_of(&event.traceparent, format!("deliver {}", event.kind), SpanKind::Producer);
+    if span.is_recording() {
+        span.attr("causeway.subscriber", subscriber.to_string());
+        span.attr("cloudevents.event_id", event.id.clone());
+        span.attr("cloudevents.event_type", event.kind.clone());
+        span.attr("causeway.order_id", event.order_id.clone());
+        span.attr("causeway.attempt", delivery.attempts + 1);
+    }
+    span
 }
 
 /// When the ERP posted the invoice of an `invoice.issued.v1` event (its `erpModifiedAt`).

@@ -19,10 +19,11 @@ pub use crate::config::events::EVENT_TYPES as TYPES;
 pub use crate::process::store::outbox::{DeadDelivery, Delivery, EventOutbox, StoredEvent};
 
 /// The structured-mode CloudEvents 1.0 envelope of `event` (`source` names this gateway's
-/// process API; `subject` the order).
+/// process API; `subject` the order). The order's trace rides along as the distributed-tracing
+/// extension's `traceparent`, the same on every attempt (the signed body does not change).
 pub fn envelope(source: &str, event: &StoredEvent) -> Value {
     let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
-    json!({
+    let mut envelope = json!({
         "specversion": "1.0",
         "id": event.id,
         "source": source,
@@ -31,7 +32,11 @@ pub fn envelope(source: &str, event: &StoredEvent) -> Value {
         "time": format_datetime(event.time_ms),
         "datacontenttype": "application/json",
         "data": data,
-    })
+    });
+    if !event.traceparent.is_empty() {
+        envelope["traceparent"] = Value::String(event.traceparent.clone());
+    }
+    envelope
 }
 
 #[cfg(test)]
@@ -47,6 +52,7 @@ mod tests {
             kind: "order.accepted.v1".into(),
             time_ms: 1_795_771_800_250,
             data: r#"{"orderId":"o-1","erpOrderNumber":"S-1"}"#.into(),
+            traceparent: String::new(),
         };
         let e = envelope("/causeway/orders", &event);
         assert_eq!(e["specversion"], "1.0");
@@ -56,5 +62,11 @@ mod tests {
         assert_eq!(e["subject"], "o-1");
         assert_eq!(e["time"], "2026-11-27T09:30:00.250Z");
         assert_eq!(e["data"]["erpOrderNumber"], "S-1");
+        assert!(e.get("traceparent").is_none(), "no trace known: no extension attribute");
+        let traced = StoredEvent {
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            ..event
+        };
+        assert_eq!(envelope("/x", &traced)["traceparent"], traced.traceparent.as_str());
     }
 }

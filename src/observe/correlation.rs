@@ -15,6 +15,8 @@ pub struct Correlation {
     pub trace_id: String,
     /// This hop's span id (16 hex digits): the parent-id sent upstream.
     pub span_id: String,
+    /// The caller's span (the parent of this hop's), when it sent a traceparent.
+    pub parent_id: Option<String>,
     pub flags: String,
     /// `00-<trace>-<span>-<flags>`, built once: it goes both upstream and back to the caller.
     traceparent: String,
@@ -29,13 +31,16 @@ impl Correlation {
             .map(str::to_string)
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let mut rng = rand::rng();
-        let (trace_id, flags) = match traceparent.and_then(parse_traceparent) {
-            Some((trace, flags)) => (trace, flags),
-            None => (random_hex(&mut rng, 16), "01".to_string()),
+        let (trace_id, parent_id, flags) = match traceparent.and_then(parse_traceparent) {
+            Some((trace, parent, flags)) => (trace, Some(parent), flags),
+            None => {
+                let sampled = super::traces::sample_new_trace();
+                (random_hex(&mut rng, 16), None, if sampled { "01" } else { "00" }.to_string())
+            }
         };
         let span_id = random_hex(&mut rng, 8);
         let traceparent = format!("00-{trace_id}-{span_id}-{flags}");
-        Correlation { correlation_id, trace_id, span_id, flags, traceparent }
+        Correlation { correlation_id, trace_id, span_id, parent_id, flags, traceparent }
     }
 
     pub fn traceparent(&self) -> &str {
@@ -48,8 +53,8 @@ fn valid_correlation_id(v: &str) -> bool {
     (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
-/// Returns (trace id, flags) of a valid version-00 traceparent.
-fn parse_traceparent(v: &[u8]) -> Option<(String, String)> {
+/// Returns (trace id, parent id, flags) of a valid version-00 traceparent.
+fn parse_traceparent(v: &[u8]) -> Option<(String, String, String)> {
     let s = std::str::from_utf8(v).ok()?.trim();
     let mut parts = s.split('-');
     let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -70,7 +75,7 @@ fn parse_traceparent(v: &[u8]) -> Option<(String, String)> {
     if trace.bytes().all(|b| b == b'0') || parent.bytes().all(|b| b == b'0') {
         return None;
     }
-    Some((trace.to_string(), flags.to_string()))
+    Some((trace.to_string(), parent.to_string(), flags.to_string()))
 }
 
 fn is_lower_hex(s: &str) -> bool {
@@ -104,6 +109,7 @@ mod tests {
         assert_eq!(c.correlation_id, "order-42");
         assert_eq!(c.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_ne!(c.span_id, "00f067aa0ba902b7", "this hop gets its own span id");
+        assert_eq!(c.parent_id.as_deref(), Some("00f067aa0ba902b7"), "the caller's span is its parent");
         assert!(c.traceparent().starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
     }
 
@@ -112,6 +118,7 @@ mod tests {
         let c = Correlation::from_headers(Some(b"bad id\r\nx: y"), Some(b"00-zz-00-01"));
         assert_eq!(uuid::Uuid::parse_str(&c.correlation_id).unwrap().get_version_num(), 7);
         assert_eq!(c.trace_id.len(), 32);
+        assert_eq!(c.parent_id, None, "a trace the gateway starts has no parent");
         assert!(parse_traceparent(c.traceparent().as_bytes()).is_some());
         let zero = b"00-00000000000000000000000000000000-00f067aa0ba902b7-01";
         assert!(parse_traceparent(zero).is_none());

@@ -61,7 +61,10 @@ impl<'a> MakeWriter<'a> for BatchWriter {
 
 /// Install the global subscriber: JSON lines on stdout, level from `RUST_LOG` (default info).
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The trace exporter's own lines (a collector refusing, spans dropped) are warnings and
+    // errors; its informational chatter is left out unless RUST_LOG asks for it.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,opentelemetry=warn"));
     let installed = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)

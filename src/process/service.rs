@@ -15,6 +15,7 @@ use super::state::State;
 use super::store::{Change, KeyState, NewOrder, OrderRecord, OrderStore, StoreError, Transition};
 use crate::config::{Config, ProcessSettings};
 use crate::error::GatewayError;
+use crate::observe::traces::Span;
 use crate::policy::mediation::convert::format_datetime;
 use crate::policy::throttle;
 
@@ -207,6 +208,7 @@ impl QuoteToOrder {
         caller: &Caller,
         body: &[u8],
         correlation_id: &str,
+        traceparent: &str,
     ) -> Result<Reply, GatewayError> {
         // The caller's whole wait, lookups and the first delivery attempt included; the last
         // moments of it are kept for recording the answer (the order read back, the key's reply).
@@ -235,7 +237,8 @@ impl QuoteToOrder {
             }
         }
         let owner: Arc<str> = Arc::from(caller.owner.as_str());
-        let claimed = self.submit_claimed(store, quote, &caller.owner, correlation_id, deadline);
+        let origin = (correlation_id, traceparent);
+        let claimed = self.submit_claimed(store, quote, &caller.owner, origin, deadline);
         let outcome =
             crate::error::contain_panic(correlation_id, throttle::on_behalf_of(owner, claimed)).await;
         // Only answers that stand are kept for replay; a refusal or a failure releases the key
@@ -336,7 +339,7 @@ impl QuoteToOrder {
         store: &dyn OrderStore,
         quote: Quote,
         owner: &str,
-        correlation_id: &str,
+        (correlation_id, traceparent): (&str, &str),
         deadline: tokio::time::Instant,
     ) -> Result<Reply, GatewayError> {
         let metrics = ProcessMetrics::global();
@@ -347,9 +350,11 @@ impl QuoteToOrder {
         let id = uuid::Uuid::now_v7().to_string();
         // Master data comes out of the caller's `inline_wait` too; a slow ERP means the rules
         // run later, in the worker.
+        let span = self.erp_span(traceparent, "erp master data", &id);
         let master = tokio::time::timeout_at(deadline, self.adapter.master_data(&quote))
             .await
             .unwrap_or_else(|_| Err(AdapterError::Unavailable("master data lookup timed out".into())));
+        end_erp_span(span, &master);
         let (state, validated, violations) = match master {
             Ok(master) => {
                 let rules = self.config.load().process_rules.clone().ok_or(GatewayError::Internal)?;
@@ -379,6 +384,7 @@ impl QuoteToOrder {
                     validated: false,
                     violations: Some(&text),
                     correlation_id,
+                    traceparent,
                     reason: &reason,
                     lease: None,
                 })
@@ -407,6 +413,7 @@ impl QuoteToOrder {
                 validated,
                 violations: None,
                 correlation_id,
+                traceparent,
                 reason,
                 lease,
             })
@@ -602,9 +609,11 @@ impl QuoteToOrder {
         // order over while this one may still be talking to the ERP.
         let budget = self.settings.lease / 2;
         if !order.validated {
+            let span = self.erp_span(&order.traceparent, "erp master data", &order.id);
             let master = tokio::time::timeout(budget, self.adapter.master_data(&quote))
                 .await
                 .unwrap_or_else(|_| Err(AdapterError::Unavailable("master data lookup timed out".into())));
+            end_erp_span(span, &master);
             match master {
                 Err(AdapterError::Throttled(why)) => {
                     return self.wait_for_erp(store, &order, state, &why, false).await;
@@ -666,7 +675,19 @@ impl QuoteToOrder {
         }
         let customer = quote.customer.number.clone().unwrap_or_default();
         let order_json = serde_json::to_value(quote.to_sales_order(&customer)).unwrap_or_default();
+        let mut span = self.erp_span(&order.traceparent, "erp create order", &order.id);
+        span.attr("causeway.attempt", attempt);
         let created = tokio::time::timeout(budget, self.adapter.create_order_once(&order_json)).await;
+        match &created {
+            Ok(Ok(erp)) => {
+                span.attr("causeway.erp_order_number", erp.number.clone());
+                span.succeed();
+            }
+            Ok(Err(AdapterError::Throttled(_))) => span.attr("causeway.erp_outcome", "throttled"),
+            Ok(Err(e)) => span.fail(e.to_string()),
+            Err(_) => span.fail("the attempt took longer than half the delivery lease"),
+        }
+        span.end();
         let Ok(created) = created else {
             // Cut off mid-exchange: the ERP may still be creating it. The next attempt finds it,
             // once that request can no longer be under way.
@@ -706,6 +727,16 @@ impl QuoteToOrder {
                 self.retry_later(store, &order, State::Submitted, &e.to_string(), true, Duration::ZERO).await
             }
         }
+    }
+
+    /// A span of an ERP exchange of order `id`, in the trace of the request that submitted it.
+    fn erp_span(&self, traceparent: &str, operation: &'static str, id: &str) -> Span {
+        let mut span = Span::child_of(traceparent, operation, opentelemetry::trace::SpanKind::Client);
+        if span.is_recording() {
+            span.attr("causeway.erp", self.settings.erp.clone());
+            span.attr("causeway.order_id", id.to_string());
+        }
+        span
     }
 
     /// The ERP asked to wait, or its budget could not admit the call in time: try again after
@@ -959,4 +990,15 @@ fn order_view(order: &OrderRecord, history: &[Transition]) -> Value {
     set("reason", order.reason.clone().map(Value::from));
     set("violations", violations);
     view
+}
+
+/// End an ERP exchange's span with its outcome. The ERP asking to wait is not a failure (the
+/// order waits for the budget, README "Process APIs"): the span says so without an error.
+fn end_erp_span<T>(mut span: Span, outcome: &Result<T, AdapterError>) {
+    match outcome {
+        Ok(_) => span.succeed(),
+        Err(AdapterError::Throttled(_)) => span.attr("causeway.erp_outcome", "throttled"),
+        Err(e) => span.fail(e.to_string()),
+    }
+    span.end();
 }

@@ -155,7 +155,7 @@ fn crm() -> Caller {
 }
 
 async fn submit(h: &Harness, key: &str, body: &[u8]) -> Result<(u16, Value), GatewayError> {
-    let reply = h.service.submit(Some(format!("\"{key}\"").as_bytes()), &crm(), body, "corr").await?;
+    let reply = h.service.submit(Some(format!("\"{key}\"").as_bytes()), &crm(), body, "corr", "").await?;
     Ok((reply.status, serde_json::from_slice(&reply.body).unwrap()))
 }
 
@@ -284,7 +284,7 @@ async fn orders_belong_to_their_consumer() {
     assert!(matches!(h.service.order(id, &other).await, Err(GatewayError::OrderNotFound { .. })));
     let ops = Caller { owner: "ops-keys/ops".into(), reads_all: true };
     assert_eq!(h.service.order(id, &ops).await.unwrap().status, 200);
-    let taken = h.service.submit(Some(b"\"ko\""), &other, &quote("OPP-O"), "c").await;
+    let taken = h.service.submit(Some(b"\"ko\""), &other, &quote("OPP-O"), "c", "").await;
     assert!(matches!(taken, Err(GatewayError::OpportunityTaken { .. })), "not a replay of the other's key");
 }
 

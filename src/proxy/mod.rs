@@ -418,7 +418,43 @@ impl ProxyHttp for Gateway {
             .str("correlation_id", &ctx.correlation.correlation_id)
             .str("trace_id", &ctx.correlation.trace_id)
             .write();
+        if crate::observe::traces::enabled() {
+            self.trace_request(session, ctx, status, total);
+        }
         crate::observe::allocator::collect_if_due();
+    }
+}
+
+impl Gateway {
+    /// The gateway's span of this request, with the ids it sent upstream and back to the caller
+    /// (an order's ERP exchanges and deliveries are its children).
+    fn trace_request(&self, session: &Session, ctx: &Ctx, status: u16, seconds: f64) {
+        use crate::observe::traces::{Span, SpanIds};
+        use opentelemetry::trace::{SpanId, SpanKind};
+        let Some(ids) = SpanIds::parse(ctx.correlation.traceparent()) else { return };
+        let parent = ctx.correlation.parent_id.as_deref().and_then(|p| SpanId::from_hex(p).ok());
+        let start = std::time::SystemTime::now() - Duration::from_secs_f64(seconds);
+        let method = session.req_header().method.as_str();
+        let route = ctx.route_name();
+        let name = crate::observe::traces::bounded(&format!("{method} {route}"));
+        let mut span = Span::with_ids(ids, parent, name, SpanKind::Server, start);
+        span.attr("http.request.method", crate::observe::traces::bounded(method));
+        span.attr("url.path", crate::observe::traces::bounded(session.req_header().uri.path()));
+        span.attr("http.response.status_code", i64::from(status));
+        span.attr("http.route", route.to_string());
+        span.attr("causeway.consumer", ctx.consumer.as_ref().map_or("anonymous", |c| &*c.name).to_string());
+        span.attr("causeway.correlation_id", ctx.correlation.correlation_id.clone());
+        if let Some(upstream) = ctx.route.as_ref().map(|r| r.upstream.name.clone()) {
+            span.attr("causeway.upstream", upstream);
+        }
+        if let Some(problem) = ctx.problem {
+            span.attr("causeway.problem", problem.to_string());
+        }
+        // A server span fails on a 5xx (or no answer) only: a 4xx is the caller's.
+        if status >= 500 || status == 0 {
+            span.fail(ctx.problem.unwrap_or("no answer"));
+        }
+        span.end();
     }
 }
 

@@ -159,6 +159,7 @@ impl OrderStore for MemoryStore {
             reason: Some(o.reason.into()),
             violations: o.violations.map(String::from),
             correlation_id: o.correlation_id.into(),
+            traceparent: o.traceparent.into(),
             attempts: 0,
             next_attempt_at: now,
             received_at: now,

@@ -66,6 +66,10 @@ pub struct OrderRecord {
     /// Rule violations (JSON array) when the rules refused the order.
     pub violations: Option<String>,
     pub correlation_id: String,
+    /// The W3C traceparent of the request that submitted it (its gateway span); empty for
+    /// orders of older versions. The ERP exchanges and event deliveries of the order are spans
+    /// of this trace.
+    pub traceparent: String,
     pub attempts: i64,
     pub next_attempt_at: i64,
     pub received_at: i64,
@@ -129,6 +133,7 @@ pub struct NewOrder<'a> {
     pub validated: bool,
     pub violations: Option<&'a str>,
     pub correlation_id: &'a str,
+    pub traceparent: &'a str,
     pub reason: &'a str,
     /// Leased to this process for its first delivery attempt.
     pub lease: Option<Duration>,
@@ -146,6 +151,7 @@ pub(crate) struct OwnedOrder {
     pub validated: bool,
     pub violations: Option<Arc<str>>,
     pub correlation_id: Arc<str>,
+    pub traceparent: Arc<str>,
     pub reason: Arc<str>,
     pub lease: Option<Duration>,
 }
@@ -161,6 +167,7 @@ impl From<NewOrder<'_>> for OwnedOrder {
             validated: o.validated,
             violations: o.violations.map(Into::into),
             correlation_id: o.correlation_id.into(),
+            traceparent: o.traceparent.into(),
             reason: o.reason.into(),
             lease: o.lease,
         }

@@ -18,6 +18,9 @@ pub struct StoredEvent {
     pub time_ms: i64,
     /// The `data` member, JSON.
     pub data: String,
+    /// The order's traceparent (its gateway span), empty when unknown: deliveries are spans of
+    /// the order's trace and carry it as the CloudEvents `traceparent` extension.
+    pub traceparent: String,
 }
 
 /// One subscriber's copy of an event, leased for delivery.

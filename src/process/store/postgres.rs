@@ -93,7 +93,11 @@ pub const MIGRATIONS: &[&[&str]] = &[
     ],
     OUTBOX,
     LIFECYCLE,
+    TRACES,
 ];
+
+/// Orders remember the trace of the request that submitted them.
+const TRACES: &[&str] = &["ALTER TABLE orders ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''"];
 
 /// Order milestones after acceptance (`super::lifecycle`), each writing its event like a state
 /// change does, and the ERP notifications seen.
@@ -257,6 +261,7 @@ fn row_to_order(row: &PgRow) -> Result<OrderRecord, StoreError> {
         reason: row.try_get("reason")?,
         violations: row.try_get("violations")?,
         correlation_id: row.try_get("correlation_id")?,
+        traceparent: row.try_get("traceparent")?,
         attempts: row.try_get("attempts")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
         received_at: row.try_get("received_at")?,
@@ -554,8 +559,9 @@ impl OrderStore for PostgresStore {
                     // row, and no error that would roll back the writes committed with it.
                     let inserted = sqlx::query(
                         "INSERT INTO orders (id, opportunity_id, state, quote, validated, violations, reason,
-                            correlation_id, next_attempt_at, lease_until, received_at, updated_at, owner, lease_owner)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $9, $9, $11, $12)
+                            correlation_id, next_attempt_at, lease_until, received_at, updated_at, owner, lease_owner,
+                            traceparent)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $9, $9, $11, $12, $13)
                          ON CONFLICT DO NOTHING
                          RETURNING *",
                     )
@@ -571,6 +577,7 @@ impl OrderStore for PostgresStore {
                     .bind(o.lease.map_or(0, |l| now + l.as_millis() as i64))
                     .bind(text(&o.owner))
                     .bind(if o.lease.is_some() { &*instance } else { "" })
+                    .bind(text(&o.traceparent))
                     .fetch_optional(&mut **conn)
                     .await?;
                     inserted.as_ref().map(row_to_order).transpose()

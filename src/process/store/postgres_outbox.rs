@@ -78,7 +78,8 @@ impl EventOutbox for PostgresStore {
         }
         let seqs: Vec<i64> = claimed.iter().map(|(s, _)| *s).collect();
         let rows = sqlx::query(
-            "SELECT seq, id, order_id, type, at, data FROM events WHERE seq = ANY($1) ORDER BY seq",
+            "SELECT e.seq, e.id, e.order_id, e.type, e.at, e.data, COALESCE(o.traceparent, '') AS traceparent
+             FROM events e LEFT JOIN orders o ON o.id = e.order_id WHERE e.seq = ANY($1) ORDER BY e.seq",
         )
         .bind(&seqs)
         .fetch_all(self.pool())
@@ -97,6 +98,7 @@ impl EventOutbox for PostgresStore {
                     kind: row.try_get("type")?,
                     time_ms: row.try_get("at")?,
                     data: row.try_get("data")?,
+                    traceparent: row.try_get("traceparent")?,
                 },
             });
         }

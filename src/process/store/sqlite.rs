@@ -191,7 +191,11 @@ const MIGRATIONS: &[&[&str]] = &[
     ],
     OUTBOX,
     LIFECYCLE,
+    TRACES,
 ];
+
+/// Orders remember the trace of the request that submitted them.
+const TRACES: &[&str] = &["ALTER TABLE orders ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''"];
 
 /// Order milestones after acceptance (`super::lifecycle`), each writing its event like a state
 /// change does, and the ERP notifications seen.
@@ -306,6 +310,7 @@ fn row_to_order(row: &rusqlite::Row<'_>) -> Result<OrderRecord, StoreError> {
         reason: row.get("reason")?,
         violations: row.get("violations")?,
         correlation_id: row.get("correlation_id")?,
+        traceparent: row.get("traceparent")?,
         attempts: row.get("attempts")?,
         next_attempt_at: row.get("next_attempt_at")?,
         received_at: row.get("received_at")?,
@@ -588,8 +593,9 @@ impl OrderStore for SqliteStore {
             let inserted = conn
                 .prepare_cached(
                     "INSERT INTO orders (id, opportunity_id, state, quote, validated, violations, reason,
-                        correlation_id, next_attempt_at, lease_until, received_at, updated_at, owner, lease_owner)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9, ?9, ?11, ?12)",
+                        correlation_id, next_attempt_at, lease_until, received_at, updated_at, owner, lease_owner,
+                        traceparent)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9, ?9, ?11, ?12, ?13)",
                 )?
                 .execute(params![
                     &*o.id,
@@ -604,6 +610,7 @@ impl OrderStore for SqliteStore {
                     lease_until,
                     &*o.owner,
                     if o.lease.is_some() { &*instance } else { "" },
+                    &*o.traceparent,
                 ]);
             match inserted {
                 // The row as written: nothing to read back.
@@ -618,6 +625,7 @@ impl OrderStore for SqliteStore {
                     reason: Some(o.reason.to_string()),
                     violations: o.violations.as_deref().map(str::to_owned),
                     correlation_id: o.correlation_id.to_string(),
+                    traceparent: o.traceparent.to_string(),
                     attempts: 0,
                     next_attempt_at: now,
                     received_at: now,

@@ -62,8 +62,10 @@ impl EventOutbox for SqliteStore {
             let claimed: Vec<(i64, i64)> = claim
                 .query_map(params![now, lease, subscriber, limit, instance], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
-            let mut event =
-                conn.prepare_cached("SELECT id, order_id, type, at, data FROM events WHERE seq = ?")?;
+            let mut event = conn.prepare_cached(
+                "SELECT e.id, e.order_id, e.type, e.at, e.data, COALESCE(o.traceparent, '')
+                 FROM events e LEFT JOIN orders o ON o.id = e.order_id WHERE e.seq = ?",
+            )?;
             let mut out = Vec::with_capacity(claimed.len());
             for (seq, attempts) in claimed {
                 let event = event.query_row([seq], |r| {
@@ -74,6 +76,7 @@ impl EventOutbox for SqliteStore {
                         kind: r.get(2)?,
                         time_ms: r.get(3)?,
                         data: r.get(4)?,
+                        traceparent: r.get(5)?,
                     })
                 })?;
                 out.push(Delivery { subscriber: subscriber.clone(), attempts, event });

@@ -87,6 +87,7 @@ fn new_order<'a>(
         validated: true,
         violations: None,
         correlation_id: "c",
+        traceparent: "",
         reason,
         lease,
     }
@@ -297,10 +298,13 @@ fn outbox_order<'a>(
         validated: true,
         violations,
         correlation_id: "corr-1",
+        traceparent: ORDER_TRACE,
         reason: "r",
         lease: None,
     }
 }
+
+const ORDER_TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 async fn moved(s: &impl SuiteStore, id: &str, from: State, to: State, erp: Option<(&str, &str)>) {
     let change = Change { reason: "moved", erp_order: erp, ..Default::default() };
@@ -323,6 +327,8 @@ pub async fn an_orders_events_are_written_with_its_changes_and_leased_strictly_i
     assert_eq!(first[0].event.kind, "order.dead_lettered.v1");
     let data: serde_json::Value = serde_json::from_str(&first[0].event.data).unwrap();
     assert_eq!((data["orderId"].as_str(), data["correlationId"].as_str()), (Some("o-1"), Some("corr-1")));
+    assert_eq!(first[0].event.traceparent, ORDER_TRACE, "a delivery continues the order's trace");
+    assert_eq!(s.order("o-1").await.unwrap().unwrap().traceparent, ORDER_TRACE);
     // A failed attempt due now: still the first event, never the second.
     s.record_attempt("crm", first[0].event.seq, Attempted::RetryAt(0, "500".into())).await.unwrap();
     let again = s.claim_deliveries("crm", 10, lease).await.unwrap();
