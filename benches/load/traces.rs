@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 const GW_TRACES_OFF: u16 = 18190;
 const GW_TRACES_ON: u16 = 18193;
+const GW_TRACES_SAMPLED: u16 = 18196;
 
 /// An OTLP/HTTP collector on a thread per connection: counts the spans of each export.
 fn collector() -> (u16, Arc<AtomicU64>) {
@@ -77,30 +78,35 @@ pub fn run(procs: &mut Procs, work: &Path) {
     let conns = env_num("BENCH_CONNECTIONS", 50);
     let binary = causeway_binary(false).expect("the causeway binary");
     let token = policies::token();
-    let (port, spans) = collector();
-    let traces =
-        format!("traces:\n  endpoint: http://127.0.0.1:{port}/v1/traces\n  flush_interval_ms: 1000\n");
+    let block = |port: u16| {
+        format!("traces:\n  endpoint: http://127.0.0.1:{port}/v1/traces\n  flush_interval_ms: 1000\n")
+    };
+    // One collector per tracing gateway, so each count is that gateway's.
+    let (every_port, every_spans) = collector();
+    let (tenth_port, tenth_spans) = collector();
     let off = policies::gateway_in(&binary, &work.join("traces-off"), GW_TRACES_OFF, false, "");
     procs.add_auth("traces-off", off, GW_TRACES_OFF, &token);
-    let on = policies::gateway_in(&binary, &work.join("traces-on"), GW_TRACES_ON, false, &traces);
+    let on = policies::gateway_in(&binary, &work.join("traces-on"), GW_TRACES_ON, false, &block(every_port));
     procs.add_auth("traces-on", on, GW_TRACES_ON, &token);
+    let sampled = format!("{}  sample_ratio: 0.1\n", block(tenth_port));
+    let tenth = policies::gateway_in(&binary, &work.join("traces-tenth"), GW_TRACES_SAMPLED, false, &sampled);
+    procs.add_auth("traces-tenth", tenth, GW_TRACES_SAMPLED, &token);
     let origin_pid = worker_pid("origin", procs.pid("origin"));
     let targets = [
         ("(a) origin direct", ORIGIN, origin_pid),
         ("(o) traces off", GW_TRACES_OFF, procs.pid("traces-off")),
         ("(t) traces on, every span", GW_TRACES_ON, procs.pid("traces-on")),
+        ("(s) traces on, sample 0.1", GW_TRACES_SAMPLED, procs.pid("traces-tenth")),
     ];
     println!("traces: JWT + rate limit, one thread, wrk -t1 -c{conns} -d{seconds}s, {rounds} alternating rounds; medians");
     let mut results: Vec<Vec<WrkResult>> = targets.iter().map(|_| Vec::new()).collect();
-    let mut traced_requests = 0u64;
+    let mut requests = [0u64; 4];
     for _ in 0..rounds {
         for (i, (_, port, pid)) in targets.iter().enumerate() {
             let auth = (i > 0).then_some(token.as_str());
             let r = wrk_with(*port, *pid, seconds, conns, auth, "/api/v2.0/salesOrders", None);
-            if i == 2 {
-                // wrk's count, as its rate times the run (the warm-up request aside).
-                traced_requests += (r.rps * seconds as f64).round() as u64;
-            }
+            // wrk's count, as its rate times the run (the warm-up request aside).
+            requests[i] += (r.rps * seconds as f64).round() as u64;
             results[i].push(r);
         }
     }
@@ -108,9 +114,12 @@ pub fn run(procs: &mut Procs, work: &Path) {
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let rps: Vec<f64> = targets.iter().zip(&results).map(|((name, ..), rs)| report(name, rs)).collect();
     println!("ratio t/o (traces on / off): {:.3}", rps[2] / rps[1]);
-    let received = spans.load(Ordering::Relaxed);
-    println!(
-        "  (t) spans received by the collector: {received} for {traced_requests} requests ({:.1} %)",
-        100.0 * received as f64 / traced_requests.max(1) as f64
-    );
+    println!("ratio s/o (one trace in ten / off): {:.3}", rps[3] / rps[1]);
+    for (name, counted, n) in [("(t)", &every_spans, requests[2]), ("(s)", &tenth_spans, requests[3])] {
+        let received = counted.load(Ordering::Relaxed);
+        println!(
+            "  {name} spans received by its collector: {received} for {n} requests ({:.1} %)",
+            100.0 * received as f64 / n.max(1) as f64
+        );
+    }
 }
