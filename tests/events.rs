@@ -1108,3 +1108,98 @@ async fn each_order_is_one_trace_with_its_gateway_erp_and_delivery_spans() {
         "{header}"
     );
 }
+
+/// Acceptance 2 as written: the subscriber is down (connections refused) for two minutes while
+/// orders are taken and move through their lifecycle in the ERP, then answers 500s, then
+/// recovers. Every event arrives, each order's in lifecycle order, none sent again once
+/// acknowledged, none dead-lettered (the horizon is longer than the outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_down_two_minutes_then_failing_gets_every_event_once_in_order() {
+    let sandbox = TestSandbox::start(Default::default()).await;
+    let port = free_port();
+    let mut o = sandbox_options(sandbox.url(), FAST);
+    o.main_extra.push_str(&format!(
+        "  changes:\n    notification_url: http://127.0.0.1:{{PROXY_PORT}}/process/v1/erp-notifications\n    client_state_env: ERP_CLIENT_STATE\n\
+         events:\n  subscribers:\n    crm:\n      url: http://127.0.0.1:{port}/hooks\n      secret_env: [CRM_HOOK_SECRET]\n      \
+         backoff_initial_ms: 200\n      backoff_max_ms: 5000\n      dead_letter_after_seconds: 900\n"
+    ));
+    o.env.push(("CRM_HOOK_SECRET".into(), SECRET.into()));
+    o.env.push(("ERP_CLIENT_STATE".into(), CLIENT_STATE.into()));
+    let gw = TestGateway::start(o).await;
+    wait_subscribed(&sandbox, &gw).await;
+    let client = reqwest::Client::new();
+    let outage = Instant::now();
+    let mut numbers = Vec::new();
+    let take = |range: std::ops::Range<usize>| {
+        let (client, gw) = (&client, &gw);
+        async move {
+            let mut taken = Vec::new();
+            for n in range {
+                let resp = submit(client, gw, &format!("out-{n}"), &quote(&format!("006OUT{n:06}"))).await;
+                assert_eq!(resp.status(), 201, "{}", gw.log());
+                taken.push(
+                    resp.json::<Value>().await.unwrap()["erpOrderNumber"].as_str().unwrap().to_string(),
+                );
+            }
+            taken
+        }
+    };
+    numbers.extend(take(0..6).await);
+    for n in &numbers[0..4] {
+        sandbox_control(&sandbox, n, "ship").await;
+    }
+    tokio::time::sleep_until((outage + Duration::from_secs(40)).into()).await;
+    for n in &numbers[0..3] {
+        sandbox_control(&sandbox, n, "invoice").await;
+    }
+    numbers.extend(take(6..9).await);
+    tokio::time::sleep_until((outage + Duration::from_secs(80)).into()).await;
+    for n in &numbers[0..2] {
+        sandbox_control(&sandbox, n, "pay").await;
+    }
+    for n in &numbers[6..8] {
+        sandbox_control(&sandbox, n, "ship").await;
+    }
+    tokio::time::sleep_until((outage + Duration::from_secs(120)).into()).await;
+
+    // Back, but failing: every attempt answered 500 for a while.
+    let subscriber = Subscriber::start_on(port, Duration::ZERO).await;
+    subscriber.status.store(500, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !subscriber.received.lock().unwrap().is_empty(),
+        "retries reach the failing subscriber\n{}",
+        gw.log()
+    );
+    subscriber.status.store(200, Ordering::SeqCst);
+
+    // 9 accepted, 6 shipped, 3 invoices, 2 payments.
+    let expected = 20;
+    subscriber.wait_acknowledged(expected, Duration::from_secs(30), &gw).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = subscriber.acknowledged();
+    let mut once: std::collections::HashMap<String, usize> = Default::default();
+    let mut by_order: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for r in &got {
+        let e = body(r);
+        assert!(verify(SECRET, r), "signed: {e:#}");
+        *once.entry(e["id"].as_str().unwrap().to_string()).or_default() += 1;
+        by_order
+            .entry(e["data"]["erpOrderNumber"].as_str().unwrap().to_string())
+            .or_default()
+            .push(e["type"].as_str().unwrap().to_string());
+    }
+    assert!(once.values().all(|&n| n == 1), "an acknowledged event was sent again: {once:?}");
+    assert_eq!(got.len(), expected, "{by_order:#?}");
+    let lifecycle = ["order.accepted.v1", "order.shipped.v1", "invoice.issued.v1", "payment.received.v1"];
+    for (i, number) in numbers.iter().enumerate() {
+        let reached = match i {
+            0 | 1 => 4,
+            2 => 3,
+            3 | 6 | 7 => 2,
+            _ => 1,
+        };
+        let want: Vec<String> = lifecycle[..reached].iter().map(|s| s.to_string()).collect();
+        assert_eq!(by_order.get(number), Some(&want), "order {number} in lifecycle order\n{by_order:#?}");
+    }
+}
