@@ -213,6 +213,8 @@ pub struct Submitted {
     pub killed_at: usize,
     /// The longest any caller waited for an answer.
     pub longest_wait: Duration,
+    /// When the gateway was SIGKILLed.
+    pub kill_sent_at: Instant,
     /// When the restarted gateway listened again.
     pub restarted_at: Instant,
 }
@@ -267,6 +269,7 @@ pub async fn submit_killing_midway_timed(
         assert!(Instant::now() < deadline, "orders are not being acknowledged:\n{}", gw.log());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let kill_sent_at = Instant::now();
     gw.kill_and_restart().await;
     let restarted_at = Instant::now();
     let killed_at = acknowledged.lock().len();
@@ -276,5 +279,5 @@ pub async fn submit_killing_midway_timed(
     let acknowledged = acknowledged.lock().clone();
     assert_eq!(acknowledged.len(), orders, "every order acknowledged, some after the restart");
     let longest_wait = *longest.lock();
-    Submitted { acknowledged, killed_at, longest_wait, restarted_at }
+    Submitted { acknowledged, killed_at, longest_wait, kill_sent_at, restarted_at }
 }
