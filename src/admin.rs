@@ -1,5 +1,10 @@
 //! Operational listeners: `/healthz` and `/readyz` on the admin listener, Prometheus `/metrics`
 //! on its own, and the background probe that decides readiness.
+//!
+//! Ready means "this replica can take traffic": its configuration is loaded, its order store
+//! answers, and Redis answers where a fail-closed setting needs it. An unreachable ERP is
+//! reported, never a reason to leave rotation: quote-to-order keeps taking orders as `pending`
+//! into its durable queue exactly when the ERP is down.
 
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -17,11 +22,15 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// What `/readyz` reports: the configuration is loaded and every upstream answered the last probe.
+/// What the last probes found; `/readyz` reads it.
 #[derive(Default)]
 pub struct Health {
     /// Upstream name → reachable at the last probe; absent until first probed.
     upstreams: RwLock<BTreeMap<String, bool>>,
+    /// The order store at the last probe (`None`: not probed yet).
+    store: RwLock<Option<Result<(), String>>>,
+    /// Redis at the last probe, when `cluster.redis` is set.
+    redis: RwLock<Option<bool>>,
 }
 
 impl Health {
@@ -29,10 +38,18 @@ impl Health {
         self.upstreams.write().insert(upstream.to_string(), up);
     }
 
-    /// Ready when every configured upstream was reachable at its last probe.
-    fn readiness(&self, config: &Config) -> (bool, serde_json::Value) {
+    pub fn set_store(&self, result: Result<(), String>) {
+        *self.store.write() = Some(result);
+    }
+
+    pub fn set_redis(&self, up: bool) {
+        *self.redis.write() = Some(up);
+    }
+
+    /// Ready when the store (if the process APIs use one) and Redis (if a fail-closed setting
+    /// needs it) answered their last probe; upstreams are reported only.
+    fn readiness(&self, config: &Config, has_store: bool) -> (bool, serde_json::Value) {
         let seen = self.upstreams.read();
-        let mut ready = true;
         let mut upstreams = serde_json::Map::new();
         for name in config.upstreams.keys() {
             let state = match seen.get(name) {
@@ -40,10 +57,29 @@ impl Health {
                 Some(false) => "unreachable",
                 None => "not yet probed",
             };
-            ready &= state == "reachable";
             upstreams.insert(name.clone(), json!(state));
         }
-        (ready, json!({ "config": "loaded", "upstreams": upstreams }))
+        let (store_ok, store) = match (has_store, &*self.store.read()) {
+            (false, _) => (true, json!("not used")),
+            (true, None) => (false, json!("not yet probed")),
+            (true, Some(Ok(()))) => (true, json!("reachable")),
+            (true, Some(Err(e))) => (false, json!(format!("unreachable: {e}"))),
+        };
+        let (redis_ok, redis) = match (config.cluster.redis.is_some(), *self.redis.read()) {
+            (false, _) => (true, json!("not used")),
+            (true, Some(true)) => (true, json!("reachable")),
+            // Budgets and limits fall back to their local share: still ready, but say so.
+            (true, up) if !config.cluster.redis_required => (
+                true,
+                json!(if up.is_none() { "not yet probed" } else { "unreachable (local fallback in force)" }),
+            ),
+            (true, None) => (false, json!("not yet probed")),
+            (true, Some(false)) => {
+                (false, json!("unreachable (a when_redis_unavailable: closed setting needs it)"))
+            }
+        };
+        let checks = json!({ "config": "loaded", "store": store, "redis": redis, "upstreams": upstreams });
+        (store_ok && redis_ok, checks)
     }
 }
 
@@ -88,9 +124,9 @@ impl ServeHttp for AdminApp {
         match path.as_str() {
             "/healthz" => json_response(200, "application/json", br#"{"status":"ok"}"#.to_vec()),
             "/readyz" => {
-                let (ready, mut body) = self.health.readiness(&self.config.load());
+                let (ready, mut body) = self.health.readiness(&self.config.load(), self.process.is_some());
                 if !ready {
-                    return problem(&GatewayError::NotReady { upstreams: body["upstreams"].take() }, &path);
+                    return problem(&GatewayError::NotReady { checks: body }, &path);
                 }
                 body["status"] = json!("ready");
                 json_response(200, "application/json", body.to_string().into_bytes())
@@ -320,23 +356,55 @@ impl ServeHttp for MetricsApp {
     }
 }
 
-/// Probes every upstream with a TCP connect on an interval; drives `/readyz` and `causeway_upstream_up`.
+/// Probes on an interval: every upstream with a TCP connect (`causeway_upstream_up`, reported
+/// by `/readyz`), the order store and Redis (which decide `/readyz`).
 pub struct UpstreamProbe {
     pub config: Arc<ArcSwap<Config>>,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
+    pub process: Option<Arc<crate::process::service::QuoteToOrder>>,
 }
+
+/// A store or Redis that does not answer a trivial call within this is unreachable.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[async_trait]
 impl BackgroundService for UpstreamProbe {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         loop {
             let config = self.config.load_full();
-            for upstream in config.upstreams.values() {
-                let connect = tokio::net::TcpStream::connect(upstream.address);
-                let up = matches!(tokio::time::timeout(upstream.connect_timeout, connect).await, Ok(Ok(_)));
+            let upstreams =
+                futures_util::future::join_all(config.upstreams.values().map(|upstream| async move {
+                    let connect = tokio::net::TcpStream::connect(upstream.address);
+                    (
+                        upstream,
+                        matches!(tokio::time::timeout(upstream.connect_timeout, connect).await, Ok(Ok(_))),
+                    )
+                }));
+            let store = async {
+                let service = self.process.as_ref()?;
+                Some(match tokio::time::timeout(PROBE_TIMEOUT, service.ping_store()).await {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+                })
+            };
+            let redis = async {
+                let link = config.cluster.redis.as_ref()?;
+                Some(matches!(tokio::time::timeout(PROBE_TIMEOUT, link.ping()).await, Ok(Ok(()))))
+            };
+            let (upstreams, store, redis) = tokio::join!(upstreams, store, redis);
+            for (upstream, up) in upstreams {
                 self.health.set(&upstream.name, up);
                 self.metrics.upstream_up.with_label_values(&[upstream.name.as_str()]).set(i64::from(up));
+            }
+            if let Some(result) = store {
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, "order store unreachable: /readyz answers 503");
+                }
+                self.health.set_store(result);
+            }
+            if let Some(up) = redis {
+                self.health.set_redis(up);
             }
             tokio::select! {
                 _ = tokio::time::sleep(config.health_probe_interval) => {}

@@ -25,6 +25,14 @@ pub enum GatewayError {
     UpstreamTimeout { upstream: String },
     #[error("upstream {upstream} sent an invalid response")]
     UpstreamProtocol { upstream: String },
+    /// TLS with the ERP failed: its certificate is not trusted, does not name it, or it
+    /// refused the gateway's client certificate.
+    #[error("TLS with upstream {upstream} failed: {detail}")]
+    UpstreamTls { upstream: String, detail: String },
+    #[error("CORS: {detail}")]
+    CorsRefused { detail: String },
+    #[error("client address {ip} not allowed")]
+    IpNotAllowed { ip: String },
     #[error("bad request: {detail}")]
     BadRequest { detail: String },
     /// `reason` is a stable code (a metrics label too), `description` says it in words.
@@ -110,7 +118,7 @@ pub enum GatewayError {
     #[error("no such path on this listener")]
     UnknownOperationsPath { listener: &'static str },
     #[error("not ready")]
-    NotReady { upstreams: serde_json::Value },
+    NotReady { checks: serde_json::Value },
     #[error("internal error")]
     Internal,
 }
@@ -205,6 +213,8 @@ impl GatewayError {
             GatewayError::MethodNotAllowed { .. } => 405,
             GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamProtocol { .. } => 502,
             GatewayError::UpstreamTimeout { .. } => 504,
+            GatewayError::UpstreamTls { .. } => 502,
+            GatewayError::CorsRefused { .. } | GatewayError::IpNotAllowed { .. } => 403,
             GatewayError::BadRequest { .. } | GatewayError::InvalidJson { .. } => 400,
             GatewayError::ValidationFailed { .. } | GatewayError::RequestUnmappable { .. } => 422,
             GatewayError::ResponseUnmappable { .. } => 502,
@@ -279,6 +289,11 @@ impl GatewayError {
                 ("upstream-unreachable", "The ERP could not be reached")
             }
             GatewayError::UpstreamTimeout { .. } => ("upstream-timeout", "The ERP did not answer in time"),
+            GatewayError::UpstreamTls { .. } => {
+                ("upstream-tls-failed", "The ERP's TLS certificate could not be verified")
+            }
+            GatewayError::CorsRefused { .. } => ("cors-refused", "Not allowed from this browser origin"),
+            GatewayError::IpNotAllowed { .. } => ("ip-not-allowed", "Not allowed from this address"),
             GatewayError::UpstreamProtocol { .. } => {
                 ("upstream-invalid-response", "The ERP sent an invalid response")
             }
@@ -382,6 +397,15 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { upstream } => format!(
                 "The ERP `{upstream}` did not answer within the route's timeout. A write may or may not have been applied: check before retrying, or use an idempotent process API."
             ),
+            GatewayError::UpstreamTls { upstream, detail } => format!(
+                "The gateway could not establish TLS with the ERP `{upstream}` ({detail}), so nothing was sent to it. An operator must fix `upstreams.{upstream}.tls` (ca_file for a private CA, sni, client_cert/client_key) or the ERP's certificate; retrying will not help until then."
+            ),
+            GatewayError::CorsRefused { detail } => format!(
+                "{detail}. Browser callers are accepted from the origins, methods and headers the route's cors policy lists; ask the API's owner to add yours."
+            ),
+            GatewayError::IpNotAllowed { ip } => format!(
+                "This route does not accept requests from {ip}. Call from an allowed network, or ask the API's owner to allow yours."
+            ),
             GatewayError::UpstreamProtocol { upstream } => format!(
                 "The ERP `{upstream}` closed the connection or answered with an invalid response. Retry later."
             ),
@@ -412,7 +436,7 @@ impl GatewayError {
                 "metrics" => "This listener serves /metrics only.".into(),
                 _ => "This listener serves /healthz, /readyz, /admin/reload, /admin/budgets[/{upstream}[/resume]] and /admin/dead-letters[/{id}]/replay.".into(),
             },
-            GatewayError::NotReady { .. } => "An upstream did not answer the last reachability probe; see `upstreams`. Traffic to it would fail with 502.".into(),
+            GatewayError::NotReady { .. } => "This replica cannot take traffic: what `checks` names as unreachable (the order store, or Redis where a fail-closed setting needs it) did not answer the last probe. A load balancer should send requests to other replicas until it does.".into(),
             GatewayError::UnsupportedMediaType { found } => format!(
                 "This route reads a JSON body, but the request's Content-Type is {}. Send the body with Content-Type: application/json.",
                 found.as_deref().map_or("missing".to_string(), |f| format!("`{f}`"))
@@ -507,9 +531,7 @@ impl GatewayError {
             GatewayError::QuoteRejected { violations } => p.member("violations", json!(violations)),
             GatewayError::ErpRejected { message, .. } => p.member("erp_message", json!(message)),
             GatewayError::InvalidConfiguration { diagnostics } => p.member("diagnostics", json!(diagnostics)),
-            GatewayError::NotReady { upstreams } => {
-                p.member("upstreams", upstreams.clone()).member("config", json!("loaded"))
-            }
+            GatewayError::NotReady { checks } => p.member("checks", checks.clone()),
             _ => p,
         };
         for (name, value) in self.headers() {
@@ -603,6 +625,9 @@ mod tests {
             GatewayError::UpstreamUnreachable { upstream: s() },
             GatewayError::UpstreamTimeout { upstream: s() },
             GatewayError::UpstreamProtocol { upstream: s() },
+            GatewayError::UpstreamTls { upstream: s(), detail: s() },
+            GatewayError::CorsRefused { detail: s() },
+            GatewayError::IpNotAllowed { ip: s() },
             GatewayError::BadRequest { detail: s() },
             GatewayError::Unauthenticated {
                 reason: "missing",
@@ -648,7 +673,7 @@ mod tests {
             GatewayError::ChangeBacklogFull,
             GatewayError::BudgetNotFound { upstream: s() },
             GatewayError::UnknownOperationsPath { listener: "admin" },
-            GatewayError::NotReady { upstreams: json!({}) },
+            GatewayError::NotReady { checks: json!({}) },
             GatewayError::Internal,
         ];
         for e in &all {
@@ -659,6 +684,9 @@ mod tests {
                 | GatewayError::UpstreamUnreachable { .. }
                 | GatewayError::UpstreamTimeout { .. }
                 | GatewayError::UpstreamProtocol { .. }
+                | GatewayError::UpstreamTls { .. }
+                | GatewayError::CorsRefused { .. }
+                | GatewayError::IpNotAllowed { .. }
                 | GatewayError::BadRequest { .. }
                 | GatewayError::Unauthenticated { .. }
                 | GatewayError::Forbidden { .. }

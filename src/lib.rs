@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod changes;
 pub mod config;
+pub mod edge;
 pub mod erp;
 pub mod error;
 pub mod events;

@@ -33,6 +33,24 @@ enum Command {
     Check {
         #[arg(long, short = 'c', default_value = ".")]
         config: PathBuf,
+        /// For a pipeline without the production environment: no DNS lookups, and unset
+        /// environment variables (and missing certificate files) are warnings.
+        #[arg(long)]
+        offline: bool,
+        /// Print the effective configuration (environment expanded, defaults filled in,
+        /// secrets masked) after checking it.
+        #[arg(long)]
+        print: bool,
+    },
+    /// Ask a running gateway's admin listener whether it is ready (`/readyz`); exits 0 when it
+    /// is. For container health checks, which have no curl.
+    Health {
+        /// The admin listener, e.g. 127.0.0.1:9090.
+        #[arg(long, default_value = "127.0.0.1:9090", env = "CAUSEWAY_ADMIN_ADDRESS")]
+        admin: String,
+        /// `/healthz` (the process answers) instead of `/readyz`.
+        #[arg(long)]
+        live: bool,
     },
     /// Bring the order store's schema (SQLite or PostgreSQL, as configured) up to date, then
     /// exit; `serve` does the same at start. Safe to run while replicas run.
@@ -65,6 +83,80 @@ enum Command {
     },
 }
 
+fn check(config: &std::path::Path, offline: bool, print: bool) -> ExitCode {
+    let env = |name: &str| std::env::var(name).ok();
+    let (errors, warnings, summary) = if offline {
+        let checked = causeway::config::check_offline(config, &env);
+        (checked.errors, checked.warnings, checked.summary)
+    } else {
+        match causeway::config::load(config) {
+            Ok(c) => {
+                (Default::default(), c.warnings.clone(), Some((c.router.routes().len(), c.upstreams.len())))
+            }
+            Err(diags) => (diags, Vec::new(), None),
+        }
+    };
+    for w in &warnings {
+        eprintln!("{w}");
+    }
+    if !errors.0.is_empty() {
+        eprint!("{errors}");
+        eprintln!("{}: {} problem(s) found", config.display(), errors.0.len());
+        return ExitCode::FAILURE;
+    }
+    if print {
+        match causeway::config::print::effective(config, &env) {
+            Ok(text) => println!("{text}"),
+            Err(diags) => {
+                eprint!("{diags}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let what = summary.map_or(String::new(), |(r, u)| format!(" ({r} routes, {u} upstreams)"));
+    let mode = if offline { ", offline" } else { "" };
+    let ok = format!("{}: configuration OK{what}{mode}; {} warning(s)", config.display(), warnings.len());
+    // With --print, stdout is the configuration alone.
+    if print {
+        eprintln!("{ok}");
+    } else {
+        println!("{ok}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// One HTTP/1.1 GET to the admin listener, with a bounded wait: a container's health check.
+fn health(admin: &str, live: bool) -> ExitCode {
+    use std::io::{Read, Write};
+    let path = if live { "/healthz" } else { "/readyz" };
+    let timeout = std::time::Duration::from_secs(3);
+    let answer = (|| -> std::io::Result<String> {
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(admin)?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address"))?;
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        stream.take(64 * 1024).read_to_string(&mut text)?;
+        Ok(text)
+    })();
+    match answer {
+        Ok(text) if text.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(text) => {
+            eprintln!("causeway health: {}", text.lines().next().unwrap_or("no answer"));
+            if let Some((_, body)) = text.split_once("\r\n\r\n") {
+                eprintln!("{body}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("causeway health: {admin}{path}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     causeway::observe::allocator::spawn_collector();
     causeway::server::init_process();
@@ -78,22 +170,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check { config } => match causeway::config::load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: configuration OK ({} routes, {} upstreams)",
-                    config.display(),
-                    c.router.routes().len(),
-                    c.upstreams.len()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(diags) => {
-                eprint!("{diags}");
-                eprintln!("{}: {} problem(s) found", config.display(), diags.0.len());
-                ExitCode::FAILURE
-            }
-        },
+        Command::Check { config, offline, print } => check(&config, offline, print),
+        Command::Health { admin, live } => health(&admin, live),
         Command::Migrate { config } => {
             let loaded = match causeway::config::load(&config) {
                 Ok(c) => c,

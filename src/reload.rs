@@ -39,7 +39,8 @@ impl Reloader {
         match loaded {
             Ok(new) => {
                 let old = self.config.load();
-                if new.listen.proxy != old.listen.proxy || new.threads != old.threads {
+                if new.listen.proxy_addresses() != old.listen.proxy_addresses() || new.threads != old.threads
+                {
                     tracing::warn!("listen addresses and threads change only on restart or graceful upgrade");
                 }
                 if new.traces != old.traces {
@@ -47,6 +48,11 @@ impl Reloader {
                 }
                 let summary =
                     format!("{} routes, {} upstreams", new.router.routes().len(), new.upstreams.len());
+                // Certificates re-read from their files serve the next handshakes.
+                self.state.apply_tls(&new.listen);
+                for warning in &new.warnings {
+                    tracing::warn!("{warning}");
+                }
                 self.config.store(Arc::new(new));
                 tracing::info!(trigger, %summary, "configuration reloaded");
                 Ok(summary)
@@ -77,7 +83,22 @@ fn is_config_path(dir: &std::path::Path, path: &std::path::Path) -> bool {
     }
 }
 
-/// Watches the configuration directory and SIGHUP.
+/// Certificate files of the TLS listeners, and the directories holding them outside the
+/// configuration directory: a renewed certificate (cert-manager, certbot, a Kubernetes secret
+/// swapped by rename) reloads the configuration, whose new certificates serve new handshakes.
+fn certificate_paths(config: &Config) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let files: Vec<PathBuf> = config.listen.tls.iter().flat_map(|t| t.files.iter().cloned()).collect();
+    let mut dirs: Vec<PathBuf> = files
+        .iter()
+        .filter_map(|f| f.parent().map(|p| p.to_path_buf()))
+        .filter(|d| *d != config.dir)
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    (files, dirs)
+}
+
+/// Watches the configuration directory, the certificates' directories and SIGHUP.
 pub struct ReloadTriggers(pub Arc<Reloader>);
 
 #[async_trait]
@@ -86,9 +107,15 @@ impl BackgroundService for ReloadTriggers {
         use notify::{RecursiveMode, Watcher};
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
         let dir = self.0.dir.clone();
+        let (cert_files, cert_dirs) = certificate_paths(&self.0.config.load());
+        let watched_dirs = cert_dirs.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let relevant =
-                event.is_ok_and(|e| !e.kind.is_access() && e.paths.iter().any(|p| is_config_path(&dir, p)));
+            let certificate = |p: &std::path::Path| {
+                cert_files.iter().any(|f| f == p) || p.parent().is_some_and(|d| watched_dirs.iter().any(|w| w == d))
+            };
+            let relevant = event.is_ok_and(|e| {
+                !e.kind.is_access() && e.paths.iter().any(|p| is_config_path(&dir, p) || certificate(p))
+            });
             if relevant {
                 let _ = tx.try_send(());
             }
@@ -101,6 +128,11 @@ impl BackgroundService for ReloadTriggers {
                 let path = self.0.dir.join(sub);
                 if path.is_dir() {
                     w.watch(&path, RecursiveMode::Recursive)?;
+                }
+            }
+            for cert_dir in cert_dirs.iter().filter(|d| !d.starts_with(self.0.dir.join("policies"))) {
+                if let Err(e) = w.watch(cert_dir, RecursiveMode::NonRecursive) {
+                    tracing::warn!(error = %e, dir = %cert_dir.display(), "cannot watch a certificate directory; reload with SIGHUP or POST /admin/reload after renewing");
                 }
             }
             Ok(w)

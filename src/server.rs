@@ -53,7 +53,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let grace = config.shutdown_grace;
     let config = Arc::new(ArcSwap::from_pointee(config));
     let metrics = Metrics::global().clone();
-    let reloader = Arc::new(Reloader::new(args.config_dir.clone(), config.clone(), state));
+    let reloader = Arc::new(Reloader::new(args.config_dir.clone(), config.clone(), state.clone()));
     let admin_token = std::env::var("CAUSEWAY_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
     let health = Arc::new(Health::default());
     let in_flight = Arc::new(InFlight::default());
@@ -68,7 +68,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: format!(
             "/tmp/causeway-upgrade-{}.sock",
-            listen.proxy.replace([':', '.', '[', ']'], "_")
+            listen.proxy_addresses().first().copied().unwrap_or("proxy").replace([':', '.', '[', ']'], "_")
         ),
         ..ServerConf::default()
     };
@@ -91,10 +91,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // CONNECT reaches the router, which answers it with a 405 problem like any method no
         // route takes (pingora alone answers a bare 405); nothing is ever tunnelled.
         options.allow_connect_method_proxying = true;
+        options.h2c = listen.h2c;
         app.server_options = Some(options);
+        app.h2_options = Some(h2_options(&listen));
     }
-    let buffers = L4BufferSettings { read: Some(listen.read_buffer_bytes), write: None };
-    proxy.add_listener(ListenerConfig::tcp(listen.proxy.clone()).l4_buffer(buffers));
+    for listener in proxy_listeners(&listen, &state)? {
+        proxy.add_listener(listener);
+    }
 
     let mut admin = Service::new(
         "causeway admin".into(),
@@ -115,7 +118,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     metrics_service.add_tcp(&listen.metrics);
     metrics_service.threads = Some(1);
     let events = config.load().events.clone();
-    let mut probe = background_service("upstream probe", UpstreamProbe { config, health, metrics });
+    let mut probe = background_service(
+        "readiness probe",
+        UpstreamProbe { config, health, metrics, process: process.clone() },
+    );
     probe.threads = Some(1);
 
     server.add_service(proxy);
@@ -132,6 +138,63 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::observe::traces::shutdown();
     logging::flush();
     Ok(())
+}
+
+/// The proxy's listeners: the plain one and each TLS one, with the PROXY protocol where asked.
+fn proxy_listeners(
+    listen: &crate::config::Listen,
+    state: &SharedState,
+) -> anyhow::Result<Vec<ListenerConfig>> {
+    use crate::edge::proxy_protocol::ProxyProtocol;
+    use crate::edge::tls::IdentityRecorder;
+    use pingora::listeners::tls::TlsSettings;
+    let buffers = L4BufferSettings { read: Some(listen.read_buffer_bytes), write: None };
+    let proxy_protocol = |on: bool, listener: ListenerConfig| {
+        if !on {
+            return listener;
+        }
+        let reader =
+            ProxyProtocol { trusted: listen.trusted_proxies.clone(), timeout: listen.client_header_timeout };
+        listener.pre_handshake(Arc::new(reader))
+    };
+    let mut out = Vec::new();
+    if let Some(addr) = &listen.proxy {
+        out.push(proxy_protocol(listen.proxy_protocol, ListenerConfig::tcp(addr.clone()).l4_buffer(buffers)));
+    }
+    for tls in &listen.tls {
+        let runtime =
+            state.listener_tls(tls).map_err(|e| anyhow::anyhow!("TLS listener {}: {e}", tls.address))?;
+        let mut settings = match &runtime.verifier {
+            Some(verifier) => {
+                TlsSettings::with_callbacks(Box::new(IdentityRecorder { verifier: verifier.clone() }))?
+            }
+            None => TlsSettings::intermediate("", "")?,
+        };
+        settings.set_cert_resolver(runtime.resolver.clone());
+        if let Some(verifier) = &runtime.verifier {
+            settings.set_client_cert_verifier(verifier.clone());
+        }
+        settings.set_alpn(if tls.http2 {
+            pingora::protocols::ALPN::H2H1
+        } else {
+            pingora::protocols::ALPN::H1
+        });
+        let listener = ListenerConfig::tcp(tls.address.clone()).tls(settings).l4_buffer(buffers);
+        out.push(proxy_protocol(tls.proxy_protocol, listener));
+    }
+    Ok(out)
+}
+
+/// HTTP/2 toward callers: the same header bounds as HTTP/1, a bounded number of streams per
+/// connection, and h2's defences against streams reset faster than they are served (the
+/// rapid-reset flood of CVE-2023-44487 gets a GOAWAY).
+fn h2_options(listen: &crate::config::Listen) -> pingora::protocols::http::v2::server::H2Options {
+    let mut options = pingora::protocols::http::v2::server::default_h2_options();
+    options.max_header_list_size(listen.max_header_bytes as u32);
+    options.max_concurrent_streams(128);
+    options.max_pending_accept_reset_streams(20);
+    options.max_local_error_reset_streams(Some(256));
+    options
 }
 
 /// What every command needs before it does anything: one crypto provider for jsonwebtoken and
@@ -233,9 +296,11 @@ fn start_sandbox(config: &Config, upgrade: bool) -> anyhow::Result<Option<String
 
 fn print_banner(config: &Config, sandbox: Option<&str>) {
     let routes: Vec<&str> = config.router.routes().iter().map(|r| r.name.as_str()).collect();
+    let mut listeners: Vec<String> = config.listen.proxy.iter().map(|a| format!("http://{a}")).collect();
+    listeners.extend(config.listen.tls.iter().map(|t| format!("https://{}", t.address)));
     eprintln!(
-        "causeway: proxy on http://{} ({} routes: {})",
-        config.listen.proxy,
+        "causeway: proxy on {} ({} routes: {})",
+        listeners.join(" and "),
         routes.len(),
         routes.join(", ")
     );
@@ -248,7 +313,14 @@ fn print_banner(config: &Config, sandbox: Option<&str>) {
             "causeway: ERP sandbox (Business Central API v2.0) on http://{addr}, stats at /sandbox/stats"
         );
     }
-    eprintln!("causeway: try  curl -s http://{}/erp/v2/customers?\\$top=2", config.listen.proxy);
+    if let Some(first) = listeners.first() {
+        eprintln!(
+            "causeway: try  curl -s -H 'x-api-key: demo-erp-read-key' '{first}/erp/v2/customers?$top=2'"
+        );
+    }
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
 }
 
 /// SIGTERM: stop accepting, let in-flight requests finish, exit as soon as none are left or the

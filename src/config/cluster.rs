@@ -3,7 +3,7 @@
 //! The combinations that cannot keep the gateway's promises are refused here, at load.
 
 use super::spec::{MainSpec, StoreBackend, Synchronous};
-use super::{env, Diagnostics};
+use super::Diagnostics;
 use crate::policy::shared::{RedisLink, RedisSettings};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,13 +39,15 @@ impl StoreSettings {
 pub struct ClusterSettings {
     pub replicas: u32,
     pub redis: Option<Arc<RedisLink>>,
+    /// A budget or limit refuses requests while Redis is away (`when_redis_unavailable:
+    /// closed`): then this replica is not ready without Redis.
+    pub redis_required: bool,
 }
 
 pub(super) fn compile_store(
     file: &Path,
     dir: &Path,
     main: &MainSpec,
-    env: &dyn Fn(&str) -> Option<String>,
     diags: &mut Diagnostics,
 ) -> Option<StoreSettings> {
     let store = &main.store;
@@ -81,13 +83,7 @@ pub(super) fn compile_store(
                 diags.file(file, "store: `backend: postgres` needs `url:` (e.g. `${CAUSEWAY_DATABASE_URL}`, postgres://user@host:5432/db)");
                 return None;
             };
-            let expanded = match env::expand(&url.value, env) {
-                Ok(v) => v,
-                Err(e) => {
-                    diags.at(file, url, format!("store.url: {e}"));
-                    return None;
-                }
-            };
+            let expanded = url.value.clone();
             if !(expanded.starts_with("postgres://") || expanded.starts_with("postgresql://")) {
                 diags.at(file, url, "store.url must start with postgres:// or postgresql://".to_string());
                 return None;
@@ -110,12 +106,11 @@ pub(super) fn compile_store(
 pub(super) fn compile_cluster(
     file: &Path,
     main: &MainSpec,
-    env: &dyn Fn(&str) -> Option<String>,
     current: Option<Arc<RedisLink>>,
     diags: &mut Diagnostics,
 ) -> Option<ClusterSettings> {
     let Some(spec) = &main.cluster else {
-        return Some(ClusterSettings { replicas: 1, redis: None });
+        return Some(ClusterSettings { replicas: 1, redis: None, redis_required: false });
     };
     let replicas = spec.replicas.value;
     if replicas == 0 || replicas > 64 {
@@ -137,15 +132,9 @@ pub(super) fn compile_cluster(
                 "cluster.replicas: each replica would spend the whole ERP budget; set `cluster.redis` so the replicas share it".to_string(),
             );
         }
-        return Some(ClusterSettings { replicas, redis: None });
+        return Some(ClusterSettings { replicas, redis: None, redis_required: false });
     };
-    let url = match env::expand(&redis.url.value, env) {
-        Ok(v) => v,
-        Err(e) => {
-            diags.at(file, &redis.url, format!("cluster.redis.url: {e}"));
-            return None;
-        }
-    };
+    let url = redis.url.value.clone();
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
         diags.at(file, &redis.url, "cluster.redis.url must start with redis:// or rediss://".to_string());
         return None;
@@ -171,10 +160,10 @@ pub(super) fn compile_cluster(
         replicas,
     };
     if let Some(link) = current.filter(|l| *l.settings() == settings) {
-        return Some(ClusterSettings { replicas, redis: Some(link) });
+        return Some(ClusterSettings { replicas, redis: Some(link), redis_required: false });
     }
     match RedisLink::new(settings) {
-        Ok(link) => Some(ClusterSettings { replicas, redis: Some(link) }),
+        Ok(link) => Some(ClusterSettings { replicas, redis: Some(link), redis_required: false }),
         Err(e) => {
             diags.at(file, &redis.url, e);
             None

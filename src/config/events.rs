@@ -3,7 +3,7 @@
 
 use super::Diagnostics;
 use base64::Engine;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,7 +26,7 @@ const DEFAULT_SALESFORCE_API: &str = "v62.0";
 /// The CloudEvents `source` when `events.source` is not set.
 const DEFAULT_SOURCE: &str = "/causeway/process/v1/orders";
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsSpec {
     /// The CloudEvents `source` attribute of every event.
@@ -35,7 +35,7 @@ pub struct EventsSpec {
     pub subscribers: BTreeMap<String, Spanned<SubscriberSpec>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriberSpec {
     /// A webhook: where events are POSTed (http:// or https://).
@@ -67,7 +67,7 @@ pub struct SubscriberSpec {
 
 /// `salesforce:` of a subscriber: the org, the connected app's client-credentials flow, the
 /// Opportunity fields written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SalesforceSpec {
     /// The org's My Domain URL, e.g. `https://acme.my.salesforce.com`.
@@ -82,7 +82,7 @@ pub struct SalesforceSpec {
 }
 
 /// `nats:` of a subscriber: the server, the stream (one per environment) and the subjects.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsSpec {
     /// `nats://host:port` (or `tls://`).
@@ -97,7 +97,7 @@ pub struct NatsSpec {
 }
 
 /// The Opportunity fields the write-back sets (custom fields the org defines).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpportunityFields {
     pub erp_order_number: String,

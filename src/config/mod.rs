@@ -5,9 +5,13 @@
 //! that the proxy runs on. `causeway check` and `causeway serve` run the same function.
 
 mod cluster;
+pub mod edge_policies;
 mod env;
 pub mod events;
+mod interpolate;
+pub mod listen;
 pub mod policies;
+pub mod print;
 mod process;
 mod router;
 mod routes;
@@ -15,8 +19,11 @@ pub mod rules;
 pub mod spec;
 mod traces;
 mod upstream;
+pub mod upstream_tls;
 
 pub use cluster::{ClusterSettings, StoreSettings};
+pub use env::Env;
+pub use listen::{Listen, TlsListener};
 use process::{compile_process, load_process_rules};
 pub use process::{
     AdapterSettings, ChangeSettings, NotificationSettings, ProcessSettings, TrytonSettings,
@@ -107,9 +114,36 @@ pub struct SharedState {
     auth_failures: parking_lot::Mutex<Option<Arc<FailureLimiter>>>,
     /// The Redis link of `cluster.redis`, when replicas share budgets and limits.
     redis: parking_lot::Mutex<Option<Arc<RedisLink>>>,
+    /// TLS listeners by address: their certificates change in place on reload.
+    tls: parking_lot::Mutex<HashMap<String, crate::edge::tls::ListenerTls>>,
 }
 
 impl SharedState {
+    /// The TLS state of a listener, built the first time it is asked for (at start).
+    pub fn listener_tls(&self, listener: &TlsListener) -> Result<crate::edge::tls::ListenerTls, String> {
+        let mut all = self.tls.lock();
+        if let Some(existing) = all.get(&listener.address) {
+            return Ok(existing.clone());
+        }
+        let created =
+            crate::edge::tls::ListenerTls::new(listener.certificates.clone(), listener.client_auth.clone())?;
+        all.insert(listener.address.clone(), created.clone());
+        Ok(created)
+    }
+
+    /// A reloaded configuration's certificates, for the next handshakes of running listeners.
+    pub fn apply_tls(&self, listen: &Listen) {
+        let all = self.tls.lock();
+        for listener in &listen.tls {
+            match all.get(&listener.address) {
+                Some(running) => running.update(listener.certificates.clone(), listener.client_auth.as_ref()),
+                None => {
+                    tracing::warn!(address = %listener.address, "a new TLS listener takes a restart or graceful upgrade")
+                }
+            }
+        }
+    }
+
     /// The budget of `upstream`, with `params` applied (a reload changes limits in place): in
     /// memory for one node, in Redis when `cluster.redis` is set (chosen when first built; a
     /// change of `cluster:` takes a restart).
@@ -211,17 +245,8 @@ pub struct Config {
     pub cluster: ClusterSettings,
     /// Refuses client addresses that keep failing authentication (`None`: off).
     pub auth_failures: Option<Arc<FailureLimiter>>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Listen {
-    pub proxy: String,
-    pub admin: String,
-    pub metrics: String,
-    pub read_buffer_bytes: usize,
-    pub client_header_timeout: Duration,
-    pub max_header_bytes: usize,
-    pub max_header_fields: usize,
+    /// What the load found worth saying without refusing the configuration.
+    pub warnings: Vec<Diagnostic>,
 }
 
 #[derive(Debug, Clone)]
@@ -246,28 +271,108 @@ pub fn load_with_state(
     env: &dyn Fn(&str) -> Option<String>,
     state: &SharedState,
 ) -> Result<Config, Diagnostics> {
+    let env = Env::new(env, false);
+    let (loaded, warnings) = settle_unset(&env, load_in(dir, &env, state));
+    loaded.map(|config| Config { warnings, ..config })
+}
+
+/// Report each unset variable where the files reference it (an error, or offline a warning),
+/// instead of what failed only because its value was missing.
+fn settle_unset(
+    env: &Env,
+    loaded: Result<Config, Diagnostics>,
+) -> (Result<Config, Diagnostics>, Vec<Diagnostic>) {
+    let mut warnings = env.warnings();
+    let unset = env.unset();
+    if unset.is_empty() {
+        return (loaded, warnings);
+    }
+    let mut unset_lines = std::collections::HashSet::new();
+    let mut reported = Vec::new();
+    for name in &unset {
+        for (file, line, column) in env.references(name) {
+            unset_lines.insert((file.clone(), line));
+            let message = if env.offline() {
+                format!("warning: environment variable {name} is not set; what depends on it is checked when it is")
+            } else {
+                env::unset_message(name)
+            };
+            reported.push(Diagnostic { file, line, column, message });
+        }
+    }
+    let others = match loaded {
+        Ok(config) if env.offline() => {
+            warnings.extend(reported);
+            return (Ok(config), warnings);
+        }
+        Ok(_) => Vec::new(),
+        Err(diags) => diags.0,
+    };
+    let (dependent, independent): (Vec<_>, Vec<_>) =
+        others.into_iter().partition(|d| unset_lines.contains(&(d.file.clone(), d.line)));
+    if env.offline() {
+        warnings.extend(reported);
+        warnings.extend(dependent.into_iter().map(|d| Diagnostic {
+            message: format!("warning: not checked without its environment variable: {}", d.message),
+            ..d
+        }));
+        return (Err(Diagnostics(independent)), warnings);
+    }
+    let mut errors = reported;
+    errors.extend(independent);
+    errors.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+    (Err(Diagnostics(errors)), warnings)
+}
+
+/// What `causeway check --offline` found: the configuration is valid (`errors` is empty) as far
+/// as it can be told without the production environment: no DNS, and unset variables (with the
+/// lines that depend on them) reported as `warnings`.
+pub struct OfflineCheck {
+    pub errors: Diagnostics,
+    pub warnings: Vec<Diagnostic>,
+    /// Routes and upstreams, when the configuration compiled.
+    pub summary: Option<(usize, usize)>,
+}
+
+pub fn check_offline(dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> OfflineCheck {
+    let env = Env::new(env, true);
+    let (loaded, mut warnings) = settle_unset(&env, load_in(dir, &env, &SharedState::default()));
+    let (errors, summary) = match loaded {
+        Ok(config) => (Diagnostics::default(), Some((config.router.routes().len(), config.upstreams.len()))),
+        Err(diags) => (diags, None),
+    };
+    warnings.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+    warnings.dedup_by(|a, b| a.file == b.file && a.line == b.line && a.message == b.message);
+    OfflineCheck { errors, warnings, summary }
+}
+
+fn load_in(dir: &Path, env_vars: &Env, state: &SharedState) -> Result<Config, Diagnostics> {
+    let env = &|name: &str| env_vars.get(name);
     let mut diags = Diagnostics::default();
     let main_path = dir.join(MAIN_FILE);
-    let main: Option<MainSpec> = parse_file(&main_path, &mut diags);
+    let main: Option<MainSpec> = parse_file(&main_path, env_vars, &mut diags);
     let current_link = state.redis.lock().clone();
     let cluster =
-        main.as_ref().and_then(|m| cluster::compile_cluster(&main_path, m, env, current_link, &mut diags));
+        main.as_ref().and_then(|m| cluster::compile_cluster(&main_path, m, current_link, &mut diags));
     if let Some(c) = &cluster {
         let mut link = state.redis.lock();
         if link.is_none() {
             *link = c.redis.clone();
         }
     }
-    let store = main.as_ref().and_then(|m| cluster::compile_store(&main_path, dir, m, env, &mut diags));
+    let store = main.as_ref().and_then(|m| cluster::compile_store(&main_path, dir, m, &mut diags));
 
-    let upstreams =
-        main.as_ref().map(|m| compile_upstreams(&main_path, m, env, state, &mut diags)).unwrap_or_default();
+    let upstreams = main
+        .as_ref()
+        .map(|m| compile_upstreams(&main_path, dir, m, env_vars, state, &mut diags))
+        .unwrap_or_default();
 
-    let policies = load_policies(dir, env, state, &mut diags);
-    let process_rules = load_process_rules(&dir.join("policies").join("process"), &mut diags);
+    let policies = load_policies(dir, env_vars, state, &mut diags);
+    let process_rules = load_process_rules(&dir.join("policies").join("process"), env_vars, &mut diags);
     // Routes are checked against every *declared* upstream, so one bad upstream is one error.
     let declared: Option<Vec<String>> = main.as_ref().map(|m| m.upstreams.keys().cloned().collect());
-    let routes = load_routes(&dir.join("routes"), &upstreams, &policies, declared.as_deref(), &mut diags);
+    let routes =
+        load_routes(&dir.join("routes"), env_vars, &upstreams, &policies, declared.as_deref(), &mut diags);
 
     let sandbox = main.as_ref().and_then(|m| m.sandbox.as_ref()).and_then(|s| {
         if !cfg!(feature = "sandbox") {
@@ -279,42 +384,21 @@ pub fn load_with_state(
             return None;
         }
         check_addr(&main_path, &s.listen, &mut diags);
-        let token = match &s.token {
-            Some(t) => match env::expand(&t.value, env) {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    diags.at(&main_path, t, format!("sandbox.token: {e}"));
-                    return None;
-                }
-            },
-            None => None,
-        };
+        let token = s.token.as_ref().map(|t| t.value.clone());
         Some(SandboxSettings { listen: s.listen.value.clone(), token, limits: s.limits.clone() })
     });
 
     let Some(main) = main else { return Err(diags) };
-    for addr in [&main.listen.proxy, &main.listen.admin, &main.listen.metrics] {
-        check_addr(&main_path, addr, &mut diags);
-    }
-    if main.listen.read_buffer_bytes < 1024 {
-        diags.file(&main_path, "listen.read_buffer_bytes must be at least 1024");
-    }
+    let listen = listen::compile_listen(&main_path, dir, &main.listen, env_vars, &mut diags);
     if main.threads == Some(0) {
         diags.file(&main_path, "threads must be at least 1");
-    }
-    if main.listen.client_header_timeout_ms == 0
-        || main.listen.max_header_bytes < 1024
-        || main.listen.max_header_fields == 0
-    {
-        diags.file(
-            &main_path,
-            "listen: client_header_timeout_ms and max_header_fields must be at least 1, max_header_bytes at least 1024",
-        );
     }
     if !diags.0.is_empty() {
         return Err(diags);
     }
-    let (Some(store), Some(cluster)) = (store, cluster) else { return Err(diags) };
+    let (Some(store), Some(mut cluster), Some(listen)) = (store, cluster, listen) else { return Err(diags) };
+    cluster.redis_required = cluster.redis.is_some() && fails_closed_without_redis(&main, &policies);
+    check_mtls_has_a_listener(&main_path, &main, &routes, &mut diags);
     let process = compile_process(
         &main_path,
         env,
@@ -338,15 +422,8 @@ pub fn load_with_state(
     let threads = main.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     Ok(Config {
         dir: dir.to_path_buf(),
-        listen: Listen {
-            proxy: main.listen.proxy.value,
-            admin: main.listen.admin.value,
-            metrics: main.listen.metrics.value,
-            read_buffer_bytes: main.listen.read_buffer_bytes,
-            client_header_timeout: Duration::from_millis(main.listen.client_header_timeout_ms),
-            max_header_bytes: main.listen.max_header_bytes,
-            max_header_fields: main.listen.max_header_fields,
-        },
+        listen,
+        warnings: Vec::new(),
         threads,
         work_stealing: main.work_stealing,
         upstream_pool_size: main.upstream_pool_size,
@@ -368,7 +445,7 @@ pub fn load_with_state(
     })
 }
 
-fn parse_file<T: DeserializeOwned>(path: &Path, diags: &mut Diagnostics) -> Option<T> {
+fn parse_file<T: DeserializeOwned>(path: &Path, env: &Env, diags: &mut Diagnostics) -> Option<T> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
@@ -376,11 +453,37 @@ fn parse_file<T: DeserializeOwned>(path: &Path, diags: &mut Diagnostics) -> Opti
             return None;
         }
     };
-    let options = serde_saphyr::options! { with_snippet: false };
-    match serde_saphyr::from_str_with_options::<T>(&text, options) {
+    env.read(path, &text);
+    // An unset variable stands in as a placeholder, so the rest of the file is still checked;
+    // `settle_unset` reports it where it is referenced. The handler outlives this call inside
+    // `Vars`: it records into a list of its own, which the Env takes over below.
+    let unset_names = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let recorded = unset_names.clone();
+    let vars = std::rc::Rc::new(interpolate::Vars {
+        values: env::referenced_names(&text).into_iter().map(|n| (n.clone(), env.lookup(&n))).collect(),
+        unset: Box::new(move |name: &str| {
+            recorded.borrow_mut().push(name.to_string());
+            Some(env::placeholder(name))
+        }),
+        failed: std::cell::RefCell::new(None),
+    });
+    // `.nan` and `.inf` reach numeric settings as text, which their checks refuse by name.
+    let options = serde_saphyr::options! {
+        with_snippet: false,
+        non_finite_float_policy: serde_saphyr::NonFiniteFloatPolicy::AsString,
+    };
+    let parsed = interpolate::from_str::<T>(&text, vars.clone(), options);
+    for name in unset_names.borrow().iter() {
+        env.record_unset(name);
+    }
+    match parsed {
         Ok(v) => Some(v),
         Err(e) => {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            // An unset variable is found where the file references it.
+            let referenced =
+                vars.failed.borrow().as_deref().and_then(|n| env::find_references(&text, n).first().copied());
+            let (line, column) =
+                e.location().map_or(referenced.unwrap_or((0, 0)), |l| (l.line(), l.column()));
             // The message may repeat the position; keep only its first line.
             let message = e.to_string();
             let mut message = message.lines().next().unwrap_or("invalid YAML").to_string();
@@ -415,6 +518,43 @@ fn yaml_files(dir: &Path, diags: &mut Diagnostics) -> Vec<PathBuf> {
     files
 }
 
+/// Whether a budget or a rate limit refuses requests while Redis is away.
+fn fails_closed_without_redis(main: &MainSpec, policies: &HashMap<String, Arc<Policy>>) -> bool {
+    use crate::policy::ratelimit::Limiter;
+    let budget = main
+        .upstreams
+        .values()
+        .any(|u| u.value.budget.as_ref().is_some_and(|b| b.when_redis_unavailable == BudgetFallback::Closed));
+    let limit = policies.values().any(|p| match p.as_ref() {
+        Policy::RateLimit(r) => r.tiers.values().any(|l| matches!(l, Limiter::Shared(s) if s.fails_closed())),
+        _ => false,
+    });
+    budget || limit
+}
+
+/// A route that authenticates by client certificate needs a TLS listener that asks for one.
+fn check_mtls_has_a_listener(
+    file: &Path,
+    main: &MainSpec,
+    routes: &[Arc<CompiledRoute>],
+    diags: &mut Diagnostics,
+) {
+    if main.listen.tls.iter().any(|t| t.value.client_certificates.is_some()) {
+        return;
+    }
+    let certified = routes.iter().find(|r| r.policies.iter().any(|p| matches!(p.as_ref(), Policy::Mtls(_))));
+    if let Some(route) = certified {
+        diags.at(
+            file,
+            &main.listen.admin,
+            format!(
+                "route `{}` authenticates by client certificate (mtls), but no listen.tls listener asks for one; add `client_certificates: {{mode: optional, ca: …}}` to a TLS listener",
+                route.name
+            ),
+        );
+    }
+}
+
 fn check_addr(file: &Path, addr: &Spanned<String>, diags: &mut Diagnostics) {
     if addr.value.parse::<std::net::SocketAddr>().is_err() {
         diags.at(file, addr, format!("`{}` is not an address such as 127.0.0.1:8080", addr.value));
@@ -423,13 +563,13 @@ fn check_addr(file: &Path, addr: &Spanned<String>, diags: &mut Diagnostics) {
 
 fn load_policies(
     dir: &Path,
-    env: &dyn Fn(&str) -> Option<String>,
+    env_vars: &Env,
     state: &SharedState,
     diags: &mut Diagnostics,
 ) -> HashMap<String, Arc<Policy>> {
     let mut out: HashMap<String, Arc<Policy>> = HashMap::new();
     for file in yaml_files(&dir.join("policies"), diags) {
-        let Some(parsed) = parse_file::<PoliciesFile>(&file, diags) else { continue };
+        let Some(parsed) = parse_file::<PoliciesFile>(&file, env_vars, diags) else { continue };
         for spanned in parsed.policies {
             let spec = &spanned.value;
             let name = spec.name().to_string();
@@ -441,7 +581,7 @@ fn load_policies(
                 diags.at(&file, &spanned, format!("policy `{name}` is defined twice"));
                 continue;
             }
-            match policies::compile(spec, dir, env, state) {
+            match policies::compile(spec, dir, state) {
                 Ok(p) => {
                     out.insert(name, Arc::new(p));
                 }

@@ -1,7 +1,6 @@
 //! Compiling policy specs into runtime policies. Stateful parts (rate-limit counters, fetched
 //! JWKS) come from [`SharedState`] so they survive a reload when their spec is unchanged.
 
-use super::env;
 use super::spec::{JwtSpec, MediationSpec, PolicySpec};
 use super::SharedState;
 use crate::policy::auth::{ApiKeyPolicy, Consumer, JwtPolicy};
@@ -15,20 +14,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub fn compile(
-    spec: &PolicySpec,
-    dir: &Path,
-    env: &dyn Fn(&str) -> Option<String>,
-    state: &SharedState,
-) -> Result<Policy, String> {
+pub fn compile(spec: &PolicySpec, dir: &Path, state: &SharedState) -> Result<Policy, String> {
     match spec {
         PolicySpec::Headers { name, request, response } => Ok(Policy::Headers(headers::HeaderPolicy {
             name: name.clone(),
             request: headers::CompiledOps::compile(&request.set, &request.remove)?,
             response: headers::CompiledOps::compile(&response.set, &response.remove)?,
         })),
-        PolicySpec::Jwt(jwt) => compile_jwt(jwt, dir, env, state).map(Policy::Jwt),
+        PolicySpec::Jwt(jwt) => compile_jwt(jwt, dir, state).map(Policy::Jwt),
         PolicySpec::Mediation(m) => compile_mediation(m, &dir.join("policies")).map(Policy::Mediation),
+        PolicySpec::Mtls(m) => super::edge_policies::compile_mtls(m).map(Policy::Mtls),
+        PolicySpec::Cors(c) => super::edge_policies::compile_cors(c).map(Policy::Cors),
+        PolicySpec::IpFilter(f) => super::edge_policies::compile_ip_filter(f).map(Policy::IpFilter),
         PolicySpec::ApiKey { name, header, keys } => {
             let header = http::HeaderName::from_bytes(header.as_bytes())
                 .map_err(|_| format!("`{header}` is not a header name"))?;
@@ -98,12 +95,7 @@ fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
     }
 }
 
-fn compile_jwt(
-    spec: &JwtSpec,
-    dir: &Path,
-    env: &dyn Fn(&str) -> Option<String>,
-    state: &SharedState,
-) -> Result<JwtPolicy, String> {
+fn compile_jwt(spec: &JwtSpec, dir: &Path, state: &SharedState) -> Result<JwtPolicy, String> {
     let algorithms = spec.algorithms.iter().map(|a| parse_algorithm(a)).collect::<Result<Vec<_>, _>>()?;
     let keys = match (&spec.jwks_url, &spec.jwks_file) {
         (Some(url), None) => {
@@ -125,7 +117,6 @@ fn compile_jwt(
     };
     let hs256 = match &spec.hs256_secret {
         Some(secret) => {
-            let secret = env::expand(secret, env)?;
             if secret.len() < 32 {
                 return Err("hs256_secret must be at least 32 bytes".into());
             }

@@ -2,7 +2,7 @@
 //! how delivery retries; and `policies/process/`, the quote rules.
 
 use super::StoreSettings;
-use super::{env, parse_file, rules, spec, yaml_files, CompiledRoute, Diagnostics, Upstream};
+use super::{parse_file, rules, spec, yaml_files, CompiledRoute, Diagnostics, Upstream};
 use crate::config::spec::MainSpec;
 use crate::policy::Policy;
 use std::collections::{BTreeMap, HashMap};
@@ -186,18 +186,12 @@ pub(super) fn compile_process(
         (spec::AdapterKind::BusinessCentral, Some(company), _) => {
             Some(AdapterSettings::BusinessCentral { company: company.clone() })
         }
-        (spec::AdapterKind::Tryton, _, Some(t)) => match env::expand(&t.password.value, env) {
-            Ok(password) => Some(AdapterSettings::Tryton(TrytonSettings {
-                database: t.database.clone(),
-                login: t.login.clone(),
-                password,
-                company: t.company,
-            })),
-            Err(e) => {
-                diags.at(file, &t.password, format!("process.tryton.password: {e}"));
-                None
-            }
-        },
+        (spec::AdapterKind::Tryton, _, Some(t)) => Some(AdapterSettings::Tryton(TrytonSettings {
+            database: t.database.clone(),
+            login: t.login.clone(),
+            password: t.password.value.clone(),
+            company: t.company,
+        })),
         (spec::AdapterKind::BusinessCentral, None, _) => {
             diags.at(
                 file,
@@ -270,7 +264,11 @@ pub(super) fn compile_process(
 }
 
 /// `policies/process/`: one file a concern, all of them required once the directory exists.
-pub(super) fn load_process_rules(dir: &Path, diags: &mut Diagnostics) -> Option<rules::Rules> {
+pub(super) fn load_process_rules(
+    dir: &Path,
+    env: &super::Env,
+    diags: &mut Diagnostics,
+) -> Option<rules::Rules> {
     use rules::{Rules, FILES};
     if !dir.is_dir() {
         return None;
@@ -281,11 +279,11 @@ pub(super) fn load_process_rules(dir: &Path, diags: &mut Diagnostics) -> Option<
             diags.file(&file, format!("not a process rules file; expected one of {}", FILES.join(", ")));
         }
     }
-    let customer = parse_file(&dir.join("customer.yaml"), diags);
-    let products = parse_file(&dir.join("products.yaml"), diags);
-    let tax = parse_file::<rules::TaxRules>(&dir.join("tax.yaml"), diags);
-    let contract = parse_file::<rules::ContractRules>(&dir.join("contract.yaml"), diags);
-    let pricing = parse_file(&dir.join("pricing.yaml"), diags);
+    let customer = parse_file(&dir.join("customer.yaml"), env, diags);
+    let products = parse_file(&dir.join("products.yaml"), env, diags);
+    let tax = parse_file::<rules::TaxRules>(&dir.join("tax.yaml"), env, diags);
+    let contract = parse_file::<rules::ContractRules>(&dir.join("contract.yaml"), env, diags);
+    let pricing = parse_file(&dir.join("pricing.yaml"), env, diags);
     let (Some(customer), Some(products), Some(tax), Some(contract), Some(pricing)) =
         (customer, products, tax, contract, pricing)
     else {

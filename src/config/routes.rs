@@ -60,6 +60,7 @@ impl CompiledRoute {
 
 pub(super) fn load_routes(
     dir: &Path,
+    env: &super::Env,
     upstreams: &BTreeMap<String, Arc<Upstream>>,
     policies: &HashMap<String, Arc<Policy>>,
     declared_upstreams: Option<&[String]>,
@@ -78,7 +79,7 @@ pub(super) fn load_routes(
     api_key_headers.sort();
     api_key_headers.dedup();
     for file in yaml_files(dir, diags) {
-        let Some(parsed) = parse_file::<RoutesFile>(&file, diags) else { continue };
+        let Some(parsed) = parse_file::<RoutesFile>(&file, env, diags) else { continue };
         for spanned in parsed.routes {
             let spec = &spanned.value;
             let before = diags.0.len();
@@ -153,6 +154,14 @@ pub(super) fn load_routes(
                     format!("route `{name}` names {mediations} mediation policies; a route has at most one"),
                 );
             }
+            let cors = route_policies.iter().filter(|p| matches!(p.as_ref(), Policy::Cors(_))).count();
+            if cors > 1 {
+                diags.at(
+                    &file,
+                    &spec.name,
+                    format!("route `{name}` names {cors} cors policies; a route has at most one"),
+                );
+            }
             if spec.process.is_some() && mediations > 0 {
                 diags.at(
                     &file,
@@ -177,14 +186,14 @@ pub(super) fn load_routes(
                 diags.at(
                     &file,
                     &spec.name,
-                    format!("route `{name}` takes the ERP's change notifications, which authenticate with the subscription's clientState: it cannot name jwt or api_key policies or scopes (the ERP cannot present them)"),
+                    format!("route `{name}` takes the ERP's change notifications, which authenticate with the subscription's clientState: it cannot name jwt, api_key or mtls policies or scopes (the ERP cannot present them)"),
                 );
             }
             if !spec.scopes.is_empty() && !authenticates {
                 diags.at(
                     &file,
                     &spec.name,
-                    format!("route `{name}` requires scopes but names no jwt or api_key policy"),
+                    format!("route `{name}` requires scopes but names no jwt, api_key or mtls policy"),
                 );
             }
             // Secure by default: the upstream's credential is never lent to an anonymous caller
@@ -196,7 +205,7 @@ pub(super) fn load_routes(
                     &file,
                     &spec.name,
                     format!(
-                        "route `{name}` sends requests to upstream `{}` with its credential but authenticates no caller; name a jwt or api_key policy, or declare `public: true` if anonymous callers may use that credential",
+                        "route `{name}` sends requests to upstream `{}` with its credential but authenticates no caller; name a jwt, api_key or mtls policy, or declare `public: true` if anonymous callers may use that credential",
                         spec.upstream.value
                     ),
                 );

@@ -10,10 +10,10 @@ pub use crate::policy::shared::{BudgetFallback, LimitFallback};
 use std::collections::BTreeMap;
 
 /// `causeway.yaml`: listeners, upstream ERP instances, the embedded sandbox, the store.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MainSpec {
-    pub listen: ListenSpec,
+    pub listen: super::listen::ListenSpec,
     /// Worker threads of the proxy service; defaults to the number of CPUs.
     #[serde(default)]
     pub threads: Option<usize>,
@@ -55,7 +55,7 @@ pub struct MainSpec {
 
 /// `auth_failures:`: a client address that fails authentication `max_failures` times within
 /// `window_seconds` is refused (429) until the window ends, before any credential is checked.
-#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthFailuresSpec {
     /// 0 turns the limit off.
@@ -69,32 +69,7 @@ impl Default for AuthFailuresSpec {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListenSpec {
-    /// Address of the proxy listener, e.g. `127.0.0.1:8080`.
-    pub proxy: Spanned<String>,
-    /// `/healthz` and `/readyz`.
-    pub admin: Spanned<String>,
-    /// Prometheus exposition at `/metrics`.
-    pub metrics: Spanned<String>,
-    /// Bytes of read buffer per downstream connection (pingora's default is 64 KiB; a small
-    /// buffer keeps idle keep-alive connections cheap, larger bodies are read in several calls).
-    #[serde(default = "default_read_buffer")]
-    pub read_buffer_bytes: usize,
-    /// A request header must arrive whole within this time (from accept for a new connection,
-    /// from its first byte on a keep-alive one); slower clients are closed (slow-header defence).
-    #[serde(default = "default_header_timeout_ms")]
-    pub client_header_timeout_ms: u64,
-    /// Largest request header accepted, in bytes (400 above it).
-    #[serde(default = "default_max_header_bytes")]
-    pub max_header_bytes: usize,
-    /// Most request header fields accepted (400 above it).
-    #[serde(default = "default_max_header_fields")]
-    pub max_header_fields: usize,
-}
-
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSpec {
     /// Base URL, `http://host:port` or `https://host:port`; a path prefix is not allowed here
@@ -113,13 +88,16 @@ pub struct UpstreamSpec {
     /// Credential injected into every upstream request; consumers never send it.
     #[serde(default)]
     pub credentials: Option<CredentialSpec>,
+    /// TLS toward an `https://` ERP: its CA, a client certificate, SNI, verification.
+    #[serde(default)]
+    pub tls: Option<super::upstream_tls::UpstreamTlsSpec>,
     /// The ERP's shared budget: every route and in-process caller reaching this upstream takes a
     /// permit from it. Absent: no throttle.
     #[serde(default)]
     pub budget: Option<BudgetSpec>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetSpec {
     /// Requests per sliding window (Business Central: 6,000 per 300 s).
@@ -176,7 +154,7 @@ pub struct BudgetSpec {
     pub when_redis_unavailable: BudgetFallback,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, Default, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum PacingSpec {
     #[default]
@@ -188,14 +166,14 @@ fn default_burst() -> u32 {
     1
 }
 
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct ClassSpec {
     pub priority: u8,
     pub max_wait_ms: u64,
 }
 
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct OverloadSignalSpec {
     pub status: u16,
@@ -204,21 +182,32 @@ pub struct OverloadSignalSpec {
 }
 
 /// Values may reference environment variables as `${NAME}` or `${NAME:-fallback}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum CredentialSpec {
-    Bearer { token: Spanned<String> },
-    Basic { username: Spanned<String>, password: Spanned<String> },
-    Header { name: String, value: Spanned<String> },
+    Bearer {
+        #[serde(serialize_with = "super::print::mask")]
+        token: Spanned<String>,
+    },
+    Basic {
+        username: Spanned<String>,
+        #[serde(serialize_with = "super::print::mask")]
+        password: Spanned<String>,
+    },
+    Header {
+        name: String,
+        #[serde(serialize_with = "super::print::mask")]
+        value: Spanned<String>,
+    },
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxSpec {
     /// Address the sandbox listens on.
     pub listen: Spanned<String>,
     /// Bearer token the sandbox requires (may reference the environment like credentials).
-    #[serde(default)]
+    #[serde(default, serialize_with = "super::print::mask_option")]
     pub token: Option<Spanned<String>>,
     #[serde(default)]
     pub limits: SandboxLimits,
@@ -270,7 +259,7 @@ impl Default for SandboxLimits {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[serde(default)]
 pub struct StoreSpec {
@@ -283,6 +272,7 @@ pub struct StoreSpec {
     /// crash, but a power loss can lose the last commits.
     pub synchronous: Synchronous,
     /// PostgreSQL connection URL (`postgres://user@host:5432/db`), usually `${CAUSEWAY_DATABASE_URL}`.
+    #[serde(serialize_with = "super::print::mask_url_password_option")]
     pub url: Option<Spanned<String>>,
     /// PostgreSQL connections per replica.
     pub pool: u32,
@@ -308,7 +298,7 @@ impl Default for StoreSpec {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreBackend {
     #[default]
@@ -318,7 +308,7 @@ pub enum StoreBackend {
 
 /// `cluster:`: several replicas behind a load balancer share the store (PostgreSQL) and the ERP
 /// budgets (Redis).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSpec {
     /// How many replicas run: with Redis away, `local_share` gives each this share of a budget.
@@ -326,10 +316,11 @@ pub struct ClusterSpec {
     pub redis: Option<RedisSpec>,
 }
 
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSpec {
     /// `redis://host:6379/0`, usually `${CAUSEWAY_REDIS_URL}`.
+    #[serde(serialize_with = "super::print::mask_url_password")]
     pub url: Spanned<String>,
     /// Prefix of every key, so several gateways (environments) can share one Redis.
     #[serde(default = "default_redis_prefix")]
@@ -353,7 +344,7 @@ fn default_redis_timeout_ms() -> u64 {
     250
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Synchronous {
     #[default]
@@ -361,7 +352,7 @@ pub enum Synchronous {
     Normal,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessSpec {
     /// The upstream orders are written to (its budget's `write` class carries the writes).
@@ -389,7 +380,7 @@ pub struct ProcessSpec {
 }
 
 /// `process.changes`: Business Central notifies (webhook subscriptions), Tryton is polled.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChangesSpec {
     /// Business Central: this gateway's `erp-notifications` route as the ERP reaches it.
@@ -411,7 +402,7 @@ fn default_poll_seconds() -> u64 {
     60
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AdapterKind {
     /// Business Central API v2.0 (the built-in sandbox speaks it).
@@ -421,13 +412,14 @@ pub enum AdapterKind {
     Tryton,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrytonSpec {
     pub database: String,
     /// The API user (needs the Sales and Product Administration groups).
     pub login: String,
     /// May reference the environment: `${TRYTON_PASSWORD}`.
+    #[serde(serialize_with = "super::print::mask")]
     pub password: Spanned<String>,
     /// Company id the sales belong to.
     #[serde(default = "default_tryton_company")]
@@ -442,7 +434,7 @@ fn default_key_ttl_hours() -> u64 {
     24
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliverySpec {
     /// Attempts before an order is dead-lettered.
@@ -470,7 +462,7 @@ impl Default for DeliverySpec {
 }
 
 /// An in-process endpoint of the process APIs, served instead of proxying.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProcessEndpoint {
     /// `POST`: a quote (canonical or a Salesforce Opportunity) becomes an ERP order.
@@ -487,13 +479,13 @@ pub enum ProcessEndpoint {
 }
 
 /// One file in `routes/`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutesFile {
     pub routes: Vec<Spanned<RouteSpec>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
     /// Unique name: the metrics label and the log field.
@@ -534,7 +526,7 @@ pub struct RouteSpec {
     pub pass_headers: PassHeadersSpec,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
+#[derive(Debug, Deserialize, Serialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct PassHeadersSpec {
     #[serde(default)]
@@ -543,7 +535,7 @@ pub struct PassHeadersSpec {
     pub response: Vec<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchSpec {
     /// Exact `Host` (port ignored); any host when absent.
@@ -557,7 +549,7 @@ pub struct MatchSpec {
     pub path: Spanned<String>,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RouteTimeouts {
     /// Deadline for the whole exchange with the upstream, from the moment the request is routed.
@@ -571,13 +563,13 @@ pub struct RouteTimeouts {
 }
 
 /// One file in `policies/`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoliciesFile {
     pub policies: Vec<Spanned<PolicySpec>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PolicySpec {
     /// Add, set or remove headers on the upstream request and on the response to the caller.
@@ -612,6 +604,12 @@ pub enum PolicySpec {
     },
     /// JSON Schema validation and body transformation (see `policy::mediation`).
     Mediation(MediationSpec),
+    /// Client certificates as consumers.
+    Mtls(super::edge_policies::MtlsSpec),
+    /// Browser callers from other origins.
+    Cors(super::edge_policies::CorsSpec),
+    /// Client addresses allowed or denied.
+    IpFilter(super::edge_policies::IpFilterSpec),
 }
 
 impl PolicySpec {
@@ -622,12 +620,15 @@ impl PolicySpec {
             | PolicySpec::ApiKey { name, .. }
             | PolicySpec::RateLimit { name, .. }
             | PolicySpec::Mediation(MediationSpec { name, .. }) => name,
+            PolicySpec::Mtls(s) => &s.name,
+            PolicySpec::Cors(s) => &s.name,
+            PolicySpec::IpFilter(s) => &s.name,
         }
     }
 }
 
 /// `kind: mediation`. File paths are relative to `policies/`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MediationSpec {
     pub name: String,
@@ -645,7 +646,7 @@ pub struct MediationSpec {
     pub max_output_bytes: usize,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestMediationSpec {
     /// JSON Schema of the body; a violation is a 422 listing every error.
@@ -667,7 +668,7 @@ pub struct RequestMediationSpec {
     pub jq_file: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResponseMediationSpec {
     /// JSON Schema checked in monitor mode: violations are counted and logged only.
@@ -687,7 +688,7 @@ pub struct ResponseMediationSpec {
 }
 
 /// `kind: jwt`: bearer tokens signed by an identity provider.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtSpec {
     pub name: String,
@@ -711,7 +712,7 @@ pub struct JwtSpec {
     #[serde(default = "default_algorithms")]
     pub algorithms: Vec<String>,
     /// Enables HS256 with this secret (may reference the environment).
-    #[serde(default)]
+    #[serde(default, serialize_with = "super::print::mask_option")]
     pub hs256_secret: Option<String>,
     #[serde(default = "default_tier_claim")]
     pub tier_claim: String,
@@ -724,7 +725,7 @@ pub struct JwtSpec {
     pub cache_entries: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeySpec {
     pub consumer: String,
@@ -736,7 +737,7 @@ pub struct ApiKeySpec {
     pub sha256: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TierSpec {
     pub requests: u32,
@@ -745,7 +746,7 @@ pub struct TierSpec {
     pub burst: u32,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
+#[derive(Debug, Deserialize, Serialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderOps {
     #[serde(default)]
@@ -754,15 +755,6 @@ pub struct HeaderOps {
     pub remove: Vec<String>,
 }
 
-fn default_header_timeout_ms() -> u64 {
-    10_000
-}
-fn default_max_header_bytes() -> usize {
-    32 * 1024
-}
-fn default_max_header_fields() -> usize {
-    100
-}
 fn default_max_pause_seconds() -> u64 {
     300
 }
@@ -847,9 +839,6 @@ fn default_grace_seconds() -> u64 {
 }
 fn default_probe_seconds() -> u64 {
     2
-}
-fn default_read_buffer() -> usize {
-    4096
 }
 fn default_connect_ms() -> u64 {
     2_000

@@ -1,7 +1,9 @@
-//! `upstreams:` of causeway.yaml compiled: addresses resolved once, credentials expanded from the
-//! environment, the ERP budget with its classes and overload signals.
+//! `upstreams:` of causeway.yaml compiled: addresses resolved once, credentials, TLS (one trust
+//! configuration for pooled and in-process calls), the ERP budget with its classes and overload
+//! signals.
 
-use super::{env, Diagnostics, SharedState};
+use super::upstream_tls::{self, UpstreamTls};
+use super::{Diagnostics, Env, SharedState};
 use crate::config::spec::{BudgetSpec, CredentialSpec, MainSpec, PacingSpec, UpstreamSpec};
 use crate::policy::budget::{BudgetParams, Class, ErpBudget, Pacing};
 use http::{HeaderName, HeaderValue, Uri};
@@ -19,6 +21,8 @@ pub struct Upstream {
     pub address: std::net::SocketAddr,
     pub tls: bool,
     pub sni: String,
+    /// Trust and client certificate toward the ERP (`https://` upstreams).
+    pub tls_settings: Option<Arc<UpstreamTls>>,
     /// `Host` header sent upstream.
     pub host_header: HeaderValue,
     pub connect_timeout: Duration,
@@ -40,7 +44,11 @@ impl Upstream {
     pub fn client(&self) -> Option<&reqwest::Client> {
         let client = self.client.get_or_init(|| {
             let host = self.sni.clone();
-            reqwest::Client::builder()
+            let mut builder = reqwest::Client::builder();
+            if let Some(tls) = &self.tls_settings {
+                builder = builder.use_preconfigured_tls(rustls::ClientConfig::clone(&tls.client_config));
+            }
+            builder
                 .resolve(&host, self.address)
                 .connect_timeout(self.connect_timeout)
                 .read_timeout(self.read_timeout)
@@ -65,15 +73,25 @@ pub struct UpstreamBudget {
 
 pub(super) fn compile_upstreams(
     file: &Path,
+    dir: &Path,
     main: &MainSpec,
-    env: &dyn Fn(&str) -> Option<String>,
+    env: &Env,
     state: &SharedState,
     diags: &mut Diagnostics,
 ) -> BTreeMap<String, Arc<Upstream>> {
     let mut out = BTreeMap::new();
     for (name, spanned) in &main.upstreams {
         let spec = &spanned.value;
-        match compile_upstream(name, spec, env, state) {
+        if let Some(tls) = spec.tls.as_ref().filter(|t| !t.verify && t.insecure_skip_verify_acknowledged) {
+            let at = tls.sni.as_ref().unwrap_or(&spec.url);
+            env.warn(
+                file,
+                at.referenced.line(),
+                at.referenced.column(),
+                format!("upstream `{name}`: tls.verify is false: the ERP's certificate is not checked"),
+            );
+        }
+        match compile_upstream(name, spec, dir, env, state) {
             Ok(u) => {
                 out.insert(name.clone(), Arc::new(u));
             }
@@ -162,7 +180,8 @@ fn compile_budget(upstream: &str, spec: &BudgetSpec, state: &SharedState) -> Res
 fn compile_upstream<'a>(
     name: &str,
     spec: &'a UpstreamSpec,
-    env: &dyn Fn(&str) -> Option<String>,
+    dir: &Path,
+    env: &Env,
     state: &SharedState,
 ) -> Result<Upstream, SpannedErr<'a>> {
     let uri: Uri =
@@ -177,15 +196,29 @@ fn compile_upstream<'a>(
     }
     let host = uri.host().ok_or((None, "url has no host".to_string()))?.to_string();
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let address = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| (None, format!("cannot resolve host `{host}`")))?;
+    // Offline (`check --offline`), names are not resolved: the pipeline's DNS is not production's.
+    let address = match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip, port),
+        Err(_) if env.offline() => std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port),
+        Err(_) => std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| (None, format!("cannot resolve host `{host}`")))?,
+    };
     let authority = uri.authority().map(|a| a.as_str().to_string()).unwrap_or_else(|| host.clone());
     let credential = match &spec.credentials {
         None => None,
-        Some(c) => Some(compile_credential(c, env)?),
+        Some(c) => Some(compile_credential(c)?),
     };
+    if spec.tls.is_some() && !tls {
+        return Err((None, "tls: settings are for an https:// url".into()));
+    }
+    let tls_settings = if !tls || offline_files_missing(spec, dir, env) {
+        None
+    } else {
+        Some(Arc::new(upstream_tls::compile(spec.tls.as_ref(), host.trim_matches(['[', ']']), dir)?))
+    };
+    let sni = tls_settings.as_ref().map_or_else(|| host.clone(), |t| t.sni.clone());
     let budget = match &spec.budget {
         Some(b) => Some(compile_budget(name, b, state).map_err(|e| (None, e))?),
         None => None,
@@ -196,25 +229,57 @@ fn compile_upstream<'a>(
         name: name.to_string(),
         address,
         tls,
-        sni: host,
+        sni: sni.clone(),
+        tls_settings,
         host_header: HeaderValue::from_str(&authority).map_err(|_| (None, "invalid host".to_string()))?,
         connect_timeout: ms(spec.connect_timeout_ms),
         read_timeout: ms(spec.read_timeout_ms),
         write_timeout: ms(spec.write_timeout_ms),
         idle_timeout: Duration::from_secs(spec.pool_idle_seconds),
         credential,
-        base_url: format!("{}://{authority}", if tls { "https" } else { "http" }),
+        // In-process calls name the SNI host (resolved to `address`), so both paths check the
+        // same name.
+        base_url: match uri.port_u16() {
+            Some(p) if tls => format!("https://{}:{p}", bracket(&sni)),
+            None if tls => format!("https://{}", bracket(&sni)),
+            _ => format!("http://{authority}"),
+        },
         client: std::sync::OnceLock::new(),
     })
 }
 
-fn compile_credential<'a>(
-    spec: &'a CredentialSpec,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(HeaderName, HeaderValue), SpannedErr<'a>> {
-    let expand = |s: &'a Spanned<String>| {
-        env::expand(&s.value, env).map_err(|e| (Some(s), format!("credentials: {e}")))
-    };
+/// `check --offline` on a machine without the ERP's CA or client certificate: a warning, and
+/// the rest of the upstream is checked without them.
+fn offline_files_missing(spec: &UpstreamSpec, dir: &Path, env: &Env) -> bool {
+    let Some(tls) = spec.tls.as_ref().filter(|_| env.offline()) else { return false };
+    let mut missing = false;
+    for path in [&tls.ca_file, &tls.client_cert, &tls.client_key].into_iter().flatten() {
+        let full = dir.join(&path.value);
+        if !full.exists() {
+            env.warn(
+                &dir.join(super::MAIN_FILE),
+                path.referenced.line(),
+                path.referenced.column(),
+                format!("{} does not exist here; it is read at start", full.display()),
+            );
+            missing = true;
+        }
+    }
+    missing
+}
+
+/// A host for a URL: IPv6 addresses in brackets.
+fn bracket(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+fn compile_credential<'a>(spec: &'a CredentialSpec) -> Result<(HeaderName, HeaderValue), SpannedErr<'a>> {
+    // `${NAME}` references were expanded when the file was read.
+    let expand = |s: &'a Spanned<String>| Ok::<_, SpannedErr<'a>>(s.value.clone());
     let (name, value, span) = match spec {
         CredentialSpec::Bearer { token } => {
             (http::header::AUTHORIZATION, format!("Bearer {}", expand(token)?), token)

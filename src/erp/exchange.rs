@@ -103,7 +103,11 @@ async fn exchange_once(
         Ok(r) => r,
         Err(e) => {
             report(Outcome::Failure);
-            return Err(AdapterError::Unavailable(e.to_string()).into());
+            let why = match crate::config::upstream_tls::tls_failure(&e) {
+                Some(tls) => format!("TLS with the ERP failed: {tls}; fix upstreams.{}.tls", upstream.name),
+                None => e.to_string(),
+            };
+            return Err(AdapterError::Unavailable(why).into());
         }
     };
     let status = response.status().as_u16();

@@ -36,6 +36,12 @@ pub enum AuthFailure {
     UnknownApiKey,
     /// The token's header lists `crit` extensions; this gateway understands none (RFC 7515 §4.1.11).
     UnsupportedCritical,
+    /// A client certificate the CA bundle does not vouch for: not issued by it, or revoked.
+    CertificateUntrusted,
+    CertificateExpired,
+    CertificateNotYetValid,
+    /// A valid client certificate that no `mtls` policy entry names.
+    CertificateUnknown,
 }
 
 impl AuthFailure {
@@ -53,6 +59,10 @@ impl AuthFailure {
             AuthFailure::WrongAudience => "wrong_audience",
             AuthFailure::UnknownApiKey => "unknown_api_key",
             AuthFailure::UnsupportedCritical => "unsupported_crit",
+            AuthFailure::CertificateUntrusted => "certificate_untrusted",
+            AuthFailure::CertificateExpired => "certificate_expired",
+            AuthFailure::CertificateNotYetValid => "certificate_not_yet_valid",
+            AuthFailure::CertificateUnknown => "certificate_unknown",
         }
     }
 
@@ -73,6 +83,14 @@ impl AuthFailure {
             AuthFailure::UnknownApiKey => "the API key is not known",
             AuthFailure::UnsupportedCritical => {
                 "the token's header lists critical extensions (crit) this gateway does not understand"
+            }
+            AuthFailure::CertificateUntrusted => {
+                "the client certificate is not issued by a CA this listener trusts; use the certificate your partner onboarding issued"
+            }
+            AuthFailure::CertificateExpired => "the client certificate has expired; renew it",
+            AuthFailure::CertificateNotYetValid => "the client certificate is not valid yet; check its notBefore and your clock",
+            AuthFailure::CertificateUnknown => {
+                "the client certificate is valid but names no consumer of this route; ask for it to be registered"
             }
         }
     }

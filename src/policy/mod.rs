@@ -1,13 +1,17 @@
 //! Policies: each is a spec (in `config::spec`), a compiled runtime object built once at load
 //! time (`config::policies`), and the pipeline hook it runs in. The proxy runs a route's policies
-//! in file order: authentication, then rate limits; header rules around the upstream exchange.
+//! in file order: the edge's checks (`ip_filter`, `cors`), authentication (`jwt`, `api_key`,
+//! `mtls`), then rate limits; header rules around the upstream exchange.
 
 pub mod auth;
 pub mod auth_failures;
 pub mod budget;
+pub mod cors;
 pub mod headers;
+pub mod ip_filter;
 pub mod jwks;
 pub mod mediation;
+pub mod mtls;
 pub mod ratelimit;
 pub mod shared;
 pub mod shared_limit;
@@ -23,6 +27,9 @@ pub enum Policy {
     ApiKey(auth::ApiKeyPolicy),
     RateLimit(ratelimit::RateLimitPolicy),
     Mediation(mediation::MediationPolicy),
+    Mtls(mtls::MtlsPolicy),
+    Cors(cors::CorsPolicy),
+    IpFilter(ip_filter::IpFilterPolicy),
 }
 
 impl Policy {
@@ -33,11 +40,14 @@ impl Policy {
             Policy::ApiKey(p) => &p.name,
             Policy::RateLimit(p) => &p.name,
             Policy::Mediation(p) => &p.name,
+            Policy::Mtls(p) => &p.name,
+            Policy::Cors(p) => &p.name,
+            Policy::IpFilter(p) => &p.name,
         }
     }
 
     pub fn authenticates(&self) -> bool {
-        matches!(self, Policy::Jwt(_) | Policy::ApiKey(_))
+        matches!(self, Policy::Jwt(_) | Policy::ApiKey(_) | Policy::Mtls(_))
     }
 
     /// Hook: the request about to be sent upstream.

@@ -146,6 +146,13 @@ impl RedisLink {
         result
     }
 
+    /// Whether Redis answers now (readiness); a failure marks it unreachable like any call.
+    pub async fn ping(self: &Arc<Self>) -> Result<(), SharedError> {
+        self.run(|mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
+            .await
+            .map(|_| ())
+    }
+
     /// Fire and forget (a release, a renewal): errors only mark Redis unreachable.
     pub fn spawn<F, Fut>(self: &Arc<Self>, call: F)
     where
@@ -188,7 +195,7 @@ impl RedisLink {
 }
 
 /// What a shared consumer rate limit does while Redis is unreachable.
-#[derive(Debug, serde::Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, serde::Deserialize, serde::Serialize, Clone, Copy, Default, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum LimitFallback {
     /// Each replica allows its share of the quota (quota ÷ replicas).
@@ -201,7 +208,7 @@ pub enum LimitFallback {
 }
 
 /// What a shared ERP budget does while Redis is unreachable.
-#[derive(Debug, serde::Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, serde::Deserialize, serde::Serialize, Clone, Copy, Default, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetFallback {
     /// Each replica keeps to its share of the budget (budget ÷ replicas) until Redis returns.

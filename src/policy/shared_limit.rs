@@ -71,6 +71,11 @@ impl std::fmt::Debug for SharedLimiter {
 }
 
 impl SharedLimiter {
+    /// Refuses requests while Redis is away.
+    pub fn fails_closed(&self) -> bool {
+        self.fallback == LimitFallback::Closed
+    }
+
     pub fn new(
         policy: &str,
         tier: &str,

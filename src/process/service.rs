@@ -162,6 +162,11 @@ impl QuoteToOrder {
 
     /// The store's event outbox (`crate::events`), once the store is open; `None` when the
     /// store keeps none.
+    /// Whether the order store answers now (readiness).
+    pub async fn ping_store(&self) -> Result<(), StoreError> {
+        self.store().await?.ping().await
+    }
+
     pub async fn outbox(&self) -> Result<Option<Arc<dyn super::store::outbox::EventOutbox>>, StoreError> {
         self.store().await?;
         Ok(self.store.get().cloned().and_then(|s| s.outbox()))
@@ -355,6 +360,7 @@ impl QuoteToOrder {
             .await
             .unwrap_or_else(|_| Err(AdapterError::Unavailable("master data lookup timed out".into())));
         end_erp_span(span, &master);
+        let mut unreachable = None;
         let (state, validated, violations) = match master {
             Ok(master) => {
                 let rules = self.config.load().process_rules.clone().ok_or(GatewayError::Internal)?;
@@ -367,6 +373,7 @@ impl QuoteToOrder {
             }
             Err(e) => {
                 tracing::info!(error = %e, opportunity = %quote.opportunity_id, "master data unavailable; order accepted as pending");
+                unreachable = Some(e.to_string().chars().take(300).collect::<String>());
                 (State::Received, false, Vec::new())
             }
         };
@@ -398,10 +405,14 @@ impl QuoteToOrder {
             }
             return Err(GatewayError::QuoteRejected { violations });
         }
-        let (reason, lease) = if validated {
-            ("quote validated", Some(self.settings.lease))
-        } else {
-            ("received; the ERP's master data is unreachable, validation deferred", None)
+        let (reason, lease) = match (validated, unreachable) {
+            (true, _) => ("quote validated".to_string(), Some(self.settings.lease)),
+            (false, Some(why)) => {
+                (format!("received; the ERP's master data is unreachable ({why}), validation deferred"), None)
+            }
+            (false, None) => {
+                ("received; the ERP's master data is unreachable, validation deferred".to_string(), None)
+            }
         };
         let inserted = store
             .insert_order(NewOrder {
@@ -414,7 +425,7 @@ impl QuoteToOrder {
                 violations: None,
                 correlation_id,
                 traceparent,
-                reason,
+                reason: &reason,
                 lease,
             })
             .await

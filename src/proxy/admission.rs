@@ -21,7 +21,7 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
     // Authentication: the first policy whose credential is present decides.
     // No allocation per request: the route's policies are walked in place.
     if let Some(first) = route.policies.iter().find(|p| p.authenticates()) {
-        let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let client_ip = ctx.client_ip();
         let limiter = ctx.config.auth_failures.clone().zip(client_ip);
         if let Some(retry_after) = limiter.as_ref().and_then(|(l, ip)| l.refused(*ip)) {
             metrics.auth_failures.with_label_values(&[first.name(), "throttled"]).inc();
@@ -41,6 +41,12 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
                 Policy::ApiKey(keys) => {
                     if let Some(v) = headers.get(&keys.header) {
                         outcome = Some((&keys.name, keys.verify(v.as_bytes())));
+                        break;
+                    }
+                }
+                Policy::Mtls(certs) => {
+                    if let Some(identity) = super::edge::client_identity(session) {
+                        outcome = Some((&certs.name, certs.verify(identity)));
                         break;
                     }
                 }
@@ -78,7 +84,7 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
             // Quotas belong to (authentication policy, consumer), like orders and keys.
             Some(c) => (c.id.to_string(), c.tier.clone()),
             None => {
-                let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string());
+                let ip = ctx.client_ip().map(|ip| ip.to_string());
                 (format!("anonymous:{}", ip.unwrap_or_default()), Arc::from("anonymous"))
             }
         };
@@ -135,6 +141,8 @@ fn challenge(policies: &[Arc<Policy>], reason: AuthFailure) -> String {
                 reason.describe()
             )),
             Policy::ApiKey(k) => parts.push(format!("ApiKey realm=\"causeway\", header=\"{}\"", k.header)),
+            // No HTTP scheme names TLS client certificates; this tells a client what to send.
+            Policy::Mtls(_) => parts.push("ClientCertificate realm=\"causeway\"".to_string()),
             _ => {}
         }
     }

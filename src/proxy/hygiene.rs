@@ -2,6 +2,7 @@
 //! and credentials stay on their side: the caller's (`Authorization`, API keys, cookies) never go
 //! upstream, the gateway's ERP session (cookies, challenges, CSRF tokens) never reaches callers.
 
+use crate::edge::client_addr::ClientAddress;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::Result;
 
@@ -63,13 +64,25 @@ pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
     }
 }
 
-/// Append the caller's address to `X-Forwarded-For`.
-pub fn append_forwarded_for(req: &mut RequestHeader, ip: std::net::IpAddr) -> Result<()> {
-    let value = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.to_string(),
-    };
-    req.insert_header("x-forwarded-for", value)?;
+/// Forwarding headers a caller may send: the gateway removes them and writes its own from the
+/// hops it believed ([`ClientAddress`]), so a forged entry never reaches the ERP.
+const FORWARDING: &[&str] =
+    &["x-forwarded-for", "forwarded", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"];
+
+/// `X-Forwarded-For`, `Forwarded` and `X-Forwarded-Proto` as the gateway vouches for them.
+pub fn set_forwarding(
+    req: &mut RequestHeader,
+    client: Option<&ClientAddress>,
+    proto: &'static str,
+) -> Result<()> {
+    for name in FORWARDING {
+        req.remove_header(*name);
+    }
+    if let Some(client) = client {
+        req.insert_header("x-forwarded-for", client.x_forwarded_for())?;
+        req.insert_header("forwarded", client.forwarded(proto))?;
+    }
+    req.insert_header("x-forwarded-proto", proto)?;
     Ok(())
 }
 
@@ -119,10 +132,16 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_appends() {
+    fn forwarding_headers_are_the_gateways_own() {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        req.insert_header("x-forwarded-for", "10.0.0.1").unwrap();
-        append_forwarded_for(&mut req, "127.0.0.1".parse().unwrap()).unwrap();
-        assert_eq!(req.headers.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+        req.insert_header("x-forwarded-for", "6.6.6.6").unwrap();
+        req.insert_header("forwarded", "for=6.6.6.6").unwrap();
+        req.insert_header("x-real-ip", "6.6.6.6").unwrap();
+        let client = ClientAddress::direct("127.0.0.1".parse().unwrap());
+        set_forwarding(&mut req, Some(&client), "https").unwrap();
+        assert_eq!(req.headers.get("x-forwarded-for").unwrap(), "127.0.0.1");
+        assert_eq!(req.headers.get("forwarded").unwrap(), "for=127.0.0.1;proto=https");
+        assert_eq!(req.headers.get("x-forwarded-proto").unwrap(), "https");
+        assert!(req.headers.get("x-real-ip").is_none());
     }
 }

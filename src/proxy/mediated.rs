@@ -178,8 +178,7 @@ async fn call_upstream(
     let upstream = &route.upstream;
     let client = upstream.client().ok_or(GatewayError::Internal)?;
     let mut head = session.req_header().clone();
-    let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-    prepare_upstream_request(&mut head, ctx, client_ip).map_err(|_| GatewayError::Internal)?;
+    prepare_upstream_request(&mut head, ctx).map_err(|_| GatewayError::Internal)?;
     // The client frames the body itself; the response must be readable to be mediated.
     for name in [http::header::CONTENT_LENGTH, http::header::TRANSFER_ENCODING, http::header::ACCEPT_ENCODING]
     {
@@ -206,6 +205,8 @@ async fn call_upstream(
     result.map_err(|e| {
         let err = if e.is_timeout() {
             GatewayError::UpstreamTimeout { upstream: upstream.name.clone() }
+        } else if let Some(detail) = crate::config::upstream_tls::tls_failure(&e) {
+            GatewayError::UpstreamTls { upstream: upstream.name.clone(), detail }
         } else if e.is_connect() {
             GatewayError::UpstreamUnreachable { upstream: upstream.name.clone() }
         } else {

@@ -3,6 +3,7 @@
 
 mod admission;
 mod checks;
+mod edge;
 pub mod framing;
 pub mod hygiene;
 mod mediated;
@@ -12,7 +13,9 @@ mod respond;
 mod upstream;
 
 use checks::check_request;
-use respond::{add_correlation_headers, add_ratelimit_headers, respond_problem, write_local_response};
+use respond::{
+    add_correlation_headers, add_cors_headers, add_ratelimit_headers, respond_problem, write_local_response,
+};
 use upstream::{classify, prepare_upstream_request, report_upstream_status, scan_for_overload};
 
 pub use process::OPENAPI;
@@ -80,12 +83,16 @@ impl Gateway {
     async fn dispatch(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Answer, GatewayError> {
         // Nothing after an ambiguous request can be trusted to be where it seems.
         check_request(session, ctx).inspect_err(|_| session.set_keepalive(None))?;
+        if edge::answer_preflight(session, ctx).await? {
+            return Ok(Answer::Local);
+        }
         self.route(session, ctx).inspect_err(|err| {
             if matches!(err, GatewayError::BodyTooLarge { .. }) {
                 // The body is left unread, so this connection cannot carry another request.
                 session.set_keepalive(None);
             }
         })?;
+        edge::check(session, ctx)?;
         admission::admit(session, ctx).await?;
         let correlation = ctx.correlation.correlation_id.clone();
         match ctx.route.as_ref().map(|r| (r.process, r.mediation().is_some())) {
@@ -172,6 +179,12 @@ pub struct Ctx {
     config: Arc<Config>,
     start: Instant,
     correlation: Correlation,
+    /// The client's address, behind trusted proxies resolved from their headers.
+    client: Option<crate::edge::client_addr::ClientAddress>,
+    /// The connection to the gateway is TLS.
+    tls: bool,
+    /// CORS headers for every answer to this request (an allowed origin of a `cors` route).
+    cors: Vec<(&'static str, String)>,
     route: Option<Arc<CompiledRoute>>,
     /// The request path after normalization, when it differs from the raw one.
     normalized_path: Option<String>,
@@ -198,6 +211,11 @@ pub struct Ctx {
 impl Ctx {
     fn route_name(&self) -> &str {
         self.route.as_ref().map_or(UNMATCHED_ROUTE, |r| r.name.as_str())
+    }
+
+    /// The address limits, filters and logs act on.
+    fn client_ip(&self) -> Option<std::net::IpAddr> {
+        self.client.as_ref().map(|c| c.ip)
     }
 
     fn upstream_name(&self) -> String {
@@ -227,6 +245,9 @@ impl ProxyHttp for Gateway {
             config: self.config.load_full(),
             start: Instant::now(),
             correlation: Correlation::default(),
+            client: None,
+            tls: false,
+            cors: Vec::new(),
             route: None,
             normalized_path: None,
             upstream_path: String::new(),
@@ -251,6 +272,8 @@ impl ProxyHttp for Gateway {
             req.headers.get(CORRELATION_HEADER).map(|v| v.as_bytes()),
             req.headers.get(TRACEPARENT_HEADER).map(|v| v.as_bytes()),
         );
+        ctx.client = client_address(session, &ctx.config.listen);
+        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         match self.dispatch(session, ctx).await {
             Ok(Answer::Proxy) => Ok(false),
             Ok(Answer::Local) => Ok(true),
@@ -269,6 +292,13 @@ impl ProxyHttp for Gateway {
         };
         let upstream = &route.upstream;
         let mut peer = HttpPeer::new(upstream.address, upstream.tls, upstream.sni.clone());
+        if let Some(tls) = &upstream.tls_settings {
+            // The same trust as the in-process client's (config::upstream_tls).
+            peer.options.ca = tls.ca.clone();
+            peer.client_cert_key = tls.client_cert.clone();
+            peer.options.verify_cert = tls.verify;
+            peer.options.verify_hostname = tls.verify;
+        }
         let remaining = ctx.deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if remaining == Some(Duration::ZERO) {
             ctx.failure = Some(GatewayError::UpstreamTimeout { upstream: upstream.name.clone() });
@@ -287,12 +317,11 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        prepare_upstream_request(upstream_request, ctx, client_ip)?;
+        prepare_upstream_request(upstream_request, ctx)?;
         ctx.upstream_sent = Some(Instant::now());
         Ok(())
     }
@@ -340,6 +369,7 @@ impl ProxyHttp for Gateway {
         }
         add_correlation_headers(upstream_response, &ctx.correlation)?;
         add_ratelimit_headers(upstream_response, ctx)?;
+        add_cors_headers(upstream_response, ctx)?;
         if let Some(route) = ctx.route.as_ref() {
             for policy in &route.policies {
                 policy.on_response(upstream_response);
@@ -407,6 +437,7 @@ impl ProxyHttp for Gateway {
         crate::observe::logging::AccessLine::new()
             .str("route", ctx.route_name())
             .str("consumer", ctx.consumer.as_ref().map_or("anonymous", |c| &*c.name))
+            .opt_str("client", ctx.client_ip().map(|ip| ip.to_string()).as_deref())
             .str("method", method)
             .str("path", session.req_header().uri.path())
             .uint("status", u64::from(status))
@@ -423,6 +454,25 @@ impl ProxyHttp for Gateway {
         }
         crate::observe::allocator::collect_if_due();
     }
+}
+
+/// The connection's address, or the client behind it when it is a trusted proxy.
+fn client_address(
+    session: &Session,
+    listen: &crate::config::Listen,
+) -> Option<crate::edge::client_addr::ClientAddress> {
+    use crate::edge::client_addr::ClientAddress;
+    let peer = session.client_addr()?.as_inet()?.ip();
+    if listen.trusted_proxies.is_empty() {
+        return Some(ClientAddress::direct(peer));
+    }
+    let values = session.req_header().headers.get_all(listen.client_address_header.name());
+    Some(ClientAddress::resolve(
+        peer,
+        values.iter().map(|v| v.as_bytes()),
+        listen.client_address_header,
+        &listen.trusted_proxies,
+    ))
 }
 
 impl Gateway {

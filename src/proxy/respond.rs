@@ -16,6 +16,19 @@ pub(super) fn add_ratelimit_headers(resp: &mut ResponseHeader, ctx: &Ctx) -> Res
     Ok(())
 }
 
+/// A `cors` route's headers for an allowed origin, on every kind of answer (problems included,
+/// so a browser script can read them).
+pub(super) fn add_cors_headers(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
+    for (name, value) in &ctx.cors {
+        if *name == "vary" {
+            resp.append_header(*name, value.as_str())?;
+        } else {
+            resp.insert_header(*name, value.as_str())?;
+        }
+    }
+    Ok(())
+}
+
 /// Finish a response the gateway answers itself (mediated and process routes): correlation and
 /// rate-limit headers, the route's response header rules, then header and body.
 pub(super) async fn write_local_response(
@@ -26,6 +39,7 @@ pub(super) async fn write_local_response(
 ) {
     let _ = add_correlation_headers(&mut head, &ctx.correlation);
     let _ = add_ratelimit_headers(&mut head, ctx);
+    let _ = add_cors_headers(&mut head, ctx);
     if let Some(route) = ctx.route.as_ref() {
         for policy in &route.policies {
             policy.on_response(&mut head);
@@ -54,6 +68,7 @@ pub(super) async fn respond_problem(session: &mut Session, ctx: &mut Ctx, err: &
     resp.insert_header(http::header::CONTENT_LENGTH, problem.body.len())?;
     add_correlation_headers(&mut resp, &ctx.correlation)?;
     add_ratelimit_headers(&mut resp, ctx)?;
+    add_cors_headers(&mut resp, ctx)?;
     ctx.problem = Some(problem.slug);
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(problem.body), true).await?;

@@ -12,11 +12,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 /// The request as the ERP sees it: rewritten path, no hop-by-hop headers, no caller credential,
 /// the upstream's own credential, correlation and forwarding headers, then the route's header
 /// policies. Shared by the proxied and the in-process (mediated) paths.
-pub(super) fn prepare_upstream_request(
-    req: &mut RequestHeader,
-    ctx: &Ctx,
-    client_ip: Option<std::net::IpAddr>,
-) -> Result<()> {
+pub(super) fn prepare_upstream_request(req: &mut RequestHeader, ctx: &Ctx) -> Result<()> {
     let Some(route) = ctx.route.as_ref() else { return Ok(()) };
     let uri: http::Uri = ctx
         .upstream_path
@@ -32,9 +28,7 @@ pub(super) fn prepare_upstream_request(
     }
     req.insert_header(CORRELATION_HEADER, ctx.correlation.correlation_id.as_str())?;
     req.insert_header(TRACEPARENT_HEADER, ctx.correlation.traceparent())?;
-    if let Some(ip) = client_ip {
-        hygiene::append_forwarded_for(req, ip)?;
-    }
+    hygiene::set_forwarding(req, ctx.client.as_ref(), if ctx.tls { "https" } else { "http" })?;
     for policy in &route.policies {
         policy.on_upstream_request(req);
     }
@@ -46,6 +40,11 @@ pub(super) fn classify(e: &Error, upstream: String) -> Option<GatewayError> {
     use ErrorType::*;
     match (e.etype(), e.esource()) {
         (HTTPStatus(413), _) => None,
+        (TLSHandshakeFailure | InvalidCert | HandshakeError, ErrorSource::Upstream) => {
+            let detail = crate::config::upstream_tls::tls_failure(e.root_cause())
+                .unwrap_or_else(|| "TLS handshake failed".to_string());
+            Some(GatewayError::UpstreamTls { upstream, detail })
+        }
         (ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout, ErrorSource::Upstream) => {
             Some(GatewayError::UpstreamTimeout { upstream })
         }

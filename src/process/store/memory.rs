@@ -128,6 +128,10 @@ impl OrderStore for MemoryStore {
         Ok(())
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.up()
+    }
+
     async fn purge_expired_keys(&self) -> Result<u64, StoreError> {
         self.up()?;
         let now = self.now();

@@ -213,6 +213,8 @@ pub trait OrderStore: Send + Sync {
     fn now(&self) -> i64 {
         now_ms()
     }
+    /// Whether the store answers a trivial statement now (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
     /// Take back what a process that is gone left behind (its leases and in-flight keys); an
     /// order it was submitting is due only after `settle`. Returns the orders released.
     async fn recover(&self, settle: Duration) -> Result<u64, StoreError>;

@@ -539,6 +539,11 @@ impl OrderStore for PostgresStore {
             .await
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn purge_expired_keys(&self) -> Result<u64, StoreError> {
         Ok(sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= $1 AND NOT in_flight")
             .bind(now_ms())

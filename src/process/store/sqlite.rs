@@ -446,6 +446,11 @@ impl SqliteStore {
 
 #[async_trait::async_trait]
 impl OrderStore for SqliteStore {
+    /// Through the writer, so a file that cannot be written any more is not ready.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.write(|conn| Ok(conn.execute_batch("SELECT 1")?)).await
+    }
+
     /// Take back what a process that is gone left behind: its delivery leases (an order it was
     /// submitting is retried only after `settle`, the longest its last ERP request could still
     /// be under way) and its in-flight idempotency keys. What a live process holds (the old one
