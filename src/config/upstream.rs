@@ -46,7 +46,7 @@ impl Upstream {
             let host = self.sni.clone();
             let mut builder = reqwest::Client::builder();
             if let Some(tls) = &self.tls_settings {
-                builder = builder.use_preconfigured_tls(rustls::ClientConfig::clone(&tls.client_config));
+                builder = builder.tls_backend_preconfigured(rustls::ClientConfig::clone(&tls.client_config));
             }
             builder
                 .resolve(&host, self.address)

@@ -3,6 +3,7 @@
 
 pub mod origin;
 pub mod process;
+pub mod tls;
 
 use causeway::sandbox::{LimitsSpec, Sandbox, SandboxConfig};
 use std::path::{Path, PathBuf};
@@ -15,6 +16,24 @@ pub const UPSTREAM_TOKEN: &str = "upstream-secret-token";
 /// test clients need the same before their first request.
 pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Whether a command-line tool a test drives is installed. Under CI (`CI` or
+/// `CAUSEWAY_REQUIRE_SERVICES` set) a missing one fails the test naming it; elsewhere the test
+/// is skipped with a message saying what to install.
+pub fn require_tool(tool: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        let required =
+            std::env::var_os("CI").is_some() || std::env::var_os("CAUSEWAY_REQUIRE_SERVICES").is_some();
+        assert!(!required, "{tool} is not installed: scripts/test installs it (Debian package of that name)");
+        eprintln!("SKIPPED the part of this test that needs {tool}: install it (apt-get install {tool})");
+    }
+    found
 }
 
 /// A port that was free a moment ago and that no other test in this process was given: the

@@ -428,4 +428,35 @@ impl SslDigest {
     }
 }
 
-impl<S> Peek for TlsStream<S> {}
+/// An idle TLS keep-alive connection waits like a plain one (`apps::await_next_request`): ready
+/// once rustls holds plaintext (or processed a close or an error), else when the socket below
+/// is readable; its L4 buffers are dropped while it idles.
+impl<S: Peek> Peek for TlsStream<S> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<IoResult<()>> {
+        let Some(stream) = self.tls.stream.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let (io, state) = match stream {
+            RusTlsStream::Server(s) => {
+                let (io, conn) = s.get_mut();
+                (io, conn.process_new_packets())
+            }
+            RusTlsStream::Client(s) => {
+                let (io, conn) = s.get_mut();
+                (io, conn.process_new_packets())
+            }
+        };
+        match state {
+            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {
+                io.poll_read_ready(cx)
+            }
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn release_idle_buffers(&mut self) {
+        if let Some(stream) = self.tls.stream.as_mut() {
+            stream.get_mut().0.release_idle_buffers();
+        }
+    }
+}
