@@ -371,3 +371,82 @@ async fn an_idle_tls_keep_alive_connection_waits_past_the_header_deadline_like_a
     assert!(closed.is_ok(), "a stalled header must be closed at the deadline");
     drop(gw);
 }
+
+/// Quote-to-order, a proxied and a mediated route, all to `erp_url` with `tls` as the
+/// upstream's TLS settings.
+fn tls_erp_options(erp_url: String, tls: &str) -> GatewayOptions {
+    let mut o = common::process::sandbox_options(erp_url, common::process::FAST);
+    o.upstream_extra = format!("{}    tls:\n{tls}", o.upstream_extra);
+    o.routes_yaml.push_str(&format!(
+        "  - name: items-proxied\n    match: {{ methods: [GET], path: /tls/items }}\n    upstream: bc\n    rewrite: \"/api/v2.0/companies({c})/items\"\n    policies: [crm-keys]\n    scopes: [orders.read]\n  - name: items-mediated\n    match: {{ methods: [GET], path: /tls/canonical-items }}\n    upstream: bc\n    rewrite: \"/api/v2.0/companies({c})/items\"\n    policies: [crm-keys, canonical-item-list-bc]\n    scopes: [orders.read]\n",
+        c = company()
+    ));
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erp_behind_a_private_ca_requiring_a_client_certificate_is_reached_by_every_kind_of_route() {
+    use common::process::{good_quote, submit, KEY};
+    let dir = tempfile::tempdir().unwrap();
+    let erp_ca = Ca::new("ERP private CA");
+    let gateway_ca = Ca::new("CA the ERP trusts for its clients");
+    let erp_cert = erp_ca.issue(&Leaf::server(&["erp.internal"]));
+    let gateway_cert = gateway_ca.issue(&Leaf::client("causeway-gateway"));
+    let (cert, key) = gateway_cert.write(dir.path(), "gateway");
+    let ca_file = erp_ca.write(dir.path(), "erp-ca");
+    let wrong_ca = Ca::new("Not the ERP's CA").write(dir.path(), "wrong-ca");
+    let sandbox = TestSandbox::start(LimitsSpec::default()).await;
+    let erp = common::tls::TlsErp::start(&erp_cert, &gateway_ca, format!("127.0.0.1:{}", sandbox.port).parse().unwrap()).await;
+    let url = format!("https://127.0.0.1:{}", erp.port);
+    let tls = |ca: &std::path::Path| {
+        format!(
+            "      ca_file: {}\n      client_cert: {}\n      client_key: {}\n      sni: erp.internal\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        )
+    };
+    let http = reqwest::Client::new();
+
+    let gw = TestGateway::start(tls_erp_options(url.clone(), &tls(&ca_file))).await;
+    let proxied = http.get(gw.url("/tls/items?$top=2")).header("x-api-key", KEY).send().await.unwrap();
+    assert_eq!(proxied.status(), 200, "{}", gw.log());
+    assert_eq!(proxied.json::<serde_json::Value>().await.unwrap()["value"].as_array().unwrap().len(), 2);
+    let mediated = http.get(gw.url("/tls/canonical-items?$top=2")).header("x-api-key", KEY).send().await.unwrap();
+    assert_eq!(mediated.status(), 200);
+    let body: serde_json::Value = mediated.json().await.unwrap();
+    assert_eq!(body["items"].as_array().map(Vec::len), Some(2), "the canonical shape: {body}");
+    let resp = submit(&http, &gw, "tls-1", &serde_json::to_value(good_quote("OPP-TLS-1")).unwrap()).await;
+    assert_eq!(resp.status(), 201, "quote-to-order reaches the ERP over TLS: {}", resp.text().await.unwrap());
+    assert_eq!(sandbox.stats().await["orders_created"], 1);
+    assert!(erp.handshakes_ok.load(Ordering::Relaxed) >= 1);
+    drop(gw);
+
+    // The wrong CA: nothing is sent, in clear or otherwise; callers are told why and what to fix.
+    let requests_before = sandbox.stats().await["requests_total"].as_u64().unwrap();
+    let gw = TestGateway::start(tls_erp_options(url.clone(), &tls(&wrong_ca))).await;
+    for path in ["/tls/items?$top=2", "/tls/canonical-items?$top=2"] {
+        let resp = http.get(gw.url(path)).header("x-api-key", KEY).send().await.unwrap();
+        let body = assert_problem(resp, 502, "upstream-tls-failed").await;
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains("not issued by a CA the gateway trusts") && detail.contains("upstreams.bc.tls"), "{detail}");
+    }
+    // A quote is not lost: it is taken as pending, its history names the TLS failure.
+    let resp = submit(&http, &gw, "tls-2", &serde_json::to_value(good_quote("OPP-TLS-2")).unwrap()).await;
+    assert_eq!(resp.status(), 202);
+    let order: serde_json::Value = resp.json().await.unwrap();
+    let id = order["id"].as_str().unwrap().to_string();
+    let view: serde_json::Value = http
+        .get(gw.url(&format!("/process/v1/orders/{id}")))
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(view.to_string().contains("not issued by a CA the gateway trusts"), "{view}");
+    assert_eq!(erp.plaintext.load(Ordering::Relaxed), 0, "nothing was sent in clear");
+    assert_eq!(sandbox.stats().await["requests_total"].as_u64().unwrap(), requests_before, "nothing reached the ERP");
+    assert_eq!(sandbox.stats().await["orders_created"], 1);
+}

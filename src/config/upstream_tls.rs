@@ -203,13 +203,20 @@ fn algorithms() -> rustls::crypto::WebPkiSupportedAlgorithms {
 pub fn tls_failure(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = next {
-        let rustls_error = e
-            .downcast_ref::<rustls::Error>()
-            .or_else(|| e.downcast_ref::<std::io::Error>()?.get_ref()?.downcast_ref::<rustls::Error>());
-        if let Some(r) = rustls_error {
+        if let Some(r) = e.downcast_ref::<rustls::Error>() {
             return Some(describe(r));
         }
-        next = e.source();
+        // An io::Error's `source()` skips the error it wraps, and pingora's errors keep their
+        // cause in a field: follow both by hand.
+        let pingora_error =
+            e.downcast_ref::<pingora::Error>().or_else(|| e.downcast_ref::<pingora::BError>().map(|b| &**b));
+        next = if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static))
+        } else if let Some(p) = pingora_error {
+            p.cause.as_deref().map(|c| c as &(dyn std::error::Error + 'static))
+        } else {
+            e.source()
+        };
     }
     None
 }
@@ -241,7 +248,8 @@ mod tests {
     #[test]
     fn tls_failures_are_found_in_error_chains_and_described() {
         let inner = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
-        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, inner);
+        // As hyper-rustls hands it over: an io::Error wrapping an io::Error wrapping rustls's.
+        let io = std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, inner));
         let why = tls_failure(&io).unwrap();
         assert!(why.contains("not issued by a CA the gateway trusts"), "{why}");
         let refused = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);

@@ -168,10 +168,15 @@ impl TlsErp {
                 let acceptor = acceptor.clone();
                 let (plaintext, ok, failed) = counters.clone();
                 tokio::spawn(async move {
+                    // A connection that closes without a byte (a reachability probe) sent nothing.
                     let mut first = [0u8; 1];
-                    if tcp.peek(&mut first).await.is_ok() && first[0] != 0x16 {
-                        plaintext.fetch_add(1, Ordering::Relaxed);
-                        return;
+                    match tcp.peek(&mut first).await {
+                        Ok(1) if first[0] != 0x16 => {
+                            plaintext.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        Ok(1) => {}
+                        _ => return,
                     }
                     let Ok(mut tls) = acceptor.accept(tcp).await else {
                         failed.fetch_add(1, Ordering::Relaxed);

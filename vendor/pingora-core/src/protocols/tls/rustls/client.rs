@@ -34,8 +34,10 @@ pub async fn handshake<S: IO>(
     match handshake_result {
         Ok(()) => Ok(stream),
         Err(e) => {
-            let context = format!("TLS connect() failed: {e}, SNI: {domain}");
-            Error::e_explain(TLSHandshakeFailure, context)
+            // The cause is kept: callers tell a certificate the peer's CA does not vouch for
+            // from a refused client certificate by the rustls error inside.
+            let context = format!("TLS connect() failed, SNI: {domain}");
+            Error::e_because(TLSHandshakeFailure, context, e)
         }
     }
 }
