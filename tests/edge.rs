@@ -396,7 +396,12 @@ async fn an_erp_behind_a_private_ca_requiring_a_client_certificate_is_reached_by
     let ca_file = erp_ca.write(dir.path(), "erp-ca");
     let wrong_ca = Ca::new("Not the ERP's CA").write(dir.path(), "wrong-ca");
     let sandbox = TestSandbox::start(LimitsSpec::default()).await;
-    let erp = common::tls::TlsErp::start(&erp_cert, &gateway_ca, format!("127.0.0.1:{}", sandbox.port).parse().unwrap()).await;
+    let erp = common::tls::TlsErp::start(
+        &erp_cert,
+        &gateway_ca,
+        format!("127.0.0.1:{}", sandbox.port).parse().unwrap(),
+    )
+    .await;
     let url = format!("https://127.0.0.1:{}", erp.port);
     let tls = |ca: &std::path::Path| {
         format!(
@@ -412,7 +417,8 @@ async fn an_erp_behind_a_private_ca_requiring_a_client_certificate_is_reached_by
     let proxied = http.get(gw.url("/tls/items?$top=2")).header("x-api-key", KEY).send().await.unwrap();
     assert_eq!(proxied.status(), 200, "{}", gw.log());
     assert_eq!(proxied.json::<serde_json::Value>().await.unwrap()["value"].as_array().unwrap().len(), 2);
-    let mediated = http.get(gw.url("/tls/canonical-items?$top=2")).header("x-api-key", KEY).send().await.unwrap();
+    let mediated =
+        http.get(gw.url("/tls/canonical-items?$top=2")).header("x-api-key", KEY).send().await.unwrap();
     assert_eq!(mediated.status(), 200);
     let body: serde_json::Value = mediated.json().await.unwrap();
     assert_eq!(body["items"].as_array().map(Vec::len), Some(2), "the canonical shape: {body}");
@@ -429,7 +435,10 @@ async fn an_erp_behind_a_private_ca_requiring_a_client_certificate_is_reached_by
         let resp = http.get(gw.url(path)).header("x-api-key", KEY).send().await.unwrap();
         let body = assert_problem(resp, 502, "upstream-tls-failed").await;
         let detail = body["detail"].as_str().unwrap();
-        assert!(detail.contains("not issued by a CA the gateway trusts") && detail.contains("upstreams.bc.tls"), "{detail}");
+        assert!(
+            detail.contains("not issued by a CA the gateway trusts") && detail.contains("upstreams.bc.tls"),
+            "{detail}"
+        );
     }
     // A quote is not lost: it is taken as pending, its history names the TLS failure.
     let resp = submit(&http, &gw, "tls-2", &serde_json::to_value(good_quote("OPP-TLS-2")).unwrap()).await;
@@ -447,6 +456,341 @@ async fn an_erp_behind_a_private_ca_requiring_a_client_certificate_is_reached_by
         .unwrap();
     assert!(view.to_string().contains("not issued by a CA the gateway trusts"), "{view}");
     assert_eq!(erp.plaintext.load(Ordering::Relaxed), 0, "nothing was sent in clear");
-    assert_eq!(sandbox.stats().await["requests_total"].as_u64().unwrap(), requests_before, "nothing reached the ERP");
+    assert_eq!(
+        sandbox.stats().await["requests_total"].as_u64().unwrap(),
+        requests_before,
+        "nothing reached the ERP"
+    );
     assert_eq!(sandbox.stats().await["orders_created"], 1);
+}
+
+const GOOD_KEY: &str = "good-key";
+
+/// Routes behind an API key, CORS and an IP filter; the gateway trusts 127.0.0.1 as its load
+/// balancer and refuses an address after three failed authentications.
+fn client_address_options(sandbox: &TestSandbox) -> GatewayOptions {
+    let mut o = GatewayOptions::new(sandbox.url());
+    o.listen_extra = "  trusted_proxies: [127.0.0.1/32]\n".into();
+    o.main_extra = "auth_failures: { max_failures: 3, window_seconds: 60 }\n".into();
+    let rewrite = format!("\"/api/v2.0/companies({})/items\"", company());
+    o.routes_yaml = format!(
+        "routes:\n  - name: keyed\n    match: {{ methods: [GET], path: /keyed/items }}\n    upstream: bc\n    rewrite: {rewrite}\n    policies: [keys]\n  - name: browser\n    match: {{ methods: [GET, POST], path: /cors/items }}\n    upstream: bc\n    rewrite: {rewrite}\n    policies: [cpq, keys]\n    scopes: [erp.write]\n  - name: partners\n    match: {{ methods: [GET], path: /filtered/items }}\n    upstream: bc\n    rewrite: {rewrite}\n    public: true\n    policies: [partner-networks]\n"
+    );
+    o.policies_yaml = "policies:\n  - name: keys\n    kind: api_key\n    keys:\n      - { consumer: bi, scopes: [erp.write], sha256: b8ce88d57f4916859bcecb01b98b041299a759313987af89f9fc6608d7440537 }\n  - name: cpq\n    kind: cors\n    allow_origins: [https://crm.example.com]\n    allow_methods: [GET, POST]\n    allow_headers: [x-api-key, idempotency-key]\n    allow_credentials: true\n    max_age_seconds: 600\n  - name: partner-networks\n    kind: ip_filter\n    allow: [198.51.100.0/24]\n    deny: [198.51.100.66]\n".into();
+    o
+}
+
+fn from(source: &str) -> reqwest::Client {
+    reqwest::Client::builder().local_address(source.parse::<std::net::IpAddr>().unwrap()).build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_each_forwarded_client_is_limited_on_its_own_and_forgeries_change_nothing() {
+    let sandbox =
+        TestSandbox::start(LimitsSpec { window_requests: 1_000_000, ..LimitsSpec::default() }).await;
+    let gw = TestGateway::start(client_address_options(&sandbox)).await;
+    let (proxy, untrusted) = (Arc::new(from("127.0.0.1")), from("127.0.0.2"));
+    let url = gw.url("/keyed/items?$top=1");
+    let send = |c: &reqwest::Client, xff: &str, key: &str| {
+        c.get(&url).header("x-forwarded-for", xff.to_string()).header("x-api-key", key.to_string()).send()
+    };
+
+    // 200 clients behind the load balancer, each failing three times: each is locked out alone.
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let (proxy, url) = (proxy.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let client_ip = format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256 + 1);
+            let mut statuses = Vec::new();
+            for _ in 0..4 {
+                let r = proxy
+                    .get(&url)
+                    .header("x-forwarded-for", &client_ip)
+                    .header("x-api-key", "wrong")
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(r.status().as_u16());
+            }
+            statuses
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), vec![401, 401, 401, 429]);
+    }
+    // The balancer itself, and a client it forwards for the first time, are not locked.
+    assert_eq!(send(&proxy, "192.0.2.10", GOOD_KEY).await.unwrap().status(), 200);
+    assert_eq!(
+        send(&proxy, "10.0.0.1", GOOD_KEY).await.unwrap().status(),
+        429,
+        "a locked client stays locked"
+    );
+
+    // An untrusted caller forging X-Forwarded-For: its own address is what fails, and is locked.
+    for _ in 0..3 {
+        assert_eq!(send(&untrusted, "198.51.100.77", "wrong").await.unwrap().status(), 401);
+    }
+    let locked = send(&untrusted, "198.51.100.78", GOOD_KEY).await.unwrap();
+    assert_problem(locked, 429, "too-many-authentication-failures").await;
+    assert_eq!(
+        send(&proxy, "198.51.100.77", GOOD_KEY).await.unwrap().status(),
+        200,
+        "the forged address was never blamed"
+    );
+
+    // What the ERP is told: the hops the gateway believed, the forged entry dropped.
+    let r = proxy
+        .get(&url)
+        .header("x-forwarded-for", "6.6.6.6, 198.51.100.20")
+        .header("forwarded", "for=6.6.6.7")
+        .header("x-real-ip", "6.6.6.8")
+        .header("x-api-key", GOOD_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let received = sandbox.received().await;
+    let headers = &received.last().unwrap()["headers"];
+    assert_eq!(headers["x-forwarded-for"], "198.51.100.20, 127.0.0.1");
+    assert_eq!(headers["forwarded"], "for=198.51.100.20, for=127.0.0.1;proto=http");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert!(headers.get("x-real-ip").is_none(), "{headers}");
+    let r = untrusted
+        .get(&url)
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-api-key", GOOD_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(gw.log().contains("\"client\":\"198.51.100.20\""), "the access log names the client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflights_are_answered_without_the_erp_and_ip_filters_refuse_with_a_problem() {
+    let sandbox = TestSandbox::start(LimitsSpec::default()).await;
+    let gw = TestGateway::start(client_address_options(&sandbox)).await;
+    let http = reqwest::Client::new();
+    let requests = || async { sandbox.stats().await["requests_total"].as_u64().unwrap() };
+    let before = requests().await;
+    let preflight = |origin: &str| {
+        http.request(reqwest::Method::OPTIONS, gw.url("/cors/items"))
+            .header("origin", origin.to_string())
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type, x-api-key")
+            .send()
+    };
+    let ok = preflight("https://crm.example.com").await.unwrap();
+    assert_eq!(ok.status(), 204);
+    let h = ok.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://crm.example.com");
+    assert_eq!(h["access-control-allow-methods"], "GET, POST");
+    assert_eq!(h["access-control-allow-headers"], "x-api-key, idempotency-key");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-max-age"], "600");
+    assert!(h.get("x-correlation-id").is_some());
+    let refused = preflight("https://evil.example").await.unwrap();
+    let body = assert_problem(refused, 403, "cors-refused").await;
+    assert!(body["detail"].as_str().unwrap().contains("https://evil.example"));
+    assert_eq!(body["title"], "Not allowed from this browser origin");
+    assert_eq!(requests().await, before, "preflights never reach the ERP");
+
+    // Actual requests: an allowed origin's answers carry the headers (problems too); another
+    // origin is refused before the ERP.
+    let ok = http
+        .get(gw.url("/cors/items?$top=1"))
+        .header("origin", "https://crm.example.com")
+        .header("x-api-key", GOOD_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()["access-control-allow-origin"], "https://crm.example.com");
+    assert!(ok.headers()["vary"].to_str().unwrap().contains("Origin"));
+    let unauthenticated =
+        http.get(gw.url("/cors/items")).header("origin", "https://crm.example.com").send().await.unwrap();
+    assert_eq!(unauthenticated.headers()["access-control-allow-origin"], "https://crm.example.com");
+    assert_problem(unauthenticated, 401, "unauthenticated").await;
+    let foreign = http
+        .get(gw.url("/cors/items"))
+        .header("origin", "https://evil.example")
+        .header("x-api-key", GOOD_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert!(foreign.headers().get("access-control-allow-origin").is_none());
+    assert_problem(foreign, 403, "cors-refused").await;
+    assert_eq!(requests().await, before + 1);
+
+    // IP filter on the address resolved behind the trusted proxy.
+    let filtered = |xff: Option<&str>| {
+        let mut r = http.get(gw.url("/filtered/items?$top=1"));
+        if let Some(x) = xff {
+            r = r.header("x-forwarded-for", x.to_string());
+        }
+        r.send()
+    };
+    assert_eq!(filtered(Some("198.51.100.7")).await.unwrap().status(), 200);
+    let body = assert_problem(filtered(Some("198.51.100.66")).await.unwrap(), 403, "ip-not-allowed").await;
+    assert!(body["detail"].as_str().unwrap().contains("198.51.100.66"));
+    assert_problem(filtered(Some("203.0.113.1")).await.unwrap(), 403, "ip-not-allowed").await;
+    assert_problem(filtered(None).await.unwrap(), 403, "ip-not-allowed").await;
+    assert_eq!(requests().await, before + 2, "refused addresses never reach the ERP");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_protocol_gives_the_client_address_only_from_a_trusted_balancer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let sandbox = TestSandbox::start(LimitsSpec::default()).await;
+    let tls_port = common::free_port();
+    let mut o = GatewayOptions::new(sandbox.url());
+    o.listen_extra = format!(
+        "  proxy_protocol: true\n  trusted_proxies: [127.0.0.1]\n  client_header_timeout_ms: 1000\n  tls:\n{}      proxy_protocol: true\n",
+        pki.listener(tls_port, None)
+    );
+    let gw = TestGateway::start(o).await;
+    wait_port(tls_port).await;
+    let request = b"GET /erp/v2/items?$top=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let exchange = |source: &'static str, preface: Vec<u8>| {
+        let port = gw.proxy_port;
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+            let mut s = socket.connect(format!("127.0.0.1:{port}").parse().unwrap()).await.unwrap();
+            let _ = s.write_all(&preface).await;
+            let _ = s.write_all(request).await;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+            String::from_utf8_lossy(&answer).to_string()
+        }
+    };
+    let last_forwarded = || async {
+        let received = sandbox.received().await;
+        received.last().unwrap()["headers"]["x-forwarded-for"].as_str().unwrap().to_string()
+    };
+    let v1 = exchange("127.0.0.1", b"PROXY TCP4 198.51.100.9 10.0.0.1 51000 8080\r\n".to_vec()).await;
+    assert!(v1.starts_with("HTTP/1.1 200"), "{v1}");
+    assert_eq!(last_forwarded().await, "198.51.100.9");
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24".to_vec();
+    v2.extend("2001:db8::9".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v2.extend("2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v2.extend([0xc7, 0x38, 0x1f, 0x90]);
+    let answer = exchange("127.0.0.1", v2).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(last_forwarded().await, "2001:db8::9");
+    // Without the header, with garbage, or from a peer that is not the balancer: closed unanswered.
+    let count = sandbox.stats().await["requests_total"].as_u64().unwrap();
+    assert_eq!(exchange("127.0.0.1", Vec::new()).await, "");
+    assert_eq!(exchange("127.0.0.1", b"PROXY TCP4 not-an-address\r\n".to_vec()).await, "");
+    assert_eq!(exchange("127.0.0.2", b"PROXY TCP4 198.51.100.9 10.0.0.1 51000 8080\r\n".to_vec()).await, "");
+    assert_eq!(sandbox.stats().await["requests_total"].as_u64().unwrap(), count);
+
+    // Before a TLS handshake too.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port)).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 198.51.100.44 10.0.0.1 51000 443\r\n").await.unwrap();
+    let mut tls = common::tls::handshake(tcp, &pki.server_ca, "localhost").await;
+    tls.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    assert_eq!(last_forwarded().await, "198.51.100.44");
+    assert_eq!(served_fingerprint_after_proxy_header(tls_port), "", "a bare TLS hello is refused");
+}
+
+/// A TLS client that sends no PROXY header to a listener that expects one gets nothing.
+fn served_fingerprint_after_proxy_header(port: u16) -> String {
+    served_fingerprint(port, "localhost")
+}
+
+async fn readyz(gw: &TestGateway) -> (u16, serde_json::Value) {
+    let r = reqwest::get(gw.admin("/readyz")).await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erp_down_for_a_minute_leaves_the_replica_ready_and_every_quote_reaches_it_once() {
+    use common::process::{good_quote, sandbox_options, submit, wait_state};
+    let sandbox = TestSandbox::start(LimitsSpec::default()).await;
+    let port = sandbox.port;
+    // Retries at most 2 s apart, for longer than the outage (the shipped settings cover about
+    // an hour and a half).
+    let delivery =
+        "{ max_attempts: 300, backoff_initial_ms: 200, backoff_max_ms: 2000, inline_wait_ms: 2000 }";
+    let gw = TestGateway::start(sandbox_options(sandbox.url(), delivery)).await;
+    gw.wait_ready(200, Duration::from_secs(10)).await;
+    sandbox.stop();
+    let outage = Instant::now();
+    let http = reqwest::Client::new();
+    let mut orders = Vec::new();
+    let mut probes = 0;
+    while outage.elapsed() < Duration::from_secs(60) {
+        let (status, body) = readyz(&gw).await;
+        assert_eq!(status, 200, "an ERP outage is no reason to leave rotation: {body}");
+        if outage.elapsed() > Duration::from_secs(3) {
+            assert_eq!(body["upstreams"]["bc"], "unreachable", "{body}");
+            assert_eq!(body["store"], "reachable");
+        }
+        probes += 1;
+        if orders.len() < 12 && outage.elapsed() > Duration::from_secs(orders.len() as u64 * 4) {
+            let opportunity = format!("OPP-OUTAGE-{}", orders.len());
+            let resp =
+                submit(&http, &gw, &opportunity, &serde_json::to_value(good_quote(&opportunity)).unwrap())
+                    .await;
+            assert_eq!(resp.status(), 202, "taken as pending while the ERP is down");
+            let body: serde_json::Value = resp.json().await.unwrap();
+            // Pending in the durable queue; `received`: its master data could not be read yet,
+            // so the rules run when the ERP answers.
+            assert_eq!(body["state"], "received", "{body}");
+            orders.push(body["id"].as_str().unwrap().to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(probes > 60 && orders.len() == 12);
+    let sandbox = TestSandbox::start_on(port, LimitsSpec::default()).await;
+    for id in &orders {
+        wait_state(&http, &gw, &format!("/process/v1/orders/{id}"), "accepted", Duration::from_secs(60))
+            .await;
+    }
+    let stats = sandbox.stats().await;
+    assert_eq!(stats["orders_created"], 12, "each order reached the ERP once: {stats}");
+    assert_eq!(stats["duplicate_external_document_numbers"], 0, "{stats}");
+    let (status, body) = readyz(&gw).await;
+    assert_eq!((status, body["upstreams"]["bc"].as_str()), (200, Some("reachable")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_order_store_is_unreachable_is_unready_within_five_seconds() {
+    use common::process::{sandbox_options, FAST};
+    let Some(pg) = common::postgres::OwnPostgres::start() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "PostgreSQL's initdb/pg_ctl are needed (Debian package postgresql)"
+        );
+        eprintln!("SKIPPED: install PostgreSQL (initdb, pg_ctl) to run this test");
+        return;
+    };
+    let sandbox = TestSandbox::start(LimitsSpec::default()).await;
+    let mut o = sandbox_options(sandbox.url(), FAST);
+    o.main_extra = format!(
+        "store: {{ backend: postgres, url: \"{}\", acquire_timeout_ms: 500 }}\n{}",
+        pg.url(),
+        o.main_extra
+    );
+    let gw = TestGateway::start(o).await;
+    gw.wait_ready(200, Duration::from_secs(15)).await;
+    let (_, body) = readyz(&gw).await;
+    assert_eq!(body["store"], "reachable", "{body}");
+    assert!(pg.ctl("stop"));
+    let stopped = Instant::now();
+    gw.wait_ready(503, Duration::from_secs(5)).await;
+    let r = reqwest::get(gw.admin("/readyz")).await.unwrap();
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "https://causeway.dev/problems/not-ready");
+    assert!(body["checks"]["store"].as_str().unwrap().starts_with("unreachable"), "{body}");
+    eprintln!("unready {:?} after the store stopped", stopped.elapsed());
+    assert!(pg.ctl("start"));
+    gw.wait_ready(200, Duration::from_secs(10)).await;
 }

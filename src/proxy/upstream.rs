@@ -41,8 +41,8 @@ pub(super) fn classify(e: &Error, upstream: String) -> Option<GatewayError> {
     match (e.etype(), e.esource()) {
         (HTTPStatus(413), _) => None,
         (TLSHandshakeFailure | InvalidCert | HandshakeError, ErrorSource::Upstream) => {
-            let detail =
-                crate::config::upstream_tls::tls_failure(e).unwrap_or_else(|| "TLS handshake failed".to_string());
+            let detail = crate::config::upstream_tls::tls_failure(e)
+                .unwrap_or_else(|| "TLS handshake failed".to_string());
             Some(GatewayError::UpstreamTls { upstream, detail })
         }
         (ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout, ErrorSource::Upstream) => {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod origin;
+pub mod postgres;
 pub mod process;
 pub mod tls;
 

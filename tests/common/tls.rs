@@ -252,6 +252,15 @@ pub async fn connect(
     ca: &Ca,
     sni: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    handshake(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap(), ca, sni).await
+}
+
+/// TLS over an open connection (after a PROXY header, say).
+pub async fn handshake(
+    tcp: tokio::net::TcpStream,
+    ca: &Ca,
+    sni: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use rustls::pki_types::pem::PemObject;
     super::install_tls_provider();
     let mut roots = rustls::RootCertStore::empty();
@@ -259,6 +268,5 @@ pub async fn connect(
     let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     connector.connect(rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap(), tcp).await.unwrap()
 }
