@@ -255,20 +255,35 @@ async fn exposes_bounded_prometheus_metrics() {
 }
 
 #[tokio::test]
-async fn readiness_follows_upstream_reachability() {
+async fn readiness_reports_upstream_reachability_without_leaving_rotation() {
     let (sandbox, gw) = setup().await;
     assert_eq!(reqwest::get(gw.admin("/healthz")).await.unwrap().status(), 200);
     gw.wait_ready(200, Duration::from_secs(5)).await;
+    wait_for_upstream(&gw, "reachable").await;
     let port = sandbox.port;
     sandbox.stop();
-    gw.wait_ready(503, Duration::from_secs(5)).await;
-    let resp = reqwest::get(gw.admin("/readyz")).await.unwrap();
-    assert_eq!(resp.headers().get("content-type").unwrap(), "application/problem+json");
-    let body: serde_json::Value = resp.json().await.unwrap();
-    assert_eq!(body["upstreams"]["bc"], "unreachable");
+    wait_for_upstream(&gw, "unreachable").await;
     assert_eq!(reqwest::get(gw.admin("/healthz")).await.unwrap().status(), 200, "liveness is unaffected");
     let _back = TestSandbox::start_on(port, LimitsSpec::default()).await;
-    gw.wait_ready(200, Duration::from_secs(5)).await;
+    wait_for_upstream(&gw, "reachable").await;
+}
+
+/// Wait until readiness reports the `bc` upstream as `want`, asserting on every probe that the
+/// replica stays ready: an unreachable ERP is reported, never a reason to leave the load balancer.
+async fn wait_for_upstream(gw: &TestGateway, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = reqwest::get(gw.admin("/readyz")).await.unwrap();
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.unwrap();
+        let state = body["upstreams"]["bc"].as_str().unwrap_or_default().to_string();
+        assert_eq!(status, 200, "readiness stays 200 whatever the ERP does: {body}");
+        if state == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "bc stayed {state}, wanted {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Read one HTTP/1.1 response (Content-Length framed) from `stream`; bytes read past it stay in
@@ -407,9 +422,10 @@ async fn sigterm_drains_in_flight_requests_closes_idle_ones_and_refuses_new_conn
     assert!(gw.log().contains("drained; exiting"));
 }
 
-/// The shipped configuration with its `sandbox:` block removed and `upstreams.bc.url` pointed at
-/// an ERP elsewhere (a sandbox outside the gateway's process, standing in for a tenant) serves
-/// its routes against that ERP, with the credential from the environment, and starts no sandbox.
+/// The shipped configuration, unchanged, with the sandbox switched off and `upstreams.bc.url`
+/// pointed at an ERP elsewhere (a sandbox outside the gateway's process, standing in for a
+/// tenant) from the environment, serves its routes against that ERP with the credential from
+/// the environment, and starts no sandbox.
 #[tokio::test]
 async fn the_shipped_configuration_without_its_sandbox_runs_against_an_external_erp() {
     let erp = TestSandbox::start(LimitsSpec::default()).await;
@@ -419,25 +435,31 @@ async fn the_shipped_configuration_without_its_sandbox_runs_against_an_external_
         copy_dir(&repo.join(sub), &dir.path().join(sub));
     }
     let (proxy, admin, metrics) = (free_port(), free_port(), free_port());
-    let shipped = std::fs::read_to_string(repo.join("causeway.yaml")).unwrap();
-    let start = shipped.find("\nsandbox:").expect("the shipped file has a sandbox block");
-    let end = start + 1 + shipped[start + 1..].find("\n\n").unwrap();
-    let main = format!("{}{}", &shipped[..start], &shipped[end..])
-        .replace("127.0.0.1:8080", &format!("127.0.0.1:{proxy}"))
-        .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin}"))
-        .replace("127.0.0.1:9091", &format!("127.0.0.1:{metrics}"))
-        .replace("url: http://127.0.0.1:8085", &format!("url: {}", erp.url()))
-        .replace("path: data/causeway.db", &format!("path: {}", dir.path().join("orders.db").display()));
-    assert!(!main.contains("sandbox:") && main.contains(&erp.url()), "{main}");
-    std::fs::write(dir.path().join("causeway.yaml"), &main).unwrap();
+    std::fs::copy(repo.join("causeway.yaml"), dir.path().join("causeway.yaml")).unwrap();
+    let data = dir.path().join("data");
+    let env = [
+        ("CAUSEWAY_SANDBOX", "false".to_string()),
+        ("CAUSEWAY_BC_URL", erp.url()),
+        ("CAUSEWAY_BC_TOKEN", UPSTREAM_TOKEN.to_string()),
+        ("CAUSEWAY_PROXY_LISTEN", format!("127.0.0.1:{proxy}")),
+        ("CAUSEWAY_ADMIN_LISTEN", format!("127.0.0.1:{admin}")),
+        ("CAUSEWAY_METRICS_LISTEN", format!("127.0.0.1:{metrics}")),
+        ("CAUSEWAY_DATA_DIR", data.display().to_string()),
+    ];
+    std::fs::create_dir_all(&data).unwrap();
 
-    let check = std::process::Command::new(binary()).args(["check", "-c"]).arg(dir.path()).output().unwrap();
+    let check = std::process::Command::new(binary())
+        .args(["check", "-c"])
+        .arg(dir.path())
+        .envs(env.clone())
+        .output()
+        .unwrap();
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
     let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
     let mut child = std::process::Command::new(binary())
         .args(["serve", "-c"])
         .arg(dir.path())
-        .env("CAUSEWAY_BC_TOKEN", UPSTREAM_TOKEN)
+        .envs(env)
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -469,6 +491,7 @@ async fn the_shipped_configuration_without_its_sandbox_runs_against_an_external_
         log.contains("causeway: proxy on") && !log.contains("ERP sandbox"),
         "no sandbox was started: {log}"
     );
+    assert!(data.join("causeway.db").exists(), "the order store is in CAUSEWAY_DATA_DIR");
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

@@ -374,12 +374,12 @@ fn load_in(dir: &Path, env_vars: &Env, state: &SharedState) -> Result<Config, Di
     let routes =
         load_routes(&dir.join("routes"), env_vars, &upstreams, &policies, declared.as_deref(), &mut diags);
 
-    let sandbox = main.as_ref().and_then(|m| m.sandbox.as_ref()).and_then(|s| {
+    let sandbox = main.as_ref().and_then(|m| m.sandbox.as_ref()).filter(|s| s.enabled).and_then(|s| {
         if !cfg!(feature = "sandbox") {
             diags.at(
                 &main_path,
                 &s.listen,
-                "`sandbox:` needs a build with the `sandbox` feature (the default); this one has no ERP sandbox: remove the block and point the upstream at the ERP".to_string(),
+                "`sandbox:` needs a build with the `sandbox` feature (the default); this one has no ERP sandbox: remove the block (or set `enabled: false`) and point the upstream at the ERP".to_string(),
             );
             return None;
         }

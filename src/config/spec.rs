@@ -204,6 +204,10 @@ pub enum CredentialSpec {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxSpec {
+    /// `false` leaves the block in place but starts no sandbox (a container pointed at a real
+    /// ERP: `enabled: ${CAUSEWAY_SANDBOX:-true}`).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
     /// Address the sandbox listens on.
     pub listen: Spanned<String>,
     /// Bearer token the sandbox requires (may reference the environment like credentials).
