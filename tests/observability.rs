@@ -134,4 +134,36 @@ async fn every_dashboard_and_alert_query_names_a_metric_a_live_gateway_exports()
         .filter(|n| redis || !cluster_only.contains(&n.as_str()))
         .collect();
     assert!(missing.is_empty(), "queried but not exported: {missing:?}\nexported: {exported:?}");
+
+    // Hygiene: one type per OpenMetrics family (a counter `x_total` is the family `x`, so no
+    // gauge may be called `x`), states as labels, and the build named.
+    let types: Vec<(&str, &str)> = exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .collect();
+    for (name, kind) in &types {
+        if *kind == "counter" {
+            let family = name
+                .strip_suffix("_total")
+                .unwrap_or_else(|| panic!("counter {name} does not end in _total"));
+            assert!(
+                !types.iter().any(|(n, _)| *n == family),
+                "{family} is both a counter's family and a metric"
+            );
+        } else {
+            assert!(!name.ends_with("_total"), "{kind} {name} ends in _total");
+        }
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        exposition.contains(&format!(
+            "causeway_build_info{{allocator=\"mimalloc\",sandbox=\"yes\",version=\"{version}\"}} 1"
+        )),
+        "{exposition}"
+    );
+    for (state, value) in [("closed", 1), ("half_open", 0), ("open", 0)] {
+        let sample = format!("causeway_erp_circuit_state{{state=\"{state}\",upstream=\"bc\"}} {value}");
+        assert!(exposition.contains(&sample), "{sample}");
+    }
 }

@@ -107,7 +107,7 @@ fn outbox_settled() -> usize {
     while Instant::now() < deadline {
         let open: f64 = ["received", "validated", "submitted", "pending"]
             .iter()
-            .map(|s| metric(&format!("causeway_process_orders{{state=\"{s}\"}}")))
+            .map(|s| metric(&format!("causeway_process_orders_in_store{{state=\"{s}\"}}")))
             .sum();
         if open == 0.0 {
             break;

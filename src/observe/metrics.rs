@@ -114,10 +114,14 @@ impl Metrics {
             "Budget pauses after ERP overload signals (retry_after or backoff)",
             &["upstream", "reason"],
         );
-        let erp_circuit_state = gauge(
-            "causeway_erp_circuit_state",
-            "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
-        );
+        let erp_circuit_state = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "causeway_erp_circuit_state",
+                "Circuit breaker per upstream: 1 for the state it is in (closed, half_open, open), 0 for the others",
+            ),
+            &["upstream", "state"],
+        )
+        .expect("valid metric");
         let erp_pause_seconds = prometheus::GaugeVec::new(
             Opts::new(
                 "causeway_erp_pause_seconds",
@@ -212,8 +216,25 @@ impl Metrics {
             "ERP responses that violated the route's response schema (monitor mode: passed on unchanged)",
             &["route"],
         );
+        // Which build answers: `version` and the cargo features it was built with.
+        let build_info = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "causeway_build_info",
+                "The running build: always 1, its version and features as labels",
+            ),
+            &["version", "sandbox", "allocator"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                if cfg!(feature = "sandbox") { "yes" } else { "no" },
+                if cfg!(feature = "mimalloc") { "mimalloc" } else { "system" },
+            ])
+            .set(1);
         for c in [
-            Box::new(mediation_rejections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(build_info) as Box<dyn prometheus::core::Collector>,
+            Box::new(mediation_rejections.clone()),
             Box::new(mediation_failures.clone()),
             Box::new(response_schema_violations.clone()),
             Box::new(auth_failures.clone()),

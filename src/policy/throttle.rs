@@ -81,7 +81,8 @@ pub struct Budget {
     /// Metric handles resolved once: label lookups are not free on the request path.
     in_flight_gauge: prometheus::IntGauge,
     queue_gauge: prometheus::IntGauge,
-    circuit_gauge: prometheus::IntGauge,
+    /// Closed, half-open, open: one of them 1.
+    circuit_gauges: [prometheus::IntGauge; 3],
     pause_gauge: prometheus::Gauge,
     concurrency_limit_gauge: prometheus::IntGauge,
     window_limit_gauge: prometheus::IntGauge,
@@ -131,7 +132,8 @@ impl Budget {
             me: me.clone(),
             in_flight_gauge: m.erp_in_flight.with_label_values(&[upstream]),
             queue_gauge: m.erp_queue_depth.with_label_values(&[upstream]),
-            circuit_gauge: m.erp_circuit_state.with_label_values(&[upstream]),
+            circuit_gauges: ["closed", "half_open", "open"]
+                .map(|state| m.erp_circuit_state.with_label_values(&[upstream, state])),
             pause_gauge: m.erp_pause_seconds.with_label_values(&[upstream]),
             concurrency_limit_gauge: m.erp_effective_limit.with_label_values(&[upstream, "max_concurrent"]),
             window_limit_gauge: m.erp_effective_limit.with_label_values(&[upstream, "window_requests"]),
@@ -559,12 +561,14 @@ impl Budget {
     }
 
     fn publish_circuit(&self, s: &State) {
-        let v = match s.circuit {
+        let current = match s.circuit {
             Circuit::Closed { .. } => 0,
             Circuit::HalfOpen { .. } => 1,
             Circuit::Open { .. } => 2,
         };
-        self.circuit_gauge.set(v);
+        for (i, gauge) in self.circuit_gauges.iter().enumerate() {
+            gauge.set(i64::from(i == current));
+        }
     }
 }
 

@@ -51,7 +51,8 @@ impl ProcessMetrics {
                     "kind",
                 ),
                 orders_in_state: IntGaugeVec::new(
-                    Opts::new("causeway_process_orders", "Orders in the store, by state"),
+                    // Not `causeway_process_orders`: that is the family of the outcome counter.
+                    Opts::new("causeway_process_orders_in_store", "Orders in the store, by state"),
                     &["state"],
                 )
                 .expect("valid metric"),
