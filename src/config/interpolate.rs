@@ -9,12 +9,15 @@ use std::collections::HashMap;
 use std::fmt;
 use std::rc::Rc;
 
+/// What an unset variable without a fallback becomes (`None`: an error).
+pub type UnsetValue = Box<dyn Fn(&str) -> Option<String>>;
+
 /// The variables a file may reference, resolved before it is parsed (`None`: unset).
 pub struct Vars {
     pub values: HashMap<String, Option<String>>,
     /// What an unset variable without a fallback becomes (offline: a placeholder); `None`
     /// makes the reference an error.
-    pub unset: Box<dyn Fn(&str) -> Option<String>>,
+    pub unset: UnsetValue,
     /// The first unset variable an expansion failed on (its message names it; the caller
     /// finds its line).
     pub failed: RefCell<Option<String>>,

@@ -126,7 +126,7 @@ pub struct Certificates(pub Vec<ServedCertificate>);
 impl Certificates {
     pub fn for_name(&self, sni: Option<&str>) -> Option<&ServedCertificate> {
         let found = sni.map(|n| n.to_ascii_lowercase()).and_then(|name| {
-            let exact = self.0.iter().find(|c| c.names.iter().any(|n| *n == name));
+            let exact = self.0.iter().find(|c| c.names.contains(&name));
             exact.or_else(|| {
                 let parent = name.split_once('.').map(|(_, p)| p)?;
                 self.0.iter().find(|c| c.names.iter().any(|n| n.strip_prefix("*.") == Some(parent)))
