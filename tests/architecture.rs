@@ -98,6 +98,11 @@ fn config_and_error_import_no_runtime_or_domain_module() {
         assert!(!runtime.contains(&dep.as_str()), "config imports the runtime module `{dep}`");
     }
     assert!(graph["error"].is_empty(), "error imports {:?}; domains convert into it instead", graph["error"]);
+    assert!(
+        graph["edge"].is_empty(),
+        "edge (TLS, client addresses, the PROXY protocol) imports {:?}; it is a leaf the listeners and policies use",
+        graph["edge"]
+    );
     assert!(!graph["process"].contains("erp"), "process owns the ERP port; erp implements it");
     for outer in ["changes", "events"] {
         assert!(!graph["process"].contains(outer), "process knows nothing of `{outer}`, which builds on it");

@@ -37,6 +37,9 @@ impl Pki {
         let partner_site = server_ca.issue(&Leaf::server(&["partner.example"]));
         server.write(dir.path(), "server");
         partner_site.write(dir.path(), "partner-site");
+        // What an OCSP responder would have said about the partner site's certificate: the
+        // gateway staples the file's bytes as they are (checking them is the client's job).
+        std::fs::write(dir.path().join("partner-site.ocsp"), OCSP_RESPONSE).unwrap();
         client_ca.write(dir.path(), "clients");
         Pki { dir, server_ca, client_ca, stranger_ca, server, partner_site }
     }
@@ -51,14 +54,18 @@ impl Pki {
             format!("      client_certificates: {{ mode: {mode}, ca: {} }}\n", self.path("clients.pem"))
         });
         format!(
-            "    - address: 127.0.0.1:{port}\n      certificates:\n        - {{ cert: {}, key: {} }}\n        - {{ cert: {}, key: {} }}\n{client}",
+            "    - address: 127.0.0.1:{port}\n      certificates:\n        - {{ cert: {}, key: {} }}\n        - {{ cert: {}, key: {}, ocsp: {} }}\n{client}",
             self.path("server.pem"),
             self.path("server.key"),
             self.path("partner-site.pem"),
             self.path("partner-site.key"),
+            self.path("partner-site.ocsp"),
         )
     }
 }
+
+/// Stands in for a DER OCSP response (an `OCSPResponse` SEQUENCE, status successful).
+const OCSP_RESPONSE: &[u8] = b"\x30\x03\x0a\x01\x00";
 
 async fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -154,6 +161,14 @@ async fn http1_and_http2_over_tls_with_sni_and_no_old_protocol() {
     assert_eq!(served_fingerprint(port, "gateway.test"), fingerprint(&pki.server.cert));
     assert_eq!(served_fingerprint(port, "unknown.example"), fingerprint(&pki.server.cert));
 
+    // OCSP stapling: the partner site's certificate comes with its response, over TLS 1.3 (in
+    // the certificate entry) and TLS 1.2 (the CertificateStatus message); the other without.
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let stapled = common::tls::stapled_ocsp(port, &pki.server_ca, "partner.example", version).await;
+        assert_eq!(stapled, OCSP_RESPONSE, "{version:?}");
+        assert!(common::tls::stapled_ocsp(port, &pki.server_ca, "gateway.test", version).await.is_empty());
+    }
+
     // TLS 1.0 and 1.1 are refused: a ClientHello that offers nothing newer gets an alert.
     for version in [[3u8, 1u8], [3, 2]] {
         let answer = common::tls::raw_handshake(port, &common::tls::legacy_client_hello(version, 2)).await;
@@ -166,6 +181,30 @@ async fn http1_and_http2_over_tls_with_sni_and_no_old_protocol() {
     // The listener still serves.
     assert_eq!(h2.get(&url).send().await.unwrap().status(), 200);
     drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plain_listener_speaks_h2c_with_prior_knowledge_only_when_asked() {
+    let sandbox = TestSandbox::start(LimitsSpec::default()).await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let h1 = reqwest::Client::builder().http1_only().build().unwrap();
+
+    let mut o = GatewayOptions::new(sandbox.url());
+    o.listen_extra = "  h2c: true\n".into();
+    let gw = TestGateway::start(o).await;
+    let url = gw.url("/erp/v2/items?$top=1");
+    let resp = h2.get(&url).send().await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.version()), (200, reqwest::Version::HTTP_2));
+    assert_problem(h2.get(gw.url("/nope")).send().await.unwrap(), 404, "route-not-found").await;
+    // HTTP/1.1 callers keep working on the same listener.
+    let resp = h1.get(&url).send().await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.version()), (200, reqwest::Version::HTTP_11));
+    drop(gw);
+
+    // Off by default: an HTTP/2 preface on the plain listener is not HTTP/2.
+    let gw = TestGateway::start(GatewayOptions::new(sandbox.url())).await;
+    assert!(h2.get(gw.url("/erp/v2/items?$top=1")).send().await.is_err());
+    assert_eq!(h1.get(gw.url("/erp/v2/items?$top=1")).send().await.unwrap().status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -710,57 +749,6 @@ async fn readyz(gw: &TestGateway) -> (u16, serde_json::Value) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_erp_down_for_a_minute_leaves_the_replica_ready_and_every_quote_reaches_it_once() {
-    use common::process::{good_quote, sandbox_options, submit, wait_state};
-    let sandbox = TestSandbox::start(LimitsSpec::default()).await;
-    let port = sandbox.port;
-    // Retries at most 2 s apart, for longer than the outage (the shipped settings cover about
-    // an hour and a half).
-    let delivery =
-        "{ max_attempts: 300, backoff_initial_ms: 200, backoff_max_ms: 2000, inline_wait_ms: 2000 }";
-    let gw = TestGateway::start(sandbox_options(sandbox.url(), delivery)).await;
-    gw.wait_ready(200, Duration::from_secs(10)).await;
-    sandbox.stop();
-    let outage = Instant::now();
-    let http = reqwest::Client::new();
-    let mut orders = Vec::new();
-    let mut probes = 0;
-    while outage.elapsed() < Duration::from_secs(60) {
-        let (status, body) = readyz(&gw).await;
-        assert_eq!(status, 200, "an ERP outage is no reason to leave rotation: {body}");
-        if outage.elapsed() > Duration::from_secs(3) {
-            assert_eq!(body["upstreams"]["bc"], "unreachable", "{body}");
-            assert_eq!(body["store"], "reachable");
-        }
-        probes += 1;
-        if orders.len() < 12 && outage.elapsed() > Duration::from_secs(orders.len() as u64 * 4) {
-            let opportunity = format!("OPP-OUTAGE-{}", orders.len());
-            let resp =
-                submit(&http, &gw, &opportunity, &serde_json::to_value(good_quote(&opportunity)).unwrap())
-                    .await;
-            assert_eq!(resp.status(), 202, "taken as pending while the ERP is down");
-            let body: serde_json::Value = resp.json().await.unwrap();
-            // Pending in the durable queue; `received`: its master data could not be read yet,
-            // so the rules run when the ERP answers.
-            assert_eq!(body["state"], "received", "{body}");
-            orders.push(body["id"].as_str().unwrap().to_string());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert!(probes > 60 && orders.len() == 12);
-    let sandbox = TestSandbox::start_on(port, LimitsSpec::default()).await;
-    for id in &orders {
-        wait_state(&http, &gw, &format!("/process/v1/orders/{id}"), "accepted", Duration::from_secs(60))
-            .await;
-    }
-    let stats = sandbox.stats().await;
-    assert_eq!(stats["orders_created"], 12, "each order reached the ERP once: {stats}");
-    assert_eq!(stats["duplicate_external_document_numbers"], 0, "{stats}");
-    let (status, body) = readyz(&gw).await;
-    assert_eq!((status, body["upstreams"]["bc"].as_str()), (200, Some("reachable")));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_order_store_is_unreachable_is_unready_within_five_seconds() {
     use common::process::{sandbox_options, FAST};
     let Some(pg) = common::postgres::OwnPostgres::start() else {
@@ -793,4 +781,186 @@ async fn a_replica_whose_order_store_is_unreachable_is_unready_within_five_secon
     eprintln!("unready {:?} after the store stopped", stopped.elapsed());
     assert!(pg.ctl("start"));
     gw.wait_ready(200, Duration::from_secs(10)).await;
+}
+
+/// Read what a hostile handshake gets back until the gateway closes the connection; `None` if
+/// it is still open after five seconds (a hang).
+async fn answer_then_close(port: u16, bytes: &[u8]) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let _ = stream.write_all(bytes).await;
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline.into(), stream.read(&mut chunk)).await {
+            Ok(Ok(0) | Err(_)) => return Some(answer),
+            Ok(Ok(n)) => answer.extend(&chunk[..n]),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// One HTTP/2 frame: 24-bit length, type, flags, stream id.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// What the gateway said on an HTTP/2 connection flooded with streams reset as soon as they
+/// are opened (CVE-2023-44487): the GOAWAY's error code, if one came, and whether it closed.
+struct FloodOutcome {
+    streams_sent: u32,
+    goaway: Option<u32>,
+    closed: bool,
+}
+
+async fn rapid_reset_flood(port: u16, ca: &Ca, streams: u32) -> FloodOutcome {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = common::tls::connect_alpn(port, ca, "localhost", b"h2").await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(4, 0, 0, &[]));
+    writer.write_all(&hello).await.unwrap();
+    // The gateway's frames: SETTINGS are acknowledged, a GOAWAY is noted; until it closes.
+    let (settings_tx, settings_rx) = tokio::sync::oneshot::channel();
+    let read = tokio::spawn(async move {
+        let mut settings_tx = Some(settings_tx);
+        let mut goaway = None;
+        let mut head = [0u8; 9];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = tokio::time::timeout_at(deadline.into(), reader.read_exact(&mut head)).await;
+            let Ok(Ok(_)) = got else { return (goaway, matches!(got, Ok(Err(_)))) };
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if reader.read_exact(&mut payload).await.is_err() {
+                return (goaway, true);
+            }
+            match head[3] {
+                4 if head[4] & 1 == 0 => {
+                    if let Some(tx) = settings_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                7 => goaway = Some(u32::from_be_bytes(payload[4..8].try_into().unwrap())),
+                _ => {}
+            }
+        }
+    });
+    settings_rx.await.expect("the gateway's SETTINGS");
+    writer.write_all(&h2_frame(4, 1, 0, &[])).await.unwrap();
+    // GET /erp/v2/items?$top=1: indexed :method GET and :scheme https, literal :authority and
+    // :path without indexing (nothing grows the gateway's HPACK table).
+    let path = b"/erp/v2/items?$top=1";
+    let mut block = vec![0x82, 0x87, 0x01, 9];
+    block.extend(b"localhost");
+    block.extend([0x04, path.len() as u8]);
+    block.extend(path);
+    let mut streams_sent = 0;
+    'flood: for batch in 0..streams / 100 {
+        let mut bytes = Vec::with_capacity(100 * 60);
+        for i in 0..100 {
+            let id = 2 * (batch * 100 + i) + 1;
+            bytes.extend(h2_frame(1, 0x4 | 0x1, id, &block));
+            bytes.extend(h2_frame(3, 0, id, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+        }
+        if writer.write_all(&bytes).await.is_err() {
+            break 'flood;
+        }
+        streams_sent += 100;
+    }
+    let _ = writer.shutdown().await;
+    let (goaway, closed) = read.await.unwrap();
+    FloodOutcome { streams_sent, goaway, closed }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_handshakes_reset_floods_and_huge_headers_are_bounded_and_the_gateway_keeps_serving() {
+    let pki = Pki::new();
+    let sandbox = TestSandbox::start(LimitsSpec::default()).await;
+    let (gw, port, _) = tls_gateway(&pki, &sandbox).await;
+    let pid = gw.child.id();
+    let url = https(port, "/erp/v2/items?$top=1");
+    let h2 = client(&pki.server_ca, None);
+    for _ in 0..50 {
+        assert_eq!(h2.get(&url).send().await.unwrap().status(), 200);
+    }
+    let idle_rss = common::rss_kb(pid);
+    let mut peak_rss = idle_rss;
+
+    // A ClientHello offering 10,000 cipher suites (two records): answered with an alert or a
+    // ServerHello and the connection ended, never a hang; fifty of them at once.
+    let suites: Vec<u16> = (0..10_000u16).map(|i| 0x1300 + (i % 5) + (i / 5) * 0x100).collect();
+    let hello = common::tls::client_hello([3, 3], &suites);
+    assert!(hello.len() > 20_000);
+    let answers = futures_util::future::join_all((0..50).map(|_| answer_then_close(port, &hello))).await;
+    for answer in &answers {
+        let answer = answer.as_ref().expect("a 10,000-cipher hello is answered and its connection closed");
+        assert!(
+            answer.is_empty() || answer[0] == 0x15 || answer[0] == 0x16,
+            "{:?}",
+            &answer[..8.min(answer.len())]
+        );
+    }
+    peak_rss = peak_rss.max(common::rss_kb(pid));
+
+    // Garbage: random bytes, a record claiming 64 KiB, a handshake message claiming 16 MiB.
+    let random: Vec<u8> = (0..65_536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let oversized_record = [0x16, 3, 3, 0xff, 0xff, 1, 0, 0, 0];
+    let oversized_message = [0x16, 3, 3, 0, 4, 1, 0xff, 0xff, 0xff];
+    for garbage in [&random[..], &oversized_record[..], &oversized_message[..]] {
+        let answer = answer_then_close(port, garbage).await;
+        let answer = answer.expect("a garbage handshake is closed within five seconds");
+        assert!(!common::tls::is_server_hello(&answer), "garbage is never answered with a ServerHello");
+    }
+
+    // HTTP/2 rapid reset: 10,000 streams each cancelled as soon as it is opened. h2's defences
+    // end the connection with GOAWAY ENHANCE_YOUR_CALM (11) long before the flood is served,
+    // and only a bounded number of the streams become ERP requests.
+    let erp_before = sandbox.stats().await["requests_total"].as_u64().unwrap();
+    let flood = rapid_reset_flood(port, &pki.server_ca, 10_000).await;
+    let erp_requests = sandbox.stats().await["requests_total"].as_u64().unwrap() - erp_before;
+    eprintln!(
+        "rapid reset: {} streams written, GOAWAY {:?}, closed {}, {erp_requests} ERP requests",
+        flood.streams_sent, flood.goaway, flood.closed
+    );
+    assert!(flood.closed, "the gateway ends a rapid-reset connection");
+    assert_eq!(flood.goaway, Some(11), "GOAWAY ENHANCE_YOUR_CALM");
+    assert!(erp_requests < 500, "{erp_requests} of the flood's streams reached the ERP");
+    peak_rss = peak_rss.max(common::rss_kb(pid));
+
+    // A 1 MB Forwarded header: refused over HTTP/1.1 (a 400 problem, or the connection closed
+    // while it is still arriving) and over HTTP/2 (431 or the stream refused), never parsed.
+    let forwarded = "for=192.0.2.1;proto=https, ".repeat(40_000);
+    assert!(forwarded.len() > 1_000_000);
+    let request = format!("GET /erp/v2/items?$top=1 HTTP/1.1\r\nHost: gw\r\nForwarded: {forwarded}\r\n\r\n");
+    let answer =
+        answer_then_close(gw.proxy_port, request.as_bytes()).await.expect("closed, not left hanging");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.is_empty() || answer.contains("problems/bad-request"), "{answer}");
+    match h2.get(&url).header("forwarded", &forwarded).send().await {
+        Ok(resp) => assert_eq!(resp.status(), 431),
+        Err(e) => eprintln!("HTTP/2 stream with a 1 MB header refused: {e}"),
+    }
+    let h1 = reqwest::Client::new();
+    peak_rss = peak_rss.max(common::rss_kb(pid));
+
+    // Still serving, on every listener; memory back near idle.
+    for _ in 0..25 {
+        assert_eq!(h2.get(&url).send().await.unwrap().status(), 200);
+        assert_eq!(h1.get(gw.url("/erp/v2/items?$top=1")).send().await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after_rss = common::rss_kb(pid);
+    eprintln!("RSS idle {idle_rss} KB, peak {peak_rss} KB, after {after_rss} KB");
+    assert!(
+        after_rss <= idle_rss + 16 * 1024,
+        "RSS returns near idle: idle {idle_rss} KB, after {after_rss} KB (peak {peak_rss} KB)"
+    );
 }

@@ -224,16 +224,6 @@ async fn ambiguous_framing_is_refused_and_never_reaches_a_lenient_origin() {
     assert_eq!(origin.requests(), 1);
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_slow_header_connections_are_closed_at_the_deadline_while_requests_go_on() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

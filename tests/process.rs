@@ -400,7 +400,8 @@ async fn dead_letters_are_listed_and_replayed_after_the_data_is_fixed() {
     let dead = wait_state(&client, &gw, &location, "dead_lettered", Duration::from_secs(10)).await;
     assert!(dead["reason"].as_str().unwrap().contains("customer.blocked"), "{dead:#}");
     // The dead-letter gauge (refreshed every second by the worker) shows it.
-    gw.wait_for_metric("causeway_process_orders{state=\"dead_lettered\"} 1", Duration::from_secs(5)).await;
+    gw.wait_for_metric("causeway_process_orders_in_store{state=\"dead_lettered\"} 1", Duration::from_secs(5))
+        .await;
 
     let unauthorized = client.get(admin("/admin/dead-letters")).send().await.unwrap();
     assert_eq!(unauthorized.status(), 401);
@@ -510,8 +511,8 @@ impl Drop for SandboxProcess {
 }
 
 /// The ERP is down (its process killed, connections refused) for 60 s under a steady stream of
-/// orders: callers get 202 pending, and every order is accepted exactly once after recovery,
-/// none dead-lettered. The sandbox keeps its data in memory, so the restarted one starts empty:
+/// orders: callers get 202 pending, `/readyz` stays 200 (saying the ERP is unreachable), and
+/// every order is accepted exactly once after recovery, none dead-lettered. The sandbox keeps its data in memory, so the restarted one starts empty:
 /// orders accepted before the outage are checked in the first, the rest in the second.
 #[tokio::test]
 async fn a_60_second_erp_outage_loses_nothing() {
@@ -554,7 +555,19 @@ async fn a_60_second_erp_outage_loses_nothing() {
     let mut after = Vec::new();
     let mut during = HashMap::<u16, usize>::new();
     let outage = Instant::now();
+    let mut probes = 0;
     while outage.elapsed() < Duration::from_secs(60) {
+        // The replica stays in the load balancer's rotation: the ERP's outage is reported, the
+        // store that keeps the orders is what readiness needs.
+        let ready = reqwest::get(gw.admin("/readyz")).await.unwrap();
+        let ready_status = ready.status();
+        let body: Value = ready.json().await.unwrap();
+        assert_eq!(ready_status, 200, "an ERP outage is no reason to leave rotation: {body}");
+        if outage.elapsed() > Duration::from_secs(3) {
+            assert_eq!(body["upstreams"]["bc"], "unreachable", "{body}");
+            assert_eq!(body["store"], "reachable", "{body}");
+        }
+        probes += 1;
         let (status, opportunity, location) = send(&mut n).await;
         *during.entry(status).or_default() += 1;
         after.push((opportunity, location.unwrap_or_else(|| panic!("{status} without Location"))));
@@ -565,6 +578,7 @@ async fn a_60_second_erp_outage_loses_nothing() {
         [202],
         "every caller during the outage got 202: {during:?}"
     );
+    assert!(probes > 60, "readiness probed through the outage ({probes} times)");
 
     let erp = SandboxProcess::start(port).await;
     for _ in 0..5 {
@@ -585,7 +599,7 @@ async fn a_60_second_erp_outage_loses_nothing() {
         metrics.lines().any(|l| l == "causeway_process_orders_total{outcome=\"dead_lettered\"} 0"),
         "none dead-lettered"
     );
-    assert!(metrics.contains("causeway_process_orders{state=\"dead_lettered\"} 0"));
+    assert!(metrics.contains("causeway_process_orders_in_store{state=\"dead_lettered\"} 0"));
 }
 
 /// 500 orders against a slowed ERP; the gateway is SIGKILLed mid-flight and restarted. Every
@@ -692,7 +706,7 @@ async fn a_vendor_overload_marker_in_an_erp_answer_pauses_the_budget_for_quote_t
     assert_eq!(erp_orders(&sandbox.url()).await.get("OPP-OVERLOAD-1"), Some(&1), "{order:#}");
 }
 
-/// `causeway_process_orders{state}` follows the store: after creation, a pending order, its
+/// `causeway_process_orders_in_store{state}` follows the store: after creation, a pending order, its
 /// delivery, a refusal, and a restart (loaded from the store, not from memory).
 #[tokio::test]
 async fn the_order_state_gauge_follows_the_store_through_transitions_and_a_restart() {
@@ -700,7 +714,7 @@ async fn the_order_state_gauge_follows_the_store_through_transitions_and_a_resta
     let delivery = "{ max_attempts: 50, backoff_initial_ms: 200, backoff_max_ms: 500, inline_wait_ms: 500 }";
     let mut gw = TestGateway::start(options(&sandbox, delivery)).await;
     let client = reqwest::Client::new();
-    let gauge = |state: &str, n: u32| format!("causeway_process_orders{{state=\"{state}\"}} {n}\n");
+    let gauge = |state: &str, n: u32| format!("causeway_process_orders_in_store{{state=\"{state}\"}} {n}\n");
     let within = Duration::from_secs(5);
 
     for i in 0..2 {

@@ -40,6 +40,17 @@ pub fn require_tool(tool: &str) -> bool {
 /// A port that was free a moment ago and that no other test in this process was given: the
 /// gateway binds with SO_REUSEPORT (pingora), so two gateways handed the same port by racing
 /// tests would both start and share it.
+/// Resident memory of a process, in KiB.
+pub fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap();

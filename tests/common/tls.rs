@@ -261,12 +261,101 @@ pub async fn handshake(
     ca: &Ca,
     sni: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    handshake_alpn(tcp, ca, sni, b"http/1.1").await
+}
+
+/// A TLS connection to the gateway asking for one application protocol (`h2`, say).
+pub async fn connect_alpn(
+    port: u16,
+    ca: &Ca,
+    sni: &str,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    handshake_alpn(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap(), ca, sni, alpn).await
+}
+
+async fn handshake_alpn(
+    tcp: tokio::net::TcpStream,
+    ca: &Ca,
+    sni: &str,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use rustls::pki_types::pem::PemObject;
     super::install_tls_provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(rustls::pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap()).unwrap();
     let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     connector.connect(rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap(), tcp).await.unwrap()
+}
+
+/// Records the OCSP response the server staples, after verifying its certificate as usual.
+#[derive(Debug)]
+struct OcspRecorder {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    stapled: std::sync::Mutex<Vec<u8>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for OcspRecorder {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.stapled.lock().unwrap() = ocsp_response.to_vec();
+        self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The OCSP response stapled to the certificate served for `sni` (empty when none is), from a
+/// handshake of the given TLS version that verifies the certificate against `ca`.
+pub async fn stapled_ocsp(
+    port: u16,
+    ca: &Ca,
+    sni: &str,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    super::install_tls_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap()).unwrap();
+    let recorder = Arc::new(OcspRecorder {
+        inner: rustls::client::WebPkiServerVerifier::builder(Arc::new(roots)).build().unwrap(),
+        stapled: Default::default(),
+    });
+    let config = rustls::ClientConfig::builder_with_protocol_versions(&[version])
+        .dangerous()
+        .with_custom_certificate_verifier(recorder.clone())
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    connector.connect(rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap(), tcp).await.unwrap();
+    let stapled = recorder.stapled.lock().unwrap().clone();
+    stapled
 }
