@@ -11,6 +11,8 @@
 //!   scripts/bench process         # quote-to-order: orders/s recorded and ERP-accepted, and
 //!                                 # ERP budget utilisation when the budget binds
 //!   scripts/bench traces          # the policies gateway with OTLP trace export off and on
+//!   scripts/bench tls             # TLS listeners: HTTP/1.1 keep-alive, HTTP/2 and new
+//!                                 # connections per second, Causeway beside nginx (needs h2load)
 //!
 //! Needs `wrk` and `nginx` (scripts/bench installs them). Environment: BENCH_ROUNDS (3),
 //! BENCH_SECONDS (5), BENCH_CONNECTIONS (50), BENCH_IDLE_CONNECTIONS (5000), BENCH_READ_BUFFER
@@ -32,6 +34,8 @@ mod cluster;
 mod events;
 #[path = "load/process.rs"]
 mod process;
+#[path = "load/tls.rs"]
+mod tls;
 #[path = "load/traces.rs"]
 mod traces;
 
@@ -61,7 +65,7 @@ fn main() {
     }
     raise_fd_limit();
     let work = tempfile::tempdir().expect("temp dir");
-    let mode = ["memory", "policies", "mediation", "process", "cluster", "events", "traces"]
+    let mode = ["memory", "policies", "mediation", "process", "cluster", "events", "traces", "tls"]
         .into_iter()
         .find(|m| args.iter().any(|a| a == m))
         .unwrap_or("throughput");
@@ -87,6 +91,10 @@ fn main() {
     }
     if mode == "traces" {
         traces::run(&mut procs, work.path());
+        return;
+    }
+    if mode == "tls" {
+        tls::run(&mut procs, work.path());
         return;
     }
     if mode != "policies" {
@@ -170,8 +178,19 @@ fn nginx(conf: &Path, work: &Path, big: bool) -> Child {
     let name = conf.file_name().unwrap().to_string_lossy().to_string();
     let path = work.join(name);
     std::fs::write(&path, text).unwrap();
-    let nginx = which("nginx").unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"));
-    spawn(Command::new(nginx).arg("-c").arg(&path).arg("-p").arg(work).arg("-e").arg(work.join("error.log")))
+    spawn(
+        Command::new(nginx_bin())
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(work)
+            .arg("-e")
+            .arg(work.join("error.log")),
+    )
+}
+
+fn nginx_bin() -> PathBuf {
+    which("nginx").unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"))
 }
 
 fn gateway(work: &Path, baseline: bool) -> Option<Child> {
@@ -259,16 +278,39 @@ fn wrk_with(
     path: &str,
     script: Option<&Path>,
 ) -> WrkResult {
+    let mut headers = Vec::new();
+    if let Some(t) = token {
+        headers.push(format!("Authorization: Bearer {t}"));
+    }
+    wrk_url(&format!("http://127.0.0.1:{port}{path}"), pid, seconds, connections, &headers, script)
+}
+
+/// wrk over `scheme` (http or https, certificate not verified); `close` sends `Connection:
+/// close`, so every request opens a new connection (over https, a full handshake).
+fn wrk_tls(port: u16, pid: u32, seconds: u64, connections: u64, scheme: &str, close: bool) -> WrkResult {
+    let headers = if close { vec!["Connection: close".to_string()] } else { Vec::new() };
+    let url = format!("{scheme}://localhost:{port}/api/v2.0/salesOrders");
+    wrk_url(&url, pid, seconds, connections, &headers, None)
+}
+
+fn wrk_url(
+    url: &str,
+    pid: u32,
+    seconds: u64,
+    connections: u64,
+    headers: &[String],
+    script: Option<&Path>,
+) -> WrkResult {
     let cpu_before = cpu_ticks(pid);
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"]);
-    if let Some(t) = token {
-        cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+    for h in headers {
+        cmd.arg("-H").arg(h);
     }
     if let Some(s) = script {
         cmd.arg("-s").arg(s);
     }
-    let out = cmd.arg(format!("http://127.0.0.1:{port}{path}")).output().expect("wrk (apt-get install wrk)");
+    let out = cmd.arg(url).output().expect("wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout);
     let rps = text
         .lines()
@@ -290,12 +332,16 @@ fn wrk_with(
             .find_map(|l| l.trim().strip_prefix("Socket errors:"))
             .map(|v| v.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok()).sum())
             .unwrap_or(0);
-    let requests = rps * seconds as f64;
+    let cpu_us = cpu_us(pid, cpu_before, rps * seconds as f64);
+    WrkResult { rps, cpu_us, p50_ms: pct("50%"), p99_ms: pct("99%"), errors }
+}
+
+/// CPU time `pid` spent per request since `cpu_before` (clock ticks), in microseconds.
+fn cpu_us(pid: u32, cpu_before: u64, requests: f64) -> f64 {
     let ticks = cpu_ticks(pid).saturating_sub(cpu_before) as f64;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let cpu_us = ticks / hz * 1e6 / requests;
-    WrkResult { rps, cpu_us, p50_ms: pct("50%"), p99_ms: pct("99%"), errors }
+    ticks / hz * 1e6 / requests
 }
 
 /// wrk prints `812.00us`, `1.23ms`, `1.02s`.
