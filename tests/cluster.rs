@@ -2,7 +2,8 @@
 //! Redis (the ERP budget) in front of the sandbox set to tight limits. Needs PostgreSQL
 //! (`CAUSEWAY_TEST_POSTGRES`, default postgres://postgres@127.0.0.1:5432/test, trust auth) and Redis
 //! (`CAUSEWAY_TEST_REDIS`, default redis://127.0.0.1:6379); without them each test is skipped
-//! with a message. Tests that stop Redis or PostgreSQL start servers of their own
+//! with a message, and under CI (`CI=true` or `CAUSEWAY_REQUIRE_SERVICES`) each fails naming the
+//! missing service. Tests that stop Redis or PostgreSQL start servers of their own
 //! (`redis-server`, PostgreSQL's `initdb`/`pg_ctl`), never the shared ones.
 
 mod common;
@@ -52,9 +53,9 @@ async fn services(test: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    eprintln!(
-        "SKIPPED {test}: nothing answers for {}; start them or set CAUSEWAY_TEST_POSTGRES / CAUSEWAY_TEST_REDIS",
-        missing.join(" and ")
+    common::missing_service(
+        &missing.join(" and "),
+        &format!("{test} needs them: start them or set CAUSEWAY_TEST_POSTGRES / CAUSEWAY_TEST_REDIS"),
     );
     false
 }
@@ -519,8 +520,9 @@ fn mode_line(component: &str, fallback: &str, value: u8) -> String {
 /// stays inside its limits, and sharing resumes without a restart.
 async fn redis_outage(fallback: &str) -> (Value, u64, u64) {
     let Some(mut redis) = OwnRedis::start() else {
-        eprintln!(
-            "SKIPPED Redis outage ({fallback}): cannot start redis-server (Debian package redis-server)"
+        common::missing_service(
+            "redis-server",
+            &format!("the Redis outage test ({fallback}) starts its own: install Debian's redis-server"),
         );
         return (Value::Null, 0, 0);
     };
@@ -608,7 +610,10 @@ async fn postgres_restarted_under_load_callers_get_store_unavailable_and_nothing
         return;
     }
     let Some(pg) = OwnPostgres::start() else {
-        eprintln!("SKIPPED postgres restart: cannot run initdb/pg_ctl of PostgreSQL 15+ (Debian package postgresql)");
+        common::missing_service(
+            "PostgreSQL's initdb and pg_ctl",
+            "the restart test runs its own server: install PostgreSQL 15+ (Debian package postgresql)",
+        );
         return;
     };
     let sandbox = TestSandbox::start(tight(100_000, 20)).await;
@@ -721,7 +726,10 @@ async fn a_consumer_quota_holds_across_replicas_and_each_keeps_its_share_while_r
         return;
     }
     let Some(mut redis) = OwnRedis::start() else {
-        eprintln!("SKIPPED shared consumer quota: cannot start redis-server (Debian package redis-server)");
+        common::missing_service(
+            "redis-server",
+            "the shared consumer quota test starts its own: install Debian's redis-server",
+        );
         return;
     };
     let sandbox = TestSandbox::start(tight(3000, 0)).await;
@@ -766,4 +774,41 @@ async fn a_consumer_quota_holds_across_replicas_and_each_keeps_its_share_while_r
     for r in &mut replicas {
         r.wait_for_metric(&mode_line("limit:crm-quota:crm", "local_share", 0), Duration::from_secs(5)).await;
     }
+}
+
+/// The skip rule itself, on this binary: with PostgreSQL pointed at a closed port, a cluster
+/// test under CI fails naming PostgreSQL; without CI it passes as skipped, saying what to start.
+#[test]
+fn a_missing_service_fails_the_run_under_ci_and_is_skipped_with_its_remedy_elsewhere() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let run = |ci: Option<&str>| {
+        let mut c = Command::new(std::env::current_exe().unwrap());
+        c.args(["--exact", "one_key_or_one_opportunity_sent_to_three_replicas_at_once_makes_one_erp_order"])
+            .args(["--nocapture", "--test-threads", "1"])
+            .env("CAUSEWAY_TEST_POSTGRES", format!("postgres://postgres@127.0.0.1:{port}/test"))
+            .env_remove("CI")
+            .env_remove("CAUSEWAY_REQUIRE_SERVICES");
+        if let Some(value) = ci {
+            c.env("CI", value);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let (passed, output) = run(Some("true"));
+    assert!(!passed, "under CI a missing PostgreSQL must fail the test:\n{output}");
+    assert!(
+        output.contains(&format!("PostgreSQL (trust auth, database `test`) at 127.0.0.1:{port}")),
+        "{output}"
+    );
+    assert!(output.contains("is missing"), "{output}");
+    let (passed, output) = run(None);
+    assert!(passed, "outside CI the test is skipped:\n{output}");
+    assert!(output.contains("SKIPPED (needs PostgreSQL"), "{output}");
+    assert!(output.contains("set CAUSEWAY_TEST_POSTGRES"), "{output}");
+    assert!(output.contains("1 passed"), "{output}");
 }

@@ -115,7 +115,10 @@ fn verify_with_reference_library(received: &[Received]) -> bool {
     if !target.join("bin/python").exists() {
         let made = std::process::Command::new("python3").args(["-m", "venv"]).arg(&target).status();
         if !made.is_ok_and(|s| s.success()) {
-            eprintln!("SKIPPED the standardwebhooks check: python3 -m venv failed (install python3-venv)");
+            common::missing_service(
+                "python3 with venv",
+                "the standardwebhooks check needs it: install Debian's python3-venv",
+            );
             return false;
         }
     }
@@ -123,8 +126,11 @@ fn verify_with_reference_library(received: &[Received]) -> bool {
         .args(["install", "-q", "standardwebhooks==1.0.1"])
         .status();
     if !installed.is_ok_and(|s| s.success()) {
-        eprintln!("SKIPPED the standardwebhooks check: pip could not install standardwebhooks from PyPI");
         let _ = std::fs::remove_dir_all(&target);
+        common::missing_service(
+            "PyPI (standardwebhooks==1.0.1)",
+            "the standardwebhooks check installs it with pip: give the machine access to PyPI",
+        );
         return false;
     }
     let messages: Vec<Value> = received
@@ -771,7 +777,10 @@ async fn forged_replayed_oversized_and_unknown_notifications_are_refused_and_cha
 async fn lifecycle_events_are_published_to_jetstream_in_order() {
     let nats_url = std::env::var("CAUSEWAY_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let Ok(client) = async_nats::connect(nats_url.as_str()).await else {
-        eprintln!("SKIPPED: start NATS with JetStream (nats-server -js) on 127.0.0.1:4222, or set CAUSEWAY_TEST_NATS");
+        common::missing_service(
+            &format!("NATS at {nats_url}"),
+            "start NATS with JetStream (nats-server -js) on 127.0.0.1:4222, or set CAUSEWAY_TEST_NATS",
+        );
         return;
     };
     let js = async_nats::jetstream::new(client);

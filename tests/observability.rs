@@ -19,7 +19,10 @@ fn observability(file: &str) -> PathBuf {
 fn promtool() -> Option<PathBuf> {
     let found = Command::new("promtool").arg("--version").output().is_ok_and(|o| o.status.success());
     if !found {
-        eprintln!("SKIPPED: promtool not found; install it (Debian: apt install prometheus) or run scripts/ensure-build-deps.sh --test");
+        common::missing_service(
+            "promtool",
+            "install it (Debian: apt install prometheus) or run scripts/ensure-build-deps.sh --test",
+        );
     }
     found.then(|| PathBuf::from("promtool"))
 }
@@ -101,9 +104,9 @@ async fn every_dashboard_and_alert_query_names_a_metric_a_live_gateway_exports()
     if redis {
         o.main_extra.push_str(&format!("cluster:\n  replicas: 1\n  redis: {{ url: \"{}\" }}\n", redis_url()));
     } else {
-        eprintln!(
-            "SKIPPED the shared-state metrics: no Redis at {}; start one or set CAUSEWAY_TEST_REDIS",
-            redis_url()
+        common::missing_service(
+            &format!("Redis at {}", redis_url()),
+            "the shared-state metrics need it: start one or set CAUSEWAY_TEST_REDIS",
         );
     }
     o.main_extra.push_str(&format!(

@@ -22,7 +22,7 @@ fn schemathesis() -> Option<PathBuf> {
         return Some(st);
     }
     if Command::new("python3").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: schemathesis needs python3 (with venv and pip); install it to run this test");
+        common::missing_service("python3", "schemathesis runs in a venv: install python3 with venv and pip");
         return None;
     }
     let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().unwrap();

@@ -28,7 +28,7 @@ fn prepared() -> Option<&'static (PathBuf, PathBuf)> {
     PREPARED
         .get_or_init(|| {
             if Command::new("python3").arg("--version").output().is_err() {
-                eprintln!("SKIPPED: the Tryton tests need python3 (with venv and pip) and PyPI");
+                missing_service("python3", "the Tryton tests need python3 with venv and pip, and PyPI");
                 return None;
             }
             let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
@@ -177,7 +177,10 @@ impl Limiter {
             .map(PathBuf::from)
             .find(|p| p.exists());
         let Some(nginx) = nginx else {
-            eprintln!("SKIPPED: the limiter tests need nginx (Debian: apt install nginx-light; scripts/test installs it)");
+            missing_service(
+                "nginx",
+                "the limiter tests need it (Debian: apt install nginx-light; scripts/test installs it)",
+            );
             return None;
         };
         let dir = tempfile::tempdir().unwrap();

@@ -19,9 +19,22 @@ pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Whether a command-line tool a test drives is installed. Under CI (`CI` or
-/// `CAUSEWAY_REQUIRE_SERVICES` set) a missing one fails the test naming it; elsewhere the test
-/// is skipped with a message saying what to install.
+/// Whether a missing service or tool must fail the run: under CI (`CI` set, as CI runs with
+/// `CI=true`) or with `CAUSEWAY_REQUIRE_SERVICES` set, a run that skipped would go green having
+/// tested less.
+pub fn services_required() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
+    set("CI") || set("CAUSEWAY_REQUIRE_SERVICES")
+}
+
+/// A service or tool a test needs is missing. Under CI ([`services_required`]) this fails the
+/// test naming the service and what to do; elsewhere it prints the same and the caller skips.
+pub fn missing_service(service: &str, remedy: &str) {
+    assert!(!services_required(), "{service} is missing: {remedy}");
+    eprintln!("SKIPPED (needs {service}): {remedy}");
+}
+
+/// Whether a command-line tool a test drives is installed; see [`missing_service`].
 pub fn require_tool(tool: &str) -> bool {
     let found = std::process::Command::new("sh")
         .arg("-c")
@@ -29,17 +42,14 @@ pub fn require_tool(tool: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
-        let required =
-            std::env::var_os("CI").is_some() || std::env::var_os("CAUSEWAY_REQUIRE_SERVICES").is_some();
-        assert!(!required, "{tool} is not installed: scripts/test installs it (Debian package of that name)");
-        eprintln!("SKIPPED the part of this test that needs {tool}: install it (apt-get install {tool})");
+        missing_service(
+            tool,
+            &format!("install it (Debian: apt-get install {tool}; scripts/test installs it)"),
+        );
     }
     found
 }
 
-/// A port that was free a moment ago and that no other test in this process was given: the
-/// gateway binds with SO_REUSEPORT (pingora), so two gateways handed the same port by racing
-/// tests would both start and share it.
 /// Resident memory of a process, in KiB.
 pub fn rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -51,6 +61,9 @@ pub fn rss_kb(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// A port that was free a moment ago and that no other test in this process was given: the
+/// gateway binds with SO_REUSEPORT (pingora), so two gateways handed the same port by racing
+/// tests would both start and share it.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap();
