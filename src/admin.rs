@@ -308,7 +308,7 @@ impl AdminApp {
                             json!({
                                 "subscriber": d.subscriber, "eventId": d.event_id, "type": d.kind,
                                 "orderId": d.order_id, "attempts": d.attempts, "lastError": d.last_error,
-                                "time": crate::policy::mediation::convert::format_datetime(d.time_ms),
+                                "time": crate::clock::format_datetime(d.time_ms),
                             })
                         })
                         .collect();

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod changes;
+pub mod clock;
 pub mod config;
 pub mod edge;
 pub mod erp;

@@ -1,13 +1,15 @@
-//! The direction of dependencies between the crate's top-level modules, read from the sources:
-//! `main → server → {proxy, admin, reload} → {policy, process} → erp adapters`, with `config`
-//! (specs and compiled values) below them. Any cycle fails, and so does `config` importing a
-//! runtime module or `error` importing a domain.
+//! The direction of dependencies between the crate's top-level modules, read from the sources
+//! and checked against the "may use" table of docs/architecture.md: an import the table does not
+//! allow fails, and so does a module the table leaves out. Any cycle fails too, and so does
+//! `config` importing a runtime module or `error` importing a domain.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+type Graph = BTreeMap<String, BTreeSet<String>>;
+
 /// Top-level module → the top-level modules its files name as `crate::<module>`.
-fn imports() -> BTreeMap<String, BTreeSet<String>> {
+fn imports() -> Graph {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut stack = vec![src.clone()];
@@ -51,10 +53,85 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
     graph
 }
 
+/// docs/architecture.md's module table: module → the modules its "may use" column names (in
+/// backticks; `everything` for the CLI). A row's module is its first cell's backticked name
+/// without `.rs` or `/`.
+fn documented(doc: &str) -> Graph {
+    let backticked = |cell: &str| -> Vec<String> {
+        cell.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(|n| n.trim_end_matches(".rs").trim_end_matches('/').to_string())
+            .collect()
+    };
+    let mut table = Graph::new();
+    for line in doc.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.trim_matches('|').split(" | ").collect();
+        let (Some(first), Some(last)) = (cells.first(), cells.last()) else { continue };
+        let Some(module) = backticked(first).into_iter().next() else { continue };
+        table.insert(module, backticked(last).into_iter().collect());
+    }
+    table
+}
+
+/// Every way the code departs from the documented table: an import it does not list, a module
+/// it leaves out, a module it lists that is not there.
+fn violations(code: &Graph, doc: &Graph) -> Vec<String> {
+    let mut found = Vec::new();
+    for (module, deps) in code {
+        let Some(allowed) = doc.get(module) else {
+            found.push(format!("`{module}` is missing from the module table"));
+            continue;
+        };
+        for dep in deps.iter().filter(|d| !allowed.contains(*d) && !allowed.contains("everything")) {
+            found.push(format!("`{module}` imports `{dep}`, which its row's \"may use\" does not list"));
+        }
+    }
+    for module in doc.keys().filter(|m| !code.contains_key(*m) && *m != "main") {
+        found.push(format!("the table lists `{module}`, which is not a module of src/"));
+    }
+    found
+}
+
+fn architecture_doc() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/architecture.md")).unwrap()
+}
+
+#[test]
+fn every_import_between_modules_is_one_the_architecture_doc_allows() {
+    let (code, doc) = (imports(), documented(&architecture_doc()));
+    assert!(doc.len() >= 15, "read the table of docs/architecture.md: {doc:#?}");
+    let found = violations(&code, &doc);
+    assert!(found.is_empty(), "docs/architecture.md and the code disagree:\n  {}", found.join("\n  "));
+}
+
+#[test]
+fn the_doc_check_finds_an_undocumented_import_and_a_missing_module() {
+    let doc = documented(
+        "| module | what | may use |\n|---|---|---|\n| `a/` | A | `b`, `c` |\n| `b.rs` | B | nothing |\n| `c.rs` | C | nothing |\n",
+    );
+    let mut code = Graph::new();
+    code.insert("a".into(), BTreeSet::from(["b".to_string(), "c".to_string()]));
+    code.insert("b".into(), BTreeSet::new());
+    code.insert("c".into(), BTreeSet::new());
+    assert_eq!(violations(&code, &doc), Vec::<String>::new());
+    code.get_mut("b").unwrap().insert("a".into());
+    code.insert("d".into(), BTreeSet::new());
+    code.remove("c");
+    assert_eq!(
+        violations(&code, &doc),
+        [
+            "`b` imports `a`, which its row's \"may use\" does not list",
+            "`d` is missing from the module table",
+            "the table lists `c`, which is not a module of src/",
+        ]
+    );
+}
+
 /// A cycle through `start`, if any (depth-first search).
-fn cycle_from(graph: &BTreeMap<String, BTreeSet<String>>, start: &str) -> Option<Vec<String>> {
+fn cycle_from(graph: &Graph, start: &str) -> Option<Vec<String>> {
     fn walk(
-        graph: &BTreeMap<String, BTreeSet<String>>,
+        graph: &Graph,
         node: &str,
         start: &str,
         path: &mut Vec<String>,

@@ -209,7 +209,9 @@ impl Changes {
     }
 
     async fn work(self: Arc<Self>) {
-        let mut backoff = FIRST_BACKOFF;
+        // Consecutive postponed checks: the wait doubles with jitter (clock::backoff) so the
+        // workers do not return to a throttling ERP together.
+        let mut postponed = 0u32;
         loop {
             let Some(check) = self.next() else {
                 self.wake.notified().await;
@@ -220,14 +222,15 @@ impl Changes {
             self.done(&check);
             match outcome {
                 Ok(changed) => {
-                    backoff = FIRST_BACKOFF;
+                    postponed = 0;
                     metrics.checks.with_label_values(&[if changed { "changed" } else { "unchanged" }]).inc();
                 }
                 Err(CheckError::Later(why)) => {
                     metrics.checks.with_label_values(&["retried"]).inc();
-                    tracing::warn!(check = ?check, error = %why, retry_in = ?backoff, "change check postponed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    let wait = crate::clock::backoff(FIRST_BACKOFF, MAX_BACKOFF, postponed);
+                    postponed = postponed.saturating_add(1);
+                    tracing::warn!(check = ?check, error = %why, retry_in = ?wait, "change check postponed");
+                    tokio::time::sleep(wait).await;
                     self.enqueue(check);
                 }
                 Err(CheckError::Failed(why)) => {
@@ -301,17 +304,18 @@ impl Changes {
     /// Keep the ERP's subscriptions in place (created, renewed before they expire).
     async fn keep_subscribed(self: Arc<Self>) {
         let Some(n) = self.settings.notifications.clone() else { return };
-        let mut backoff = FIRST_BACKOFF;
+        let mut failures = 0u32;
         loop {
             match self.service.adapter().subscribe(&n.url, &n.client_state).await {
                 Ok(next) => {
-                    backoff = FIRST_BACKOFF;
+                    failures = 0;
                     tokio::time::sleep(next).await;
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, url = %n.url, retry_in = ?backoff, "ERP change subscription failed; notifications will not arrive until it succeeds");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    let wait = crate::clock::backoff(FIRST_BACKOFF, MAX_BACKOFF, failures);
+                    failures = failures.saturating_add(1);
+                    tracing::error!(error = %e, url = %n.url, retry_in = ?wait, "ERP change subscription failed; notifications will not arrive until it succeeds");
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
@@ -352,7 +356,7 @@ impl Changes {
         loop {
             tokio::time::sleep(Duration::from_secs(600)).await;
             let Ok(lifecycle) = self.lifecycle().await else { continue };
-            let before = crate::process::store::now_ms() - SIGHTINGS_KEPT_MS;
+            let before = crate::clock::now_ms() - SIGHTINGS_KEPT_MS;
             while let Ok(n) = lifecycle.forget_sightings(before, 1000).await {
                 if n < 1000 {
                     break;

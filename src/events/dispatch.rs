@@ -6,11 +6,11 @@
 
 use super::webhook;
 use super::{envelope, Delivery, EventOutbox};
+use crate::clock::backoff;
+use crate::clock::now_ms;
 use crate::config::events::{EventsSettings, Sink, SubscriberSettings};
 use crate::observe::metrics::Metrics;
 use crate::observe::traces::Span;
-use crate::policy::budget::backoff;
-use crate::process::store::now_ms;
 use crate::process::store::outbox::Attempted;
 use opentelemetry::trace::SpanKind;
 use std::sync::Arc;
@@ -336,5 +336,5 @@ fn invoice_posted_ms(event: &super::StoredEvent) -> Option<i64> {
         return None;
     }
     let data: serde_json::Value = serde_json::from_str(&event.data).ok()?;
-    crate::policy::mediation::convert::parse_rfc3339(data["erpModifiedAt"].as_str()?).ok()
+    crate::clock::parse_rfc3339(data["erpModifiedAt"].as_str()?).ok()
 }

@@ -12,7 +12,7 @@ pub mod nats;
 pub mod salesforce;
 pub mod webhook;
 
-use crate::policy::mediation::convert::format_datetime;
+use crate::clock::format_datetime;
 use serde_json::{json, Value};
 
 pub use crate::config::events::EVENT_TYPES as TYPES;

@@ -3,7 +3,6 @@
 //! implementations: the in-memory [`super::throttle::Budget`] today, a shared one (Redis) for
 //! replicas next. Also the one place that judges an ERP answer ([`judge`]).
 
-use rand::Rng;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -270,13 +269,4 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
-}
-
-/// `initial` doubled `doublings` times, capped at `max`, with jitter over the upper half so
-/// clients backing off from one event do not return together. Shared by the ERP budget's pauses
-/// and the order delivery worker's retries.
-pub fn backoff(initial: Duration, max: Duration, doublings: u32) -> Duration {
-    let cap = initial.saturating_mul(1u32 << doublings.min(20)).min(max);
-    let half = cap / 2;
-    half + Duration::from_millis(rand::rng().random_range(0..=half.as_millis() as u64))
 }

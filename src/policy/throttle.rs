@@ -10,6 +10,7 @@
 // The port's vocabulary, so `throttle::Class` and the like keep naming it.
 pub use super::budget::*;
 
+use crate::clock::backoff;
 use crate::observe::metrics::Metrics;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -731,18 +732,6 @@ impl ErpBudget for Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_is_capped_and_jittered() {
-        let (i, m) = (Duration::from_millis(100), Duration::from_secs(2));
-        for doublings in 0..30 {
-            let d = backoff(i, m, doublings);
-            let exp = (i * 2u32.pow(doublings.min(20))).min(m);
-            assert!(d >= exp / 2 && d <= exp, "doublings {doublings}: {d:?} vs {exp:?}");
-        }
-        let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff(i, m, 4)).collect();
-        assert!(samples.len() > 1, "jitter spreads retries");
-    }
 
     fn params(window_requests: u32, max_concurrent: u32) -> BudgetParams {
         BudgetParams {

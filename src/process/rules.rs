@@ -6,7 +6,7 @@
 //! pure so each rule can be tested alone.
 
 use super::model::{Customer, Product, Quote};
-use crate::policy::mediation::convert::parse_rfc3339;
+use crate::clock::parse_rfc3339;
 use std::collections::HashMap;
 
 pub use crate::config::rules::*;

@@ -13,10 +13,10 @@ use super::metrics::ProcessMetrics;
 use super::model::Quote;
 use super::state::State;
 use super::store::{Change, KeyState, NewOrder, OrderRecord, OrderStore, StoreError, Transition};
+use crate::clock::format_datetime;
 use crate::config::{Config, ProcessSettings};
 use crate::error::GatewayError;
 use crate::observe::traces::Span;
-use crate::policy::mediation::convert::format_datetime;
 use crate::policy::throttle;
 
 use arc_swap::ArcSwap;
@@ -771,7 +771,7 @@ impl QuoteToOrder {
             .and_then(|u| u.budget.as_ref())
             .map_or(Duration::ZERO, |b| Duration::from_millis(b.budget.snapshot().paused_for_ms));
         let delay =
-            throttle::backoff(self.settings.backoff_initial, self.settings.backoff_max, 0).max(paused);
+            crate::clock::backoff(self.settings.backoff_initial, self.settings.backoff_max, 0).max(paused);
         let reason = format!("the ERP asked to wait, retry in {} ms: {why}", delay.as_millis());
         let change = Change {
             reason: &reason,
@@ -811,8 +811,9 @@ impl QuoteToOrder {
             return Ok(Delivered::State(State::DeadLettered));
         }
         let doublings = (attempts.max(1) - 1) as u32;
-        let delay = throttle::backoff(self.settings.backoff_initial, self.settings.backoff_max, doublings)
-            .max(min_delay);
+        let delay =
+            crate::clock::backoff(self.settings.backoff_initial, self.settings.backoff_max, doublings)
+                .max(min_delay);
         let reason = format!("waiting for the ERP, retry in {} ms: {error}", delay.as_millis());
         let change = Change {
             reason: &reason,

@@ -9,7 +9,7 @@
 //! webhook subscriptions of its entity set.
 
 use super::{bc_error, data, Sandbox, Store};
-use crate::policy::mediation::convert::format_datetime;
+use crate::clock::format_datetime;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 fn now() -> String {
-    format_datetime(crate::process::store::now_ms())
+    format_datetime(crate::clock::now_ms())
 }
 
 fn conflict(message: &str) -> Response {

@@ -10,7 +10,7 @@
 #![allow(clippy::result_large_err)]
 
 use super::{bc_error, data, Sandbox};
-use crate::policy::mediation::convert::format_datetime;
+use crate::clock::{format_datetime, now_ms};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -72,10 +72,6 @@ pub(super) struct Pending {
 
 fn etag(version: u64) -> String {
     format!("W/\"JzIwOzE4{version}Oyc=\"")
-}
-
-fn now_ms() -> i64 {
-    crate::process::store::now_ms()
 }
 
 /// `/api/v2.0/companies(<id>)/<set>` → `<set>` when the company is the sandbox's and the set

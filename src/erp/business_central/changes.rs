@@ -124,7 +124,7 @@ impl BusinessCentral {
         const PATH: &str = "/api/v2.0/subscriptions";
         let listed = self.change_get(PATH).await?.unwrap_or(Value::Null);
         let existing = listed["value"].as_array().cloned().unwrap_or_default();
-        let now = crate::process::store::now_ms();
+        let now = crate::clock::now_ms();
         let mut next = Duration::from_secs(3600);
         for set in SUBSCRIBED {
             let resource = format!("{}/{set}", self.company_path);
@@ -171,7 +171,7 @@ impl BusinessCentral {
 
 /// An RFC 3339 date-time as ms since the epoch (0 when unreadable: treated as expired).
 fn millis(v: &Value) -> i64 {
-    v.as_str().and_then(|s| crate::policy::mediation::convert::parse_rfc3339(s).ok()).unwrap_or(0)
+    v.as_str().and_then(|s| crate::clock::parse_rfc3339(s).ok()).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! strings (SAP OData v2) and OData v2 `/Date(ms)/` timestamps. Every conversion is exact or
 //! refuses: a gateway must never quietly change an amount or a date.
 
+use crate::clock::{format_date, format_datetime, parse_rfc3339};
 use serde_json::{Number, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,54 +173,6 @@ fn parse_odata_date(v: &Value) -> Result<i64, String> {
         return Err(format!("`{s}` is outside the years 0000-9999"));
     }
     Ok(ms)
-}
-
-/// RFC 3339 `full-date` or `date-time` → milliseconds since the epoch (UTC). Parsed by the
-/// `time` crate; OData dates hold milliseconds, so a finer fraction is refused, not cut.
-pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
-    use time::format_description::well_known::Rfc3339;
-    let bad = || format!("`{s}` is not an RFC 3339 date (YYYY-MM-DD) or date-time (YYYY-MM-DDThh:mm:ssZ)");
-    // Well-formed text naming a day or a time that does not exist says so.
-    let explain = |e: time::error::Parse| {
-        use time::error::{Parse, ParseFromDescription};
-        match e {
-            Parse::TryFromParsed(_) => format!("`{s}`: no such day"),
-            Parse::ParseFromDescription(ParseFromDescription::InvalidComponent(c)) => match c {
-                "day" | "month" | "year" => format!("`{s}`: no such day"),
-                "hour" | "minute" | "second" => format!("`{s}`: no such time of day"),
-                _ => bad(),
-            },
-            _ => bad(),
-        }
-    };
-    let nanos = if s.len() == 10 {
-        let format = time::macros::format_description!("[year]-[month]-[day]");
-        time::Date::parse(s, format).map_err(explain)?.midnight().assume_utc().unix_timestamp_nanos()
-    } else {
-        time::OffsetDateTime::parse(s, &Rfc3339).map_err(explain)?.unix_timestamp_nanos()
-    };
-    if nanos % 1_000_000 != 0 {
-        return Err(format!("`{s}`: OData dates hold milliseconds; finer fractions would be lost"));
-    }
-    i64::try_from(nanos / 1_000_000).map_err(|_| bad())
-}
-
-fn datetime(ms: i64) -> time::OffsetDateTime {
-    let nanos = i128::from(ms) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
-}
-
-fn format_date(ms: i64) -> String {
-    let d = datetime(ms).date();
-    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
-}
-
-/// Unix milliseconds as an RFC 3339 UTC timestamp (milliseconds shown only when not zero).
-pub fn format_datetime(ms: i64) -> String {
-    let t = datetime(ms);
-    let milli = t.millisecond();
-    let frac = if milli == 0 { String::new() } else { format!(".{milli:03}") };
-    format!("{}T{:02}:{:02}:{:02}{frac}Z", format_date(ms), t.hour(), t.minute(), t.second())
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use super::state::State;
+pub use crate::clock::now_ms;
 use crate::config::StoreSettings;
 use serde::Serialize;
 use std::sync::Arc;
@@ -39,11 +40,6 @@ pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn OrderStore>, Store
             Arc::new(PostgresStore::open(url, *pool, *acquire_timeout, *group_commit).await?)
         }
     })
-}
-
-/// Milliseconds since the Unix epoch: the store's clock.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 #[derive(Debug, thiserror::Error)]
