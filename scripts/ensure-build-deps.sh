@@ -2,8 +2,9 @@
 # Installs what a fresh Debian/Ubuntu machine lacks to build Causeway: pingora builds zlib-ng
 # through cmake and a C compiler. With --test, also what the tests run beside the gateway:
 # nginx, as the rate limiter in front of the real ERP (tests/tryton.rs), and promtool (Debian's
-# prometheus package) for the alert rules; without them those tests are skipped with a message,
-# so failing to install them does not stop the run.
+# prometheus package) for the alert rules. Failing to install them does not stop this script:
+# without them those tests are skipped with a message, except under CI (`CI` or
+# CAUSEWAY_REQUIRE_SERVICES set), where each such test fails naming what is missing.
 set -euo pipefail
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
