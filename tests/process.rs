@@ -316,8 +316,10 @@ async fn idempotency_one_key_one_order_and_one_opportunity_one_order() {
     for t in tasks {
         let (status, body) = t.await.unwrap();
         *statuses.entry(status).or_default() += 1;
+        // The ERP answers within the inline wait, so the one that creates the order and every
+        // replay after it answer 201; the others arrive while it is in flight.
         match status {
-            201 | 202 => {
+            201 => {
                 ids.insert(body["id"].as_str().unwrap().to_string());
             }
             409 => assert_eq!(body["type"], "https://causeway.dev/problems/idempotency-key-in-flight"),
@@ -325,7 +327,7 @@ async fn idempotency_one_key_one_order_and_one_opportunity_one_order() {
         }
     }
     assert_eq!(ids.len(), 1, "every success names the same order: {statuses:?}");
-    assert!(statuses.get(&201).copied().unwrap_or(0) + statuses.get(&202).copied().unwrap_or(0) >= 1);
+    assert!(statuses.get(&201).copied().unwrap_or(0) >= 1, "{statuses:?}");
 
     // After completion the key replays the stored response.
     let replay = submit(&client, &gw, "same-key", &q).await;
@@ -583,6 +585,9 @@ async fn a_60_second_erp_outage_loses_nothing() {
     let erp = SandboxProcess::start(port).await;
     for _ in 0..5 {
         let (status, opportunity, location) = send(&mut n).await;
+        // Not determined: 201 when the ERP answers within the inline wait, 202 while the
+        // outage's backlog (about 120 orders) still fills the ERP's budget. Either keeps the
+        // order, which the loop below checks reaches the ERP once.
         assert!(status == 201 || status == 202, "{status}");
         after.push((opportunity, location.unwrap()));
     }
@@ -670,7 +675,10 @@ async fn a_vendor_overload_marker_in_an_erp_answer_pauses_the_budget_for_quote_t
     let resp = submit(&client, &gw, "overload-marker-1", &quote("OPP-OVERLOAD-1")).await;
     let status = resp.status().as_u16();
     let body = resp.text().await.unwrap();
-    assert!(status == 202 || status == 503, "the ERP asked to wait; not a rejection: {status} {body}");
+    // The ERP asked to wait at the first master-data read: the order is kept (202), its
+    // validation deferred until the ERP answers, never rejected.
+    assert_eq!(status, 202, "the ERP asked to wait; not a rejection: {body}");
+    assert!(body.contains("\"state\":\"received\"") && body.contains("validation deferred"), "{body}");
     assert!(!body.contains("erp-rejected"), "{body}");
 
     let budget: Value = client
