@@ -6,7 +6,7 @@
 //!   cargo bench --bench mediation
 
 use causeway::config::Config;
-use causeway::policy::mediation::MediationPolicy;
+use causeway::mediation::MediationPolicy;
 use causeway::policy::Policy;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::{json, Value};

@@ -11,6 +11,7 @@ pub mod edge;
 pub mod erp;
 pub mod error;
 pub mod events;
+pub mod mediation;
 pub mod observe;
 pub mod policy;
 pub mod process;

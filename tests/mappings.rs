@@ -3,7 +3,7 @@
 //! ERP fixtures: every mapping operation and conversion, both directions, both dialects.
 
 use causeway::config::Config;
-use causeway::policy::mediation::{Direction, MediationPolicy, TransformFailure};
+use causeway::mediation::{Direction, MediationPolicy, TransformFailure};
 use causeway::policy::Policy;
 use serde_json::{json, Value};
 use std::path::Path;

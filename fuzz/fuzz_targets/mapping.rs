@@ -3,8 +3,8 @@
 #![no_main]
 
 use causeway::config::Config;
-use causeway::policy::mediation::table::{Table, TableSpec};
-use causeway::policy::mediation::MediationPolicy;
+use causeway::mediation::table::{Table, TableSpec};
+use causeway::mediation::MediationPolicy;
 use causeway::policy::Policy;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};

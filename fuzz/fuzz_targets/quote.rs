@@ -6,7 +6,7 @@
 #![no_main]
 
 use causeway::config::Config;
-use causeway::policy::mediation::convert::{parse_rfc3339, Conversion};
+use causeway::mediation::convert::{parse_rfc3339, Conversion};
 use causeway::process::intake;
 use causeway::process::model::{Address, Credit, Customer, Product, Quote};
 use causeway::process::rules::MasterData;

@@ -3,9 +3,9 @@
 
 use super::spec::{JwtSpec, MediationSpec, PolicySpec};
 use super::SharedState;
+use crate::mediation::{self, jq::JqProgram, schema::Schema, table};
 use crate::policy::auth::{ApiKeyPolicy, Consumer, JwtPolicy};
 use crate::policy::jwks::{parse_jwks, KeySource};
-use crate::policy::mediation::{self, jq::JqProgram, schema::Schema, table};
 use crate::policy::ratelimit::RateLimitPolicy;
 use crate::policy::{headers, Policy};
 use jsonwebtoken::{Algorithm, DecodingKey};

@@ -50,7 +50,7 @@ pub struct CompiledRoute {
 
 impl CompiledRoute {
     /// The route's mediation policy: its requests are handled in-process (`proxy::mediated`).
-    pub fn mediation(&self) -> Option<&crate::policy::mediation::MediationPolicy> {
+    pub fn mediation(&self) -> Option<&crate::mediation::MediationPolicy> {
         self.policies.iter().find_map(|p| match p.as_ref() {
             Policy::Mediation(m) => Some(m),
             _ => None,

@@ -606,7 +606,7 @@ pub enum PolicySpec {
         #[serde(default)]
         when_redis_unavailable: LimitFallback,
     },
-    /// JSON Schema validation and body transformation (see `policy::mediation`).
+    /// JSON Schema validation and body transformation (see `mediation`).
     Mediation(MediationSpec),
     /// Client certificates as consumers.
     Mtls(super::edge_policies::MtlsSpec),

@@ -8,7 +8,7 @@ mod changes;
 
 use super::exchange::{change_class, classes, exchange, master_cache, split_cached, MASTER_DATA_TTL};
 use crate::config::{Config, Upstream};
-use crate::policy::mediation::{MediationPolicy, Transform};
+use crate::mediation::{MediationPolicy, Transform};
 use crate::policy::throttle::Class;
 use crate::policy::Policy;
 use crate::process::adapter::{AdapterError, ChangedResource, ErpAdapter, ErpOrder, Progress};

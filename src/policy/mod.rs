@@ -10,7 +10,6 @@ pub mod cors;
 pub mod headers;
 pub mod ip_filter;
 pub mod jwks;
-pub mod mediation;
 pub mod mtls;
 pub mod ratelimit;
 pub mod shared;
@@ -26,7 +25,7 @@ pub enum Policy {
     Jwt(auth::JwtPolicy),
     ApiKey(auth::ApiKeyPolicy),
     RateLimit(ratelimit::RateLimitPolicy),
-    Mediation(mediation::MediationPolicy),
+    Mediation(crate::mediation::MediationPolicy),
     Mtls(mtls::MtlsPolicy),
     Cors(cors::CorsPolicy),
     IpFilter(ip_filter::IpFilterPolicy),

@@ -63,9 +63,10 @@ pub async fn to_quote(
     }
     let canonical = match mediation.request.as_ref().map(|r| &r.transform).filter(|t| !t.is_identity()) {
         Some(t) => {
-            let bytes = t.apply_async(document, mediation.limits).await.map_err(|f| {
-                f.to_error(crate::policy::mediation::Direction::Request, mediation.limits, "ERP")
-            })?;
+            let bytes = t
+                .apply_async(document, mediation.limits)
+                .await
+                .map_err(|f| f.to_error(crate::mediation::Direction::Request, mediation.limits, "ERP"))?;
             serde_json::from_slice(&bytes).map_err(|_| GatewayError::Internal)?
         }
         None => document,

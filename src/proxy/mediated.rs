@@ -12,8 +12,8 @@ use super::{
     write_local_response, Ctx,
 };
 use crate::error::{GatewayError, Violation};
+use crate::mediation::{Direction, Limits, MediationPolicy, TransformFailure};
 use crate::observe::metrics::Metrics;
-use crate::policy::mediation::{Direction, Limits, MediationPolicy, TransformFailure};
 use crate::policy::throttle;
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
