@@ -4,6 +4,7 @@
 //! objects) and [`proxy`] (the pingora `ProxyHttp` pipeline).
 
 pub mod admin;
+pub mod budget;
 pub mod changes;
 pub mod clock;
 pub mod config;

@@ -4,7 +4,7 @@
 
 use super::spec::{MainSpec, StoreBackend, Synchronous};
 use super::Diagnostics;
-use crate::policy::shared::{RedisLink, RedisSettings};
+use crate::budget::redis::{RedisLink, RedisSettings};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

@@ -34,13 +34,14 @@ pub use routes::CompiledRoute;
 use upstream::compile_upstreams;
 pub use upstream::{Upstream, UpstreamBudget};
 
+use crate::budget::redis::RedisLink;
+use crate::budget::shared::SharedBudget;
+use crate::budget::throttle::Budget;
+use crate::budget::{BudgetParams, ErpBudget};
 use crate::policy::auth_failures::FailureLimiter;
-use crate::policy::budget::{BudgetParams, ErpBudget};
 use crate::policy::jwks::RemoteJwks;
 use crate::policy::ratelimit::{Limiter, TierLimiter};
-use crate::policy::shared::{RedisLink, SharedBudget};
 use crate::policy::shared_limit::SharedLimiter;
-use crate::policy::throttle::Budget;
 use crate::policy::Policy;
 pub use router::{RouteMatch, Router};
 use serde::de::DeserializeOwned;

@@ -3,8 +3,8 @@
 //! header lists it strips.
 
 use super::{parse_file, yaml_files, Diagnostics, Upstream};
+use crate::budget::throttle::Class;
 use crate::config::spec::{self, RoutesFile};
-use crate::policy::throttle::Class;
 use crate::policy::Policy;
 use crate::route::{PathTemplate, RewriteTemplate};
 use http::HeaderName;

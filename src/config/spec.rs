@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 // The fallback modes belong to the shared budgets and limits; the files name them.
-pub use crate::policy::shared::{BudgetFallback, LimitFallback};
+pub use crate::budget::redis::{BudgetFallback, LimitFallback};
 use std::collections::BTreeMap;
 
 /// `causeway.yaml`: listeners, upstream ERP instances, the embedded sandbox, the store.

@@ -4,8 +4,8 @@
 
 use super::upstream_tls::{self, UpstreamTls};
 use super::{Diagnostics, Env, SharedState};
+use crate::budget::{BudgetParams, Class, ErpBudget, Pacing};
 use crate::config::spec::{BudgetSpec, CredentialSpec, MainSpec, PacingSpec, UpstreamSpec};
-use crate::policy::budget::{BudgetParams, Class, ErpBudget, Pacing};
 use http::{HeaderName, HeaderValue, Uri};
 use serde_saphyr::Spanned;
 use std::collections::{BTreeMap, HashMap};

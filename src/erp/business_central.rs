@@ -7,9 +7,9 @@
 mod changes;
 
 use super::exchange::{change_class, classes, exchange, master_cache, split_cached, MASTER_DATA_TTL};
+use crate::budget::throttle::Class;
 use crate::config::{Config, Upstream};
 use crate::mediation::{MediationPolicy, Transform};
-use crate::policy::throttle::Class;
 use crate::policy::Policy;
 use crate::process::adapter::{AdapterError, ChangedResource, ErpAdapter, ErpOrder, Progress};
 use crate::process::model::{Customer, Product, Quote};

@@ -2,8 +2,8 @@
 //! budget, the request, the outcome reported back), the budget classes adapters use, and the
 //! master-data caches.
 
+use crate::budget::throttle::{body_signals_overload, judge, Class, Outcome, Refusal};
 use crate::config::Upstream;
-use crate::policy::throttle::{body_signals_overload, judge, Class, Outcome, Refusal};
 use crate::process::adapter::AdapterError;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -22,11 +22,11 @@ pub fn master_cache<V: Clone + Send + Sync + 'static>() -> moka::future::Cache<S
 pub async fn permit(
     upstream: &Upstream,
     class: &Class,
-) -> Result<Option<crate::policy::throttle::Permit>, AdapterError> {
+) -> Result<Option<crate::budget::throttle::Permit>, AdapterError> {
     match upstream.budget.as_ref() {
         Some(b) => b
             .budget
-            .acquire(class, crate::policy::throttle::current_consumer().as_ref())
+            .acquire(class, crate::budget::throttle::current_consumer().as_ref())
             .await
             .map(Some)
             .map_err(|r| match r {
@@ -45,7 +45,7 @@ pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 pub const OVERLOAD_RETRIES: u32 = 5;
 
 /// Send `request` under a permit from the upstream's budget and report the outcome to it, judged
-/// like every answer that reaches the ERP ([`crate::policy::throttle::judge`], vendor overload
+/// like every answer that reaches the ERP ([`crate::budget::throttle::judge`], vendor overload
 /// signals included). A 429, an answer with `Retry-After` or a vendor overload signal is the ERP
 /// asking to wait: the budget pauses, and the same step is sent again once it admits (up to
 /// [`OVERLOAD_RETRIES`] times, each wait bounded by the class's deadline), so a delivery of several

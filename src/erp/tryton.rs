@@ -15,8 +15,8 @@
 mod changes;
 
 use super::exchange::{classes, exchange, split_cached, MASTER_DATA_TTL};
+use crate::budget::throttle::Class;
 use crate::config::{TrytonSettings, Upstream};
-use crate::policy::throttle::Class;
 use crate::process::adapter::{AdapterError, ErpAdapter, ErpOrder, Progress};
 use crate::process::model::{Address, Credit, Customer, Product, Quote};
 use crate::process::rules::MasterData;

@@ -5,16 +5,13 @@
 
 pub mod auth;
 pub mod auth_failures;
-pub mod budget;
 pub mod cors;
 pub mod headers;
 pub mod ip_filter;
 pub mod jwks;
 pub mod mtls;
 pub mod ratelimit;
-pub mod shared;
 pub mod shared_limit;
-pub mod throttle;
 
 use pingora::http::{RequestHeader, ResponseHeader};
 

@@ -7,7 +7,7 @@
 //! `when_redis_unavailable`: `local_share` (this replica's share of the quota), `open` or `closed`.
 
 use super::ratelimit::{Decision, TierLimiter};
-use super::shared::{LimitFallback, ModeWatch, RedisLink};
+use crate::budget::redis::{LimitFallback, ModeWatch, RedisLink};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 

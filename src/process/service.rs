@@ -13,11 +13,11 @@ use super::metrics::ProcessMetrics;
 use super::model::Quote;
 use super::state::State;
 use super::store::{Change, KeyState, NewOrder, OrderRecord, OrderStore, StoreError, Transition};
+use crate::budget::throttle;
 use crate::clock::format_datetime;
 use crate::config::{Config, ProcessSettings};
 use crate::error::GatewayError;
 use crate::observe::traces::Span;
-use crate::policy::throttle;
 
 use arc_swap::ArcSwap;
 use serde_json::{json, Value};

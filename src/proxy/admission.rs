@@ -5,11 +5,11 @@
 //! upstream yet.
 
 use super::Ctx;
+use crate::budget::throttle::Refusal;
 use crate::error::GatewayError;
 use crate::observe::metrics::Metrics;
 use crate::policy::auth::{missing_scopes, AuthFailure, Consumer, JwtPolicy};
 use crate::policy::ratelimit::Decision;
-use crate::policy::throttle::Refusal;
 use crate::policy::Policy;
 use pingora::prelude::Session;
 use std::sync::Arc;

@@ -11,10 +11,10 @@ use super::{
     admission, hygiene, prepare_upstream_request, report_upstream_status, scan_for_overload,
     write_local_response, Ctx,
 };
+use crate::budget::throttle;
 use crate::error::{GatewayError, Violation};
 use crate::mediation::{Direction, Limits, MediationPolicy, TransformFailure};
 use crate::observe::metrics::Metrics;
-use crate::policy::throttle;
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::prelude::Session;

@@ -20,11 +20,11 @@ use upstream::{classify, prepare_upstream_request, report_upstream_status, scan_
 
 pub use process::OPENAPI;
 
+use crate::budget::throttle;
 use crate::config::{CompiledRoute, Config};
 use crate::error::GatewayError;
 use crate::observe::correlation::{Correlation, CORRELATION_HEADER, TRACEPARENT_HEADER};
 use crate::observe::metrics::{Metrics, UNMATCHED_ROUTE};
-use crate::policy::throttle;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -201,7 +201,7 @@ pub struct Ctx {
     /// `RateLimit-Policy` and `RateLimit` values for the response.
     ratelimit_headers: Option<(String, String)>,
     /// The ERP budget permit; dropped with the context, whatever path the request took.
-    permit: Option<crate::policy::throttle::Permit>,
+    permit: Option<crate::budget::throttle::Permit>,
     /// Body substrings that mean "overload" for this response's status (vendor signals).
     overload_markers: Vec<String>,
     scanned: Vec<u8>,

@@ -3,9 +3,9 @@
 //! pingora error means for the caller.
 
 use super::{admission, hygiene, Ctx};
+use crate::budget::throttle;
 use crate::error::GatewayError;
 use crate::observe::correlation::{CORRELATION_HEADER, TRACEPARENT_HEADER};
-use crate::policy::throttle;
 use pingora::http::RequestHeader;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 

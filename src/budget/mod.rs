@@ -1,7 +1,13 @@
 //! The ERP budget port: what every path that reaches an ERP asks of its budget (a permit,
 //! released on drop; the outcome of the ERP's answer), and the vocabulary shared by its
-//! implementations: the in-memory [`super::throttle::Budget`] today, a shared one (Redis) for
-//! replicas next. Also the one place that judges an ERP answer ([`judge`]).
+//! implementations: the in-memory [`throttle::Budget`] and the shared one in Redis for replicas
+//! ([`shared::SharedBudget`], whose Redis link the consumer quotas use too). Also the one place
+//! that judges an ERP answer ([`judge`]). Not a route policy: every path that reaches the ERP
+//! (proxied, mediated, the process APIs' adapters) takes its permits here.
+
+pub mod redis;
+pub mod shared;
+pub mod throttle;
 
 use std::future::Future;
 use std::pin::Pin;
