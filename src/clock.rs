@@ -64,9 +64,15 @@ pub fn format_datetime(ms: i64) -> String {
 /// clients backing off from one event do not return together. Shared by the ERP budget's pauses
 /// and the order delivery worker's retries.
 pub fn backoff(initial: Duration, max: Duration, doublings: u32) -> Duration {
+    backoff_at(initial, max, doublings, rand::rng().random_range(0.0..=1.0))
+}
+
+/// [`backoff`] with its jitter given: `jitter` in `[0, 1]` places the delay in the upper half
+/// of the step (for decisions that must be pure).
+pub fn backoff_at(initial: Duration, max: Duration, doublings: u32, jitter: f64) -> Duration {
     let cap = initial.saturating_mul(1u32 << doublings.min(20)).min(max);
     let half = cap / 2;
-    half + Duration::from_millis(rand::rng().random_range(0..=half.as_millis() as u64))
+    half + Duration::from_millis((half.as_millis() as f64 * jitter.clamp(0.0, 1.0)).round() as u64)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use crate::config::{Config, Upstream};
 use crate::mediation::{MediationPolicy, Transform};
 use crate::policy::Policy;
 use crate::process::adapter::{AdapterError, ChangedResource, ErpAdapter, ErpOrder, Progress};
-use crate::process::model::{Customer, Product, Quote};
+use crate::process::model::{Customer, Product, Quote, SalesOrderCreate};
 use crate::process::rules::MasterData;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -251,12 +251,12 @@ impl BusinessCentral {
 
     /// Create the order (canonical sales order in, canonical order out) unless the ERP already
     /// has one with its external reference: then that one is returned.
-    pub async fn create_order_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError> {
-        ErpAdapter::create_order_once(self, canonical).await
+    pub async fn create_order_once(&self, order: &SalesOrderCreate) -> Result<ErpOrder, AdapterError> {
+        ErpAdapter::create_order_once(self, order).await
     }
 
-    async fn create_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError> {
-        let reference = canonical["externalReference"].as_str().unwrap_or_default();
+    async fn create_once(&self, sales_order: &SalesOrderCreate) -> Result<ErpOrder, AdapterError> {
+        let reference = sales_order.external_reference.as_str();
         if reference.is_empty() {
             return Err(AdapterError::Rejected {
                 status: 400,
@@ -272,7 +272,9 @@ impl BusinessCentral {
             .as_ref()
             .map(|r| &r.transform)
             .ok_or_else(|| AdapterError::Protocol("no request mapping".into()))?;
-        let body = apply(request, canonical.clone(), m)?;
+        let canonical =
+            serde_json::to_value(sales_order).map_err(|e| AdapterError::Protocol(e.to_string()))?;
+        let body = apply(request, canonical, m)?;
         let (status, answer) = self
             .call(
                 reqwest::Method::POST,
@@ -296,8 +298,8 @@ impl ErpAdapter for BusinessCentral {
         self.fetch_master_data(quote).await
     }
 
-    async fn create_order_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError> {
-        self.create_once(canonical).await
+    async fn create_order_once(&self, order: &SalesOrderCreate) -> Result<ErpOrder, AdapterError> {
+        self.create_once(order).await
     }
 
     async fn forget(&self, quote: &Quote) {

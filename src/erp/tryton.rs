@@ -18,7 +18,7 @@ use super::exchange::{classes, exchange, split_cached, MASTER_DATA_TTL};
 use crate::budget::throttle::Class;
 use crate::config::{TrytonSettings, Upstream};
 use crate::process::adapter::{AdapterError, ErpAdapter, ErpOrder, Progress};
-use crate::process::model::{Address, Credit, Customer, Product, Quote};
+use crate::process::model::{Address, Credit, Customer, Product, Quote, SalesOrderCreate};
 use crate::process::rules::MasterData;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -430,8 +430,8 @@ impl ErpAdapter for Tryton {
         Ok(MasterData { customer, products, regional_prices })
     }
 
-    async fn create_order_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError> {
-        let reference = canonical["externalReference"].as_str().unwrap_or_default();
+    async fn create_order_once(&self, order: &SalesOrderCreate) -> Result<ErpOrder, AdapterError> {
+        let reference = order.external_reference.as_str();
         if reference.is_empty() {
             return Err(AdapterError::Rejected {
                 status: 400,
@@ -442,25 +442,24 @@ impl ErpAdapter for Tryton {
             let id = existing["id"].as_i64().unwrap_or_default();
             return self.complete(id, existing["state"].as_str().unwrap_or_default()).await;
         }
-        let number = canonical["customerNumber"].as_str().unwrap_or_default();
+        let number = order.customer_number.as_str();
         let party = self.party(number).await?.ok_or_else(|| AdapterError::Rejected {
             status: 422,
             message: format!("no Tryton party with code {number}"),
         })?;
         let mut lines = Vec::new();
-        for line in canonical["lines"].as_array().into_iter().flatten() {
-            let code = line["item"].as_str().unwrap_or_default();
+        for line in &order.lines {
+            let code = line.item.as_str();
             let item = self.item(code).await?.ok_or_else(|| AdapterError::Rejected {
                 status: 422,
                 message: format!("no Tryton product with code {code}"),
             })?;
-            let discount = line["discountPercent"].as_f64().unwrap_or(0.0);
-            let price =
-                line["unitPrice"].as_f64().unwrap_or(item.product.unit_price) * (1.0 - discount / 100.0);
+            let discount = line.discount_percent.unwrap_or(0.0);
+            let price = line.unit_price.unwrap_or(item.product.unit_price) * (1.0 - discount / 100.0);
             lines.push(json!({
                 "type": "line",
                 "product": item.id,
-                "quantity": line["quantity"].as_f64().unwrap_or(0.0),
+                "quantity": line.quantity,
                 "unit": item.unit,
                 "unit_price": to_decimal(price),
                 "taxes": [["add", item.taxes]],
@@ -476,10 +475,8 @@ impl ErpAdapter for Tryton {
             sale["invoice_address"] = json!(address);
             sale["shipment_address"] = json!(address);
         }
-        if let Some(code) = canonical["currency"].as_str() {
-            if let Some(currency) = self.id_of("currency.currency", "code", code).await? {
-                sale["currency"] = json!(currency);
-            }
+        if let Some(currency) = self.id_of("currency.currency", "code", &order.currency).await? {
+            sale["currency"] = json!(currency);
         }
         let created = self.call("model.sale.sale.create", vec![json!([sale])], &self.write_class).await?;
         let id = created[0]

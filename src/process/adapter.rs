@@ -2,7 +2,7 @@
 //! Implemented in `erp/` (Business Central, Tryton), built in `server.rs` and handed to the
 //! service, so the service can be tested against a fake.
 
-use super::model::Quote;
+use super::model::{Quote, SalesOrderCreate};
 use super::rules::MasterData;
 use serde_json::Value;
 
@@ -29,9 +29,9 @@ pub enum AdapterError {
 pub trait ErpAdapter: Send + Sync {
     /// Everything the quote rules need about `quote`, from the cache or the ERP.
     async fn master_data(&self, quote: &Quote) -> Result<MasterData, AdapterError>;
-    /// Create the order (a canonical sales order) unless the ERP already holds one with its
-    /// external reference: then that one is returned.
-    async fn create_order_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError>;
+    /// Create the order unless the ERP already holds one with its external reference: then
+    /// that one is returned.
+    async fn create_order_once(&self, order: &SalesOrderCreate) -> Result<ErpOrder, AdapterError>;
     /// Drop cached master data of `quote` (an operator's replay after fixing it in the ERP).
     async fn forget(&self, quote: &Quote);
 

@@ -1,9 +1,10 @@
 //! The quote-to-order service on its ports alone: a fake ERP adapter and the in-memory store, no
-//! HTTP and no sleeping (the store's clock is moved forward instead). Rules, delivery, backoff,
+//! HTTP, on paused time (tokio's clock advances only when every task waits; the store's clock
+//! is moved forward by hand). Rules, delivery, backoff,
 //! dead-lettering, idempotency and ownership.
 
 use super::adapter::{AdapterError, ErpAdapter, ErpOrder};
-use super::model::{Address, Credit, Customer, Product, Quote};
+use super::model::{Address, Credit, Customer, Product, Quote, SalesOrderCreate};
 use super::rules::MasterData;
 use super::service::{Caller, OpenStore, QuoteToOrder};
 use super::state::State;
@@ -74,7 +75,8 @@ impl ErpAdapter for FakeErp {
         }
     }
 
-    async fn create_order_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError> {
+    async fn create_order_once(&self, order: &SalesOrderCreate) -> Result<ErpOrder, AdapterError> {
+        let canonical = serde_json::to_value(order).unwrap();
         let latency = *self.latency.lock();
         tokio::time::sleep(latency).await;
         if let Some(e) = self.create_results.lock().pop_front() {
@@ -86,7 +88,7 @@ impl ErpAdapter for FakeErp {
         if let Some(i) = created.iter().position(|o| o["externalReference"] == reference) {
             return Ok(erp_order(i));
         }
-        created.push(canonical.clone());
+        created.push(canonical);
         Ok(erp_order(created.len() - 1))
     }
 
@@ -131,8 +133,8 @@ impl ErpAdapter for SharedErp {
     async fn master_data(&self, quote: &Quote) -> Result<MasterData, AdapterError> {
         self.0.master_data(quote).await
     }
-    async fn create_order_once(&self, canonical: &Value) -> Result<ErpOrder, AdapterError> {
-        self.0.create_order_once(canonical).await
+    async fn create_order_once(&self, order: &SalesOrderCreate) -> Result<ErpOrder, AdapterError> {
+        self.0.create_order_once(order).await
     }
     async fn forget(&self, quote: &Quote) {
         self.0.forget(quote).await
@@ -163,7 +165,7 @@ fn unavailable() -> AdapterError {
     AdapterError::Unavailable("the ERP is down".into())
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_valid_quote_is_created_once_and_accepted_with_its_history() {
     let h = harness(5);
     let (status, order) = submit(&h, "k1", &quote("OPP-1")).await.unwrap();
@@ -185,7 +187,7 @@ async fn a_valid_quote_is_created_once_and_accepted_with_its_history() {
     assert_eq!(h.erp.created.lock().len(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_rules_refuse_a_broken_quote_before_the_erp_sees_it_and_the_key_is_free() {
     let h = harness(5);
     let mut broken: Value = serde_json::from_slice(&quote("OPP-R")).unwrap();
@@ -201,7 +203,7 @@ async fn the_rules_refuse_a_broken_quote_before_the_erp_sees_it_and_the_key_is_f
     assert_eq!(status, 201, "fixed and sent again with the same key");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_erp_that_is_down_means_202_then_backoff_that_doubles_then_delivery() {
     let h = harness(10);
     h.erp.create_results.lock().extend([unavailable(), unavailable(), unavailable()]);
@@ -230,7 +232,7 @@ async fn an_erp_that_is_down_means_202_then_backoff_that_doubles_then_delivery()
     assert_eq!(h.erp.created.lock().len(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn master_data_failures_count_as_attempts_and_max_attempts_dead_letters_the_order() {
     let h = harness(3);
     h.erp.master_failures.lock().extend((0..10).map(|_| unavailable()));
@@ -255,7 +257,7 @@ async fn master_data_failures_count_as_attempts_and_max_attempts_dead_letters_th
     assert_eq!(h.store.order(&id).await.unwrap().unwrap().state, State::Accepted);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_erp_refusal_is_the_callers_422_or_a_dead_letter_when_nobody_waits() {
     let h = harness(5);
     let refusal = || AdapterError::Rejected { status: 400, message: "Customer blocked".into() };
@@ -275,7 +277,7 @@ async fn an_erp_refusal_is_the_callers_422_or_a_dead_letter_when_nobody_waits() 
     assert_eq!(h.store.order(id).await.unwrap().unwrap().state, State::DeadLettered);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn orders_belong_to_their_consumer() {
     let h = harness(5);
     let (_, order) = submit(&h, "ko", &quote("OPP-O")).await.unwrap();
@@ -288,7 +290,7 @@ async fn orders_belong_to_their_consumer() {
     assert!(matches!(taken, Err(GatewayError::OpportunityTaken { .. })), "not a replay of the other's key");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_panic_is_a_500_and_releases_the_key() {
     let h = harness(5);
     h.erp.panic_on_lookup.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -298,7 +300,7 @@ async fn a_panic_is_a_500_and_releases_the_key() {
     assert_eq!(status, 201, "the key was released, not left in flight");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_store_that_is_down_is_a_503_and_nothing_is_sent() {
     let h = harness(5);
     h.store.set_failing(true);
@@ -310,7 +312,7 @@ async fn a_store_that_is_down_is_a_503_and_nothing_is_sent() {
 /// A commit whose answer is lost (the database went away as it committed): the order is
 /// recorded, leased for an inline attempt that never starts. The caller's retry finds it, and
 /// it is delivered once the store answers, not when its 120 s lease runs out.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_order_recorded_by_a_commit_whose_answer_was_lost_is_delivered_without_waiting_for_its_lease() {
     let h = harness(5);
     h.store.lose_next_insert_answer();
@@ -348,7 +350,7 @@ async fn inline_wait_bounds_the_callers_whole_wait_lookups_included() {
 /// An ERP that keeps asking to wait (its budget refuses, or it answers 429 past the step
 /// retries) delays the order but never uses up `max_attempts`: the order is delivered once the
 /// ERP admits, however many times it had to wait.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_erp_asking_to_wait_never_counts_toward_max_attempts() {
     let h = harness(3);
     let throttled = || AdapterError::Throttled("429 from the ERP".into());
