@@ -8,6 +8,7 @@
 mod group;
 pub mod lifecycle;
 pub mod memory;
+pub mod migrations;
 pub mod outbox;
 pub mod postgres;
 mod postgres_lifecycle;

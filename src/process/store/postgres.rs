@@ -8,6 +8,7 @@
 //! with `FOR UPDATE SKIP LOCKED`, so replicas never wait on each other's claims.
 
 use super::group::{Backend, GroupWriter};
+use super::migrations::{self, Migration, Schema};
 use super::{
     now_ms, Change, KeyState, NewOrder, OrderRecord, OrderStore, OwnedChange, OwnedOrder, StoreError,
     Transition,
@@ -25,169 +26,6 @@ use std::time::Duration;
 /// An in-flight idempotency key older than this was left by a replica that stopped (a request
 /// holds its key for at most its inline wait): the next request with the key may claim it.
 pub const ABANDONED_KEY: Duration = Duration::from_secs(120);
-
-/// Versioned schema changes, each applied once in its own transaction (`causeway_migrations`
-/// records them). Replicas that start together serialise on an advisory lock.
-pub const MIGRATIONS: &[&[&str]] = &[
-    &[
-        "CREATE TABLE orders (
-        id TEXT PRIMARY KEY,
-        opportunity_id TEXT NOT NULL,
-        state TEXT NOT NULL,
-        quote TEXT NOT NULL,
-        validated BOOLEAN NOT NULL,
-        erp_order_id TEXT,
-        erp_order_number TEXT,
-        reason TEXT,
-        violations TEXT,
-        correlation_id TEXT NOT NULL,
-        attempts BIGINT NOT NULL DEFAULT 0,
-        next_attempt_at BIGINT NOT NULL,
-        lease_until BIGINT NOT NULL DEFAULT 0,
-        lease_owner TEXT NOT NULL DEFAULT '',
-        received_at BIGINT NOT NULL,
-        updated_at BIGINT NOT NULL,
-        owner TEXT NOT NULL DEFAULT '')",
-        // One live order per opportunity: a rejected quote may be fixed and submitted again.
-        "CREATE UNIQUE INDEX orders_live_opportunity ON orders(opportunity_id) WHERE state <> 'rejected'",
-        "CREATE INDEX orders_due ON orders(state, next_attempt_at)",
-        "CREATE INDEX orders_lease_owner ON orders(lease_owner) WHERE lease_until > 0",
-        "CREATE TABLE transitions (
-        seq BIGSERIAL PRIMARY KEY,
-        order_id TEXT NOT NULL,
-        at BIGINT NOT NULL,
-        from_state TEXT,
-        to_state TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        repeats BIGINT NOT NULL DEFAULT 0,
-        last_at BIGINT)",
-        "CREATE INDEX transitions_order ON transitions(order_id, seq)",
-        // A change to the state the order is already in (another retry) counts on the last entry.
-        "CREATE FUNCTION causeway_order_history() RETURNS trigger LANGUAGE plpgsql AS $$
-     BEGIN
-        IF TG_OP = 'INSERT' THEN
-            INSERT INTO transitions (order_id, at, from_state, to_state, reason)
-            VALUES (NEW.id, NEW.updated_at, NULL, NEW.state, COALESCE(NEW.reason, ''));
-        ELSIF OLD.state <> NEW.state THEN
-            INSERT INTO transitions (order_id, at, from_state, to_state, reason)
-            VALUES (NEW.id, NEW.updated_at, OLD.state, NEW.state, COALESCE(NEW.reason, ''));
-        ELSE
-            UPDATE transitions SET repeats = repeats + 1, last_at = NEW.updated_at,
-                reason = COALESCE(NEW.reason, '')
-            WHERE seq = (SELECT MAX(seq) FROM transitions WHERE order_id = NEW.id);
-        END IF;
-        RETURN NULL;
-     END $$",
-        "CREATE TRIGGER orders_history AFTER INSERT OR UPDATE OF state ON orders
-        FOR EACH ROW EXECUTE FUNCTION causeway_order_history()",
-        "CREATE TABLE idempotency_keys (
-        key TEXT PRIMARY KEY,
-        fingerprint TEXT NOT NULL,
-        in_flight BOOLEAN NOT NULL,
-        status INTEGER,
-        location TEXT,
-        body BYTEA,
-        holder TEXT NOT NULL DEFAULT '',
-        created_at BIGINT NOT NULL,
-        expires_at BIGINT NOT NULL)",
-    ],
-    OUTBOX,
-    LIFECYCLE,
-    TRACES,
-];
-
-/// Orders remember the trace of the request that submitted them.
-const TRACES: &[&str] = &["ALTER TABLE orders ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''"];
-
-/// Order milestones after acceptance (`super::lifecycle`), each writing its event like a state
-/// change does, and the ERP notifications seen.
-const LIFECYCLE: &[&str] = &[
-    "CREATE TABLE order_milestones (
-        order_id TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        at BIGINT NOT NULL,
-        data TEXT NOT NULL,
-        PRIMARY KEY (order_id, kind))",
-    "CREATE INDEX orders_erp_order_id ON orders(erp_order_id) WHERE erp_order_id IS NOT NULL",
-    "CREATE INDEX orders_erp_order_number ON orders(erp_order_number) WHERE erp_order_number IS NOT NULL",
-    "CREATE TABLE erp_notifications (key TEXT PRIMARY KEY, seen_at BIGINT NOT NULL)",
-    "CREATE INDEX erp_notifications_seen ON erp_notifications(seen_at)",
-    "CREATE TABLE change_cursors (source TEXT PRIMARY KEY, position TEXT NOT NULL)",
-    // Event deliveries name the process that leased them, so a stopped one's are taken back
-    // at start (`recover`) rather than when their lease runs out.
-    "ALTER TABLE event_deliveries ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''",
-    "CREATE FUNCTION causeway_milestone_event() RETURNS trigger LANGUAGE plpgsql AS $$
-     DECLARE
-        written BIGINT;
-     BEGIN
-        INSERT INTO events (id, order_id, type, at, data)
-            SELECT replace(gen_random_uuid()::text, '-', ''), NEW.order_id, NEW.kind, NEW.at,
-                (jsonb_build_object('orderId', o.id, 'opportunityId', o.opportunity_id,
-                    'consumer', o.owner, 'state', o.state, 'erpOrderId', o.erp_order_id,
-                    'erpOrderNumber', o.erp_order_number, 'correlationId', o.correlation_id)
-                 || NEW.data::jsonb)::text
-            FROM orders o WHERE o.id = NEW.order_id
-        RETURNING seq INTO written;
-        INSERT INTO event_deliveries (subscriber, seq, order_id, next_attempt_at)
-            SELECT name, written, NEW.order_id, NEW.at FROM event_subscribers
-            WHERE types = '*' OR position(',' || NEW.kind || ',' in ',' || types || ',') > 0;
-        RETURN NULL;
-     END $$",
-    "CREATE TRIGGER order_milestones_events AFTER INSERT ON order_milestones
-        FOR EACH ROW EXECUTE FUNCTION causeway_milestone_event()",
-];
-
-/// The event outbox (`super::outbox`): events written by a trigger in the statement that
-/// changes the state, each with one delivery per subscriber that wants its type.
-const OUTBOX: &[&str] = &[
-    "CREATE TABLE event_subscribers (name TEXT PRIMARY KEY, types TEXT NOT NULL)",
-    "CREATE TABLE events (
-        seq BIGSERIAL PRIMARY KEY,
-        id TEXT NOT NULL,
-        order_id TEXT NOT NULL,
-        type TEXT NOT NULL,
-        at BIGINT NOT NULL,
-        data TEXT NOT NULL)",
-    "CREATE TABLE event_deliveries (
-        subscriber TEXT NOT NULL,
-        seq BIGINT NOT NULL,
-        order_id TEXT NOT NULL,
-        state TEXT NOT NULL DEFAULT 'pending',
-        attempts BIGINT NOT NULL DEFAULT 0,
-        next_attempt_at BIGINT NOT NULL,
-        lease_until BIGINT NOT NULL DEFAULT 0,
-        last_error TEXT,
-        delivered_at BIGINT,
-        PRIMARY KEY (subscriber, seq))",
-    "CREATE INDEX event_deliveries_due ON event_deliveries(subscriber, state, next_attempt_at)",
-    "CREATE INDEX event_deliveries_order ON event_deliveries(subscriber, order_id, seq)",
-    "CREATE INDEX event_deliveries_seq ON event_deliveries(seq)",
-    "CREATE INDEX events_at ON events(at)",
-    "CREATE FUNCTION causeway_order_event() RETURNS trigger LANGUAGE plpgsql AS $$
-     DECLARE
-        kind TEXT;
-        written BIGINT;
-     BEGIN
-        IF NEW.state NOT IN ('accepted', 'rejected', 'dead_lettered')
-           OR (TG_OP = 'UPDATE' AND OLD.state = NEW.state) THEN
-            RETURN NULL;
-        END IF;
-        kind := 'order.' || NEW.state || '.v1';
-        INSERT INTO events (id, order_id, type, at, data) VALUES (
-            replace(gen_random_uuid()::text, '-', ''), NEW.id, kind, NEW.updated_at,
-            json_build_object('orderId', NEW.id, 'opportunityId', NEW.opportunity_id,
-                'consumer', NEW.owner, 'state', NEW.state, 'erpOrderId', NEW.erp_order_id,
-                'erpOrderNumber', NEW.erp_order_number, 'reason', NEW.reason,
-                'violations', NEW.violations::json, 'correlationId', NEW.correlation_id)::text)
-        RETURNING seq INTO written;
-        INSERT INTO event_deliveries (subscriber, seq, order_id, next_attempt_at)
-            SELECT name, written, NEW.id, NEW.updated_at FROM event_subscribers
-            WHERE types = '*' OR position(',' || kind || ',' in ',' || types || ',') > 0;
-        RETURN NULL;
-     END $$",
-    "CREATE TRIGGER orders_events AFTER INSERT OR UPDATE OF state ON orders
-        FOR EACH ROW EXECUTE FUNCTION causeway_order_event()",
-];
 
 /// PostgreSQL's text cannot hold NUL, which a consumer id, a key or an ERP's answer may: it is
 /// stored as U+FFFD instead of failing the statement (and the caller with a 503).
@@ -280,36 +118,55 @@ fn host_name() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// Apply the migrations the database has not seen yet; returns the schema version.
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+/// The database's schema version (`causeway_migrations`), for the migration runner; every
+/// change runs in the one transaction that holds the migration lock.
+struct DatabaseSchema<'t>(&'t mut sqlx::Transaction<'static, Postgres>);
+
+#[async_trait::async_trait]
+impl Schema for DatabaseSchema<'_> {
+    async fn version(&mut self) -> Result<i64, StoreError> {
+        // Asked first, rather than `CREATE … IF NOT EXISTS`, which logs a notice at every start.
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('causeway_migrations')::text")
+            .fetch_one(&mut **self.0)
+            .await?;
+        if exists.is_none() {
+            sqlx::query(
+                "CREATE TABLE causeway_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+            )
+            .execute(&mut **self.0)
+            .await?;
+        }
+        Ok(sqlx::query("SELECT COALESCE(MAX(version), 0) FROM causeway_migrations")
+            .fetch_one(&mut **self.0)
+            .await?
+            .try_get(0)?)
+    }
+
+    async fn apply(&mut self, migration: &Migration) -> Result<(), StoreError> {
+        sqlx::raw_sql(migration.sql).execute(&mut **self.0).await?;
+        sqlx::query("INSERT INTO causeway_migrations (version, applied_at) VALUES ($1, $2)")
+            .bind(migration.version)
+            .bind(now_ms())
+            .execute(&mut **self.0)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Apply the migrations the database has not seen yet (replicas that start together serialise
+/// on an advisory lock); returns the schema version.
 pub async fn migrate(pool: &PgPool) -> Result<i64, StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await?;
-    // Asked first, rather than `CREATE … IF NOT EXISTS`, which logs a notice at every start.
-    let exists: Option<String> =
-        sqlx::query_scalar("SELECT to_regclass('causeway_migrations')::text").fetch_one(&mut *tx).await?;
-    if exists.is_none() {
-        sqlx::query(
-            "CREATE TABLE causeway_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-        )
-        .execute(&mut *tx)
-        .await?;
-    }
-    let version: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM causeway_migrations")
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
-    for (i, steps) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
-        for statement in *steps {
-            sqlx::query(*statement).execute(&mut *tx).await?;
-        }
-        sqlx::query("INSERT INTO causeway_migrations (version, applied_at) VALUES ($1, $2)")
-            .bind(i as i64 + 1)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
-    }
+    let version = migrations::run(&mut DatabaseSchema(&mut tx), migrations::POSTGRES).await?;
     tx.commit().await?;
-    Ok(MIGRATIONS.len() as i64)
+    Ok(version)
 }
 
 impl PostgresStore {

@@ -7,10 +7,12 @@
 //! single connection, so writers never contend for SQLite's lock (no `SQLITE_BUSY` under load);
 //! reads share a small pool. Writes run on the store's writer thread, in place on its own
 //! connection (rusqlite), and the writes of concurrent requests share a commit
-//! ([`super::group`]); reads go through sqlx's pool, each a round trip to a connection's thread.
+//! ([`super::group`]); reads run on the file's read connection on a thread of their own.
+//! The schema is `migrations/sqlite/`, applied by [`super::migrations::run`].
 //! The history is written by triggers, in the statement that changes the state.
 
 use super::group::{Backend, GroupWriter};
+use super::migrations::{self, Migration, Schema};
 use super::{
     now_ms, Change, KeyState, NewOrder, OrderRecord, OrderStore, OwnedChange, OwnedOrder, StoreError,
     Transition,
@@ -20,20 +22,10 @@ use crate::process::instance;
 use crate::process::state::State;
 use futures_util::future::BoxFuture;
 use rusqlite::{params, OptionalExtension};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::Row;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
-
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        StoreError(e.to_string())
-    }
-}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
@@ -114,179 +106,6 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
 }
 
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS orders (
-        id TEXT PRIMARY KEY,
-        opportunity_id TEXT NOT NULL,
-        state TEXT NOT NULL,
-        quote TEXT NOT NULL,
-        validated INTEGER NOT NULL,
-        erp_order_id TEXT,
-        erp_order_number TEXT,
-        reason TEXT,
-        violations TEXT,
-        correlation_id TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at INTEGER NOT NULL,
-        lease_until INTEGER NOT NULL DEFAULT 0,
-        received_at INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL)",
-    // One live order per opportunity: a rejected quote may be fixed and submitted again.
-    "CREATE UNIQUE INDEX IF NOT EXISTS orders_live_opportunity ON orders(opportunity_id)
-        WHERE state <> 'rejected'",
-    "CREATE INDEX IF NOT EXISTS orders_due ON orders(state, next_attempt_at)",
-    "CREATE TABLE IF NOT EXISTS transitions (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        order_id TEXT NOT NULL,
-        at INTEGER NOT NULL,
-        from_state TEXT,
-        to_state TEXT NOT NULL,
-        reason TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS transitions_order ON transitions(order_id, seq)",
-    // The history is written by the database in the same statement as the change, so a state
-    // change and its record cannot part, and each takes one round trip to SQLite's thread.
-    "CREATE TRIGGER IF NOT EXISTS orders_history_insert AFTER INSERT ON orders BEGIN
-        INSERT INTO transitions (order_id, at, from_state, to_state, reason)
-        VALUES (NEW.id, NEW.updated_at, NULL, NEW.state, NEW.reason);
-     END",
-    "CREATE TRIGGER IF NOT EXISTS orders_history_update AFTER UPDATE OF state ON orders BEGIN
-        INSERT INTO transitions (order_id, at, from_state, to_state, reason)
-        VALUES (NEW.id, NEW.updated_at, OLD.state, NEW.state, NEW.reason);
-     END",
-    "CREATE TABLE IF NOT EXISTS idempotency_keys (
-        key TEXT PRIMARY KEY,
-        fingerprint TEXT NOT NULL,
-        in_flight INTEGER NOT NULL,
-        status INTEGER,
-        location TEXT,
-        body BLOB,
-        created_at INTEGER NOT NULL,
-        expires_at INTEGER NOT NULL)",
-];
-
-/// Schema changes after the first version, applied once each (`PRAGMA user_version` counts them).
-const MIGRATIONS: &[&[&str]] = &[
-    &[
-        // Orders belong to the consumer that submitted them (`policy/consumer`).
-        "ALTER TABLE orders ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
-        // Leases and in-flight keys name the process that holds them.
-        "ALTER TABLE orders ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE idempotency_keys ADD COLUMN holder TEXT NOT NULL DEFAULT ''",
-        // A change to the state the order is already in (another retry) counts on the last entry
-        // instead of adding one per retry.
-        "ALTER TABLE transitions ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE transitions ADD COLUMN last_at INTEGER",
-        "DROP TRIGGER IF EXISTS orders_history_update",
-        "CREATE TRIGGER orders_history_update AFTER UPDATE OF state ON orders
-        WHEN OLD.state <> NEW.state BEGIN
-        INSERT INTO transitions (order_id, at, from_state, to_state, reason)
-        VALUES (NEW.id, NEW.updated_at, OLD.state, NEW.state, NEW.reason);
-     END",
-        "CREATE TRIGGER orders_history_repeat AFTER UPDATE OF state ON orders
-        WHEN OLD.state = NEW.state BEGIN
-        UPDATE transitions SET repeats = repeats + 1, last_at = NEW.updated_at, reason = NEW.reason
-        WHERE seq = (SELECT MAX(seq) FROM transitions WHERE order_id = NEW.id);
-     END",
-        "CREATE INDEX IF NOT EXISTS orders_lease_owner ON orders(lease_owner) WHERE lease_until > 0",
-    ],
-    OUTBOX,
-    LIFECYCLE,
-    TRACES,
-];
-
-/// Orders remember the trace of the request that submitted them.
-const TRACES: &[&str] = &["ALTER TABLE orders ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''"];
-
-/// Order milestones after acceptance (`super::lifecycle`), each writing its event like a state
-/// change does, and the ERP notifications seen.
-const LIFECYCLE: &[&str] = &[
-    "CREATE TABLE order_milestones (
-        order_id TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        at INTEGER NOT NULL,
-        data TEXT NOT NULL,
-        PRIMARY KEY (order_id, kind))",
-    "CREATE INDEX orders_erp_order_id ON orders(erp_order_id) WHERE erp_order_id IS NOT NULL",
-    "CREATE INDEX orders_erp_order_number ON orders(erp_order_number) WHERE erp_order_number IS NOT NULL",
-    "CREATE TABLE erp_notifications (key TEXT PRIMARY KEY, seen_at INTEGER NOT NULL)",
-    "CREATE INDEX erp_notifications_seen ON erp_notifications(seen_at)",
-    "CREATE TABLE change_cursors (source TEXT PRIMARY KEY, position TEXT NOT NULL)",
-    // Event deliveries name the process that leased them, so a stopped one's are taken back
-    // at start (`recover`) rather than when their lease runs out.
-    "ALTER TABLE event_deliveries ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''",
-    "CREATE TRIGGER order_milestone_event AFTER INSERT ON order_milestones BEGIN
-        INSERT INTO events (id, order_id, type, at, data)
-            SELECT lower(hex(randomblob(16))), NEW.order_id, NEW.kind, NEW.at,
-                json_patch(json_object('orderId', o.id, 'opportunityId', o.opportunity_id,
-                    'consumer', o.owner, 'state', o.state, 'erpOrderId', o.erp_order_id,
-                    'erpOrderNumber', o.erp_order_number, 'correlationId', o.correlation_id),
-                    CASE WHEN json_valid(NEW.data) THEN NEW.data ELSE '{}' END)
-            FROM orders o WHERE o.id = NEW.order_id;
-        INSERT INTO event_deliveries (subscriber, seq, order_id, next_attempt_at)
-            SELECT name, (SELECT MAX(seq) FROM events), NEW.order_id, NEW.at FROM event_subscribers
-            WHERE types = '*' OR instr(',' || types || ',', ',' || NEW.kind || ',') > 0;
-     END",
-];
-
-/// The body of both outbox triggers: the event of the order's new state, and one delivery per
-/// subscriber that wants its type.
-macro_rules! order_event {
-    () => {
-        "
-        INSERT INTO events (id, order_id, type, at, data) VALUES (
-            lower(hex(randomblob(16))), NEW.id, 'order.' || NEW.state || '.v1', NEW.updated_at,
-            json_object('orderId', NEW.id, 'opportunityId', NEW.opportunity_id, 'consumer', NEW.owner,
-                'state', NEW.state, 'erpOrderId', NEW.erp_order_id, 'erpOrderNumber', NEW.erp_order_number,
-                'reason', NEW.reason,
-                'violations', CASE WHEN json_valid(NEW.violations) THEN json(NEW.violations) END,
-                'correlationId', NEW.correlation_id));
-        INSERT INTO event_deliveries (subscriber, seq, order_id, next_attempt_at)
-            SELECT name, (SELECT MAX(seq) FROM events), NEW.id, NEW.updated_at FROM event_subscribers
-            WHERE types = '*' OR instr(',' || types || ',', ',order.' || NEW.state || '.v1,') > 0;
-        "
-    };
-}
-
-/// The event outbox (`super::outbox`): events written by triggers in the statement that
-/// changes the state, each with one delivery per subscriber that wants its type.
-const OUTBOX: &[&str] = &[
-    "CREATE TABLE event_subscribers (name TEXT PRIMARY KEY, types TEXT NOT NULL)",
-    "CREATE TABLE events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL,
-        order_id TEXT NOT NULL,
-        type TEXT NOT NULL,
-        at INTEGER NOT NULL,
-        data TEXT NOT NULL)",
-    "CREATE TABLE event_deliveries (
-        subscriber TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        order_id TEXT NOT NULL,
-        state TEXT NOT NULL DEFAULT 'pending',
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at INTEGER NOT NULL,
-        lease_until INTEGER NOT NULL DEFAULT 0,
-        last_error TEXT,
-        delivered_at INTEGER,
-        PRIMARY KEY (subscriber, seq))",
-    "CREATE INDEX event_deliveries_due ON event_deliveries(subscriber, state, next_attempt_at)",
-    "CREATE INDEX event_deliveries_order ON event_deliveries(subscriber, order_id, seq)",
-    "CREATE INDEX event_deliveries_seq ON event_deliveries(seq)",
-    "CREATE INDEX events_at ON events(at)",
-    concat!(
-        "CREATE TRIGGER orders_event_insert AFTER INSERT ON orders
-            WHEN NEW.state IN ('accepted', 'rejected', 'dead_lettered') BEGIN",
-        order_event!(),
-        "END"
-    ),
-    concat!(
-        "CREATE TRIGGER orders_event_update AFTER UPDATE OF state ON orders
-            WHEN OLD.state <> NEW.state AND NEW.state IN ('accepted', 'rejected', 'dead_lettered') BEGIN",
-        order_event!(),
-        "END"
-    ),
-];
-
 #[derive(Clone)]
 pub struct SqliteStore {
     /// Every write, committed in groups on the file's one write connection.
@@ -334,20 +153,22 @@ fn orders(
     Ok(orders)
 }
 
-/// Apply the migrations this file has not seen yet, each in one transaction.
-async fn migrate(writer: &SqlitePool) -> Result<(), StoreError> {
-    let version: i64 = sqlx::query("PRAGMA user_version").fetch_one(writer).await?.try_get(0)?;
-    for (i, steps) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
-        let mut tx = writer.begin().await?;
-        for statement in *steps {
-            sqlx::query(*statement).execute(&mut *tx).await?;
-        }
-        // PRAGMA takes no bound parameters; the number is ours.
-        let set_version = sqlx::AssertSqlSafe(format!("PRAGMA user_version = {}", i + 1));
-        sqlx::query(set_version).execute(&mut *tx).await?;
-        tx.commit().await?;
+/// The file's schema version (`PRAGMA user_version`), for the migration runner.
+struct FileSchema<'c>(&'c mut rusqlite::Connection);
+
+#[async_trait::async_trait]
+impl Schema for FileSchema<'_> {
+    async fn version(&mut self) -> Result<i64, StoreError> {
+        Ok(self.0.query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
-    Ok(())
+
+    async fn apply(&mut self, migration: &Migration) -> Result<(), StoreError> {
+        let tx = self.0.transaction()?;
+        tx.execute_batch(migration.sql)?;
+        tx.pragma_update(None, "user_version", migration.version)?;
+        tx.commit()?;
+        Ok(())
+    }
 }
 
 impl SqliteStore {
@@ -362,30 +183,10 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // WAL + FULL: a commit is on disk before the caller hears 201/202, so an
-            // acknowledged order survives a power loss. NORMAL survives a process crash only.
-            .synchronous(match synchronous {
-                Synchronous::Full => SqliteSynchronous::Full,
-                Synchronous::Normal => SqliteSynchronous::Normal,
-            })
-            .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true);
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.clone())
-            .await?;
-        for statement in SCHEMA {
-            sqlx::query(*statement).execute(&writer).await?;
-        }
-        migrate(&writer).await?;
-        writer.close().await;
-        let conn = rusqlite::Connection::open(path)?;
+        let mut conn = rusqlite::Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        // WAL + FULL: a commit is on disk before the caller hears 201/202, so an acknowledged
+        // order survives a power loss. NORMAL survives a process crash only.
         let level = match synchronous {
             Synchronous::Full => "FULL",
             Synchronous::Normal => "NORMAL",
@@ -393,6 +194,8 @@ impl SqliteStore {
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = {level}; PRAGMA foreign_keys = ON;"
         ))?;
+        conn.execute_batch(migrations::SQLITE_BASE)?;
+        migrations::run(&mut FileSchema(&mut conn), migrations::SQLITE).await?;
         conn.set_prepared_statement_cache_capacity(32);
         // One lane: the file has one writer, so writers never contend for its lock.
         let writes =
@@ -806,18 +609,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
         {
-            let options = SqliteConnectOptions::new().filename(&path).create_if_missing(true);
-            let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
-            for statement in SCHEMA {
-                sqlx::query(*statement).execute(&pool).await.unwrap();
-            }
-            sqlx::query(
+            // A file of the first release: the base schema, no version.
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch(migrations::SQLITE_BASE).unwrap();
+            conn.execute(
                 "INSERT INTO orders (id, opportunity_id, state, quote, validated, correlation_id,
                     next_attempt_at, lease_until, received_at, updated_at, reason)
                  VALUES ('old', 'OPP', 'pending', '{}', 1, 'c', 0, 99999999999999, 0, 0, 'why')",
+                [],
             )
-            .execute(&pool)
-            .await
             .unwrap();
         }
         let s = SqliteStore::open(&path, Synchronous::Full, 64).await.unwrap();
@@ -827,5 +627,15 @@ mod tests {
         drop(s);
         let again = SqliteStore::open(&path, Synchronous::Full, 64).await.unwrap();
         assert!(again.order("old").await.unwrap().is_some(), "migrations run once");
+        drop(again);
+        let version: i64 = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, migrations::SQLITE.len() as i64);
+        // A file a newer release wrote is refused, not written to.
+        rusqlite::Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        let newer = SqliteStore::open(&path, Synchronous::Full, 64).await.err().expect("refused");
+        assert!(newer.0.contains("newer than this build knows"), "{newer}");
     }
 }

@@ -575,7 +575,7 @@ mod postgres_only {
         }
         let versions: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM causeway_migrations").fetch_one(s.pool()).await.unwrap();
-        assert_eq!(versions, super::super::postgres::MIGRATIONS.len() as i64);
+        assert_eq!(versions, super::super::migrations::POSTGRES.len() as i64);
         drop_schema(&schema).await;
     }
 }
