@@ -10,43 +10,27 @@
 // The port's vocabulary, so `throttle::Class` and the like keep naming it.
 pub use super::*;
 
-use crate::clock::backoff;
 use crate::observe::metrics::Metrics;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 // tokio's clock: tests pause and advance it (`start_paused`) instead of sleeping.
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 mod adaptive;
+mod admission;
+mod pause;
+mod queue;
+mod share;
+
+use pause::Circuit;
+use queue::{WaitKey, Waiter};
+use share::ConsumerUse;
 
 /// How many windows' worth of good answers the adaptive limits wait, just below the limits
 /// that last met an overload, before probing them again.
 pub const PROBE_AFTER_WINDOWS: u32 = 8;
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Circuit {
-    Closed { failures: u32 },
-    Open { until: Instant },
-    HalfOpen { probing: bool },
-}
-
-/// One consumer's use of the budget (tracked only when shares are on).
-#[derive(Default)]
-struct ConsumerUse {
-    in_flight: u32,
-    admitted: VecDeque<Instant>,
-}
-
-/// A waiter's place in the queue: class priority, then arrival.
-type WaitKey = (u8, u64);
-
-struct Waiter {
-    tx: oneshot::Sender<()>,
-    consumer: Option<Arc<str>>,
-}
 
 struct State {
     admitted: VecDeque<Instant>,
@@ -97,37 +81,6 @@ impl std::fmt::Debug for Budget {
     }
 }
 
-/// Removes a waiter that gave up (deadline or dropped request) from the queue, and gives back
-/// a slot that was sent to it but never taken (the client went away, or the deadline struck as
-/// the slot came).
-struct WaitGuard<'a> {
-    budget: &'a Budget,
-    key: WaitKey,
-    consumer: Option<Arc<str>>,
-    /// The slot became a permit.
-    granted: bool,
-}
-
-impl Drop for WaitGuard<'_> {
-    fn drop(&mut self) {
-        let mut s = self.budget.state.lock();
-        s.waiters.remove(&self.key);
-        let untaken = s.handed.remove(&self.key) && !self.granted;
-        if untaken {
-            s.in_flight = s.in_flight.saturating_sub(1);
-            if let Some(used) = self.consumer.as_ref().and_then(|c| s.consumers.get_mut(c)) {
-                used.in_flight = used.in_flight.saturating_sub(1);
-            }
-            self.budget.publish(&s);
-        }
-        self.budget.queue_gauge.set(s.waiters.len() as i64);
-        drop(s);
-        if untaken {
-            self.budget.dispatch();
-        }
-    }
-}
-
 impl Budget {
     pub fn new(upstream: &str, params: BudgetParams) -> Arc<Self> {
         let m = Metrics::global();
@@ -170,162 +123,6 @@ impl Budget {
     }
 
     /// The permit of [`ErpBudget::acquire`].
-    async fn acquire_permit(&self, class: &Class, consumer: Option<&Arc<str>>) -> Result<Permit, Refusal> {
-        let started = Instant::now();
-        let metrics = Metrics::global();
-        let labels = [self.upstream.as_str(), &*class.name];
-        let consumer = consumer.cloned();
-        let (rx, key, shares) = {
-            let params = self.params();
-            let mut s = self.state.lock();
-            let now = Instant::now();
-            let mut probe = false;
-            match s.circuit {
-                Circuit::Open { until } if now < until => {
-                    metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "circuit_open"]).inc();
-                    return Err(Refusal::CircuitOpen { retry_after: until - now });
-                }
-                Circuit::Open { .. } => {
-                    s.circuit = Circuit::HalfOpen { probing: true };
-                    self.publish_circuit(&s);
-                    probe = true;
-                }
-                Circuit::HalfOpen { probing: true } => {
-                    metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "circuit_open"]).inc();
-                    return Err(Refusal::CircuitOpen { retry_after: Duration::from_secs(1) });
-                }
-                Circuit::HalfOpen { probing: false } => {
-                    s.circuit = Circuit::HalfOpen { probing: true };
-                    probe = true;
-                }
-                Circuit::Closed { .. } => {}
-            }
-            // A pause that outlasts this class's wait: refused now, not after the wait.
-            if let Some(left) = s.paused_until.map(|p| p.saturating_duration_since(now)) {
-                if left > class.max_wait {
-                    metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "paused"]).inc();
-                    return Err(Refusal::Busy { retry_after: left });
-                }
-            }
-            // Nobody of the same or a higher class may be overtaken.
-            let priority = queue_priority(class);
-            let ahead = s.waiters.keys().next().is_some_and(|(p, _)| *p <= priority);
-            let admissible = Self::can_admit(&mut s, &params, now)
-                && Self::consumer_may(&mut s, &params, now, consumer.as_ref());
-            if probe && !admissible {
-                // The probe waits for budget like anyone; let a later request probe instead.
-                s.circuit = Circuit::HalfOpen { probing: false };
-                metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "circuit_open"]).inc();
-                return Err(Refusal::CircuitOpen { retry_after: Self::next_slot(&s, &params, now) });
-            }
-            if probe || (!ahead && admissible) {
-                Self::account(&mut s, now, consumer.as_ref(), &params);
-                self.publish(&s);
-                drop(s);
-                metrics.erp_admitted.with_label_values(&labels).inc();
-                metrics.erp_wait.with_label_values(&labels).observe(0.0);
-                return Ok(self.permit(Lease { probe, consumer, shared: None }));
-            }
-            if s.waiters.len() >= params.queue {
-                metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "queue_full"]).inc();
-                return Err(Refusal::Busy { retry_after: Self::next_slot(&s, &params, now) });
-            }
-            let (tx, rx) = oneshot::channel();
-            s.seq += 1;
-            let key = (priority, s.seq);
-            s.waiters.insert(key, Waiter { tx, consumer: consumer.clone() });
-            self.queue_gauge.set(s.waiters.len() as i64);
-            self.arm_timer(&mut s, &params, now);
-            (rx, key, params.consumer_caps().is_some())
-        };
-        // Waiters ahead of this one may be held back by their own share: let the dispatcher,
-        // which skips them, decide.
-        if shares {
-            self.dispatch();
-        }
-        let mut guard = WaitGuard { budget: self, key, consumer: consumer.clone(), granted: false };
-        let waited = tokio::time::timeout_at(started + class.max_wait, rx).await;
-        guard.granted = matches!(waited, Ok(Ok(())));
-        drop(guard);
-        match waited {
-            Ok(Ok(())) => {
-                metrics.erp_admitted.with_label_values(&labels).inc();
-                metrics.erp_wait.with_label_values(&labels).observe(started.elapsed().as_secs_f64());
-                Ok(self.permit(Lease { probe: false, consumer, shared: None }))
-            }
-            _ => {
-                metrics.erp_rejected.with_label_values(&[labels[0], labels[1], "deadline"]).inc();
-                let params = self.params();
-                let s = self.state.lock();
-                Err(Refusal::Busy { retry_after: Self::next_slot(&s, &params, Instant::now()) })
-            }
-        }
-    }
-
-    fn permit(&self, lease: Lease) -> Permit {
-        let me: Arc<dyn ErpBudget> =
-            self.me.upgrade().expect("a budget hands out permits only while it lives");
-        Permit::new(me, lease)
-    }
-
-    fn release_lease(&self, Lease { probe, consumer, .. }: Lease) {
-        {
-            let mut s = self.state.lock();
-            s.in_flight = s.in_flight.saturating_sub(1);
-            if let Some(c) = consumer {
-                if let Some(used) = s.consumers.get_mut(&c) {
-                    used.in_flight = used.in_flight.saturating_sub(1);
-                }
-            }
-            // A probe that ended without a report (client gone) lets the next request probe.
-            if probe && s.circuit == (Circuit::HalfOpen { probing: true }) {
-                s.circuit = Circuit::HalfOpen { probing: false };
-            }
-            self.publish(&s);
-        }
-        self.dispatch();
-    }
-
-    /// Hand slots to waiters, best class first, while the budget allows. A waiter whose
-    /// consumer holds its whole share is passed over until its share frees.
-    fn dispatch(&self) {
-        let params = self.params();
-        let mut s = self.state.lock();
-        let now = Instant::now();
-        while !s.waiters.is_empty() && Self::can_admit(&mut s, &params, now) {
-            let next = if params.consumer_caps().is_none() {
-                s.waiters.keys().next().copied()
-            } else {
-                let waiting: Vec<WaitKey> = s.waiters.keys().copied().collect();
-                waiting.into_iter().find(|k| {
-                    let consumer = s.waiters.get(k).and_then(|w| w.consumer.clone());
-                    Self::consumer_may(&mut s, &params, now, consumer.as_ref())
-                })
-            };
-            let Some((key, waiter)) = next.and_then(|k| s.waiters.remove(&k).map(|w| (k, w))) else { break };
-            Self::account(&mut s, now, waiter.consumer.as_ref(), &params);
-            if waiter.tx.send(()).is_err() {
-                // The waiter is gone: undo.
-                Self::unaccount(&mut s, waiter.consumer.as_ref(), &params);
-            } else {
-                s.handed.insert(key);
-            }
-        }
-        Metrics::global()
-            .erp_queue_depth
-            .with_label_values(&[self.upstream.as_str()])
-            .set(s.waiters.len() as i64);
-        self.publish(&s);
-        self.arm_timer(&mut s, &params, now);
-    }
-
-    /// Give back a permit that was never used (a later stage refused it), with its place in
-    /// the window, so a refusal elsewhere does not spend this budget.
-    pub fn release_unused(&self, lease: Lease) {
-        self.state.lock().admitted.pop_back();
-        self.release_lease(lease);
-    }
-
     /// Count requests of other replicas against this budget, as last seen in the shared one,
     /// when it falls back to its local share: `in_flight` held for `held_for` (their holders
     /// cannot say when they end), `admitted` as if made now (they leave the window no later).
@@ -354,160 +151,8 @@ impl Budget {
         });
     }
 
-    fn can_admit(s: &mut State, p: &BudgetParams, now: Instant) -> bool {
-        if s.paused_until.is_some_and(|t| now < t) {
-            return false;
-        }
-        let horizon = p.window + p.window_margin;
-        while s.admitted.front().is_some_and(|t| now.duration_since(*t) >= horizon) {
-            s.admitted.pop_front();
-        }
-        let (max_concurrent, window_requests) = Self::limits(s, p);
-        s.in_flight < max_concurrent
-            && (s.admitted.len() as u32) < window_requests
-            && Self::paced_from(s, p).is_none_or(|at| at <= now)
-    }
-
-    /// (max_concurrent, window_requests) in force: the configured ones, or the adaptive limits.
-    fn limits(s: &State, p: &BudgetParams) -> (u32, u32) {
-        match s.effective {
-            Some((c, w)) if p.adaptive => (c.min(p.max_concurrent), w.min(p.window_requests)),
-            _ => (p.max_concurrent, p.window_requests),
-        }
-    }
-
-    /// With pacing, the time between admissions: the window (and its margin) over the requests
-    /// in force.
-    fn pace_interval(s: &State, p: &BudgetParams) -> Option<Duration> {
-        let pacing = p.pacing?;
-        let (_, window_requests) = Self::limits(s, p);
-        Some(if window_requests < p.window_requests {
-            (p.window + p.window_margin) / window_requests.max(1)
-        } else {
-            pacing.interval
-        })
-    }
-
-    /// With pacing, the earliest time the next request may go.
-    fn paced_from(s: &State, p: &BudgetParams) -> Option<Instant> {
-        let pacing = p.pacing?;
-        let tat = s.paced_at?;
-        let burst_ahead = Self::pace_interval(s, p)?.saturating_mul(pacing.burst.saturating_sub(1));
-        Some(tat.checked_sub(burst_ahead).unwrap_or(tat))
-    }
-
-    /// Whether `consumer` is under its share (always, when shares are off or it is nobody's).
-    fn consumer_may(s: &mut State, p: &BudgetParams, now: Instant, consumer: Option<&Arc<str>>) -> bool {
-        let (Some((max_in_flight, max_window)), Some(c)) = (p.consumer_caps(), consumer) else { return true };
-        let Some(used) = s.consumers.get_mut(c) else { return true };
-        let horizon = p.window + p.window_margin;
-        while used.admitted.front().is_some_and(|t| now.duration_since(*t) >= horizon) {
-            used.admitted.pop_front();
-        }
-        used.in_flight < max_in_flight && used.admitted.len() < max_window
-    }
-
-    fn account(s: &mut State, now: Instant, consumer: Option<&Arc<str>>, p: &BudgetParams) {
-        s.in_flight += 1;
-        s.admitted.push_back(now);
-        if let Some(interval) = Self::pace_interval(s, p) {
-            s.paced_at = Some(s.paced_at.map_or(now, |t| t.max(now)) + interval);
-        }
-        if let (Some(c), Some(_)) = (consumer, p.consumer_caps()) {
-            let used = s.consumers.entry(c.clone()).or_default();
-            used.in_flight += 1;
-            used.admitted.push_back(now);
-        }
-        // Consumers with nothing in flight and nothing in the window are forgotten.
-        if s.consumers.len() > 64 {
-            let horizon = p.window + p.window_margin;
-            s.consumers.retain(|_, u| {
-                u.in_flight > 0 || u.admitted.back().is_some_and(|t| now.duration_since(*t) < horizon)
-            });
-        }
-    }
-
-    fn unaccount(s: &mut State, consumer: Option<&Arc<str>>, p: &BudgetParams) {
-        s.in_flight -= 1;
-        s.admitted.pop_back();
-        if let (Some(interval), Some(t)) = (Self::pace_interval(s, p), s.paced_at) {
-            s.paced_at = t.checked_sub(interval);
-        }
-        if let Some(used) = consumer.and_then(|c| s.consumers.get_mut(c)) {
-            used.in_flight = used.in_flight.saturating_sub(1);
-            used.admitted.pop_back();
-        }
-    }
-
-    /// When a slot can next free up by the passage of time (window or pause), else in a second.
-    fn next_slot(s: &State, p: &BudgetParams, now: Instant) -> Duration {
-        let mut at = now + Duration::from_secs(1);
-        if let Some(paused) = s.paused_until.filter(|t| *t > now) {
-            at = at.max(paused);
-        }
-        if s.admitted.len() as u32 >= Self::limits(s, p).1 {
-            if let Some(oldest) = s.admitted.front() {
-                at = at.max(*oldest + p.window + p.window_margin);
-            }
-        }
-        if let Some(paced) = Self::paced_from(s, p) {
-            at = at.max(paced);
-        }
-        at - now
-    }
-
-    /// Waiters blocked by the window or a pause need a wake-up when time frees a slot.
-    fn arm_timer(&self, s: &mut State, p: &BudgetParams, now: Instant) {
-        if s.waiters.is_empty() {
-            return;
-        }
-        let mut wake = None;
-        if let Some(paused) = s.paused_until.filter(|t| *t > now) {
-            wake = Some(paused);
-        } else if s.admitted.len() as u32 >= Self::limits(s, p).1 {
-            wake = s.admitted.front().map(|t| *t + p.window + p.window_margin);
-        } else if let Some(paced) = Self::paced_from(s, p).filter(|t| *t > now) {
-            wake = Some(paced);
-        } else if p.consumer_caps().is_some() {
-            // Waiters held back by their consumer's window share wake when it slides.
-            let horizon = p.window + p.window_margin;
-            wake = s
-                .waiters
-                .values()
-                .filter_map(|w| w.consumer.as_ref())
-                .filter_map(|c| s.consumers.get(c).and_then(|u| u.admitted.front()))
-                .map(|t| *t + horizon)
-                .filter(|t| *t > now)
-                .min();
-        }
-        let Some(wake) = wake else { return };
-        if s.timer_at.is_some_and(|t| t <= wake && t > now) {
-            return;
-        }
-        s.timer_at = Some(wake);
-        let me = self.me.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(wake).await;
-            if let Some(me) = me.upgrade() {
-                me.state.lock().timer_at = None;
-                me.dispatch();
-            }
-        });
-    }
-
     fn publish(&self, s: &State) {
         self.in_flight_gauge.set(i64::from(s.in_flight));
-    }
-
-    fn publish_circuit(&self, s: &State) {
-        let current = match s.circuit {
-            Circuit::Closed { .. } => 0,
-            Circuit::HalfOpen { .. } => 1,
-            Circuit::Open { .. } => 2,
-        };
-        for (i, gauge) in self.circuit_gauges.iter().enumerate() {
-            gauge.set(i64::from(i == current));
-        }
     }
 }
 
@@ -536,27 +181,12 @@ impl ErpBudget for Budget {
     /// End an overload pause now (an operator's decision: `POST /admin/budgets/{upstream}/resume`).
     /// Returns how much of the pause was left.
     fn resume(&self) -> Duration {
-        let left = {
-            let mut s = self.state.lock();
-            let left = s.paused_until.map_or(Duration::ZERO, |p| p.saturating_duration_since(Instant::now()));
-            s.paused_until = None;
-            s.consecutive_overloads = 0;
-            left
-        };
-        tracing::warn!(upstream = %self.upstream, left_ms = left.as_millis() as u64, "ERP budget pause ended by an operator");
-        self.publish_pause();
-        self.dispatch();
-        left
+        self.end_pause()
     }
 
     /// The pause left, in seconds, on the gauge (called when metrics are scraped).
     fn publish_pause(&self) {
-        let left = self
-            .state
-            .lock()
-            .paused_until
-            .map_or(0.0, |p| p.saturating_duration_since(Instant::now()).as_secs_f64());
-        self.pause_gauge.set(left);
+        self.publish_pause_left();
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -612,58 +242,7 @@ impl ErpBudget for Budget {
     /// Report how the ERP answered a request made under a permit. Returns the pause an overload
     /// caused (the ERP's `Retry-After` or a backoff, capped at `max_pause`), zero otherwise.
     fn report(&self, outcome: Outcome) -> Duration {
-        let params = self.params();
-        let metrics = Metrics::global();
-        let mut s = self.state.lock();
-        let now = Instant::now();
-        let mut applied = Duration::ZERO;
-        let raised = self.adapt(&mut s, &params, &outcome, now);
-        match outcome {
-            Outcome::Success => {
-                s.consecutive_overloads = 0;
-                s.circuit = Circuit::Closed { failures: 0 };
-            }
-            Outcome::Overload(retry_after) => {
-                let asked = retry_after.unwrap_or_else(|| {
-                    backoff(params.backoff_initial, params.backoff_max, s.consecutive_overloads)
-                });
-                // An ERP's answer never stops traffic for longer than the operator allows.
-                let pause = asked.min(params.max_pause);
-                if pause < asked {
-                    tracing::warn!(upstream = %self.upstream, asked_s = asked.as_secs(), max_pause_s = params.max_pause.as_secs(), "ERP asked for a pause longer than max_pause_seconds; capped");
-                }
-                s.consecutive_overloads = s.consecutive_overloads.saturating_add(1);
-                let until = now.checked_add(pause).unwrap_or(now);
-                if s.paused_until.is_none_or(|p| p < until) {
-                    s.paused_until = Some(until);
-                }
-                applied = pause;
-                let reason = if retry_after.is_some() { "retry_after" } else { "backoff" };
-                metrics.erp_pauses.with_label_values(&[self.upstream.as_str(), reason]).inc();
-                self.pause_gauge.set(pause.as_secs_f64());
-                tracing::warn!(upstream = %self.upstream, pause_ms = pause.as_millis() as u64, "ERP overload signal: budget paused");
-            }
-            Outcome::Failure => {
-                s.circuit = match s.circuit {
-                    Circuit::Closed { failures } if failures + 1 >= params.circuit_failures => {
-                        tracing::warn!(upstream = %self.upstream, "circuit opened after consecutive failures");
-                        Circuit::Open { until: now + params.circuit_open }
-                    }
-                    Circuit::Closed { failures } => Circuit::Closed { failures: failures + 1 },
-                    Circuit::HalfOpen { .. } | Circuit::Open { .. } => {
-                        Circuit::Open { until: now + params.circuit_open }
-                    }
-                };
-            }
-        }
-        self.publish_circuit(&s);
-        self.arm_timer(&mut s, &params, now);
-        drop(s);
-        if raised {
-            // Waiters may fit under the raised limits now.
-            self.dispatch();
-        }
-        applied
+        self.judge(outcome)
     }
 }
 
