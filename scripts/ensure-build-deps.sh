@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian/Ubuntu machine lacks to build Causeway: pingora builds zlib-ng
 # through cmake and a C compiler. With --test, also what the tests run beside the gateway:
-# nginx, as the rate limiter in front of the real ERP (tests/tryton.rs), and promtool (Debian's
+# nginx, as the rate limiter in front of the real ERP (tests/integration/tryton.rs), and promtool (Debian's
 # prometheus package) for the alert rules. Failing to install them does not stop this script:
 # without them those tests are skipped with a message, except under CI (`CI` or
 # CAUSEWAY_REQUIRE_SERVICES set), where each such test fails naming what is missing.
@@ -12,7 +12,7 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc)
 optional=()
 if [ "${1:-}" = "--test" ]; then
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || optional+=(nginx-light)
-  # promtool checks and unit-tests the shipped alert rules (tests/observability.rs).
+  # promtool checks and unit-tests the shipped alert rules (tests/integration/observability.rs).
   command -v promtool >/dev/null 2>&1 || optional+=(prometheus)
 fi
 [ ${#missing[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ] && exit 0

@@ -2,13 +2,12 @@
 //! the shipped mappings, one ERP call per key under concurrency (cache, single flight), the quote
 //! rules on live master data, and find-before-create so a retried create makes one order.
 
-mod common;
-
+use crate::common::process::good_quote;
+use crate::common::*;
 use causeway::erp::business_central::BusinessCentral;
 use causeway::erp::AdapterError;
+use causeway::process::model::SalesOrderCreate;
 use causeway::sandbox::data::COMPANY_ID;
-use common::process::good_quote;
-use common::*;
 use serde_json::json;
 use std::sync::Arc;
 
@@ -75,6 +74,7 @@ async fn create_order_once_finds_the_existing_order_instead_of_creating_a_second
         "lines": [{"item": "1900-S", "quantity": 2, "unitPrice": 18.39}]
     });
     assert!(bc.find_order("OPP-ONCE-1").await.unwrap().is_none());
+    let order: SalesOrderCreate = serde_json::from_value(order).unwrap();
     let first = bc.create_order_once(&order).await.unwrap();
     assert!(first.number.starts_with("S-ORD"));
     assert_eq!(first.canonical["externalReference"], "OPP-ONCE-1");
@@ -85,7 +85,8 @@ async fn create_order_once_finds_the_existing_order_instead_of_creating_a_second
     assert_eq!(stats["duplicate_external_document_numbers"], 0);
 
     // A business refusal is permanent, with the ERP's reason.
-    let blocked = json!({"customerNumber": "C99999", "externalReference": "OPP-ONCE-2", "lines": [{"item": "1900-S", "quantity": 1}]});
+    let blocked = json!({"customerNumber": "C99999", "externalReference": "OPP-ONCE-2", "currency": "EUR", "lines": [{"item": "1900-S", "quantity": 1}]});
+    let blocked: SalesOrderCreate = serde_json::from_value(blocked).unwrap();
     match bc.create_order_once(&blocked).await {
         Err(AdapterError::Rejected { status: 400, message }) => {
             assert!(message.contains("Customer"), "{message}")

@@ -1,11 +1,9 @@
 //! Authentication, authorization and consumer rate limits, against the real gateway process, a
 //! local IdP serving a JWKS, and the sandbox (whose counters prove nothing reached the ERP).
 
-mod common;
-
+use crate::common::*;
 use axum::routing::get;
 use causeway::sandbox::{data::COMPANY_ID, LimitsSpec};
-use common::*;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};

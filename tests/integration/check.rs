@@ -1,6 +1,7 @@
 //! `causeway check`: exit 0 on the shipped configuration, `file:line` diagnostics otherwise.
 
-mod common;
+use crate::common;
+use crate::common::config::Patch;
 
 use std::path::Path;
 use std::process::Command;
@@ -50,7 +51,7 @@ fn yaml_syntax_error_names_file_and_line() {
 fn unknown_key_names_file_line_and_key() {
     let dir = valid_dir();
     let file = dir.path().join("causeway.yaml");
-    let text = std::fs::read_to_string(&file).unwrap().replace("threads: 1\n", "threads: 1\nthreadz: 2\n");
+    let text = std::fs::read_to_string(&file).unwrap().patched("threads: 1\n", "threads: 1\nthreadz: 2\n");
     std::fs::write(&file, &text).unwrap();
     let line_no = text.lines().position(|l| l.starts_with("threadz")).unwrap() + 1;
     let (ok, err) = check(dir.path(), &[("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")]);
@@ -65,7 +66,7 @@ fn route_naming_a_missing_policy_is_reported_at_its_line() {
     let file = dir.path().join("routes/routes.yaml");
     let text = std::fs::read_to_string(&file)
         .unwrap()
-        .replace("policies: [strip-cookie]", "policies: [strip-cookie, no-such-policy]");
+        .patched("policies: [strip-cookie]", "policies: [strip-cookie, no-such-policy]");
     std::fs::write(&file, &text).unwrap();
     let line_no = text.lines().position(|l| l.contains("no-such-policy")).unwrap() + 1;
     let (ok, err) = check(dir.path(), &[("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")]);
@@ -92,8 +93,8 @@ fn reports_every_problem_not_only_the_first() {
     let routes = dir.path().join("routes/routes.yaml");
     let text = std::fs::read_to_string(&routes)
         .unwrap()
-        .replace("policies: [strip-cookie]", "policies: [missing-one]")
-        .replace(
+        .patched("policies: [strip-cookie]", "policies: [missing-one]")
+        .patched(
             "upstream: bc\n    rewrite: /api/v2.0/companies",
             "upstream: nope\n    rewrite: /api/v2.0/companies",
         );
@@ -174,7 +175,7 @@ fn process_configuration_errors_name_file_and_line() {
     std::fs::write(&main, &base).unwrap();
     std::fs::write(
         &routes,
-        std::fs::read_to_string(&routes).unwrap().replace("quote-to-order\n", "quote-to-invoice\n"),
+        std::fs::read_to_string(&routes).unwrap().patched("quote-to-order\n", "quote-to-invoice\n"),
     )
     .unwrap();
     let (ok, err) = check(dir.path(), &[("CAUSEWAY_TEST_UPSTREAM_TOKEN", "t")]);
@@ -248,7 +249,7 @@ fn cluster_mode_combinations_are_checked_with_file_and_line() {
     let base = std::fs::read_to_string(&file).unwrap();
     let budget = "    budget: { window_requests: 10, window_seconds: 1, max_concurrent: 2 }\n";
     let with = |extra: &str| {
-        let text = base.replace(
+        let text = base.patched(
             "        token: ${CAUSEWAY_TEST_UPSTREAM_TOKEN}\n",
             &format!("        token: ${{CAUSEWAY_TEST_UPSTREAM_TOKEN}}\n{budget}"),
         );
@@ -443,7 +444,7 @@ fn change_detection_settings_are_checked_with_file_line_and_remedy() {
     // The notification route cannot ask for a consumer key.
     let routes = dir.path().join("routes/routes.yaml");
     let shipped = std::fs::read_to_string(&routes).unwrap();
-    let keyed = shipped.replace(
+    let keyed = shipped.patched(
         "    process: erp-notifications\n",
         "    process: erp-notifications\n    policies: [crm-keys]\n",
     );

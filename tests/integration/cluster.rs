@@ -6,12 +6,13 @@
 //! missing service. Tests that stop Redis or PostgreSQL start servers of their own
 //! (`redis-server`, PostgreSQL's `initdb`/`pg_ctl`), never the shared ones.
 
-mod common;
+use crate::common;
+use crate::common::config::Patch;
 
+use crate::common::postgres::OwnPostgres;
+use crate::common::process::{quote, sandbox_options, KEY};
+use crate::common::{GatewayOptions, TestGateway, TestSandbox};
 use causeway::sandbox::{data, LimitsSpec};
-use common::postgres::OwnPostgres;
-use common::process::{quote, sandbox_options, KEY};
-use common::{GatewayOptions, TestGateway, TestSandbox};
 use serde_json::Value;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -747,7 +748,7 @@ async fn a_consumer_quota_holds_across_replicas_and_each_keeps_its_share_while_r
     };
     let mut options = replica_options(&setup);
     // 30 requests a minute for the CRM, no burst: the whole cluster's, not each replica's.
-    options.policies_yaml = common::process::shipped("policies/crm.yaml").replace(
+    options.policies_yaml = common::process::shipped("policies/crm.yaml").patched(
         "requests: 6000, window_seconds: 60, burst: 500",
         "requests: 30, window_seconds: 60, burst: 0",
     );
@@ -785,11 +786,14 @@ fn a_missing_service_fails_the_run_under_ci_and_is_skipped_with_its_remedy_elsew
     drop(closed);
     let run = |ci: Option<&str>| {
         let mut c = Command::new(std::env::current_exe().unwrap());
-        c.args(["--exact", "one_key_or_one_opportunity_sent_to_three_replicas_at_once_makes_one_erp_order"])
-            .args(["--nocapture", "--test-threads", "1"])
-            .env("CAUSEWAY_TEST_POSTGRES", format!("postgres://postgres@127.0.0.1:{port}/test"))
-            .env_remove("CI")
-            .env_remove("CAUSEWAY_REQUIRE_SERVICES");
+        c.args([
+            "--exact",
+            "cluster::one_key_or_one_opportunity_sent_to_three_replicas_at_once_makes_one_erp_order",
+        ])
+        .args(["--nocapture", "--test-threads", "1"])
+        .env("CAUSEWAY_TEST_POSTGRES", format!("postgres://postgres@127.0.0.1:{port}/test"))
+        .env_remove("CI")
+        .env_remove("CAUSEWAY_REQUIRE_SERVICES");
         if let Some(value) = ci {
             c.env("CI", value);
         }

@@ -4,7 +4,7 @@
 //! on a non-loopback address. And `causeway check --offline` on the cluster configuration with
 //! none of its secrets set, as a pipeline runs it before promotion.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -2,13 +2,11 @@
 //! with `dialects/sap/erp-canonical.yaml` as its only route file, in front of an OData v2 server
 //! that answers in SAP's recorded shapes (tests/fixtures/sap).
 
-mod common;
-
+use crate::common::*;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::{Arc, Mutex};

@@ -3,11 +3,11 @@
 //! behind trusted proxies and the PROXY protocol, CORS and IP filters. Certificates are made per
 //! run (rcgen); the gateway is the real binary on loopback in front of the real sandbox.
 
-mod common;
+use crate::common;
 
+use crate::common::tls::{client, fingerprint, served_fingerprint, Ca, Issued, Leaf};
+use crate::common::{assert_problem, GatewayOptions, TestGateway, TestSandbox};
 use causeway::sandbox::LimitsSpec;
-use common::tls::{client, fingerprint, served_fingerprint, Ca, Issued, Leaf};
-use common::{assert_problem, GatewayOptions, TestGateway, TestSandbox};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

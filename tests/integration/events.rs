@@ -3,11 +3,12 @@
 //! with an HMAC of our own, and by the `standardwebhooks` package from PyPI when python3 is
 //! there (skipped with a message otherwise).
 
-mod common;
+use crate::common;
+use crate::common::config::Patch;
 
+use crate::common::process::*;
+use crate::common::*;
 use axum::http::{HeaderMap, StatusCode};
-use common::process::*;
-use common::*;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -485,7 +486,7 @@ impl SalesforceStandIn {
 /// [`options`] with change detection: the sandbox notifies the gateway's erp-notifications route.
 fn lifecycle_options(sandbox: &TestSandbox, subscriber: &Subscriber) -> GatewayOptions {
     let mut o = options(sandbox, subscriber, "");
-    o.main_extra = o.main_extra.replace(
+    o.main_extra = o.main_extra.patched(
         "events:\n",
         "  changes:\n    notification_url: http://127.0.0.1:{PROXY_PORT}/process/v1/erp-notifications\n    client_state_env: ERP_CLIENT_STATE\nevents:\n",
     );

@@ -1,9 +1,9 @@
 //! The real gateway process in front of the real sandbox, on loopback.
 
-mod common;
+use crate::common::config::Patch;
 
+use crate::common::*;
 use causeway::sandbox::{data::COMPANY_ID, LimitsSpec};
-use common::*;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -382,7 +382,7 @@ async fn keep_alive_connection_serves_requests_after_idling_and_closes_on_pipeli
 async fn sigterm_drains_in_flight_requests_closes_idle_ones_and_refuses_new_connections() {
     let sandbox = TestSandbox::start(LimitsSpec { latency_ms: 1500, ..LimitsSpec::default() }).await;
     let mut opts = GatewayOptions::new(sandbox.url());
-    opts.routes_yaml = opts.routes_yaml.replace("total_ms: 800", "total_ms: 10000");
+    opts.routes_yaml = opts.routes_yaml.patched("total_ms: 800", "total_ms: 10000");
     opts.grace_seconds = 5;
     let mut gw = TestGateway::start(opts).await;
     // A keep-alive connection that served one request and idles.

@@ -3,12 +3,12 @@
 //! headers, failed-authentication limits, JWT `crit`, refusals that are all problems, ERP pauses
 //! that stay bounded, and reload however `-c` is written. Each test starts the real gateway.
 
-mod common;
+use crate::common::config::{Budget, Patch};
 
+use crate::common::origin::{ok_response, raw_request, RawOrigin};
+use crate::common::*;
 use causeway::sandbox::data::COMPANY_ID;
 use causeway::sandbox::LimitsSpec;
-use common::origin::{ok_response, raw_request, RawOrigin};
-use common::*;
 use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -37,7 +37,7 @@ async fn the_shipped_routes_never_lend_the_erp_credential_to_an_anonymous_or_uns
     let sandbox = TestSandbox::start(LimitsSpec::default()).await;
     let mut opts = shipped_erp_routes(sandbox.url());
     opts.shipped_mediation = true;
-    opts.routes_yaml.push_str(&repo("routes/erp-canonical.yaml").replace("routes:\n", ""));
+    opts.routes_yaml.push_str(&repo("routes/erp-canonical.yaml").patched("routes:\n", ""));
     let gw = TestGateway::start(opts).await;
     let client = reqwest::Client::new();
     let order = serde_json::json!({"customerNumber": "C10000", "externalDocumentNumber": "ANON-1"});
@@ -333,7 +333,7 @@ async fn an_erp_retry_after_of_ten_years_pauses_the_budget_at_most_max_pause_and
     )
     .await;
     let mut opts = GatewayOptions::new(origin.url());
-    opts.upstream_extra = "    budget: { window_requests: 1000, window_seconds: 60, max_concurrent: 5, max_pause_seconds: 20 }\n".into();
+    opts.upstream_extra = Budget { max_pause_seconds: Some(20), ..Budget::new(1000, 60, 5) }.upstream_yaml();
     opts.env.push(("CAUSEWAY_ADMIN_TOKEN".into(), "admin-secret".into()));
     let gw = TestGateway::start(opts).await;
     let client = reqwest::Client::new();
@@ -470,8 +470,8 @@ async fn serve_with_a_relative_configuration_directory_reloads_on_file_changes()
     let routes = dir.path().join("routes/routes.yaml");
     let edited = std::fs::read_to_string(&routes)
         .unwrap()
-        .replace("/partner/companies", "/renamed/companies")
-        .replace("host: partner.example, ", "");
+        .patched("/partner/companies", "/renamed/companies")
+        .patched("host: partner.example, ", "");
     let tmp = dir.path().join("routes/sedXYZ123");
     std::fs::write(&tmp, edited).unwrap();
     std::fs::rename(&tmp, &routes).unwrap();

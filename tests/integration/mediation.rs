@@ -1,10 +1,8 @@
 //! Mediated routes end to end: the real gateway binary in front of the real sandbox, with the
 //! shipped canonical policies and a few built to break (endless programs, huge outputs).
 
-mod common;
-
+use crate::common::*;
 use causeway::sandbox::LimitsSpec;
-use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 

@@ -2,10 +2,10 @@
 //! and `promtool test rules` fires each alert), and every query of the Grafana dashboard and of
 //! the rules names a metric a live gateway exports.
 
-mod common;
+use crate::common;
 
-use common::process::*;
-use common::*;
+use crate::common::process::*;
+use crate::common::*;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -2,12 +2,10 @@
 //! mappings) in front of the real sandbox. The sandbox's counters and records are the judge of
 //! what reached the ERP.
 
-mod common;
-
+use crate::common::process::*;
+use crate::common::*;
 use causeway::sandbox::data::COMPANY_ID;
 use causeway::sandbox::LimitsSpec;
-use common::process::*;
-use common::*;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -664,10 +662,9 @@ async fn the_openapi_document_is_served_and_matches_the_shipped_schemas() {
 async fn a_vendor_overload_marker_in_an_erp_answer_pauses_the_budget_for_quote_to_order() {
     let sandbox = TestSandbox::start(LimitsSpec::default()).await;
     let mut o = options(&sandbox, FAST);
-    o.upstream_extra = o.upstream_extra.replace(
-        "default_class: interactive }",
-        "default_class: interactive, backoff_initial_ms: 6000, backoff_max_ms: 6000, overload_signals: [{ status: 400, body_contains: \"\\\"code\\\":\\\"Forced\\\"\" }] }",
-    );
+    let mut budget = process_budget().overload_signal(400, Some(r#""code":"Forced""#));
+    (budget.backoff_initial_ms, budget.backoff_max_ms) = (Some(6000), Some(6000));
+    o.upstream_extra = budget.upstream_yaml();
     let gw = TestGateway::start(o).await;
     let client = reqwest::Client::new();
     sandbox.set_limits(&LimitsSpec { force_status: Some(400), ..LimitsSpec::default() }).await;

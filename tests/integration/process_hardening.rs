@@ -3,12 +3,12 @@
 //! problems, and a graceful upgrade in the middle of deliveries. The real gateway, the shipped
 //! process configuration and the sandbox, whose records are the judge.
 
-mod common;
+use crate::common::config::Patch;
 
+use crate::common::process::*;
+use crate::common::*;
 use causeway::sandbox::data;
 use causeway::sandbox::LimitsSpec;
-use common::process::*;
-use common::*;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
@@ -99,7 +99,7 @@ async fn orders_keys_and_quotas_belong_to_the_consumer_of_one_authentication_pol
         key_hash("ops-key")
     );
     opts.routes_yaml = shipped("routes/process.yaml")
-        .replace("[crm-keys, crm-quota]", "[crm-keys, other-keys, ops-keys, crm-quota]");
+        .patched("[crm-keys, crm-quota]", "[crm-keys, other-keys, ops-keys, crm-quota]");
     let gw = TestGateway::start(opts).await;
     let client = reqwest::Client::new();
     let resp = submit(&client, &gw, "shared-key", &quote("006Dn000004OWNERAA")).await;

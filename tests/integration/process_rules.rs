@@ -2,14 +2,12 @@
 //! that breaks only that rule gets exactly that violation; one quote breaking five rules gets all
 //! five. Master data is the sandbox's, through the shipped canonical mappings.
 
-mod common;
-
+use crate::common::process::{good_quote, price};
 use causeway::config::Config;
 use causeway::policy::Policy;
 use causeway::process::model::{Approval, Customer, Product, Quote, QuoteLine};
 use causeway::process::rules::{MasterData, Rules};
 use causeway::sandbox::data;
-use common::process::{good_quote, price};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::OnceLock;

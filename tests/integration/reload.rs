@@ -1,9 +1,7 @@
 //! Hot reload under load: routes and quotas change on disk while traffic flows.
 
-mod common;
-
+use crate::common::*;
 use causeway::sandbox::{data::COMPANY_ID, LimitsSpec};
-use common::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

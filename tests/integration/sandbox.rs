@@ -1,9 +1,7 @@
 //! The ERP sandbox on its own: Business Central shapes, limits and counters.
 
-mod common;
-
+use crate::common::{TestSandbox, UPSTREAM_TOKEN};
 use causeway::sandbox::{data::COMPANY_ID, LimitsSpec};
-use common::{TestSandbox, UPSTREAM_TOKEN};
 use serde_json::json;
 use std::time::Duration;
 

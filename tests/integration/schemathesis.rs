@@ -6,9 +6,9 @@
 //! (422) when it breaks the order rules or names a customer the ERP does not have, and the
 //! document says so.
 
-mod common;
+use crate::common;
 
-use common::*;
+use crate::common::*;
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -1,9 +1,8 @@
 //! The ERP budget against the sandbox, whose counters are the judge.
 
-mod common;
-
+use crate::common::config::{Budget, Class};
+use crate::common::*;
 use causeway::sandbox::{data::COMPANY_ID, LimitsSpec};
-use common::*;
 use std::time::{Duration, Instant};
 
 fn routes() -> String {
@@ -30,27 +29,22 @@ fn routes() -> String {
     )
 }
 
-fn budget(window_requests: u32, window_seconds: u64, max_concurrent: u32) -> String {
-    format!(
-        r#"    budget:
-      window_requests: {window_requests}
-      window_seconds: {window_seconds}
-      window_margin_ms: 500
-      max_concurrent: {max_concurrent}
-      queue: 1000
-      classes:
-        write: {{ priority: 0, max_wait_ms: 30000 }}
-        interactive: {{ priority: 1, max_wait_ms: 30000 }}
-        bulk: {{ priority: 2, max_wait_ms: 30000 }}
-"#
-    )
+/// A queue of 1000 with three classes (write, interactive, bulk) waiting up to 30 s.
+fn budget(window_requests: u32, window_seconds: u64, max_concurrent: u32) -> Budget {
+    let mut budget = Budget {
+        window_margin_ms: Some(500),
+        ..Budget::new(window_requests, window_seconds, max_concurrent)
+    }
+    .queued(30_000, 30_000);
+    budget.classes.insert("bulk", Class { priority: 2, max_wait_ms: 30_000 });
+    budget
 }
 
-async fn gateway(sandbox: &TestSandbox, budget_yaml: String) -> TestGateway {
+async fn gateway(sandbox: &TestSandbox, budget: Budget) -> TestGateway {
     let mut opts = GatewayOptions::new(sandbox.url());
     opts.routes_yaml = routes();
     opts.policies_yaml = "policies: []\n".into();
-    opts.upstream_extra = budget_yaml;
+    opts.upstream_extra = budget.upstream_yaml();
     TestGateway::start(opts).await
 }
 
@@ -169,8 +163,11 @@ async fn a_vendor_overload_signal_in_the_body_pauses_the_budget_with_backoff() {
     let sandbox = TestSandbox::start(LimitsSpec::default()).await;
     // The sandbox's forced answers carry `"code":"Forced"`; treat that 400 as NetSuite's
     // SSS_REQUEST_LIMIT_EXCEEDED would be treated.
-    let signal = "      overload_signals: [{ status: 400, body_contains: \"\\\"code\\\":\\\"Forced\\\"\" }]\n      backoff_initial_ms: 1000\n";
-    let gw = gateway(&sandbox, budget(1000, 60, 5) + signal).await;
+    let budget = Budget {
+        backoff_initial_ms: Some(1000),
+        ..budget(1000, 60, 5).overload_signal(400, Some(r#""code":"Forced""#))
+    };
+    let gw = gateway(&sandbox, budget).await;
     sandbox.set_limits(&LimitsSpec { force_status: Some(400), ..LimitsSpec::default() }).await;
     let resp = reqwest::get(gw.url("/erp/v2/items?$top=1")).await.unwrap();
     assert_eq!(resp.status(), 400, "the vendor's answer itself passes through");

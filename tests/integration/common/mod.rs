@@ -1,6 +1,7 @@
 //! Test harness: the real `causeway` binary on loopback, in front of the real sandbox.
 #![allow(dead_code)]
 
+pub mod config;
 pub mod origin;
 pub mod postgres;
 pub mod process;

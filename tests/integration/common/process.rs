@@ -1,5 +1,6 @@
 //! Calls to the quote-to-order API shared by the sandbox and the Tryton suites.
 
+use super::config::Patch;
 use super::{GatewayOptions, TestGateway};
 use causeway::process::model::{Contract, CustomerRef, Quote, QuoteLine};
 use causeway::sandbox::data;
@@ -22,17 +23,22 @@ pub fn process_options(upstream_url: String, process: &str) -> GatewayOptions {
     let mut o = GatewayOptions::new(upstream_url);
     o.shipped_mediation = true;
     o.routes_yaml = shipped("routes/process.yaml");
-    o.policies_yaml = shipped("policies/crm.yaml").replace(
+    o.policies_yaml = shipped("policies/crm.yaml").patched(
         "requests: 6000, window_seconds: 60, burst: 500",
         "requests: 100000, window_seconds: 1, burst: 100000",
     );
     for file in causeway::process::rules::FILES {
         o.policy_files.push((format!("process/{file}"), shipped(&format!("policies/process/{file}"))));
     }
-    o.upstream_extra = "    budget: { window_requests: 100000, window_seconds: 60, max_concurrent: 5, queue: 1000, classes: { write: { priority: 0, max_wait_ms: 2000 }, interactive: { priority: 1, max_wait_ms: 2000 } }, default_class: interactive }\n".into();
+    o.upstream_extra = process_budget().upstream_yaml();
     o.main_extra = format!("process:\n{process}");
     o.env.push(("CAUSEWAY_ADMIN_TOKEN".into(), "admin-secret".into()));
     o
+}
+
+/// The ERP budget of the process tests: roomy, 5 in flight, queued writes and reads waiting 2 s.
+pub fn process_budget() -> super::config::Budget {
+    super::config::Budget::new(100_000, 60, 5).queued(2000, 2000)
 }
 
 /// [`process_options`] for the Business Central sandbox's company with `delivery` settings
