@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian/Ubuntu machine lacks to build Causeway: pingora builds zlib-ng
 # through cmake and a C compiler. With --test, also what the tests run beside the gateway:
-# nginx, as the rate limiter in front of the real ERP (tests/integration/tryton.rs), and promtool (Debian's
-# prometheus package) for the alert rules. Failing to install them does not stop this script:
+# nginx, as the rate limiter in front of the real ERP (tests/integration/tryton.rs), promtool (Debian's
+# prometheus package) for the alert rules, Python's venv, and PostgreSQL's and Redis's server
+# binaries for the tests that run a server of their own. Failing to install them does not stop this script:
 # without them those tests are skipped with a message, except under CI (`CI` or
 # CAUSEWAY_REQUIRE_SERVICES set), where each such test fails naming what is missing.
 set -euo pipefail
@@ -14,6 +15,14 @@ if [ "${1:-}" = "--test" ]; then
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || optional+=(nginx-light)
   # promtool checks and unit-tests the shipped alert rules (tests/integration/observability.rs).
   command -v promtool >/dev/null 2>&1 || optional+=(prometheus)
+  # Tryton and schemathesis run in venvs made from PyPI (tests/integration/tryton.rs).
+  python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || optional+=(python3-venv)
+  # Tests that stop and restart a database or Redis of their own (tests/integration/cluster.rs,
+  # common/postgres.rs) run PostgreSQL's initdb/pg_ctl and redis-server; the shared services
+  # (PostgreSQL :5432, Redis :6379, NATS :4222) are the machine's.
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || optional+=(postgresql)
+  command -v redis-server >/dev/null 2>&1 || optional+=(redis-server)
+  command -v psql >/dev/null 2>&1 || optional+=(postgresql-client)
 fi
 [ ${#missing[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ] && exit 0
 sudo=""
