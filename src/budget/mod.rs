@@ -215,6 +215,22 @@ pub struct Snapshot {
     /// The limits in force now (below the configured ones after overload, when adaptive).
     pub effective_max_concurrent: u32,
     pub effective_window_requests: u32,
+    /// Who holds what, when shares are on (`max_share` below 1): the consumers with requests in
+    /// flight, in the window or waiting, most first (at most [`HOLDERS_SHOWN`]). On a shared
+    /// budget, this replica's.
+    pub holders: Vec<Holder>,
+}
+
+/// How many consumers `GET /admin/budgets` lists per budget.
+pub const HOLDERS_SHOWN: usize = 20;
+
+/// One consumer's use of a budget.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Holder {
+    pub consumer: String,
+    pub in_flight: u32,
+    pub admitted_in_window: usize,
+    pub waiting: usize,
 }
 
 /// Why a request did not get a permit.

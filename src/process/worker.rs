@@ -57,9 +57,15 @@ impl QuoteToOrder {
         }));
         let mut purge = tokio::time::Instant::now();
         let mut recovered = tokio::time::Instant::now();
+        // Deliveries under way. A finished one makes room for the next due order at once: a
+        // round does not wait for its slowest order (one waiting for the ERP's budget, or many
+        // ERP steps long) while the budget has room the others could use.
+        let mut running = tokio::task::JoinSet::new();
         loop {
             if *shutdown.borrow() {
-                // A graceful upgrade or shutdown: claim nothing more; the next process resumes.
+                // A graceful upgrade or shutdown: claim nothing more and let the deliveries under
+                // way finish (within the grace period); the next process resumes the rest.
+                while running.join_next().await.is_some() {}
                 return;
             }
             if recovered.elapsed() >= RECOVER_INTERVAL {
@@ -74,11 +80,14 @@ impl QuoteToOrder {
                     tracing::warn!(error = %e, "cannot purge expired idempotency keys");
                 }
             }
-            if self.deliver_due().await == 0 {
+            let room = WORKER_BATCH - running.len() as i64;
+            let claimed = if room > 0 { self.claim_and_deliver(&mut running, room).await } else { 0 };
+            if claimed == 0 || running.len() as i64 >= WORKER_BATCH {
                 tokio::select! {
+                    Some(_) = running.join_next(), if !running.is_empty() => {}
                     _ = tokio::time::sleep(WORKER_POLL) => {}
                     _ = self.wake.notified() => {}
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.changed() => {}
                 }
             }
         }
@@ -87,8 +96,17 @@ impl QuoteToOrder {
     /// One round of the worker: lease the orders that are due and deliver them (each for the
     /// consumer that submitted it). Returns how many were due.
     pub async fn deliver_due(self: &Arc<Self>) -> usize {
+        let mut batch = tokio::task::JoinSet::new();
+        let count = self.claim_and_deliver(&mut batch, WORKER_BATCH).await;
+        while batch.join_next().await.is_some() {}
+        count
+    }
+
+    /// Lease up to `limit` due orders and start delivering each in `into`, on behalf of the
+    /// consumer that submitted it, behind every request a caller waits for. Returns how many.
+    async fn claim_and_deliver(self: &Arc<Self>, into: &mut tokio::task::JoinSet<()>, limit: i64) -> usize {
         let Ok(store) = self.store().await else { return 0 };
-        let due = match store.claim_due(WORKER_BATCH, self.settings.lease).await {
+        let due = match store.claim_due(limit, self.settings.lease).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read due orders");
@@ -96,11 +114,10 @@ impl QuoteToOrder {
             }
         };
         let count = due.len();
-        let mut batch = tokio::task::JoinSet::new();
         for order in due {
             let this = self.clone();
             let owner: Arc<str> = Arc::from(order.owner.as_str());
-            batch.spawn(throttle::on_behalf_of(owner, throttle::in_background(async move {
+            into.spawn(throttle::on_behalf_of(owner, throttle::in_background(async move {
                 let id = order.id.clone();
                 if let Err(e) = this.deliver(order, None).await {
                     tracing::error!(error = %e, "order delivery could not be recorded; it will be retried");
@@ -108,7 +125,6 @@ impl QuoteToOrder {
                 }
             })));
         }
-        while batch.join_next().await.is_some() {}
         count
     }
 

@@ -220,6 +220,7 @@ impl ErpBudget for Budget {
             pacing: if params.pacing.is_some() { "smooth" } else { "off" },
             pacing_interval_ms: params.pacing.map_or(0, |p| p.interval.as_millis() as u64),
             burst: params.pacing.map_or(0, |p| p.burst),
+            holders: Self::holders(&mut s, &params, now),
         }
     }
 
@@ -564,30 +565,92 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn one_consumer_holds_at_most_its_share() {
+    async fn a_consumer_alone_spends_the_whole_budget_and_holds_its_share_while_another_waits() {
         let mut p = params(100, 4);
         p.max_share = 0.5;
         let b = Budget::new("t7", p);
-        let c = class("i", 1, 30);
+        let c = class("i", 1, 1000);
         let (hog, other): (Arc<str>, Arc<str>) = ("keys/hog".into(), "keys/other".into());
-        let _a = b.acquire(&c, Some(&hog)).await.unwrap();
-        let _b = b.acquire(&c, Some(&hog)).await.unwrap();
-        assert!(
-            matches!(b.acquire(&c, Some(&hog)).await, Err(Refusal::Busy { .. })),
-            "a third permit would be more than half of 4"
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(b.acquire(&c, Some(&hog)).await.expect("idle capacity goes to whoever asks"));
+        }
+        let waiting_other = {
+            let (b, c, o) = (b.clone(), c.clone(), other.clone());
+            tokio::spawn(async move { b.acquire(&c, Some(&o)).await.map(|p| (p, Instant::now())) })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let hog_again = {
+            let (b, c, h) = (b.clone(), c.clone(), hog.clone());
+            tokio::spawn(async move { b.acquire(&c, Some(&h)).await.map(|p| (p, Instant::now())) })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        held.pop();
+        let (other_permit, other_at) =
+            waiting_other.await.unwrap().expect("the newcomer gets the slot that freed");
+        assert!(!hog_again.is_finished(), "the hog, over its share while another waited, did not overtake");
+        let holders = b.snapshot().holders;
+        assert_eq!(
+            holders,
+            [
+                Holder { consumer: "keys/hog".into(), in_flight: 3, admitted_in_window: 4, waiting: 1 },
+                Holder { consumer: "keys/other".into(), in_flight: 1, admitted_in_window: 1, waiting: 0 },
+            ],
+            "GET /admin/budgets shows who holds what"
         );
-        let _c = b.acquire(&c, Some(&other)).await.expect("another consumer still gets in");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        held.pop();
+        let (_hog_permit, hog_at) = hog_again.await.unwrap().expect("nobody else waits: the hog goes again");
+        assert!(other_at < hog_at);
+        drop(other_permit);
         let _d = b.acquire(&c, None).await.expect("traffic of no consumer is not capped");
 
-        // Window share: 2 of 4 per window.
+        // The window the same way: alone, all 4 of the window; then the newcomer's turn comes
+        // first when it slides.
         let mut p = params(4, 10);
         p.max_share = 0.5;
         p.window = Duration::from_secs(60);
         let b = Budget::new("t8", p);
-        drop(b.acquire(&c, Some(&hog)).await.unwrap());
-        drop(b.acquire(&c, Some(&hog)).await.unwrap());
-        assert!(matches!(b.acquire(&c, Some(&hog)).await, Err(Refusal::Busy { .. })));
-        drop(b.acquire(&c, Some(&other)).await.expect("the other half of the window"));
+        for _ in 0..4 {
+            drop(b.acquire(&c, Some(&hog)).await.expect("the whole window while alone"));
+        }
+        assert!(matches!(b.acquire(&c, Some(&hog)).await, Err(Refusal::Busy { .. })), "the window is spent");
+    }
+
+    /// Two consumers that keep asking: each gets at least its share of the concurrency.
+    #[tokio::test(start_paused = true)]
+    async fn two_consumers_competing_each_get_at_least_their_share() {
+        let mut p = params(100_000, 4);
+        p.max_share = 0.5;
+        p.window = Duration::from_secs(60);
+        let b = Budget::new("t10", p);
+        let c = class("i", 1, 60_000);
+        let counts: Arc<Mutex<HashMap<&'static str, u32>>> = Arc::default();
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut tasks = Vec::new();
+        for (name, clients) in [("a", 12), ("b", 3)] {
+            for _ in 0..clients {
+                let (b, c, counts) = (b.clone(), c.clone(), counts.clone());
+                let consumer: Arc<str> = name.into();
+                tasks.push(tokio::spawn(async move {
+                    while Instant::now() < until {
+                        let permit = b.acquire(&c, Some(&consumer)).await.unwrap();
+                        *counts.lock().entry(name).or_default() += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        drop(permit);
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let counts = counts.lock().clone();
+        let (a, bb) = (counts["a"], counts["b"]);
+        // 4 at once for 10 s of 100 ms requests: 400 slots; half of them is each one's share.
+        assert!(a + bb >= 396, "the budget was kept busy: {counts:?}");
+        assert!(bb >= 196, "b, with 3 clients against a's 12, got at least its half: {counts:?}");
+        assert!(a >= 196, "{counts:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -195,10 +195,8 @@ impl Budget {
                 s.handed.insert(key);
             }
         }
-        Metrics::global()
-            .erp_queue_depth
-            .with_label_values(&[self.upstream.as_str()])
-            .set(s.waiters.len() as i64);
+        // The queue-depth gauge was resolved when the budget was built: no label lookup here.
+        self.queue_gauge.set(s.waiters.len() as i64);
         self.publish(&s);
         self.arm_timer(&mut s, &params, now);
     }
