@@ -2,7 +2,6 @@
 //! otherwise, forwarded upstream and returned to the caller.
 
 use rand::Rng;
-use std::fmt::Write;
 
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
 pub const TRACEPARENT_HEADER: &str = "traceparent";
@@ -82,20 +81,23 @@ fn is_lower_hex(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// `bytes` random bytes as lower-case hex, never all zero (an invalid trace or span id).
 fn random_hex(rng: &mut impl Rng, bytes: usize) -> String {
-    let mut out = String::with_capacity(bytes * 2);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut raw = [0u8; 16];
+    let raw = &mut raw[..bytes.min(16)];
     loop {
-        out.clear();
-        let mut all_zero = true;
-        for _ in 0..bytes {
-            let b: u8 = rng.random();
-            all_zero &= b == 0;
-            let _ = write!(out, "{b:02x}");
-        }
-        if !all_zero {
-            return out;
+        rng.fill_bytes(raw);
+        if raw.iter().any(|b| *b != 0) {
+            break;
         }
     }
+    let mut out = String::with_capacity(raw.len() * 2);
+    for b in raw.iter() {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    out
 }
 
 #[cfg(test)]

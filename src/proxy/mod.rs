@@ -94,13 +94,15 @@ impl Gateway {
         })?;
         edge::check(session, ctx)?;
         admission::admit(session, ctx).await?;
-        let correlation = ctx.correlation.correlation_id.clone();
         match ctx.route.as_ref().map(|r| (r.process, r.mediation().is_some())) {
             Some((Some(endpoint), _)) => {
                 // Config checks refuse process routes without a `process:` block; a reload that
                 // adds one needs a restart to start the service.
                 let service = self.process.as_ref().ok_or(GatewayError::Internal)?;
                 let changes = self.changes.as_ref();
+                // Only the in-process answers need it apart from the context (a proxied request
+                // does not pay for the copy).
+                let correlation = ctx.correlation.correlation_id.clone();
                 crate::error::contain_panic(
                     &correlation,
                     process::serve(session, ctx, endpoint, service, changes),
@@ -110,6 +112,7 @@ impl Gateway {
             // Mediated routes are answered in-process: the body is checked and transformed before
             // any byte reaches the ERP, the response before any byte reaches the caller.
             Some((None, true)) => {
+                let correlation = ctx.correlation.correlation_id.clone();
                 crate::error::contain_panic(&correlation, mediated::exchange(session, ctx)).await?
             }
             _ => {
