@@ -141,7 +141,7 @@ fn compile_jwt(spec: &JwtSpec, dir: &Path, state: &SharedState) -> Result<JwtPol
         cache: moka::sync::Cache::builder()
             .max_capacity(spec.cache_entries)
             .time_to_live(Duration::from_secs(3600))
-            .build(),
+            .build_with_hasher(ahash::RandomState::new()),
         clock: crate::policy::auth::system_clock,
     })
 }

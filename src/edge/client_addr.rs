@@ -73,7 +73,8 @@ pub struct ClientAddress {
     /// The address limits, logs and filters act on.
     pub ip: IpAddr,
     /// Believed hops, nearest first: the connection's address, then each trusted hop's claim;
-    /// the last one is `ip`.
+    /// the last one is `ip`. Empty for a direct client (the only hop is `ip`): no allocation for
+    /// the common case.
     hops: Vec<IpAddr>,
 }
 
@@ -118,17 +119,27 @@ impl ClientAddress {
     /// The connection's own address, nothing believed beyond it.
     pub fn direct(peer: IpAddr) -> Self {
         let peer = canonical(peer);
-        ClientAddress { ip: peer, hops: vec![peer] }
+        ClientAddress { ip: peer, hops: Vec::new() }
+    }
+
+    /// The believed hops, nearest first.
+    fn hops(&self) -> &[IpAddr] {
+        if self.hops.is_empty() {
+            std::slice::from_ref(&self.ip)
+        } else {
+            &self.hops
+        }
     }
 
     /// `X-Forwarded-For` for the upstream: the believed hops, client first.
     pub fn x_forwarded_for(&self) -> String {
-        let mut out = String::with_capacity(self.hops.len() * 16);
-        for (i, hop) in self.hops.iter().rev().enumerate() {
+        let hops = self.hops();
+        let mut out = String::with_capacity(hops.len() * 17);
+        for (i, hop) in hops.iter().rev().enumerate() {
             if i > 0 {
                 out.push_str(", ");
             }
-            out.push_str(&hop.to_string());
+            push_ip(&mut out, *hop);
         }
         out
     }
@@ -136,19 +147,52 @@ impl ClientAddress {
     /// `Forwarded` (RFC 7239) for the upstream: one element per believed hop, client first, the
     /// gateway's own element (the last) with the protocol the client used.
     pub fn forwarded(&self, proto: &str) -> String {
-        let mut out = String::with_capacity(self.hops.len() * 24);
-        for (i, hop) in self.hops.iter().rev().enumerate() {
+        let hops = self.hops();
+        let mut out = String::with_capacity(hops.len() * 24 + 12);
+        for (i, hop) in hops.iter().rev().enumerate() {
             if i > 0 {
                 out.push_str(", ");
             }
             match hop {
-                IpAddr::V4(v4) => out.push_str(&format!("for={v4}")),
-                IpAddr::V6(v6) => out.push_str(&format!("for=\"[{v6}]\"")),
+                IpAddr::V4(_) => {
+                    out.push_str("for=");
+                    push_ip(&mut out, *hop);
+                }
+                IpAddr::V6(_) => {
+                    out.push_str("for=\"[");
+                    push_ip(&mut out, *hop);
+                    out.push_str("]\"");
+                }
             }
         }
         out.push_str(";proto=");
         out.push_str(proto);
         out
+    }
+}
+
+/// Append an address as text. IPv4 by hand: it is written for every request (twice upstream,
+/// once in the access log) and `Display` goes through the formatting machinery.
+pub fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{v6}");
+        }
     }
 }
 
@@ -211,6 +255,27 @@ mod tests {
         let c = xff("203.0.113.9", &["1.2.3.4"]);
         assert_eq!(c.ip, ip("203.0.113.9"));
         assert_eq!(c.x_forwarded_for(), "203.0.113.9");
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        let mut addresses: Vec<IpAddr> = Vec::new();
+        for a in [0u8, 1, 9, 10, 42, 99, 100, 127, 199, 200, 255] {
+            addresses.push(IpAddr::from([a, 255 - a, a / 2, 7]));
+        }
+        addresses.extend(
+            ["::1", "2001:db8::1", "::ffff:192.0.2.1", "fe80::1:2:3:4"].map(|a| a.parse::<IpAddr>().unwrap()),
+        );
+        for ip in addresses {
+            let mut out = String::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
+        let direct = ClientAddress::direct("192.0.2.60".parse().unwrap());
+        assert_eq!(direct.x_forwarded_for(), "192.0.2.60");
+        assert_eq!(direct.forwarded("http"), "for=192.0.2.60;proto=http");
+        let v6 = ClientAddress::direct("2001:db8::1".parse().unwrap());
+        assert_eq!(v6.forwarded("https"), "for=\"[2001:db8::1]\";proto=https");
     }
 
     #[test]

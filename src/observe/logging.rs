@@ -137,18 +137,30 @@ impl AccessLine {
     }
 
     pub fn uint(mut self, key: &str, value: u64) -> Self {
-        use std::fmt::Write as _;
         self.key(key);
-        let _ = write!(self.buf, "{value}");
+        self.buf.push_str(itoa::Buffer::new().format(value));
         self
     }
 
-    /// Milliseconds with microsecond precision.
+    /// A string value `write` appends itself, without a copy or the formatting machinery (an
+    /// address, say). It must append text that needs no JSON escaping: no `"`, `\\` or control
+    /// characters.
+    pub fn text_with(mut self, key: &str, write: impl FnOnce(&mut String)) -> Self {
+        self.key(key);
+        self.buf.push('"');
+        write(&mut self.buf);
+        self.buf.push('"');
+        self
+    }
+
+    /// Milliseconds with microsecond precision (`12.345`).
     pub fn millis(mut self, key: &str, seconds: Option<f64>) -> Self {
-        use std::fmt::Write as _;
-        if let Some(s) = seconds {
+        if let Some(s) = seconds.filter(|s| s.is_finite() && *s >= 0.0) {
             self.key(key);
-            let _ = write!(self.buf, "{:.3}", s * 1e3);
+            let micros = (s * 1e6).round() as u64;
+            self.buf.push_str(itoa::Buffer::new().format(micros / 1000));
+            self.buf.push('.');
+            push_padded(&mut self.buf, micros % 1000, 3);
         }
         self
     }
@@ -174,6 +186,12 @@ impl Default for AccessLine {
 fn push_json_string(out: &mut String, s: &str) {
     use std::fmt::Write as _;
     out.push('"');
+    // Almost every value (route, path, ids) needs no escaping: copied whole.
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -190,11 +208,41 @@ fn push_json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` (UTC), without a date library.
+/// `value` in decimal, left-padded with zeros to `width` digits.
+fn push_padded(out: &mut String, value: u64, width: usize) {
+    let mut digits = itoa::Buffer::new();
+    let text = digits.format(value);
+    for _ in text.len()..width {
+        out.push('0');
+    }
+    out.push_str(text);
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` (UTC), without a date library. The part up to the seconds is
+/// kept per thread for the second it names: a busy worker writes it once a second.
 fn push_rfc3339(out: &mut String, t: std::time::SystemTime) {
-    use std::fmt::Write as _;
+    use std::cell::RefCell;
+    thread_local! {
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
+    SECOND.with_borrow_mut(|(second, text)| {
+        if *second != secs {
+            text.clear();
+            push_date_time(text, secs);
+            *second = secs;
+        }
+        out.push_str(text);
+    });
+    out.push('.');
+    push_padded(out, u64::from(d.subsec_micros()), 6);
+    out.push('Z');
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of `secs` since the epoch (UTC).
+fn push_date_time(out: &mut String, secs: u64) {
+    use std::fmt::Write as _;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Howard Hinnant's civil_from_days.
     let z = days as i64 + 719_468;
@@ -206,14 +254,8 @@ fn push_rfc3339(out: &mut String, t: std::time::SystemTime) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_micros()
-    );
+    let _ =
+        write!(out, "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60);
 }
 
 #[cfg(test)]
@@ -234,5 +276,26 @@ mod tests {
         assert_eq!(s, r#""a\"b\\c\n\u0001é""#);
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v, "a\"b\\c\n\u{1}é");
+        let mut s = String::new();
+        push_json_string(&mut s, "/erp/v2/salesOrders");
+        assert_eq!(s, "\"/erp/v2/salesOrders\"");
+        // Two stamps within one second share the cached part; the next second renews it.
+        let mut s = String::new();
+        push_rfc3339(&mut s, UNIX_EPOCH + Duration::from_micros(1_795_737_600_000_001));
+        push_rfc3339(&mut s, UNIX_EPOCH + Duration::from_micros(1_795_737_601_999_999));
+        assert_eq!(s, "2026-11-27T00:00:00.000001Z2026-11-27T00:00:01.999999Z");
+    }
+
+    #[test]
+    fn numbers_are_written_as_json_numbers() {
+        let line = AccessLine { buf: String::new() }
+            .uint("status", 201)
+            .millis("a", Some(0.0123456))
+            .millis("b", Some(2.0))
+            .millis("c", Some(0.0000004))
+            .millis("d", None)
+            .millis("e", Some(f64::NAN))
+            .text_with("client", |out| out.push_str("192.0.2.7"));
+        assert_eq!(line.buf, r#","status":201,"a":12.346,"b":2000.000,"c":0.000,"client":"192.0.2.7""#);
     }
 }

@@ -138,7 +138,9 @@ pub struct JwtPolicy {
     pub default_tier: Arc<str>,
     pub max_token_bytes: usize,
     /// Verified tokens → consumer, kid, expiry; bounded, so steady traffic skips signature checks.
-    pub cache: moka::sync::Cache<Arc<str>, Arc<CachedToken>>,
+    /// Hashed with ahash (keyed per process, so a caller cannot aim collisions): the key is the
+    /// whole token, hundreds of bytes, hashed on every request.
+    pub cache: moka::sync::Cache<Arc<str>, Arc<CachedToken>, ahash::RandomState>,
     /// Seconds since the epoch that `exp` and `nbf` are checked against ([`system_clock`]; a
     /// test sets the time instead of waiting for it).
     pub clock: fn() -> u64,
@@ -340,7 +342,9 @@ mod tests {
             tier_claim: "tier".into(),
             default_tier: "standard".into(),
             max_token_bytes: 8192,
-            cache: moka::sync::Cache::builder().max_capacity(100).build(),
+            cache: moka::sync::Cache::builder()
+                .max_capacity(100)
+                .build_with_hasher(ahash::RandomState::new()),
             clock: test_clock,
         }
     }

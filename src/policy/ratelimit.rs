@@ -25,7 +25,8 @@ pub struct TierLimiter<C: Clock = DefaultClock> {
     pub burst: u32,
     /// `RateLimit-Policy` value, built once.
     policy_header: String,
-    limiter: RateLimiter<String, DefaultKeyedStateStore<String>, C, StateInformationMiddleware>,
+    /// Keyed by consumer id: an `Arc` shared with the consumer, no copy per request.
+    limiter: RateLimiter<Arc<str>, DefaultKeyedStateStore<Arc<str>>, C, StateInformationMiddleware>,
     clock: C,
     decisions: AtomicU64,
 }
@@ -63,7 +64,7 @@ impl<C: Clock + Clone> TierLimiter<C> {
             window,
             burst,
             limiter:
-                RateLimiter::<String, DefaultKeyedStateStore<String>, C, StateInformationMiddleware>::new(
+                RateLimiter::<Arc<str>, DefaultKeyedStateStore<Arc<str>>, C, StateInformationMiddleware>::new(
                     quota,
                     DefaultKeyedStateStore::default(),
                     clock.clone(),
@@ -78,7 +79,7 @@ impl<C: Clock + Clone> TierLimiter<C> {
         (self.requests, self.window, self.burst) == (requests, window, burst)
     }
 
-    pub fn check(&self, key: String) -> Decision {
+    pub fn check(&self, key: Arc<str>) -> Decision {
         let n = self.decisions.fetch_add(1, Ordering::Relaxed);
         if n.is_multiple_of(CLEANUP_EVERY) || (n.is_multiple_of(256) && self.limiter.len() > MAX_KEYS) {
             self.limiter.retain_recent();
@@ -90,18 +91,32 @@ impl<C: Clock + Clone> TierLimiter<C> {
                 let remaining = snapshot.remaining_burst_capacity();
                 let per = self.window.as_secs_f64() / f64::from(self.requests);
                 let reset = ((f64::from(self.requests + self.burst - remaining)) * per).ceil() as u64;
-                Decision::Allowed { policy, limit: format!("\"{}\";r={};t={}", self.tier, remaining, reset) }
+                Decision::Allowed { policy, limit: self.limit_header(u64::from(remaining), reset) }
             }
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.clock.now());
                 let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 Decision::Limited {
                     policy,
-                    limit: format!("\"{}\";r=0;t={}", self.tier, retry_after.max(1)),
+                    limit: self.limit_header(0, retry_after.max(1)),
                     retry_after: retry_after.max(1),
                 }
             }
         }
+    }
+}
+
+impl<C: Clock> TierLimiter<C> {
+    /// `RateLimit` value: `"<tier>";r=<remaining>;t=<seconds to reset>`, written on every request.
+    fn limit_header(&self, remaining: u64, reset: u64) -> String {
+        let mut out = String::with_capacity(self.tier.len() + 24);
+        out.push('"');
+        out.push_str(&self.tier);
+        out.push_str("\";r=");
+        out.push_str(itoa::Buffer::new().format(remaining));
+        out.push_str(";t=");
+        out.push_str(itoa::Buffer::new().format(reset));
+        out
     }
 }
 
@@ -127,10 +142,10 @@ impl Limiter {
         }
     }
 
-    pub async fn check(&self, key: String) -> Decision {
+    pub async fn check(&self, key: Arc<str>) -> Decision {
         match self {
             Limiter::Local(l) => l.check(key),
-            Limiter::Shared(l) => l.check(key).await,
+            Limiter::Shared(l) => l.check(key.to_string()).await,
         }
     }
 }
@@ -146,10 +161,11 @@ pub struct RateLimitPolicy {
 
 impl RateLimitPolicy {
     /// `None` when the consumer's tier has no quota and there is no default: not limited here.
-    pub async fn check(&self, consumer: &str, tier: &str, route: &str) -> Option<(Arc<str>, Decision)> {
+    pub async fn check(&self, consumer: &Arc<str>, tier: &str, route: &str) -> Option<(Arc<str>, Decision)> {
         let limiter =
             self.tiers.get(tier).or_else(|| self.default_tier.as_ref().and_then(|d| self.tiers.get(d)))?;
-        let key = if self.per_route { format!("{consumer}\u{1f}{route}") } else { consumer.to_string() };
+        let key =
+            if self.per_route { Arc::from(format!("{consumer}\u{1f}{route}")) } else { consumer.clone() };
         Some((limiter.tier().clone(), limiter.check(key).await))
     }
 }
@@ -161,6 +177,10 @@ mod tests {
     #[test]
     fn admits_quota_plus_burst_then_limits_per_key() {
         let t = TierLimiter::new("gold", 10, Duration::from_secs(60), 5).unwrap();
+        let first = t.check("c".into());
+        let want =
+            Decision::Allowed { policy: "\"gold\";q=10;w=60".into(), limit: "\"gold\";r=14;t=6".into() };
+        assert_eq!(first, want, "one of 15 used; it takes one period (6 s) to come back");
         let allowed = (0..30).filter(|_| matches!(t.check("a".into()), Decision::Allowed { .. })).count();
         assert_eq!(allowed, 15);
         match t.check("a".into()) {

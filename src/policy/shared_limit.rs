@@ -132,7 +132,7 @@ impl SharedLimiter {
     fn fallback_decision(&self, key: String) -> Decision {
         self.mode.set(true);
         match self.fallback {
-            LimitFallback::LocalShare => self.local.check(key),
+            LimitFallback::LocalShare => self.local.check(Arc::from(key)),
             LimitFallback::Open => self.allowed(u64::from(self.requests)),
             LimitFallback::Closed => self.limited(1),
         }

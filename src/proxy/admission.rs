@@ -82,10 +82,10 @@ pub async fn admit(session: &Session, ctx: &mut Ctx) -> Result<(), GatewayError>
         let Policy::RateLimit(limit) = policy.as_ref() else { continue };
         let (name, tier) = match &ctx.consumer {
             // Quotas belong to (authentication policy, consumer), like orders and keys.
-            Some(c) => (c.id.to_string(), c.tier.clone()),
+            Some(c) => (c.id.clone(), c.tier.clone()),
             None => {
                 let ip = ctx.client_ip().map(|ip| ip.to_string());
-                (format!("anonymous:{}", ip.unwrap_or_default()), Arc::from("anonymous"))
+                (Arc::from(format!("anonymous:{}", ip.unwrap_or_default())), Arc::from("anonymous"))
             }
         };
         let Some((tier_used, decision)) = limit.check(&name, &tier, &route.name).await else { continue };

@@ -13,19 +13,10 @@ pub type Refusal = &'static str;
 
 /// Check the raw HTTP/1 request header (request line, fields, final blank line).
 pub fn check(raw: &[u8]) -> Result<(), Refusal> {
-    // Bare LF: a line ending without CR. Cheap: one pass, and most headers are < 1 KiB.
-    if raw.iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || raw[i - 1] != b'\r')) {
-        return Err("The request uses bare LF line endings; HTTP/1.1 lines end with CRLF");
-    }
     let mut transfer_encoding = 0;
     let mut content_length = 0;
-    // Skip the request line; stop at the blank line.
-    for line in raw.split(|&b| b == b'\n').skip(1) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            break;
-        }
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+    let mut field = |line: &[u8]| -> Result<(), Refusal> {
+        let Some(colon) = memchr::memchr(b':', line) else { return Ok(()) };
         let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
             transfer_encoding += 1;
@@ -38,6 +29,28 @@ pub fn check(raw: &[u8]) -> Result<(), Refusal> {
                 return Err("Content-Length must be one decimal number");
             }
         }
+        Ok(())
+    };
+    // One pass over the line ends (memchr: a bearer token makes most headers long): each must
+    // follow a CR (no bare LF), and each line between the request line and the blank line is a
+    // field.
+    let mut line_start: Option<usize> = None;
+    let mut ended = false;
+    for end in memchr::memchr_iter(b'\n', raw) {
+        if end == 0 || raw[end - 1] != b'\r' {
+            return Err("The request uses bare LF line endings; HTTP/1.1 lines end with CRLF");
+        }
+        let Some(start) = line_start.replace(end + 1) else { continue };
+        let line = &raw[start..end - 1];
+        ended |= line.is_empty();
+        if !ended {
+            field(line)?;
+        }
+    }
+    // A last line without its line end (the raw header normally ends with the blank line).
+    if let Some(start) = line_start.filter(|s| *s < raw.len() && !ended) {
+        let rest = &raw[start..];
+        field(rest.strip_suffix(b"\r").unwrap_or(rest))?;
     }
     if transfer_encoding > 1 {
         return Err("Transfer-Encoding is repeated");
@@ -94,5 +107,15 @@ mod tests {
         }
         assert!(check(b"GET / HTTP/1.1\nHost: a\n\n").is_err(), "bare LF");
         assert!(check(b"GET / HTTP/1.1\r\nHost: a\n\r\n").is_err(), "one bare LF");
+        assert!(check(b"\nGET / HTTP/1.1\r\n\r\n").is_err(), "a bare LF first");
+        assert!(
+            check(b"GET / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6").is_err(),
+            "an unended last line"
+        );
+        assert!(
+            check(b"GET / HTTP/1.1\r\n\r\nContent-Length: 5\r\nContent-Length: 6\r\n").is_ok(),
+            "after the blank line: no fields"
+        );
+        assert!(check(b"GET / HTTP/1.1\r\n\r\nx\n").is_err(), "a bare LF anywhere");
     }
 }

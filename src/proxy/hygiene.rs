@@ -6,18 +6,47 @@ use crate::edge::client_addr::ClientAddress;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::Result;
 
+use http::header::{self, HeaderName, HeaderValue};
+use std::sync::LazyLock;
+
 /// Always hop-by-hop, whether or not `Connection` lists them. `Transfer-Encoding` is left to
 /// pingora, which re-frames bodies itself.
 const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
+
+/// [`HOP_BY_HOP`] as header names, built once: a removal by `&str` parses the name first.
+static HOP_BY_HOP_NAMES: LazyLock<Vec<HeaderName>> =
+    LazyLock::new(|| HOP_BY_HOP.iter().map(|n| HeaderName::from_static(n)).collect());
+
+/// Which of `names` (at most 32) `headers` holds, as a bit per name: one pass over the few
+/// headers a message has, so a removal (a hash and a probe each) runs only for a name present.
+fn present(headers: &http::HeaderMap, names: &[HeaderName]) -> u32 {
+    let mut mask = 0;
+    for key in headers.keys() {
+        if let Some(i) = names.iter().take(32).position(|n| n == key) {
+            mask |= 1 << i;
+        }
+    }
+    mask
+}
+
+/// The names of `names` whose bit is set in `mask`.
+fn selected(names: &[HeaderName], mask: u32) -> impl Iterator<Item = &HeaderName> {
+    names.iter().take(32).enumerate().filter(move |(i, _)| mask & (1 << i) != 0).map(|(_, n)| n)
+}
 
 pub use crate::policy::headers::UPSTREAM_SESSION_HEADERS;
 
 /// Remove the caller's credentials: `Authorization` always, and the route's list (cookies, the
 /// headers API-key policies read).
 pub fn strip_caller_credentials(req: &mut RequestHeader, also: &[http::HeaderName]) {
-    req.remove_header(&http::header::AUTHORIZATION);
-    req.remove_header("proxy-authorization");
-    for name in also {
+    req.remove_header(&header::AUTHORIZATION);
+    req.remove_header(&header::PROXY_AUTHORIZATION);
+    let mask = present(&req.headers, also);
+    for name in selected(also, mask) {
+        req.remove_header(name);
+    }
+    // A route strips more than 32 headers only when its config lists them: removed one by one.
+    for name in also.iter().skip(32) {
         req.remove_header(name);
     }
 }
@@ -25,10 +54,11 @@ pub fn strip_caller_credentials(req: &mut RequestHeader, also: &[http::HeaderNam
 /// Remove the upstream session headers the route does not pass. One pass over the response's
 /// few headers; a removal only when one is there (rare).
 pub fn strip_upstream_session(resp: &mut ResponseHeader, names: &[http::HeaderName]) {
-    if !resp.headers.keys().any(|k| names.contains(k)) {
-        return;
+    let mask = present(&resp.headers, names);
+    for name in selected(names, mask) {
+        resp.remove_header(name);
     }
-    for name in names {
+    for name in names.iter().skip(32) {
         resp.remove_header(name);
     }
 }
@@ -37,30 +67,40 @@ pub fn strip_upstream_session(resp: &mut ResponseHeader, names: &[http::HeaderNa
 /// `Connection` lists something, which almost no request does.
 fn listed_in_connection(connection: Option<&http::HeaderValue>) -> Vec<String> {
     let Some(listed) = connection.and_then(|v| v.to_str().ok()) else { return Vec::new() };
+    // `keep-alive` and `close`, what almost every `Connection` says, allocate nothing.
+    const NEVER: &[&str] = &["close", "transfer-encoding", "content-length", "host"];
     listed
         .split(',')
-        .map(|t| t.trim().to_ascii_lowercase())
+        .map(str::trim)
         // Never let a caller strip framing or the gateway's own headers this way.
-        .filter(|t| !t.is_empty() && !HOP_BY_HOP.contains(&t.as_str()))
-        .filter(|t| t != "transfer-encoding" && t != "content-length" && t != "host")
+        .filter(|t| !t.is_empty() && !HOP_BY_HOP.iter().chain(NEVER).any(|h| t.eq_ignore_ascii_case(h)))
+        .map(str::to_ascii_lowercase)
         .collect()
 }
 
 pub fn strip_hop_by_hop_request(req: &mut RequestHeader) {
-    for name in listed_in_connection(req.headers.get(http::header::CONNECTION)) {
+    let mask = present(&req.headers, &HOP_BY_HOP_NAMES);
+    if mask == 0 {
+        return;
+    }
+    for name in listed_in_connection(req.headers.get(header::CONNECTION)) {
         req.remove_header(&name);
     }
-    for name in HOP_BY_HOP {
-        req.remove_header(*name);
+    for name in selected(&HOP_BY_HOP_NAMES, mask) {
+        req.remove_header(name);
     }
 }
 
 pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
-    for name in listed_in_connection(resp.headers.get(http::header::CONNECTION)) {
+    let mask = present(&resp.headers, &HOP_BY_HOP_NAMES);
+    if mask == 0 {
+        return;
+    }
+    for name in listed_in_connection(resp.headers.get(header::CONNECTION)) {
         resp.remove_header(&name);
     }
-    for name in HOP_BY_HOP {
-        resp.remove_header(*name);
+    for name in selected(&HOP_BY_HOP_NAMES, mask) {
+        resp.remove_header(name);
     }
 }
 
@@ -69,20 +109,24 @@ pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
 const FORWARDING: &[&str] =
     &["x-forwarded-for", "forwarded", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"];
 
+static FORWARDING_NAMES: LazyLock<Vec<HeaderName>> =
+    LazyLock::new(|| FORWARDING.iter().map(|n| HeaderName::from_static(n)).collect());
+
 /// `X-Forwarded-For`, `Forwarded` and `X-Forwarded-Proto` as the gateway vouches for them.
 pub fn set_forwarding(
     req: &mut RequestHeader,
     client: Option<&ClientAddress>,
     proto: &'static str,
 ) -> Result<()> {
-    for name in FORWARDING {
-        req.remove_header(*name);
+    let mask = present(&req.headers, &FORWARDING_NAMES);
+    for name in selected(&FORWARDING_NAMES, mask) {
+        req.remove_header(name);
     }
     if let Some(client) = client {
-        req.insert_header("x-forwarded-for", client.x_forwarded_for())?;
+        req.insert_header(&super::names::X_FORWARDED_FOR, client.x_forwarded_for())?;
         req.insert_header("forwarded", client.forwarded(proto))?;
     }
-    req.insert_header("x-forwarded-proto", proto)?;
+    req.insert_header(&super::names::X_FORWARDED_PROTO, HeaderValue::from_static(proto))?;
     Ok(())
 }
 
@@ -105,6 +149,23 @@ mod tests {
         }
         assert!(req.headers.get("transfer-encoding").is_some());
         assert!(req.headers.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn a_response_loses_exactly_its_hop_by_hop_headers() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("Connection", "Keep-Alive, X-Hop, Content-Length").unwrap();
+        resp.insert_header("Keep-Alive", "timeout=5").unwrap();
+        resp.insert_header("X-Hop", "1").unwrap();
+        resp.insert_header("Content-Length", "2").unwrap();
+        resp.insert_header("X-Kept", "1").unwrap();
+        strip_hop_by_hop_response(&mut resp);
+        let left: Vec<&str> = resp.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["content-length", "x-kept"], "framing stays even when Connection lists it");
+        let mut plain = ResponseHeader::build(200, None).unwrap();
+        plain.insert_header("X-Kept", "1").unwrap();
+        strip_hop_by_hop_response(&mut plain);
+        assert_eq!(plain.headers.len(), 1);
     }
 
     #[test]

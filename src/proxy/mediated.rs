@@ -162,7 +162,7 @@ fn failure(
         route,
         policy = mediation.name.as_str(),
         direction = direction.as_str(),
-        correlation_id = ctx.correlation.correlation_id.as_str(),
+        correlation_id = ctx.correlation.correlation_id(),
         error = %err,
         "transformation failed"
     );
@@ -319,7 +319,7 @@ fn monitor(ctx: &Ctx, described: &[String]) {
     Metrics::global().response_schema_violations.with_label_values(&[route]).inc();
     tracing::warn!(
         route,
-        correlation_id = ctx.correlation.correlation_id.as_str(),
+        correlation_id = ctx.correlation.correlation_id(),
         violations = described.join("; ").as_str(),
         "ERP response violates the route's response schema (monitor mode: passed on)"
     );

@@ -7,6 +7,7 @@ mod edge;
 pub mod framing;
 pub mod hygiene;
 mod mediated;
+mod names;
 pub mod normalize;
 mod process;
 mod respond;
@@ -23,7 +24,7 @@ pub use process::OPENAPI;
 use crate::budget::throttle;
 use crate::config::{CompiledRoute, Config};
 use crate::error::GatewayError;
-use crate::observe::correlation::{Correlation, CORRELATION_HEADER, TRACEPARENT_HEADER};
+use crate::observe::correlation::Correlation;
 use crate::observe::metrics::{Metrics, UNMATCHED_ROUTE};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -102,7 +103,7 @@ impl Gateway {
                 let changes = self.changes.as_ref();
                 // Only the in-process answers need it apart from the context (a proxied request
                 // does not pay for the copy).
-                let correlation = ctx.correlation.correlation_id.clone();
+                let correlation = ctx.correlation.correlation_id().to_string();
                 crate::error::contain_panic(
                     &correlation,
                     process::serve(session, ctx, endpoint, service, changes),
@@ -112,7 +113,7 @@ impl Gateway {
             // Mediated routes are answered in-process: the body is checked and transformed before
             // any byte reaches the ERP, the response before any byte reaches the caller.
             Some((None, true)) => {
-                let correlation = ctx.correlation.correlation_id.clone();
+                let correlation = ctx.correlation.correlation_id().to_string();
                 crate::error::contain_panic(&correlation, mediated::exchange(session, ctx)).await?
             }
             _ => {
@@ -272,8 +273,8 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let req = session.req_header();
         ctx.correlation = Correlation::from_headers(
-            req.headers.get(CORRELATION_HEADER).map(|v| v.as_bytes()),
-            req.headers.get(TRACEPARENT_HEADER).map(|v| v.as_bytes()),
+            req.headers.get(names::CORRELATION.name()),
+            req.headers.get(names::TRACEPARENT.name()).map(|v| v.as_bytes()),
         );
         ctx.client = client_address(session, &ctx.config.listen);
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
@@ -437,11 +438,13 @@ impl ProxyHttp for Gateway {
             None => self.unmatched.observe(method, status, total, None),
         }
         let error = e.map(|e| e.to_string());
-        crate::observe::logging::AccessLine::new()
+        let mut line = crate::observe::logging::AccessLine::new()
             .str("route", ctx.route_name())
-            .str("consumer", ctx.consumer.as_ref().map_or("anonymous", |c| &*c.name))
-            .opt_str("client", ctx.client_ip().map(|ip| ip.to_string()).as_deref())
-            .str("method", method)
+            .str("consumer", ctx.consumer.as_ref().map_or("anonymous", |c| &*c.name));
+        if let Some(ip) = ctx.client_ip() {
+            line = line.text_with("client", |out| crate::edge::client_addr::push_ip(out, ip));
+        }
+        line.str("method", method)
             .str("path", session.req_header().uri.path())
             .uint("status", u64::from(status))
             .millis("duration_ms", Some(total))
@@ -449,8 +452,8 @@ impl ProxyHttp for Gateway {
             .opt_str("upstream", ctx.route.as_ref().map(|r| r.upstream.name.as_str()))
             .opt_str("problem", ctx.problem)
             .opt_str("error", error.as_deref())
-            .str("correlation_id", &ctx.correlation.correlation_id)
-            .str("trace_id", &ctx.correlation.trace_id)
+            .str("correlation_id", ctx.correlation.correlation_id())
+            .str("trace_id", ctx.correlation.trace_id())
             .write();
         if crate::observe::traces::enabled() {
             self.trace_request(session, ctx, status, total);
@@ -485,7 +488,7 @@ impl Gateway {
         use crate::observe::traces::{Span, SpanIds};
         use opentelemetry::trace::{SpanId, SpanKind};
         let Some(ids) = SpanIds::parse(ctx.correlation.traceparent()) else { return };
-        let parent = ctx.correlation.parent_id.as_deref().and_then(|p| SpanId::from_hex(p).ok());
+        let parent = ctx.correlation.parent_id().and_then(|p| SpanId::from_hex(p).ok());
         let start = std::time::SystemTime::now() - Duration::from_secs_f64(seconds);
         let method = session.req_header().method.as_str();
         let route = ctx.route_name();
@@ -496,7 +499,7 @@ impl Gateway {
         span.attr("http.response.status_code", i64::from(status));
         span.attr("http.route", route.to_string());
         span.attr("causeway.consumer", ctx.consumer.as_ref().map_or("anonymous", |c| &*c.name).to_string());
-        span.attr("causeway.correlation_id", ctx.correlation.correlation_id.clone());
+        span.attr("causeway.correlation_id", ctx.correlation.correlation_id().to_string());
         if let Some(upstream) = ctx.route.as_ref().map(|r| r.upstream.name.clone()) {
             span.attr("causeway.upstream", upstream);
         }

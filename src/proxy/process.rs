@@ -39,7 +39,8 @@ pub async fn serve(
             let body = read_request_body(session, route.max_body_bytes).await?;
             let key = session.req_header().headers.get("idempotency-key").map(|v| v.as_bytes().to_vec());
             // Keys are per consumer: two consumers may pick the same key without colliding.
-            let (correlation, traceparent) = (&ctx.correlation.correlation_id, ctx.correlation.traceparent());
+            let (correlation, traceparent) =
+                (ctx.correlation.correlation_id(), ctx.correlation.traceparent());
             service.submit(key.as_deref(), &caller, &body, correlation, traceparent).await?
         }
         ProcessEndpoint::Order => {

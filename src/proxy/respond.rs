@@ -1,17 +1,18 @@
 //! Answers the gateway writes itself: problems, and the responses of mediated and process routes,
 //! each with the correlation and rate-limit headers (local answers skip `response_filter`).
 
+use super::names::{CORRELATION, RATELIMIT, RATELIMIT_POLICY, TRACEPARENT};
 use super::Ctx;
 use crate::error::GatewayError;
-use crate::observe::correlation::{Correlation, CORRELATION_HEADER, TRACEPARENT_HEADER};
+use crate::observe::correlation::Correlation;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 
 pub(super) fn add_ratelimit_headers(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
     if let Some((policy, limit)) = &ctx.ratelimit_headers {
-        resp.insert_header("ratelimit-policy", policy.as_str())?;
-        resp.insert_header("ratelimit", limit.as_str())?;
+        resp.insert_header(&RATELIMIT_POLICY, policy.as_str())?;
+        resp.insert_header(&RATELIMIT, limit.as_str())?;
     }
     Ok(())
 }
@@ -52,15 +53,15 @@ pub(super) async fn write_local_response(
 }
 
 pub(super) fn add_correlation_headers(resp: &mut ResponseHeader, c: &Correlation) -> Result<()> {
-    resp.insert_header(CORRELATION_HEADER, c.correlation_id.as_str())?;
-    resp.insert_header(TRACEPARENT_HEADER, c.traceparent())?;
+    resp.insert_header(&CORRELATION, c.correlation_header().clone())?;
+    resp.insert_header(&TRACEPARENT, c.traceparent_header().clone())?;
     Ok(())
 }
 
 /// Answer locally with an RFC 9457 body. Local answers skip `response_filter`, so the
 /// correlation headers are added here too. Returns the status sent.
 pub(super) async fn respond_problem(session: &mut Session, ctx: &mut Ctx, err: &GatewayError) -> Result<u16> {
-    let problem = err.to_problem(session.req_header().uri.path(), &ctx.correlation.correlation_id);
+    let problem = err.to_problem(session.req_header().uri.path(), ctx.correlation.correlation_id());
     let mut resp = ResponseHeader::build(problem.status, Some(problem.headers.len() + 5))?;
     for (name, value) in &problem.headers {
         resp.insert_header(*name, value.as_str())?;

@@ -2,10 +2,10 @@
 //! ERP budget (one judge for proxied and mediated routes, [`throttle::judge`]), and what a
 //! pingora error means for the caller.
 
+use super::names::{CORRELATION, TRACEPARENT};
 use super::{admission, hygiene, Ctx};
 use crate::budget::throttle;
 use crate::error::GatewayError;
-use crate::observe::correlation::{CORRELATION_HEADER, TRACEPARENT_HEADER};
 use pingora::http::RequestHeader;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
@@ -26,8 +26,8 @@ pub(super) fn prepare_upstream_request(req: &mut RequestHeader, ctx: &Ctx) -> Re
     if let Some((name, value)) = &route.upstream.credential {
         req.insert_header(name.clone(), value.clone())?;
     }
-    req.insert_header(CORRELATION_HEADER, ctx.correlation.correlation_id.as_str())?;
-    req.insert_header(TRACEPARENT_HEADER, ctx.correlation.traceparent())?;
+    req.insert_header(&CORRELATION, ctx.correlation.correlation_header().clone())?;
+    req.insert_header(&TRACEPARENT, ctx.correlation.traceparent_header().clone())?;
     hygiene::set_forwarding(req, ctx.client.as_ref(), if ctx.tls { "https" } else { "http" })?;
     for policy in &route.policies {
         policy.on_upstream_request(req);
