@@ -15,6 +15,9 @@ pub const PROBLEM_BASE: &str = "https://causeway.dev/problems/";
 pub enum GatewayError {
     #[error("no route matches {method} {path}")]
     RouteNotFound { method: String, path: String },
+    /// The route's `deprecation.sunset` has passed (`after_sunset: refuse`).
+    #[error("route {route} was retired on {sunset}")]
+    RouteSunset { route: String, sunset: String, link: Option<String> },
     #[error("method {method} not allowed")]
     MethodNotAllowed { method: String, allowed: Vec<String> },
     #[error("request body larger than {limit} bytes")]
@@ -209,6 +212,7 @@ impl GatewayError {
     pub fn status(&self) -> u16 {
         match self {
             GatewayError::RouteNotFound { .. } => 404,
+            GatewayError::RouteSunset { .. } => 410,
             GatewayError::BodyTooLarge { .. } => 413,
             GatewayError::MethodNotAllowed { .. } => 405,
             GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamProtocol { .. } => 502,
@@ -281,6 +285,7 @@ impl GatewayError {
     fn slug_title(&self) -> (&'static str, &'static str) {
         match self {
             GatewayError::RouteNotFound { .. } => ("route-not-found", "No route matches this request"),
+            GatewayError::RouteSunset { .. } => ("route-sunset", "This API version has been retired"),
             GatewayError::BodyTooLarge { .. } => ("body-too-large", "Request body too large"),
             GatewayError::MethodNotAllowed { .. } => {
                 ("method-not-allowed", "Method not allowed on this path")
@@ -381,6 +386,12 @@ impl GatewayError {
     /// What happened and what the caller can do about it.
     fn detail(&self) -> String {
         match self {
+            GatewayError::RouteSunset { route, sunset, link } => format!(
+                "Route `{route}` was retired on {sunset}. {}",
+                link.as_ref().map_or("Ask the API's owner which version replaces it.".to_string(), |l| {
+                    format!("Move to the version described at {l}.")
+                })
+            ),
             GatewayError::RouteNotFound { method, path } => format!(
                 "No route accepts {method} {path}. Check the path and method against the gateway's published routes."
             ),
@@ -524,6 +535,9 @@ impl GatewayError {
             .instance(instance);
         p = match self {
             GatewayError::BodyTooLarge { limit } => p.member("max_body_bytes", json!(limit)),
+            GatewayError::RouteSunset { sunset, link, .. } => {
+                p.member("sunset", json!(sunset)).member("link", json!(link))
+            }
             GatewayError::Forbidden { missing } => p.member("missing_scopes", json!(missing)),
             GatewayError::Unauthenticated { reason, .. } => p.member("reason", json!(reason)),
             GatewayError::ValidationFailed { violations } => p.member("errors", json!(violations)),
@@ -620,6 +634,7 @@ mod tests {
         let s = || "x".to_string();
         let all = vec![
             GatewayError::RouteNotFound { method: "GET".into(), path: "/x".into() },
+            GatewayError::RouteSunset { route: s(), sunset: s(), link: Some(s()) },
             GatewayError::MethodNotAllowed { method: "PUT".into(), allowed: vec!["GET".into()] },
             GatewayError::BodyTooLarge { limit: 10 },
             GatewayError::UpstreamUnreachable { upstream: s() },
@@ -679,6 +694,7 @@ mod tests {
         for e in &all {
             match e {
                 GatewayError::RouteNotFound { .. }
+                | GatewayError::RouteSunset { .. }
                 | GatewayError::MethodNotAllowed { .. }
                 | GatewayError::BodyTooLarge { .. }
                 | GatewayError::UpstreamUnreachable { .. }

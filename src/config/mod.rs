@@ -9,6 +9,7 @@ pub mod edge_policies;
 mod env;
 pub mod events;
 mod interpolate;
+pub mod lifecycle;
 pub mod listen;
 pub mod policies;
 pub mod print;

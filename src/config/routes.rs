@@ -46,6 +46,12 @@ pub struct CompiledRoute {
     /// The upstream's session headers never sent to the caller (cookies, challenges, CSRF).
     pub strip_response: Vec<HeaderName>,
     pub metrics: crate::observe::metrics::RouteMetrics,
+    /// The API version the route serves, when it declares one.
+    pub version: Option<Arc<str>>,
+    pub deprecation: Option<crate::config::lifecycle::Deprecation>,
+    /// Tiers the route's policies name: the usage metric's tier label is one of these,
+    /// `anonymous` or `other` (a JWT claim never becomes a label of its own).
+    pub known_tiers: Vec<Arc<str>>,
 }
 
 impl CompiledRoute {
@@ -56,6 +62,22 @@ impl CompiledRoute {
             _ => None,
         })
     }
+}
+
+/// The tiers a route's policies name (quota tiers, API-key consumers', JWT defaults).
+fn known_tiers(policies: &[Arc<Policy>]) -> Vec<Arc<str>> {
+    let mut tiers: Vec<Arc<str>> = Vec::new();
+    for policy in policies {
+        match policy.as_ref() {
+            Policy::RateLimit(r) => tiers.extend(r.tiers.keys().map(|t| Arc::from(t.as_str()))),
+            Policy::ApiKey(k) => tiers.extend(k.by_hash.values().map(|c| c.tier.clone())),
+            Policy::Jwt(j) => tiers.push(j.default_tier.clone()),
+            _ => {}
+        }
+    }
+    tiers.sort();
+    tiers.dedup();
+    tiers
 }
 
 pub(super) fn load_routes(
@@ -284,6 +306,31 @@ pub(super) fn load_routes(
             if spec.max_body_bytes == 0 {
                 diags.at(&file, &spec.name, "max_body_bytes must be greater than 0");
             }
+            let version = spec.version.as_ref().and_then(|v| {
+                crate::config::lifecycle::check_version(&v.value).map_err(|e| diags.at(&file, v, e)).ok()
+            });
+            let deprecation = spec.deprecation.as_ref().and_then(|d| {
+                let compiled =
+                    crate::config::lifecycle::compile(&d.value).map_err(|e| diags.at(&file, d, e)).ok()?;
+                let now = crate::config::lifecycle::now();
+                if compiled.past_sunset(now) {
+                    let what = if compiled.refuses_at(now) {
+                        "it answers 410 Gone"
+                    } else {
+                        "it is still served (after_sunset: serve)"
+                    };
+                    env.warn(
+                        &file,
+                        d.referenced.line(),
+                        d.referenced.column(),
+                        format!(
+                            "route `{name}` is past its sunset ({}): {what}; remove it or move the sunset",
+                            compiled.sunset_text().unwrap_or_default()
+                        ),
+                    );
+                }
+                Some(compiled)
+            });
             if diags.0.len() != before {
                 continue;
             }
@@ -311,7 +358,6 @@ pub(super) fn load_routes(
                 connect_timeout: spec.timeouts.connect_ms.map(ms).unwrap_or(upstream.connect_timeout),
                 upstream,
                 max_body_bytes: spec.max_body_bytes,
-                policies: route_policies,
                 scopes: spec.scopes.clone(),
                 erp_class,
                 process: spec.process,
@@ -319,6 +365,10 @@ pub(super) fn load_routes(
                 strip_request,
                 strip_response,
                 metrics: crate::observe::metrics::RouteMetrics::new(&name),
+                known_tiers: known_tiers(&route_policies),
+                policies: route_policies,
+                version,
+                deprecation,
                 name,
             }));
         }

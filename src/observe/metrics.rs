@@ -14,6 +14,9 @@ pub struct Metrics {
     pub registry: Registry,
     pub auth_failures: IntCounterVec,
     pub ratelimit_rejections: IntCounterVec,
+    /// Requests to routes that declare a `version` or a `deprecation`, by route, version and
+    /// consumer tier (a tier the route's policies name, `anonymous` or `other`).
+    pub api_version_requests: IntCounterVec,
     pub erp_admitted: IntCounterVec,
     pub erp_rejected: IntCounterVec,
     pub erp_in_flight: prometheus::IntGaugeVec,
@@ -90,6 +93,11 @@ impl Metrics {
             "causeway_ratelimit_rejections_total",
             "Requests refused by a consumer rate limit, by tier and route",
             &["tier", "route"],
+        );
+        let api_version_requests = counter(
+            "causeway_api_version_requests_total",
+            "Requests to versioned or deprecated routes, by route, version and consumer tier",
+            &["route", "version", "tier"],
         );
         let erp_admitted = counter(
             "causeway_erp_admitted_total",
@@ -239,6 +247,7 @@ impl Metrics {
             Box::new(response_schema_violations.clone()),
             Box::new(auth_failures.clone()),
             Box::new(ratelimit_rejections.clone()),
+            Box::new(api_version_requests.clone()),
             Box::new(erp_admitted.clone()),
             Box::new(erp_rejected.clone()),
             Box::new(erp_in_flight.clone()),
@@ -270,6 +279,7 @@ impl Metrics {
             registry,
             auth_failures,
             ratelimit_rejections,
+            api_version_requests,
             erp_admitted,
             erp_rejected,
             erp_in_flight,

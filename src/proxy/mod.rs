@@ -15,7 +15,8 @@ mod upstream;
 
 use checks::check_request;
 use respond::{
-    add_correlation_headers, add_cors_headers, add_ratelimit_headers, respond_problem, write_local_response,
+    add_correlation_headers, add_cors_headers, add_lifecycle_headers, add_ratelimit_headers, respond_problem,
+    write_local_response,
 };
 use upstream::{classify, prepare_upstream_request, report_upstream_status, scan_for_overload};
 
@@ -148,7 +149,16 @@ impl Gateway {
             .and_then(|v| v.parse::<u64>().ok());
         let limit = route.max_body_bytes;
         ctx.deadline = route.total_timeout.map(|t| ctx.start + t);
+        let sunset = route.deprecation.as_ref().filter(|d| d.refuses_at(crate::config::lifecycle::now()));
+        let retired = sunset.map(|d| GatewayError::RouteSunset {
+            route: route.name.clone(),
+            sunset: d.sunset_text().unwrap_or_default(),
+            link: d.link.clone(),
+        });
         ctx.route = Some(route);
+        if let Some(retired) = retired {
+            return Err(retired);
+        }
         if declared.is_some_and(|len| len > limit) {
             return Err(GatewayError::BodyTooLarge { limit });
         }
@@ -374,6 +384,7 @@ impl ProxyHttp for Gateway {
         add_correlation_headers(upstream_response, &ctx.correlation)?;
         add_ratelimit_headers(upstream_response, ctx)?;
         add_cors_headers(upstream_response, ctx)?;
+        add_lifecycle_headers(upstream_response, ctx)?;
         if let Some(route) = ctx.route.as_ref() {
             for policy in &route.policies {
                 policy.on_response(upstream_response);
@@ -434,7 +445,12 @@ impl ProxyHttp for Gateway {
         let total = ctx.start.elapsed().as_secs_f64();
         let method = session.req_header().method.as_str();
         match ctx.route.as_ref() {
-            Some(route) => route.metrics.observe(method, status, total, ctx.upstream_seconds),
+            Some(route) => {
+                route.metrics.observe(method, status, total, ctx.upstream_seconds);
+                if route.version.is_some() || route.deprecation.is_some() {
+                    count_version_use(route, ctx.consumer.as_ref());
+                }
+            }
             None => self.unmatched.observe(method, status, total, None),
         }
         let error = e.map(|e| e.to_string());
@@ -460,6 +476,18 @@ impl ProxyHttp for Gateway {
         }
         crate::observe::allocator::collect_if_due();
     }
+}
+
+/// A request to a versioned or deprecated route, by version and the consumer's tier (bounded:
+/// a tier the route's policies name, else `other`).
+fn count_version_use(route: &CompiledRoute, consumer: Option<&crate::policy::auth::Consumer>) {
+    let version = route.version.as_deref().unwrap_or("unversioned");
+    let tier = match consumer {
+        None => "anonymous",
+        Some(c) if route.known_tiers.contains(&c.tier) => &c.tier,
+        Some(_) => "other",
+    };
+    Metrics::global().api_version_requests.with_label_values(&[route.name.as_str(), version, tier]).inc();
 }
 
 /// The connection's address, or the client behind it when it is a trusted proxy.

@@ -30,6 +30,17 @@ pub(super) fn add_cors_headers(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<(
     Ok(())
 }
 
+/// A deprecated route's `Deprecation`, `Sunset` and `Link`, on every kind of answer (the 410
+/// after the sunset included): built once at load.
+pub(super) fn add_lifecycle_headers(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
+    if let Some(deprecation) = ctx.route.as_ref().and_then(|r| r.deprecation.as_ref()) {
+        for (name, value) in &deprecation.headers {
+            resp.insert_header(*name, value.clone())?;
+        }
+    }
+    Ok(())
+}
+
 /// Finish a response the gateway answers itself (mediated and process routes): correlation and
 /// rate-limit headers, the route's response header rules, then header and body.
 pub(super) async fn write_local_response(
@@ -41,6 +52,7 @@ pub(super) async fn write_local_response(
     let _ = add_correlation_headers(&mut head, &ctx.correlation);
     let _ = add_ratelimit_headers(&mut head, ctx);
     let _ = add_cors_headers(&mut head, ctx);
+    let _ = add_lifecycle_headers(&mut head, ctx);
     if let Some(route) = ctx.route.as_ref() {
         for policy in &route.policies {
             policy.on_response(&mut head);
@@ -70,6 +82,7 @@ pub(super) async fn respond_problem(session: &mut Session, ctx: &mut Ctx, err: &
     add_correlation_headers(&mut resp, &ctx.correlation)?;
     add_ratelimit_headers(&mut resp, ctx)?;
     add_cors_headers(&mut resp, ctx)?;
+    add_lifecycle_headers(&mut resp, ctx)?;
     ctx.problem = Some(problem.slug);
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(problem.body), true).await?;

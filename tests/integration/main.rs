@@ -15,6 +15,7 @@ mod edge;
 mod events;
 mod gateway;
 mod hardening;
+mod lifecycle;
 mod mappings;
 mod mediation;
 mod observability;

@@ -48,6 +48,13 @@ pub struct RouteSpec {
     /// CSRF tokens) toward the caller.
     #[serde(default)]
     pub pass_headers: PassHeadersSpec,
+    /// The API version this route serves (`v1`, `2024-10`): a label of the usage metric.
+    #[serde(default)]
+    pub version: Option<Spanned<String>>,
+    /// Deprecation and sunset (RFC 9745, RFC 8594): `Deprecation`, `Sunset` and `Link` on every
+    /// answer; after the sunset a 410 problem (`after_sunset: refuse`, the default).
+    #[serde(default)]
+    pub deprecation: Option<Spanned<crate::config::lifecycle::DeprecationSpec>>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default, Clone)]
