@@ -42,6 +42,15 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
+    /// List what changes from one configuration directory to another (routes, policies,
+    /// upstreams with their budgets, settings), for review before a change is promoted. Exits 0
+    /// when nothing changed, 1 when something did, 2 when a directory cannot be read.
+    Diff {
+        /// The configuration in force.
+        old: PathBuf,
+        /// The configuration to promote.
+        new: PathBuf,
+    },
     /// Ask a running gateway's admin listener whether it is ready (`/readyz`); exits 0 when it
     /// is. For container health checks, which have no curl.
     Health {
@@ -171,6 +180,16 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { config, offline, print } => check(&config, offline, print),
+        Command::Diff { old, new } => match causeway::config::diff::diff(&old, &new) {
+            Ok(changes) => {
+                print!("{}", causeway::config::diff::render(&changes));
+                ExitCode::from(u8::from(!changes.is_empty()))
+            }
+            Err(diags) => {
+                eprint!("{diags}");
+                ExitCode::from(2)
+            }
+        },
         Command::Health { admin, live } => health(&admin, live),
         Command::Migrate { config } => {
             let loaded = match causeway::config::load(&config) {

@@ -5,6 +5,7 @@
 //! that the proxy runs on. `causeway check` and `causeway serve` run the same function.
 
 mod cluster;
+pub mod diff;
 pub mod edge_policies;
 mod env;
 pub mod events;

@@ -9,6 +9,7 @@ mod architecture;
 mod auth;
 mod check;
 mod cluster;
+mod config_diff;
 mod container;
 mod dialects;
 mod edge;
