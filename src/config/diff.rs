@@ -198,7 +198,13 @@ fn entities(dir: &Path) -> Result<Entities, Diagnostics> {
         if let Some(routes) = parse_file::<RoutesFile>(&file, &env, &mut diags) {
             for route in routes.routes {
                 let value = to_json(&route, &file, &mut diags);
-                out.insert((Kind::Route, route.value.name.value.clone()), (relative(&file), value));
+                insert_once(
+                    &mut out,
+                    (Kind::Route, route.value.name.value.clone()),
+                    (relative(&file), value),
+                    &file,
+                    &mut diags,
+                );
             }
         }
     }
@@ -207,7 +213,7 @@ fn entities(dir: &Path) -> Result<Entities, Diagnostics> {
             for policy in policies.policies {
                 let value = to_json(&policy, &file, &mut diags);
                 let name = value.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
-                out.insert((Kind::Policy, name), (relative(&file), value));
+                insert_once(&mut out, (Kind::Policy, name), (relative(&file), value), &file, &mut diags);
             }
         }
     }
@@ -216,6 +222,24 @@ fn entities(dir: &Path) -> Result<Entities, Diagnostics> {
     } else {
         Err(diags)
     }
+}
+
+/// A name defined twice would hide one of its definitions from the comparison: refused, as
+/// `check` refuses it.
+fn insert_once(
+    out: &mut Entities,
+    key: (Kind, String),
+    entry: (PathBuf, Value),
+    file: &Path,
+    diags: &mut Diagnostics,
+) {
+    if let Some((first, _)) = out.get(&key) {
+        let message =
+            format!("{} `{}` is defined twice (also in {})", key.0.as_str(), key.1, first.display());
+        diags.file(file, message);
+        return;
+    }
+    out.insert(key, entry);
 }
 
 fn to_json<T: serde::Serialize>(value: &T, file: &Path, diags: &mut Diagnostics) -> Value {

@@ -2,10 +2,10 @@
 //! RFC 8594 `Sunset`, `Link: rel="deprecation"`), compiled once into the header values every
 //! answer of the route carries, and what happens after the sunset (a 410 problem by default).
 
+use crate::clock;
 use http::HeaderValue;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use time::OffsetDateTime;
 
 /// `deprecation:` of a route, as the file says it.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -55,16 +55,15 @@ impl Deprecation {
         self.sunset.is_some_and(|s| now >= s)
     }
 
+    /// The route answers 410 now (checked per request of a deprecated route only).
+    pub fn refuses_now(&self) -> bool {
+        self.refuses_at(clock::now_ms() / 1000)
+    }
+
     /// The sunset as an RFC 3339 date-time (for problems and warnings).
     pub fn sunset_text(&self) -> Option<String> {
-        let at = OffsetDateTime::from_unix_timestamp(self.sunset?).ok()?;
-        at.format(&time::format_description::well_known::Rfc3339).ok()
+        self.sunset.map(|s| clock::format_datetime(s.saturating_mul(1000)))
     }
-}
-
-/// Seconds since the epoch now (a sunset is checked per request of a deprecated route only).
-pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The longest version label accepted (it is a metrics label).
@@ -112,16 +111,10 @@ fn value(text: String) -> Result<HeaderValue, String> {
     HeaderValue::try_from(text).map_err(|_| "the header value is not valid".to_string())
 }
 
-/// `2026-06-01` (midnight UTC) or an RFC 3339 date-time, from 1970 to 9999.
+/// `2026-06-01` (midnight UTC) or an RFC 3339 date-time, from 1970 on, in whole seconds.
 fn parse_date(field: &str, text: &str) -> Result<i64, String> {
-    use time::format_description::well_known::Rfc3339;
-    let text = text.trim();
-    let parsed = OffsetDateTime::parse(text, &Rfc3339).ok().or_else(|| {
-        let format = time::macros::format_description!("[year]-[month]-[day]");
-        time::Date::parse(text, &format).ok().map(|d| d.midnight().assume_utc())
-    });
-    match parsed {
-        Some(at) if at.unix_timestamp() >= 0 => Ok(at.unix_timestamp()),
+    match clock::parse_rfc3339(text.trim()) {
+        Ok(ms) if ms >= 0 => Ok(ms / 1000),
         _ => Err(format!(
             "{field} must be a date (`2026-06-01`, midnight UTC) or an RFC 3339 date-time (`2026-06-01T12:00:00Z`), not {text:?}"
         )),

@@ -312,7 +312,7 @@ pub(super) fn load_routes(
             let deprecation = spec.deprecation.as_ref().and_then(|d| {
                 let compiled =
                     crate::config::lifecycle::compile(&d.value).map_err(|e| diags.at(&file, d, e)).ok()?;
-                let now = crate::config::lifecycle::now();
+                let now = crate::clock::now_ms() / 1000;
                 if compiled.past_sunset(now) {
                     let what = if compiled.refuses_at(now) {
                         "it answers 410 Gone"

@@ -149,7 +149,7 @@ impl Gateway {
             .and_then(|v| v.parse::<u64>().ok());
         let limit = route.max_body_bytes;
         ctx.deadline = route.total_timeout.map(|t| ctx.start + t);
-        let sunset = route.deprecation.as_ref().filter(|d| d.refuses_at(crate::config::lifecycle::now()));
+        let sunset = route.deprecation.as_ref().filter(|d| d.refuses_now());
         let retired = sunset.map(|d| GatewayError::RouteSunset {
             route: route.name.clone(),
             sunset: d.sunset_text().unwrap_or_default(),

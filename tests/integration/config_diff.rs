@@ -117,4 +117,9 @@ fn diff_refuses_what_is_not_a_configuration_with_file_and_line() {
     let (code, out, _) = diff(&old, &new);
     assert_eq!(code, 1);
     assert!(out.contains("+ route r\u{202e}v1 (routes/odd.yaml)"), "{out}");
+    // A duplicate name would hide one definition: refused, naming both files.
+    std::fs::write(new.join("routes/odd2.yaml"), odd).unwrap();
+    let (code, _, err) = diff(&old, &new);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("odd2.yaml") && err.contains("defined twice (also in routes/odd.yaml)"), "{err}");
 }
